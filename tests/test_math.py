@@ -1,0 +1,169 @@
+"""ΔW against PyWavelets in float64 (FORMAT.md section 1), the in-place add, gradients."""
+import numpy as np
+import pytest
+import torch
+
+import waveft_core as wft
+from waveft_core.delta import make_plan, weight_plus_delta
+from waveft_core.wavelets import SUPPORTED_WAVELETS, filter_length
+
+from conftest import random_layer, reference_delta, rel_err
+
+SHAPES = [(7, 5), (16, 24), (33, 18), (1, 9)]
+
+
+@pytest.mark.parametrize("wavelet", SUPPORTED_WAVELETS)
+def test_every_family_matches_pywavelets(wavelet):
+    for i, shape in enumerate(SHAPES):
+        m, n = shape
+        layer = random_layer(shape, min(40, m * n), wavelet, seed=i)
+        ref = reference_delta(layer.indices, layer.spectrum.double(), shape, wavelet, layer.scaling)
+        assert rel_err(layer.delta(torch.float32), ref) < 1e-6, (wavelet, shape)
+        assert rel_err(layer.delta(torch.float64), ref) < 1e-12, (wavelet, shape)
+        w = torch.zeros(shape)
+        layer.add_to_(w)
+        assert rel_err(w, ref) < 1e-6, (wavelet, shape)
+
+
+def test_filter_lengths_follow_format():
+    assert filter_length("haar") == filter_length("db1") == 2
+    assert filter_length("db4") == 8 and filter_length("sym20") == 40 and filter_length("coif17") == 102
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db3", "coif2"])
+def test_conv_weight_is_viewed_as_out_by_in_times_kernel(wavelet):
+    shape = (12, 5, 3, 3)
+    layer = random_layer(shape, 60, wavelet)
+    ref = reference_delta(layer.indices, layer.spectrum.double(), shape, wavelet, layer.scaling)
+    assert layer.delta().shape == shape
+    assert rel_err(layer.delta(), ref) < 1e-6
+    w = torch.randn(shape)
+    expect = w.double() + torch.from_numpy(ref)
+    layer.add_to_(w)
+    assert rel_err(w, expect) < 1e-6
+
+
+def test_use_idwt_false_places_scaled_values():
+    layer = random_layer((9, 11), 30, "db4", use_idwt=False)
+    d = layer.delta(torch.float64).reshape(-1)
+    expect = torch.zeros(99, dtype=torch.float64)
+    expect[layer.indices] = layer.spectrum.double() * layer.scaling
+    assert torch.equal(d, expect)
+
+
+def test_haar_closed_form_and_shared_blocks_add():
+    # A, H, V, D coefficients of the same (i, j) all land in one 2x2 block: a scatter must add.
+    m, n = 6, 8
+    i, j = 1, 2
+    h2, w2 = m // 2, n // 2
+    positions = [(i, j), (i, j + w2), (i + h2, j), (i + h2, j + w2)]
+    idx = torch.tensor([r * n + c for r, c in positions])
+    a, h, v, d = 1.0, 2.0, 3.0, 4.0
+    layer = wft.Layer(spectrum=torch.tensor([a, h, v, d]), indices=idx, shape=(m, n), scaling=1.0, wavelet="haar")
+    expect = torch.zeros(m, n, dtype=torch.float64)
+    for r in (0, 1):
+        for c in (0, 1):
+            expect[2 * i + r, 2 * j + c] = 0.5 * (a + (-1) ** r * h + (-1) ** c * v + (-1) ** (r + c) * d)
+    assert torch.allclose(layer.delta(torch.float64), expect, atol=1e-12)
+    w = torch.zeros(m, n)
+    layer.add_to_(w)
+    assert torch.allclose(w.double(), expect, atol=1e-6)
+
+
+def test_odd_edges_are_cropped():
+    # Haar on 5 x 3: the last block's second row/column fall outside and must vanish, not wrap.
+    m, n = 5, 3
+    idx = torch.tensor([2 * n + 1])  # cA at (2, 1): block rows 4..5, cols 2..3
+    layer = wft.Layer(spectrum=torch.tensor([1.0]), indices=idx, shape=(m, n), scaling=1.0, wavelet="haar")
+    d = layer.delta(torch.float64)
+    assert d[4, 2] == pytest.approx(0.5) and float(d.abs().sum()) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("wavelet", ["db1", "db4", "sym5"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights_are_rounded_once(wavelet, dtype):
+    layer = random_layer((40, 52), 300, wavelet)
+    w = torch.randn(40, 52).to(dtype)
+    expect = (w.float() + layer.delta(torch.float32, strength=0.7)).to(dtype)
+    out = layer.add_to_(w, 0.7)
+    assert out is w
+    assert torch.equal(w, expect)
+
+
+def test_fp32_add_equals_dense_add_to_rounding():
+    layer = random_layer((64, 80), 800, "db2")
+    w = torch.randn(64, 80)
+    expect = w.double() + layer.delta(torch.float64, strength=-1.3)
+    layer.add_to_(w, -1.3)
+    assert float((w.double() - expect).abs().max()) < 1e-5
+
+
+def test_strength_zero_is_bit_identical_even_for_negative_zero():
+    layer = random_layer((8, 8), 20)
+    w = torch.randn(8, 8)
+    w[0, 0] = -0.0
+    before = w.clone()
+    layer.add_to_(w, 0.0)
+    assert torch.equal(w.view(torch.int32), before.view(torch.int32))
+
+
+def test_non_contiguous_weight_slice_is_updated_in_place():
+    # ComfyUI narrows fused weights (qkv) and updates the view; a column slice is not contiguous.
+    full = torch.randn(10, 30)
+    view = full[:, 10:20]
+    layer = random_layer((10, 10), 25, "db2")
+    expect = full.clone()
+    expect[:, 10:20] += layer.delta()
+    layer.add_to_(view)
+    assert torch.allclose(full, expect, atol=1e-6)
+    assert torch.equal(full[:, :10], expect[:, :10]) and torch.equal(full[:, 20:], expect[:, 20:])
+
+
+def test_shape_mismatch_is_refused():
+    layer = random_layer((8, 8), 10)
+    with pytest.raises(ValueError, match="does not match"):
+        layer.add_to_(torch.zeros(8, 9))
+
+
+def test_gradient_is_the_adjoint_of_the_delta():
+    layer = random_layer((12, 14), 30, "db3")
+    spec = layer.spectrum.double().requires_grad_(True)
+    plan = make_plan(layer.indices, layer.shape, "db3")
+    from waveft_core.delta import dense_delta
+
+    g = torch.randn(12, 14, dtype=torch.float64)
+    (dense_delta(plan, spec, 2.0, torch.float64) * g).sum().backward()
+    # ΔW is linear in the spectrum: d/dv_j <G, ΔW> = <G, ΔW(e_j)> with ΔW(e_j) from PyWavelets.
+    expect = [float((g * torch.from_numpy(reference_delta(layer.indices[j:j + 1], [1.0], (12, 14), "db3", 2.0))).sum())
+              for j in range(30)]
+    assert torch.allclose(spec.grad, torch.tensor(expect, dtype=torch.float64), atol=1e-10)
+
+
+def test_weight_plus_delta_matches_and_differentiates():
+    layer = random_layer((20, 24), 50, "db2")
+    plan = make_plan(layer.indices, layer.shape, "db2")
+    w = torch.randn(20, 24, requires_grad=True)
+    spec = layer.spectrum.clone().requires_grad_(True)
+    out = weight_plus_delta(w, plan, spec, layer.scaling)
+    assert torch.allclose(out, w + layer.delta(), atol=1e-6)
+    out.square().sum().backward()
+    w2 = w.detach().clone().requires_grad_(True)
+    spec2 = layer.spectrum.clone().requires_grad_(True)
+    from waveft_core.delta import dense_delta
+
+    (w2 + dense_delta(plan, spec2, layer.scaling, torch.float32)).square().sum().backward()
+    assert torch.allclose(spec.grad, spec2.grad, atol=1e-4)
+    assert torch.allclose(w.grad, w2.grad, atol=1e-5)
+
+
+def test_plans_are_cached_and_strength_scales_linearly():
+    layer = random_layer((30, 30), 100, "db4")
+    d1 = layer.delta(torch.float64)
+    d2 = layer.delta(torch.float64, strength=-2.0)
+    assert torch.allclose(d2, -2.0 * d1)
+    assert layer.plan() is layer.plan()
+
+
+def test_unknown_wavelet_is_refused():
+    with pytest.raises(wft.UnknownWaveletError, match="bior"):
+        random_layer((4, 4), 3, "bior1.3")

@@ -1,0 +1,130 @@
+"""In-memory WaveFT adapter: a set of layers, each a sparse set of wavelet coefficients."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .delta import DeltaPlan, add_into, dense_delta, make_plan, matrix_shape
+from .wavelets import check_wavelet
+
+DEFAULT_SCALING = 25.0
+DEFAULT_SEED = 777
+
+
+@dataclass(eq=False)
+class Layer:
+    """One adapted weight. ΔW = scaling * crop(idwt2(coefficients scattered at `indices`)), FORMAT.md 1.
+
+    Treat a layer as immutable once it is in use: ComfyUI clones share it between models."""
+
+    spectrum: torch.Tensor  # float [p]: coefficient values
+    indices: torch.Tensor  # int [p]: flat positions on the unpadded m x n grid
+    shape: tuple[int, ...]  # the full weight shape
+    scaling: float = DEFAULT_SCALING
+    wavelet: str = "db1"
+    use_idwt: bool = True
+    _plans: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        check_wavelet(self.wavelet)
+
+    @property
+    def n_coefficients(self) -> int:
+        return int(self.spectrum.numel())
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return matrix_shape(self.shape)
+
+    def plan(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> DeltaPlan:
+        """Positions of every patch, built once on the CPU and kept per device (a few dozen KiB)."""
+        device = torch.device(device if device is not None else "cpu")
+        key = (device, dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            cpu_key = (torch.device("cpu"), torch.float64)
+            base = self._plans.get(cpu_key)
+            if base is None:
+                base = make_plan(self.indices, self.shape, self.wavelet if self.use_idwt else None)
+                self._plans[cpu_key] = base
+            plan = self._plans[key] = base.to(device, dtype)
+        return plan
+
+    def delta(self, dtype: torch.dtype = torch.float32, device=None, strength: float = 1.0) -> torch.Tensor:
+        """Dense strength * ΔW in the weight's shape. Differentiable with respect to `spectrum`."""
+        device = torch.device(device) if device is not None else self.spectrum.device
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        spectrum = self.spectrum.to(device, compute)
+        out = dense_delta(self.plan(device, compute), spectrum, float(self.scaling) * float(strength), dtype)
+        return out.reshape(self.shape)
+
+    def add_to_(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """weight += strength * ΔW in place, on the weight's device and dtype; returns `weight`."""
+        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        plan = self.plan(weight.device, compute)
+        return add_into(weight, plan, self.spectrum, float(self.scaling) * float(strength))
+
+    def delta_norm(self) -> float:
+        """Frobenius norm of ΔW (orthonormal wavelet: equals scaling * ||spectrum|| unless clipped)."""
+        return float(self.delta(torch.float64).norm())
+
+
+@dataclass(eq=False)
+class Adapter:
+    """A WaveFT adapter: module name -> Layer, plus string metadata (FORMAT.md section 3)."""
+
+    layers: dict[str, Layer] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # where it was read from, for messages
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # unknown keys, kept for round trips
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(layer.n_coefficients for layer in self.layers.values())
+
+    @property
+    def wavelet(self) -> str:
+        names = {layer.wavelet for layer in self.layers.values()}
+        return names.pop() if len(names) == 1 else self.metadata.get("waveft.wavelet", "db1")
+
+    @property
+    def scaling(self) -> float:
+        try:
+            return float(self.metadata.get("waveft.scaling", DEFAULT_SCALING))
+        except ValueError:
+            return DEFAULT_SCALING
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata.get("ss_base_model_version", "") or self.metadata.get("modelspec.architecture", "")
+
+    def summary(self) -> str:
+        """Human-readable description used by the CLI and the Info node."""
+        md = self.metadata
+        lines = [
+            f"file: {self.source}" if self.source else "",
+            f"layers: {len(self.layers)}",
+            f"parameters: {self.n_parameters:,}",
+            f"wavelet: {self.wavelet}",
+            f"scaling: {self.scaling:g}",
+            f"transform: {'inverse DWT' if md.get('waveft.use_idwt', 'true') != 'false' else 'none (use_idwt=false)'}",
+            f"base model: {self.base_model or 'unknown'}",
+        ]
+        for key, label in (
+            ("modelspec.title", "title"),
+            ("modelspec.trigger_phrase", "trigger words"),
+            ("modelspec.description", "description"),
+            ("modelspec.date", "date"),
+        ):
+            if md.get(key):
+                lines.append(f"{label}: {md[key]}")
+        groups: dict[str, int] = {}
+        for name in self.layers:
+            top = name.split(".", 1)[0]
+            groups[top] = groups.get(top, 0) + 1
+        if groups:
+            lines.append("layers by part: " + ", ".join(f"{k}: {v}" for k, v in sorted(groups.items())))
+        return "\n".join(line for line in lines if line)
+

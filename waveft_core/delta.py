@@ -1,0 +1,203 @@
+"""The weight change of one WaveFT layer (FORMAT.md section 1), computed sparsely.
+
+One decomposition level of an orthogonal wavelet is separable, so the inverse transform sends a single
+coefficient at sub-band position (i, j) to an L x L patch of the output: rows 2i + a - (L - 2) and columns
+2j + b - (L - 2), a, b in [0, L), with value v * f_row[a] * f_col[b], where f_row is the reconstruction
+high-pass filter for coefficients in the right half of the grid (cH, cD) and the low-pass one otherwise,
+and f_col is high-pass for the bottom half (cV, cD). The padding of FORMAT.md always puts the crop at (0, 0), so patches that stick out
+of the m x n weight are simply clipped. ΔW therefore has at most p * L^2 non-zeros and is added by a
+scatter, never built densely unless asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .wavelets import reconstruction_filters
+
+
+@dataclass(frozen=True)
+class DeltaPlan:
+    """Where every coefficient's patch lands. Depends only on positions, shape and wavelet, not on the
+    coefficient values or the strength, so a layer computes it once and reuses it."""
+
+    rows: int
+    cols: int
+    patch: int  # L: side of each coefficient's patch (1 when the transform is off)
+    order: torch.Tensor  # int64 [p]: coefficient order: whole patches by band, then clipped ones
+    band_ends: tuple[int, int, int, int]  # whole patches of band b are order[band_ends[b-1]:band_ends[b]]
+    base: torch.Tensor  # [p]: flat index of each patch's top-left corner (in `order`)
+    band: torch.Tensor  # int64 [p]: 2 * row_band + col_band, selecting one of `kernels` (in `order`)
+    kernels: torch.Tensor  # [4, L, L] outer products of the filters, one per band pair
+    offsets: torch.Tensor  # [L, L]: flat offset of each patch entry from its corner
+    clipped_top: torch.Tensor  # int64 [p - whole]: first row of each clipped patch (may be < 0)
+    clipped_left: torch.Tensor  # int64 [p - whole]: first column of each clipped patch (may be < 0)
+
+    @property
+    def whole(self) -> int:
+        """How many patches lie entirely inside the weight."""
+        return self.band_ends[3]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "DeltaPlan":
+        if self.order.device == device and self.kernels.dtype == dtype:
+            return self
+        return DeltaPlan(
+            self.rows, self.cols, self.patch,
+            self.order.to(device), self.band_ends, self.base.to(device), self.band.to(device),
+            self.kernels.to(device, dtype), self.offsets.to(device),
+            self.clipped_top.to(device), self.clipped_left.to(device),
+        )
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(m, n): the weight viewed as m rows of prod(rest) columns (Linear: itself; Conv: out x in*kh*kw)."""
+    m = int(shape[0])
+    n = 1
+    for s in shape[1:]:
+        n *= int(s)
+    return m, n
+
+
+def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None) -> DeltaPlan:
+    """Plan for flat positions `indices` on the unpadded m x n grid. `wavelet=None` means use_idwt=false."""
+    m, n = matrix_shape(shape)
+    idx = indices.detach().to("cpu", torch.int64).reshape(-1)
+    if wavelet is None:
+        size = 1
+        base = idx
+        top, left = idx // n, idx % n
+        band = torch.zeros_like(idx)
+        whole = torch.ones_like(idx, dtype=torch.bool)
+        kernels = torch.ones(4, 1, 1, dtype=torch.float64)
+    else:
+        lo, hi = reconstruction_filters(wavelet)
+        size = len(lo)
+        red = size - 2
+        padded_rows = m + red + ((m + red) & 1)
+        padded_cols = n + red + ((n + red) & 1)
+        r = idx // n + (padded_rows - m) // 2
+        c = idx % n + (padded_cols - n) // 2
+        half_r, half_c = padded_rows // 2, padded_cols // 2
+        band_r = (r >= half_r).to(torch.int64)
+        band_c = (c >= half_c).to(torch.int64)
+        top = 2 * (r - band_r * half_r) - red
+        left = 2 * (c - band_c * half_c) - red
+        base = top * n + left
+        band = 2 * band_r + band_c
+        whole = (top >= 0) & (top + size <= m) & (left >= 0) & (left + size <= n)
+        filt = torch.stack([torch.from_numpy(lo.copy()), torch.from_numpy(hi.copy())])  # [2, L]
+        # The top-right quadrant holds cH, high-pass along the rows: the row filter follows the column
+        # band and the column filter the row band (PyWavelets' idwt2 convention, FORMAT.md step 3).
+        kernels = (filt[None, :, :, None] * filt[:, None, None, :]).reshape(4, size, size)
+    # Whole patches sorted by band let each band's values be one broadcast multiply (no gather).
+    clipped = torch.nonzero(~whole).reshape(-1)
+    whole_idx = torch.nonzero(whole).reshape(-1)
+    whole_idx = whole_idx[torch.argsort(band[whole_idx], stable=True)]
+    counts = torch.bincount(band[whole_idx], minlength=4).tolist()
+    band_ends = tuple(int(sum(counts[: b + 1])) for b in range(4))
+    order = torch.cat([whole_idx, clipped])
+    # int32 targets halve the index traffic; int64 only for weights of 2^31 entries or more.
+    index_dtype = torch.int32 if m * n < 2**31 else torch.int64
+    ar = torch.arange(size, dtype=torch.int64)
+    offsets = (ar[:, None] * n + ar[None, :]).to(index_dtype)
+    return DeltaPlan(
+        m, n, size, order, band_ends, base[order].to(index_dtype), band[order], kernels, offsets,
+        top[clipped], left[clipped],
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16 are computed in fp32 and rounded once; fp64 stays fp64 (used for reference checks).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float):
+    """Flat targets and values of every non-zero entry of factor * ΔW, as (whole, clipped) pairs.
+
+    `spectrum` is on the plan's device in the compute dtype. Clipped patch entries are redirected to
+    target 0 with value 0, so no step depends on data-dependent sizes (no device sync)."""
+    v = spectrum[plan.order] * factor
+    parts = []
+    k = plan.whole
+    if k:
+        size = plan.patch
+        bounds = [(b, start, end) for b, (start, end) in enumerate(zip((0,) + plan.band_ends[:3], plan.band_ends))
+                  if end > start]
+        if v.requires_grad:  # out= is not differentiable
+            vals = torch.cat([v[s:e, None, None] * plan.kernels[b] for b, s, e in bounds])
+        else:
+            vals = torch.empty(k, size, size, dtype=v.dtype, device=v.device)
+            for b, s, e in bounds:
+                torch.mul(v[s:e, None, None], plan.kernels[b], out=vals[s:e])
+        tgts = plan.base[:k, None, None] + plan.offsets
+        parts.append((tgts.reshape(-1), vals.reshape(-1)))
+    if k < v.numel():
+        n, size = plan.cols, plan.patch
+        ar = torch.arange(size, device=v.device)
+        rr = plan.clipped_top[:, None] + ar  # [q, L]
+        cc = plan.clipped_left[:, None] + ar
+        ok = ((rr >= 0) & (rr < plan.rows))[:, :, None] & ((cc >= 0) & (cc < n))[:, None, :]
+        tgts = torch.where(ok, rr[:, :, None] * n + cc[:, None, :], 0).to(plan.base.dtype)
+        vals = v[k:, None, None] * plan.kernels[plan.band[k:]]
+        vals = torch.where(ok, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+        parts.append((tgts.reshape(-1), vals.reshape(-1)))
+    return parts
+
+
+def dense_delta(plan: DeltaPlan, spectrum: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
+    """factor * ΔW as a dense [m, n] matrix; differentiable with respect to `spectrum`."""
+    compute = _compute_dtype(dtype)
+    plan = plan.to(spectrum.device, compute)
+    out = torch.zeros(plan.rows * plan.cols, dtype=compute, device=spectrum.device)
+    for tgts, vals in contributions(plan, spectrum.to(compute), factor):
+        out = out.index_add(0, tgts, vals)
+    return out.reshape(plan.rows, plan.cols).to(dtype)
+
+
+def add_into(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Tensor, factor: float) -> torch.Tensor:
+    """weight += factor * ΔW in place, on the weight's device, without building ΔW densely.
+
+    fp32/fp64 contiguous weights take a direct scatter-add. fp16/bf16 (or strided) weights get the sums
+    per entry in fp32 first and are rounded once, as a dense W + ΔW would be."""
+    if weight.numel() != plan.rows * plan.cols or weight.shape[0] != plan.rows:
+        raise ValueError(
+            f"weight of shape {list(weight.shape)} does not match the adapter layer's {plan.rows} x {plan.cols}"
+        )
+    if factor == 0:
+        return weight  # bit-identical: even -0.0 entries stay as they are
+    compute = _compute_dtype(weight.dtype)
+    plan = plan.to(weight.device, compute)
+    parts = contributions(plan, spectrum.to(weight.device, compute), factor)
+    if weight.dtype == compute and weight.is_contiguous():
+        flat = weight.view(-1)
+        for tgts, vals in parts:
+            if flat.device.type == "cpu":
+                flat.index_add_(0, tgts, vals)
+            else:  # sorted accumulation: repeatable bits on CUDA, unlike atomics
+                flat.index_put_((tgts,), vals, accumulate=True)
+        return weight
+    tgts = torch.cat([t for t, _ in parts])
+    vals = torch.cat([v for _, v in parts])
+    uniq, inverse = torch.unique(tgts, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=compute, device=weight.device).index_add_(0, inverse, vals)
+    if weight.is_contiguous():
+        flat = weight.view(-1)
+        flat[uniq] = (flat[uniq].to(compute) + sums).to(weight.dtype)
+    else:
+        where = torch.unravel_index(uniq, weight.shape)
+        weight[where] = (weight[where].to(compute) + sums).to(weight.dtype)
+    return weight
+
+
+def weight_plus_delta(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Tensor, factor: float) -> torch.Tensor:
+    """weight + factor * ΔW as a new tensor, differentiable with respect to `spectrum` (and `weight`).
+
+    Used in training: the scatter goes straight into the copy of the weight that the forward needs
+    anyway, so no dense ΔW is made and the backward is a gather."""
+    compute = _compute_dtype(weight.dtype)
+    plan = plan.to(weight.device, compute)
+    flat = weight.reshape(-1)
+    for tgts, vals in contributions(plan, spectrum.to(weight.device, compute), factor):
+        flat = flat.index_add(0, tgts, vals.to(weight.dtype))
+    return flat.view(weight.shape)
