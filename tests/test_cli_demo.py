@@ -8,7 +8,7 @@ import torch
 import waveft_core as wft
 from waveft_core.demo import run
 
-from conftest import ROOT, random_layer
+from reference import ROOT, random_layer
 
 
 def cli(*args):

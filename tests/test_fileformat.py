@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import waveft_core as wft
 from waveft_core.fileformat import read_tensors_and_metadata
 
-from conftest import random_layer
+from reference import random_layer
 
 NAME = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 

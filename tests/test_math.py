@@ -7,7 +7,7 @@ import waveft_core as wft
 from waveft_core.delta import make_plan, weight_plus_delta
 from waveft_core.wavelets import SUPPORTED_WAVELETS, filter_length
 
-from conftest import random_layer, reference_delta, rel_err
+from reference import random_layer, reference_delta, rel_err
 
 SHAPES = [(7, 5), (16, 24), (33, 18), (1, 9)]
 

@@ -7,7 +7,7 @@ import torch
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
 
-from conftest import reference_delta, rel_err
+from reference import reference_delta, rel_err
 
 peft = pytest.importorskip("peft", reason="the real PEFT package is the reference; pip install peft")
 from peft import PeftModel, WaveFTConfig, get_peft_model  # noqa: E402

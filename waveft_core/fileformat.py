@@ -255,6 +255,11 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
         tensors[f"{name}.waveft_shape"] = torch.tensor(layer.shape, dtype=torch.int64)
         if float(layer.scaling) != scaling:
             tensors[f"{name}.waveft_scaling"] = torch.tensor(float(layer.scaling), dtype=torch.float32)
+    # Mirrors of the settings the math needs, for hosts that hand an adapter the tensors without the
+    # metadata (ComfyUI's stock LoRA loader). A backward-compatible extension: v1 readers ignore them.
+    tensors["waveft.wavelet"] = torch.tensor(list(wavelet.encode("ascii")), dtype=torch.uint8)
+    tensors["waveft.scaling"] = torch.tensor(scaling, dtype=torch.float64)
+    tensors["waveft.use_idwt"] = torch.tensor(1 if use_idwt else 0, dtype=torch.uint8)
     for key, t in adapter.extra_tensors.items():
         tensors.setdefault(key, t.detach().to("cpu").contiguous())
     metadata = {str(k): str(v) for k, v in adapter.metadata.items()}

@@ -5,6 +5,7 @@ m x n. So an import needs the shape of every target layer (from the model or a b
 an export is only possible when the positions follow that rule."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -26,10 +27,16 @@ SPECTRUM_SUFFIX = ".waveft_spectrum"
 
 
 def peft_positions(shape, count: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
-    """The flat positions PEFT draws for a layer: randperm(m*n) from a generator seeded with `seed`."""
+    """The flat positions PEFT draws for a layer: randperm(m*n) from a generator seeded with `seed`.
+    Layers of one size share them (a read-only tensor: clone before changing it)."""
     m, n = matrix_shape(tuple(shape))
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(m * n, generator=generator)[:count]
+    return _positions(m * n, int(count), int(seed))
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(size: int, count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(size, generator=generator)[:count].clone()
 
 
 def is_peft_dir(path) -> bool:
@@ -89,8 +96,10 @@ def _strip_adapter_name(module: str) -> str:
 ShapeLookup = Callable[[str, str], "tuple[int, ...] | None"]  # (peft name, native name) -> weight shape
 
 
-def import_peft(path, shape_of: ShapeLookup, clip: str | None = None) -> Adapter:
-    """A PEFT WaveFT folder -> Adapter with explicit positions and ComfyUI-native names.
+def import_peft(path, shape_of: ShapeLookup, clip: str | None = None, native_names: bool = True) -> Adapter:
+    """A PEFT WaveFT folder -> Adapter with explicit positions, named ComfyUI-native (SD1.x/SDXL rule of
+    names.py) or, with native_names=False, as PEFT wrote them minus `base_model.model.` (a host that
+    resolves names against the actual model does better than the fixed SD1.x/SDXL rule).
 
     `shape_of(peft_name, native_name)` returns the target weight's shape or None when unknown."""
     config, spectra = read_peft_dir(path)
@@ -110,6 +119,8 @@ def import_peft(path, shape_of: ShapeLookup, clip: str | None = None) -> Adapter
             peft_module = _strip_adapter_name(raw_name)
             native = to_native(peft_module, clip=choice)
             shape = shape_of(peft_module, native)
+            if not native_names:
+                native = peft_module.removeprefix("base_model.model.")
             if shape is None:
                 missing.append(peft_module)
             else:

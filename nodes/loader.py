@@ -1,0 +1,314 @@
+"""Load WaveFT adapters onto MODEL and CLIP (thin: the math and the file live in waveft_core)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections import OrderedDict
+
+from ..waveft_core import Adapter, WaveFTFileError
+from ..waveft_core import fileformat, peft_io
+from . import host
+
+log = logging.getLogger("ComfyUI-WaveFT")
+LORA_PREFIX = "loras/"
+_CACHE: "OrderedDict[tuple, Adapter]" = OrderedDict()
+_CACHE_SIZE = 8
+_SNIFF: dict = {}  # path -> (size, mtime_ns, is_waveft)
+
+
+# --- listing and resolving names -----------------------------------------------------------------
+
+
+def _is_waveft_file(path: str) -> bool:
+    """Read only the safetensors header: WaveFT files have '<module>.waveft_spectrum' keys."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    cached = _SNIFF.get(path)
+    if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
+        return cached[2]
+    found = False
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n < 64 * 1024 * 1024:
+                header = json.loads(f.read(n))
+                md = header.get("__metadata__") or {}
+                found = md.get("ss_network_module") == "waveft" or any(
+                    k.endswith(".waveft_spectrum") for k in header)
+    except (OSError, ValueError, struct.error):
+        found = False
+    _SNIFF[path] = (st.st_size, st.st_mtime_ns, found)
+    return found
+
+
+def _peft_dirs() -> list[str]:
+    """PEFT WaveFT folders inside models/waveft (relative names, '/' separated, up to 3 levels deep)."""
+    found = []
+    for root in host.folder_dirs(host.FOLDER):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            depth = os.path.relpath(dirpath, root).count(os.sep)
+            if depth >= 3:
+                dirnames[:] = []
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if peft_io.CONFIG_NAME in filenames and dirpath != root:
+                try:
+                    with open(os.path.join(dirpath, peft_io.CONFIG_NAME), encoding="utf-8") as f:
+                        if str(json.load(f).get("peft_type", "")).upper() != "WAVEFT":
+                            continue
+                except (OSError, ValueError):
+                    continue
+                found.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
+    return sorted(set(found))
+
+
+def list_adapters() -> list[str]:
+    """Native files in models/waveft, PEFT folders there (name ending in '/'), WaveFT files among loras."""
+    names = [f for f in host.filename_list(host.FOLDER) if f.lower().endswith(".safetensors")]
+    names += [d + "/" for d in _peft_dirs()]
+    for f in host.filename_list("loras"):
+        if f.lower().endswith(".safetensors"):
+            path = host.full_path("loras", f)
+            if path and _is_waveft_file(path):
+                names.append(LORA_PREFIX + f)
+    return names
+
+
+def resolve_path(name: str) -> str:
+    """The file or folder behind a combo entry, refusing anything outside the model folders."""
+    if name.endswith("/"):
+        rel = name.rstrip("/")
+        for root in host.folder_dirs(host.FOLDER):
+            candidate = os.path.realpath(os.path.join(root, rel))
+            if os.path.commonpath([candidate, os.path.realpath(root)]) != os.path.realpath(root):
+                continue
+            if os.path.isfile(os.path.join(candidate, peft_io.CONFIG_NAME)):
+                return candidate
+        raise ValueError(f"WaveFT: no PEFT adapter folder '{rel}' in models/{host.FOLDER}")
+    if name.startswith(LORA_PREFIX):
+        path = host.full_path("loras", name[len(LORA_PREFIX):])
+        if path:
+            return path
+    path = host.full_path(host.FOLDER, name)
+    if not path:
+        raise ValueError(f"WaveFT: '{name}' is not in models/{host.FOLDER} or models/loras (was it moved or "
+                         "deleted? press R to refresh the list)")
+    return path
+
+
+def fingerprint(name: str) -> str:
+    """Changes whenever the file (or a PEFT folder's files) changes, so an edited adapter reloads."""
+    try:
+        return fingerprint_path(resolve_path(name))
+    except ValueError:
+        return name
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _cached(key, make):
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = make()
+    _CACHE[key] = value
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def load_adapter(path: str, model=None, clip=None) -> Adapter:
+    """A native file (cached by path, size and mtime) or a PEFT folder (positions drawn for the shapes of
+    the model it is applied to, so the cache key also holds those shapes)."""
+    if os.path.isdir(path):
+        shapes = host.weight_shapes(model, clip)
+        kmap = host.key_map(model, clip)
+        from ..waveft_core.matching import resolve
+
+        def shape_of(peft_name, native):
+            target = resolve(peft_name, kmap, shapes.get)
+            return None if target is None else target.shape
+
+        key = ("peft", fingerprint_path(path), tuple(sorted(shapes.items())))
+        return _cached(key, lambda: peft_io.import_peft(path, shape_of, native_names=False))
+    return _cached(("file", fingerprint_path(path)), lambda: fileformat.read(path))
+
+
+def fingerprint_path(path: str) -> str:
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in (peft_io.CONFIG_NAME,
+                                                                                 peft_io.WEIGHTS_NAME)]
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            out.append((f, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((f, -1, -1))
+    return repr(out)
+
+
+def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength_clip: float, label: str):
+    """Clone MODEL/CLIP and add one WaveFTAdapter patch per matched layer. Returns (model, clip, summary)."""
+    use_model = model is not None and strength_model != 0
+    use_clip = clip is not None and strength_clip != 0
+    report = host.match(adapter.layers, model, clip)
+    wants = adapter.base_model or "an unknown base model"
+    got = host.model_family(model) if model is not None else "a text encoder only"
+    if report.wrong_shape:
+        name, mine, theirs = report.wrong_shape[0]
+        raise ValueError(
+            f"{label}: {len(report.wrong_shape)} layer(s) have another shape than the model's weights, e.g. "
+            f"{name}: adapter {list(mine)}, model {list(theirs)}. The file was made for {wants}; the model is {got}.")
+    if not report.targets:
+        raise ValueError(
+            f"{label}: none of its {len(adapter.layers)} layers match this model. The file was made for {wants}; "
+            f"the model is {got}. Pick the adapter made for this model.")
+    model_keys = set(host.weight_shapes(model)) if model is not None else set()
+    model_patches, clip_patches = {}, {}
+    for name, target in report.targets.items():
+        patch = host.WaveFTAdapter(set(), adapter.layers[name])
+        (model_patches if target.key in model_keys else clip_patches)[host.patch_key(target)] = patch
+    out_model, out_clip = model, clip
+    if use_model and model_patches:
+        out_model = model.clone()
+        out_model.add_patches(model_patches, strength_model)
+    if use_clip and clip_patches:
+        out_clip = clip.clone()
+        out_clip.add_patches(clip_patches, strength_clip)
+    summary = (f"{label}: {report.matched} of {len(adapter.layers)} layers matched "
+               f"({len(model_patches)} model, {len(clip_patches)} text encoder)")
+    if report.unmatched:
+        summary += f"; {len(report.unmatched)} did not match (names in the log)"
+        log.warning("WaveFT %s: %d layer(s) matched nothing in %s: %s", label, len(report.unmatched), got,
+                    ", ".join(report.unmatched[:20]) + (" ..." if len(report.unmatched) > 20 else ""))
+    if clip is None and clip_patches:
+        summary += f"; {len(clip_patches)} text-encoder layers unused (no CLIP connected)"
+    log.info("WaveFT %s", summary)
+    return out_model, out_clip, summary
+
+
+def load_and_apply(waveft_name, model, clip, strength_model, strength_clip):
+    path = resolve_path(waveft_name)
+    try:
+        adapter = load_adapter(path, model, clip)
+    except WaveFTFileError as e:
+        raise ValueError(f"WaveFT: {e}") from None
+    return apply_adapter(adapter, model, clip, strength_model, strength_clip, os.path.basename(path.rstrip("/")))
+
+
+# --- nodes ---------------------------------------------------------------------------------------
+
+STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+
+
+class WaveFTLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model (UNet or DiT) to patch."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder(s) to patch with the adapter's text-encoder layers."}),
+            "waveft_name": (list_adapters(), {"tooltip": "WaveFT adapter: a .safetensors file in models/waveft, a "
+                            "PEFT folder there (ends with '/'), or a WaveFT file in models/loras."}),
+            "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the "
+                               "diffusion model. 0 leaves it untouched; negative values invert the adapter."}),
+            "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the text "
+                              "encoder(s)."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model with the adapter applied (a patched clone; the input is unchanged).",
+                       "The text encoder with the adapter applied (a patched clone).")
+    FUNCTION = "load"
+    CATEGORY = "loaders/waveft"
+    DESCRIPTION = ("Applies a WaveFT adapter (sparse wavelet fine-tuning) to a model and its text encoder. The "
+                   "weight change is rebuilt on the model's device when it loads, without a dense copy.")
+
+    @classmethod
+    def IS_CHANGED(cls, waveft_name, **kwargs):
+        return fingerprint(waveft_name)
+
+    def load(self, model, clip, waveft_name, strength_model, strength_clip):
+        if strength_model == 0 and strength_clip == 0:
+            return {"ui": {"text": ["strengths are 0: nothing applied"]}, "result": (model, clip)}
+        out_model, out_clip, summary = load_and_apply(waveft_name, model, clip, strength_model, strength_clip)
+        return {"ui": {"text": [summary]}, "result": (out_model, out_clip)}
+
+
+class WaveFTLoaderModelOnly:
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = WaveFTLoader.INPUT_TYPES()["required"]
+        return {"required": {k: req[k] for k in ("model", "waveft_name", "strength_model")}}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the adapter applied (a patched clone).",)
+    FUNCTION = "load"
+    CATEGORY = "loaders/waveft"
+    DESCRIPTION = "Applies a WaveFT adapter's diffusion-model layers only."
+
+    @classmethod
+    def IS_CHANGED(cls, waveft_name, **kwargs):
+        return fingerprint(waveft_name)
+
+    def load(self, model, waveft_name, strength_model):
+        if strength_model == 0:
+            return {"ui": {"text": ["strength is 0: nothing applied"]}, "result": (model,)}
+        out_model, _, summary = load_and_apply(waveft_name, model, None, strength_model, 0.0)
+        return {"ui": {"text": [summary]}, "result": (out_model,)}
+
+
+class WaveFTInfo:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "waveft_name": (list_adapters(), {"tooltip": "The adapter to describe."}),
+        }, "optional": {
+            "model": ("MODEL", {"tooltip": "Optional: also count how many of the adapter's layers match this model."}),
+            "clip": ("CLIP", {"tooltip": "Optional: include the text encoder in the match count."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    OUTPUT_TOOLTIPS = ("Metadata, layers, parameters, wavelet, scaling, base model, trigger words and match count.",)
+    FUNCTION = "info"
+    CATEGORY = "loaders/waveft"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Describes a WaveFT adapter and, given a model, how well it matches."
+
+    @classmethod
+    def IS_CHANGED(cls, waveft_name, **kwargs):
+        return fingerprint(waveft_name)
+
+    def info(self, waveft_name, model=None, clip=None):
+        path = resolve_path(waveft_name)
+        if os.path.isdir(path) and model is None and clip is None:
+            text = (f"{waveft_name}: a PEFT WaveFT folder. PEFT stores no coefficient positions; connect a model "
+                    "to see its layers.")
+            try:
+                config, spectra = peft_io.read_peft_dir(path)
+                text += (f"\nlayers: {len(spectra)}\nparameters: {sum(t.numel() for t in spectra.values()):,}\n"
+                         f"wavelet: {config.get('wavelet_family', 'db1')}\nscaling: {config.get('scaling', 25.0)}\n"
+                         f"base model: {config.get('base_model_name_or_path') or 'unknown'}")
+            except WaveFTFileError as e:
+                raise ValueError(f"WaveFT: {e}") from None
+            return {"ui": {"text": [text]}, "result": (text,)}
+        try:
+            adapter = load_adapter(path, model, clip)
+        except WaveFTFileError as e:
+            raise ValueError(f"WaveFT: {e}") from None
+        text = adapter.summary()
+        if model is not None or clip is not None:
+            report = host.match(adapter.layers, model, clip)
+            text += (f"\nmatches this model ({host.model_family(model) if model is not None else 'CLIP'}): "
+                     f"{report.matched} of {len(adapter.layers)} layers")
+            if report.unmatched:
+                text += f"\nunmatched: {', '.join(report.unmatched[:10])}" + (" ..." if len(report.unmatched) > 10 else "")
+            if report.wrong_shape:
+                n, a, b = report.wrong_shape[0]
+                text += f"\nwrong shape: {len(report.wrong_shape)} (e.g. {n}: {list(a)} vs {list(b)})"
+        return {"ui": {"text": [text]}, "result": (text,)}

@@ -1,0 +1,120 @@
+"""Match adapter layer names to a host's weights, given the host's LoRA key map (no host import here).
+
+A host key map (ComfyUI's `model_lora_keys_unet/clip`) sends many spellings of a layer to its weight:
+native `diffusion_model.*`/`text_encoders.*`, kohya `lora_unet_*`/`lora_te1_*`, `transformer.*` for DiTs, and
+slices of fused weights as (key, (dim, start, length)). PEFT/diffusers names are turned into those
+spellings here, so one lookup covers every model family the host knows."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from .delta import matrix_shape
+from .names import split_component, to_native
+
+_TE_KOHYA = {
+    "text_encoder": ("lora_te1_", "lora_te_"),
+    "text_encoder_2": ("lora_te2_",),
+    "": ("lora_te1_", "lora_te_", "lora_te2_", "lora_te3_"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str  # the host's state-dict key of the weight
+    shape: tuple[int, ...]  # shape of the weight, or of its slice
+    offset: tuple[int, int, int] | None = None  # (dim, start, length) of a fused weight's slice
+    function: Callable | None = None  # transform the host applies to the delta (e.g. swap_scale_shift)
+
+
+@dataclass
+class MatchReport:
+    targets: dict[str, Target] = field(default_factory=dict)  # layer name -> target
+    unmatched: list[str] = field(default_factory=list)
+    wrong_shape: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (layer, layer shape, weight shape)
+
+    @property
+    def matched(self) -> int:
+        return len(self.targets)
+
+
+def candidate_names(name: str):
+    """Spellings of `name` to look up in a host key map, most reliable first."""
+    yield name
+    component, bare = split_component(name)
+    under = bare.replace(".", "_")
+    if component in ("", "unet"):
+        yield f"unet.{bare}"
+        yield f"lora_unet_{under}"
+    if component in ("", "transformer"):
+        yield f"transformer.{bare}"
+        yield f"base_model.model.{bare}"
+        yield f"lora_transformer_{under}"
+    if bare.startswith("text_model.") or component.startswith("text_encoder"):
+        for prefix in _TE_KOHYA.get(component, _TE_KOHYA[""]):
+            yield f"{prefix}{under}"
+        for clip in ("clip_l", "clip_g", "clip_h"):
+            yield f"text_encoders.{clip}.transformer.{bare}"
+    yield bare
+    # Last: the fixed SD1.x/SDXL naming rule, for maps that lack diffusers spellings. The host's own
+    # spellings above come first because they follow the actual model's layout.
+    native = to_native(name)
+    if native != name:
+        yield native
+
+
+def _target(value, weight_shape: Callable[[str], tuple | None]) -> Target | None:
+    offset = function = None
+    if isinstance(value, str):
+        key = value
+    else:
+        key = value[0]
+        if len(value) > 1:
+            offset = tuple(value[1]) if value[1] is not None else None
+        if len(value) > 2:
+            function = value[2]
+    shape = weight_shape(key)
+    if shape is None:
+        return None
+    shape = tuple(shape)
+    if offset is not None:
+        dim, _, length = offset
+        shape = shape[:dim] + (length,) + shape[dim + 1:]
+    return Target(key, shape, offset, function)
+
+
+def same_matrix(a: tuple, b: tuple) -> bool:
+    """A layer fits a weight when both view as the same m x n (a Linear (320, 320) fits a 1x1 conv)."""
+    return matrix_shape(tuple(a)) == matrix_shape(tuple(b))
+
+
+def resolve(name: str, key_map: Mapping[str, object], weight_shape, want_shape: tuple | None = None):
+    """The target of one layer name, or None. With `want_shape`, a spelling whose weight has another
+    shape is skipped (SDXL's two text encoders share names), and the first shape seen is returned for errors."""
+    first = None
+    for cand in candidate_names(name):
+        value = key_map.get(cand)
+        if value is None:
+            continue
+        target = _target(value, weight_shape)
+        if target is None:
+            continue
+        if want_shape is None or same_matrix(want_shape, target.shape):
+            return target
+        first = first or target
+    return first
+
+
+def match_layers(layer_shapes: Mapping[str, tuple], key_map: Mapping[str, object],
+                 weight_shape: Callable[[str], tuple | None]) -> MatchReport:
+    """Resolve every layer; sort them into matched, unmatched and wrong-shape."""
+    report = MatchReport()
+    for name, shape in layer_shapes.items():
+        target = resolve(name, key_map, weight_shape, tuple(shape))
+        if target is None:
+            report.unmatched.append(name)
+        elif not same_matrix(shape, target.shape):
+            report.wrong_shape.append((name, tuple(shape), target.shape))
+        else:
+            report.targets[name] = target
+    return report
