@@ -1,0 +1,72 @@
+"""Helpers shared by the A1111 and Forge hooks: console messages, a small adapter cache, version detection."""
+from __future__ import annotations
+
+import os
+import sys
+from collections import OrderedDict
+
+import waveft_core as wft
+
+from . import keymap
+
+TAG = "[WaveFT]"
+_CACHE: "OrderedDict[tuple, wft.Adapter]" = OrderedDict()
+CACHE_SIZE = 8
+
+
+def log(message: str) -> None:
+    print(f"{TAG} {message}", file=sys.stderr, flush=True)
+
+
+def load_adapter(path) -> "wft.Adapter":
+    """wft.load with a small cache keyed by (path, mtime, size): the layers keep their scatter plans, so a
+    prompt that changes only the weight does not rebuild them. Raises wft.WaveFTFileError."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return wft.load(path)  # let the loader say "no such file"
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    adapter = _CACHE.get(key)
+    if adapter is None:
+        adapter = wft.load(path)
+        _CACHE[key] = adapter
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return adapter
+
+
+def short_list(items, n: int = 3) -> str:
+    items = list(items)
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def patch_version_detection(network) -> None:
+    """Make the host's `NetworkOnDisk.detect_version` read WaveFT metadata (FORMAT.md section 3), so the Lora tab
+    shows a WaveFT file for the right base model. Files that are not WaveFT keep the host's own detection."""
+    cls = getattr(network, "NetworkOnDisk", None)
+    members = getattr(getattr(network, "SdVersion", None), "__members__", None)
+    if cls is None or members is None or getattr(cls.detect_version, "_waveft_original", None):
+        return
+    original = cls.detect_version
+
+    def detect_version(self):
+        version = keymap.sd_version(getattr(self, "metadata", None) or {})
+        if version is None:
+            return original(self)
+        return network.SdVersion[version] if version in members else network.SdVersion.Unknown
+
+    detect_version._waveft_original = original
+    cls.detect_version = detect_version
+
+
+def redetect_versions(networks) -> None:
+    """Entries listed before the hooks were installed (the Lora extension lists files when it is imported)."""
+    for entry in list(getattr(networks, "available_networks", {}).values()):
+        try:
+            if keymap.sd_version(getattr(entry, "metadata", None) or {}) is not None:
+                entry.sd_version = entry.detect_version()
+        except Exception:  # a listing entry is never worth failing over
+            pass
