@@ -1,0 +1,208 @@
+"""Load-to-first-sample inside a real ComfyUI: WaveFT vs a LoRA of equal parameter count vs neither.
+
+    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_load.py      (./dev bench runs it when COMFYUI_PATH is set)
+
+1. Tiny SD1.5 checkpoint (tests/host/tiny_models.py): apply the adapter through the node / the stock LoRA
+   loader, let ComfyUI load the model (patches merged), sample one 64x64 image (4 steps). Every attention
+   projection and feed-forward layer is adapted.
+2. SDXL-sized attention weights (the 560 q/k/v/out projections of SDXL's 70 transformer blocks, fp16): the
+   time ComfyUI's ModelPatcher takes to merge all patches on load, WaveFT db1/db4 vs LoRA.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COMFY = os.environ.get("COMFYUI_PATH")
+if not COMFY:
+    sys.exit("set COMFYUI_PATH to a ComfyUI checkout (and run with its Python)")
+sys.path[:0] = [COMFY, str(ROOT / "tests" / "host")]
+
+import torch  # noqa: E402
+from comfy.cli_args import args  # noqa: E402
+
+if not torch.cuda.is_available():
+    args.cpu = True
+import asyncio  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.weight_adapter  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+
+sys.path.insert(1, str(ROOT))
+import waveft_core as wft  # noqa: E402
+from waveft_core.peft_io import peft_positions  # noqa: E402
+
+P = 2592
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def lora_rank(shape):
+    m = shape[0]
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return max(1, round(P / (m + n)))
+
+
+def median(fn, repeat=5):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def load_pack(tmp):
+    link = Path(tmp) / "ComfyUI-WaveFT"
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    asyncio.run(nodes.load_custom_node(str(link)))
+    return sys.modules[str(link).replace(".", "_x_")]
+
+
+def tiny_model_bench(pack, tmp, wavelet):
+    from tiny_models import make_checkpoint_state
+
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(make_checkpoint_state())
+    sd = model.model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    layers, lora = {}, {}
+    for key, w in sd.items():
+        name = key[: -len(".weight")]
+        if not key.endswith(".weight") or not name.endswith(TARGETS):
+            continue
+        shape = tuple(w.shape)
+        layers[name] = wft.Layer(spectrum=torch.randn(P, generator=g) * 1e-3, indices=peft_positions(shape, P),
+                                 shape=shape, wavelet=wavelet)
+        r = lora_rank(shape)
+        kohya = "lora_unet_" + name[len("diffusion_model."):].replace(".", "_")
+        lora[kohya + ".lora_up.weight"] = torch.randn(shape[0], r, generator=g) * 1e-3
+        lora[kohya + ".lora_down.weight"] = torch.randn(r, shape[1], generator=g) * 1e-3
+    folder = Path(tmp) / "waveft"
+    folder.mkdir(exist_ok=True)
+    wft.save(wft.Adapter(layers=layers), folder / "bench.safetensors")
+    paths, exts = folder_paths.folder_names_and_paths["waveft"]
+    folder_paths.folder_names_and_paths["waveft"] = ([str(folder)] + list(paths), exts)
+    folder_paths.filename_list_cache.clear()
+
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros(1, 4, 8, 8)
+
+    def first_sample(m):
+        mm.unload_all_models()
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+        import comfy.sample
+
+        comfy.sample.sample(m, noise, 4, 5.0, "euler", "normal", positive, negative, latent, seed=1, disable_pbar=True)
+
+    def with_none():
+        first_sample(model)
+
+    def with_waveft():
+        m, = pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "bench.safetensors", 1.0)["result"]
+        first_sample(m)
+
+    def with_lora():
+        m, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+        first_sample(m)
+
+    with_none(), with_waveft(), with_lora()  # warm up
+    t = {"none": median(with_none), "waveft": median(with_waveft), "lora": median(with_lora)}
+    return len(layers), t
+
+
+class AttentionStack(torch.nn.Module):
+    """The 560 attention projections of SDXL (10 blocks at 640, 60 at 1280 wide), named as in ComfyUI."""
+
+    def __init__(self, dtype=torch.float16):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList()
+        for width in [640] * 10 + [1280] * 60:
+            block = torch.nn.Module()
+            for attn, kv_in in (("attn1", width), ("attn2", 2048)):
+                a = torch.nn.Module()
+                a.to_q = torch.nn.Linear(width, width, bias=False, dtype=dtype)
+                a.to_k = torch.nn.Linear(kv_in, width, bias=False, dtype=dtype)
+                a.to_v = torch.nn.Linear(kv_in, width, bias=False, dtype=dtype)
+                a.to_out = torch.nn.Linear(width, width, bias=False, dtype=dtype)
+                setattr(block, attn, a)
+            self.blocks.append(block)
+
+
+def sdxl_attention_bench(pack, repeat):
+    net = AttentionStack()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    patcher = comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    keys = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    spectra = {k: torch.randn(P, generator=g) * 1e-3 for k in keys}
+    for label in ("waveft db1", "waveft db4", "lora"):
+        patches = {}
+        for k, shape in keys.items():
+            if label == "lora":
+                r = lora_rank(shape)
+                up = torch.randn(shape[0], r, generator=g) * 1e-3
+                down = torch.randn(r, shape[1], generator=g) * 1e-3
+                patches[k] = comfy.weight_adapter.LoRAAdapter(set(), (up, down, None, None, None, None))
+            else:
+                layer = wft.Layer(spectrum=spectra[k], indices=peft_positions(shape, P), shape=shape,
+                                  wavelet=label.split()[1])
+                patches[k] = pack.nodes.host.WaveFTAdapter(set(), layer)
+        m = patcher.clone()
+        m.add_patches(patches, 1.0)
+
+        def apply():
+            m.patch_model(device_to=mm.get_torch_device(), lowvram_model_memory=0)
+            m.unpatch_model(device_to=mm.unet_offload_device())
+
+        apply()
+        out[label] = median(apply, repeat)
+    base = patcher.clone()
+
+    def apply_none():
+        base.patch_model(device_to=mm.get_torch_device(), lowvram_model_memory=0)
+        base.unpatch_model(device_to=mm.unet_offload_device())
+
+    out["none"] = median(apply_none, repeat)
+    return len(keys), out
+
+
+def main():
+    import tempfile
+
+    device = mm.get_torch_device()
+    print(f"ComfyUI {getattr(__import__('comfyui_version'), '__version__', '?')}, device {device}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads; {P} WaveFT coefficients per layer, LoRA rank "
+          "round(p/(m+n)) per layer, median of 5\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        pack = load_pack(tmp)
+        print("| tiny SD1.5, load + first sample (s) | none | WaveFT | LoRA | WaveFT overhead | LoRA overhead |")
+        print("|---|---|---|---|---|---|")
+        for wavelet in ("db1", "db4"):
+            n, t = tiny_model_bench(pack, tmp, wavelet)
+            print(f"| {n} layers, {wavelet} | {t['none']:.3f} | {t['waveft']:.3f} | {t['lora']:.3f} | "
+                  f"{t['waveft'] - t['none']:+.3f} | {t['lora'] - t['none']:+.3f} |")
+        n, t = sdxl_attention_bench(pack, 5)
+        print(f"\n| SDXL attention weights ({n} layers, fp16): ModelPatcher merge on load (s) | time | "
+              "overhead over no patches |")
+        print("|---|---|---|")
+        for label in ("none", "waveft db1", "waveft db4", "lora"):
+            print(f"| {label} | {t[label]:.3f} | {t[label] - t['none']:+.3f} |")
+
+
+if __name__ == "__main__":
+    main()
