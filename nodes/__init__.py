@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack. The only code that imports comfy.*, folder_paths or comfy_api."""
 from . import host
 from .loader import WaveFTInfo, WaveFTLoader, WaveFTLoaderModelOnly
+from .train_nodes import WaveFTApply, WaveFTSave, WaveFTTrain
 
 host.register_folder()
 host.register_adapter_class()
@@ -9,9 +10,15 @@ NODE_CLASS_MAPPINGS = {
     "WaveFTLoader": WaveFTLoader,
     "WaveFTLoaderModelOnly": WaveFTLoaderModelOnly,
     "WaveFTInfo": WaveFTInfo,
+    "WaveFTTrain": WaveFTTrain,
+    "WaveFTSave": WaveFTSave,
+    "WaveFTApply": WaveFTApply,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WaveFTLoader": "Load WaveFT",
     "WaveFTLoaderModelOnly": "Load WaveFT (model only)",
     "WaveFTInfo": "WaveFT Info",
+    "WaveFTTrain": "Train WaveFT",
+    "WaveFTSave": "Save WaveFT",
+    "WaveFTApply": "Apply WaveFT",
 }

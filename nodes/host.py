@@ -33,6 +33,12 @@ def register_folder() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
 
 
+def output_folder() -> str:
+    """Where trained adapters are written: the first models/waveft folder."""
+    dirs = folder_dirs(FOLDER)
+    return dirs[0] if dirs else os.path.join(folder_paths.models_dir, FOLDER)
+
+
 def folder_dirs(name: str) -> list[str]:
     try:
         return list(folder_paths.get_folder_paths(name))
@@ -217,5 +223,5 @@ class Progress:
     def __init__(self, total: int):
         self.bar = comfy.utils.ProgressBar(total)
 
-    def update(self, n: int = 1):
-        self.bar.update(n)
+    def update(self, n: int = 1, preview=None):
+        self.bar.update_absolute(self.bar.current + n, preview=preview)

@@ -71,3 +71,108 @@ def adapter_from_trainables(trainables: dict[str, TrainableLayer], metadata: dic
     if len(seeds) == 1:
         md.setdefault("waveft.seed", str(seeds.pop()))
     return Adapter(layers={name: t.to_layer() for name, t in trainables.items()}, metadata=md)
+
+
+# --- what to train -------------------------------------------------------------------------------
+
+TARGET_PRESETS = {
+    "attention q/k/v/out": "attention",
+    "attention + feed-forward": "attention+ff",
+    "all linear": "linear",
+    "all linear + conv": "linear+conv",
+}
+_ATTN_PARENTS = ("attn", "attn1", "attn2", "self_attn", "img_attn", "txt_attn", "cross_attn")
+_ATTN_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "qkv", "proj", "q_proj", "k_proj", "v_proj", "out_proj")
+_FF_SUFFIXES = ("ff.net.0.proj", "ff.net.2", "mlp.0", "mlp.2", "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2",
+                "linear1", "linear2", "mlp.fc1", "mlp.fc2")
+
+
+def is_target(name: str, weight_shape, preset: str) -> bool:
+    """Whether the module `name` (with a weight of `weight_shape`) is trained under a TARGET_PRESETS value."""
+    kind = TARGET_PRESETS.get(preset, preset)
+    dims = len(weight_shape)
+    if dims < 2:
+        return False
+    is_attn = name.endswith(_ATTN_LEAVES) and any(p in _ATTN_PARENTS for p in name.split(".")[:-1])
+    if kind == "attention":
+        return dims == 2 and is_attn
+    if kind == "attention+ff":
+        return dims == 2 and (is_attn or name.endswith(_FF_SUFFIXES))
+    if kind == "linear":
+        return dims == 2
+    if kind == "linear+conv":
+        return dims in (2, 3, 4, 5)
+    raise ValueError(f"unknown targets {preset!r}: use one of {', '.join(TARGET_PRESETS)}")
+
+
+# --- optimisation --------------------------------------------------------------------------------
+
+OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def make_optimizer(name: str, params, lr: float):
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "RMSprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based) of `total`."""
+    import math
+
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown lr schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+
+
+OPTIM_PREFIX = "waveft_train."
+
+
+def optimizer_state_tensors(optimizer, names: dict) -> dict:
+    """Per-layer optimizer state as flat tensors, keyed `waveft_train.<module>.<state>` (kept, ignored by
+    readers: a backward-compatible extension that lets a resumed run continue its moments)."""
+    out = {}
+    for param, name in names.items():
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"{OPTIM_PREFIX}{name}.{key}"] = value.detach().float().cpu().reshape(-1).clone()
+            else:
+                out[f"{OPTIM_PREFIX}{name}.{key}"] = torch.tensor([float(value)])
+    return out
+
+
+def load_optimizer_state(optimizer, names: dict, tensors: dict) -> bool:
+    """Restore what optimizer_state_tensors saved; False (nothing changed) when it does not fit."""
+    staged = {}
+    for param, name in names.items():
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith(f"{OPTIM_PREFIX}{name}.") and "." not in key[len(OPTIM_PREFIX) + len(name) + 1:]:
+                field = key[len(OPTIM_PREFIX) + len(name) + 1:]
+                if field == "step":
+                    state[field] = value.reshape(()).clone()
+                elif value.numel() == param.numel():
+                    state[field] = value.reshape(param.shape).to(param.device, param.dtype).clone()
+                else:
+                    return False
+        if not state:
+            return False
+        staged[param] = state
+    for param, state in staged.items():
+        optimizer.state[param] = state
+    return True

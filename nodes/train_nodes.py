@@ -1,0 +1,210 @@
+"""Train WaveFT, Save WaveFT, Apply WaveFT (thin: the loop is in training.py, the math in waveft_core)."""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+
+import comfy.model_management as mm
+import torch
+
+from ..waveft_core import Adapter, WaveFTFileError
+from ..waveft_core import fileformat
+from ..waveft_core.train import OPTIM_PREFIX, OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer
+from ..waveft_core.wavelets import SUPPORTED_WAVELETS
+from . import host, loader, training
+
+log = logging.getLogger("ComfyUI-WaveFT")
+NONE = "none"
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+class WaveFTTrain:
+    INPUT_IS_LIST = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to fine-tune. It is not changed: training works on "
+                                "a clone."}),
+            "latents": ("LATENT", {"tooltip": "Training images as latents: from VAE Encode, or a list from the "
+                                   "dataset nodes (Make Training Dataset, Resolution Bucket)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The caption conditioning: one for all latents, or one per "
+                                          "latent in the same order."}),
+            "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimizer steps (each one sees "
+                              "batch_size x grad_accumulation_steps images)."}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-6,
+                                        "tooltip": "Base learning rate (the paper uses 1e-4 with scaling 25)."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per micro-batch."}),
+            "grad_accumulation_steps": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Micro-batches summed "
+                                                "before each optimizer step."}),
+            "n_coefficients": ("INT", {"default": 2592, "min": 1, "max": 10**7, "tooltip": "Trainable wavelet "
+                                       "coefficients per layer (2592 is about a rank-1 LoRA on SDXL)."}),
+            "scaling": ("FLOAT", {"default": 25.0, "min": 0.001, "max": 10000.0, "step": 0.5,
+                                  "tooltip": "Multiplier of the reconstructed ΔW (PEFT's scaling)."}),
+            "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet family; db1 (Haar) is "
+                        "fastest and the paper's choice."}),
+            "targets": (list(TARGET_PRESETS), {"default": "attention q/k/v/out", "tooltip": "Which layers of the "
+                        "diffusion model get coefficients."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seeds the coefficient positions "
+                             "(PEFT's rule, stored in the file), the noise, the timesteps and the batches."}),
+            "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "Optimizer of the coefficients."}),
+            "lr_schedule": (list(SCHEDULES), {"default": "constant", "tooltip": "Learning-rate schedule after warmup."}),
+            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Linear warmup steps."}),
+            "training_dtype": (["bf16", "fp32"], {"default": "bf16", "tooltip": "Compute dtype of the model's forward "
+                               "and backward; the coefficients stay fp32."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute activations in the backward: "
+                                       "much less memory, about a third more time."}),
+            "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Write a checkpoint "
+                                   "(with optimizer state, for resuming) every N steps; 0 = never."}),
+            "filename_prefix": ("STRING", {"default": "waveft_trained", "tooltip": "Name of checkpoints and of the "
+                                "partial file written on Cancel, inside models/waveft."}),
+            "resume_from": ([NONE] + loader.list_adapters(), {"default": NONE, "tooltip": "Continue a saved run: its "
+                            "coefficients, positions, step count and (when saved) optimizer state."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "WAVEFT", "LOSS_MAP", "INT")
+    RETURN_NAMES = ("model", "waveft", "loss_map", "steps")
+    OUTPUT_TOOLTIPS = ("The input model with the trained adapter applied, ready for a KSampler.",
+                       "The trained adapter: connect Save WaveFT or Apply WaveFT.",
+                       "Loss per step (ComfyUI's loss graph node shows it).",
+                       "Optimizer steps done in total (a resumed run counts the earlier ones).")
+    FUNCTION = "train"
+    CATEGORY = "training/waveft"
+    DESCRIPTION = ("Fine-tunes a WaveFT adapter: a few thousand wavelet coefficients per layer, trained on your "
+                   "latents and captions. Cancel keeps what was learned in a partial file.")
+
+    def train(self, model, latents, positive, **kw):
+        kw = {k: _first(v) for k, v in kw.items()}
+        model = _first(model)
+        images = training.flatten_latents(latents)
+        if not images:
+            raise ValueError("WaveFT Train: no latents; connect VAE Encode or the dataset nodes")
+        if kw["steps"] < 1:
+            raise ValueError("WaveFT Train: steps must be at least 1")
+        conds = training.expand_conditioning(positive, len(images))
+        dtype = torch.bfloat16 if kw["training_dtype"] == "bf16" else torch.float32
+        shapes = training.target_weights(model, kw["targets"])
+        if not shapes:
+            raise ValueError(f"WaveFT Train: no layer of this model ({host.model_family(model)}) matches targets "
+                             f"'{kw['targets']}'")
+
+        trainables, start, optim_state = self._resume(kw["resume_from"], shapes) if kw["resume_from"] != NONE \
+            else (None, 0, None)
+        if trainables is None:
+            trainables = {}
+            for name, shape in shapes.items():
+                p = min(int(kw["n_coefficients"]), torch.Size(shape).numel())
+                trainables[name] = TrainableLayer(shape, p, kw["wavelet"], kw["scaling"], seed=kw["seed"])
+        first = next(iter(trainables.values()))
+        settings = {
+            "steps": kw["steps"], "steps_total": start + kw["steps"], "lr": kw["learning_rate"],
+            "optimizer": kw["optimizer"], "batch_size": kw["batch_size"],
+            "grad_accumulation_steps": kw["grad_accumulation_steps"], "targets": kw["targets"],
+            "dataset_size": len(images), "seed": kw["seed"], "lr_schedule": kw["lr_schedule"],
+            "warmup_steps": kw["warmup_steps"], "training_dtype": kw["training_dtype"],
+            "gradient_checkpointing": bool(kw["gradient_checkpointing"]), "wavelet": first.wavelet,
+            "n_coefficients": first.spectrum.numel(), "scaling": first.scaling, "resumed_from_step": start,
+            "metadata": {"ss_base_model_version": training.base_model_version(model),
+                         "modelspec.date": datetime.date.today().isoformat(),
+                         "waveft.seed": str(first.seed)},
+        }
+        run = training.TrainRun(model, images, conds, trainables, settings, dtype, optim_state, start,
+                                kw["save_every_n_steps"], kw["filename_prefix"])
+        try:
+            adapter = run.run()
+        except mm.InterruptProcessingException:
+            if run.step > start:
+                path = run.save_checkpoint(f"_partial_{run.step:05d}")
+                log.warning("WaveFT Train: cancelled at step %d; what was learned is in %s", run.step, path)
+            raise
+        out_model, _, _ = loader.apply_adapter(adapter, model, None, 1.0, 0.0, "trained WaveFT")
+        return (out_model, adapter, {"loss": list(run.losses)}, run.step)
+
+    @staticmethod
+    def _resume(name, shapes):
+        path = loader.resolve_path(name)
+        try:
+            tensors, metadata = fileformat.read_tensors_and_metadata(path)
+            adapter = fileformat.adapter_from_tensors(tensors, metadata, path)
+        except WaveFTFileError as e:
+            raise ValueError(f"WaveFT Train: cannot resume: {e}") from None
+        missing = [n for n in adapter.layers if n not in shapes]
+        wrong = [n for n in adapter.layers if n in shapes and tuple(adapter.layers[n].shape) != tuple(shapes[n])]
+        if missing or wrong:
+            raise ValueError(f"WaveFT Train: {name} was trained on another model or other targets: "
+                             f"{len(missing)} of its layers are not in this model's targets, {len(wrong)} have another "
+                             f"shape (e.g. {(missing or wrong)[0]})")
+        try:
+            done = int(json.loads(metadata.get("waveft.training", "{}")).get("steps_done", 0))
+        except (ValueError, TypeError):
+            done = 0
+        seed = int(metadata.get("waveft.seed", 777))
+        trainables = {n: TrainableLayer(l.shape, l.n_coefficients, l.wavelet, l.scaling, seed=seed,
+                                        use_idwt=l.use_idwt, spectrum=l.spectrum, indices=l.indices)
+                      for n, l in adapter.layers.items()}
+        optim = {k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}
+        log.info("WaveFT Train: resuming %s at step %d (%s optimizer state)", name, done, "with" if optim else "no")
+        return trainables, done, optim
+
+
+class WaveFTSave:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "waveft": ("WAVEFT", {"tooltip": "The adapter from Train WaveFT."}),
+            "filename_prefix": ("STRING", {"default": "my_waveft", "tooltip": "File name inside models/waveft "
+                                "(sub-folders allowed; an existing file is never overwritten)."}),
+            "title": ("STRING", {"default": "", "tooltip": "Shown by loaders and A1111's Lora tab."}),
+            "trigger_words": ("STRING", {"default": "", "tooltip": "Words to put in the prompt (e.g. 'sks dog')."}),
+            "description": ("STRING", {"default": "", "multiline": True, "tooltip": "Free text kept in the file."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    OUTPUT_TOOLTIPS = ("The saved file's name, as Load WaveFT lists it.",)
+    FUNCTION = "save"
+    CATEGORY = "training/waveft"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Saves a WaveFT adapter as a native .safetensors file (format v1) with its metadata."
+
+    def save(self, waveft: Adapter, filename_prefix, title, trigger_words, description):
+        md = dict(waveft.metadata)
+        for key, value in (("modelspec.title", title), ("modelspec.trigger_phrase", trigger_words),
+                           ("modelspec.description", description)):
+            if value.strip():
+                md[key] = value.strip()
+        md.setdefault("modelspec.title", filename_prefix.rsplit("/", 1)[-1])
+        path = training.output_path(filename_prefix)
+        training.write_adapter(Adapter(layers=waveft.layers, metadata=md), path)
+        import os
+
+        name = os.path.relpath(path, host.output_folder()).replace(os.sep, "/")
+        return {"ui": {"text": [f"saved models/{host.FOLDER}/{name}"]}, "result": (name,)}
+
+
+class WaveFTApply:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch (a clone is returned)."}),
+            "waveft": ("WAVEFT", {"tooltip": "An adapter from Train WaveFT, applied without saving it."}),
+            "strength_model": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the model's weight change."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "Optional text encoder, for adapters with text-encoder layers."}),
+            "strength_clip": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the text encoder's change."}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The patched model.", "The patched text encoder (or the input, when none was connected).")
+    FUNCTION = "apply"
+    CATEGORY = "training/waveft"
+    DESCRIPTION = "Applies an in-graph WaveFT adapter to a model (and text encoder) at a chosen strength."
+
+    def apply(self, model, waveft, strength_model, clip=None, strength_clip=1.0):
+        out_model, out_clip, summary = loader.apply_adapter(waveft, model, clip, strength_model, strength_clip,
+                                                            "WaveFT")
+        return {"ui": {"text": [summary]}, "result": (out_model, out_clip)}

@@ -1,0 +1,321 @@
+"""Training inside ComfyUI's graph: trainable WaveFT layers become the host's weight wrappers, a guider
+with positive conditioning only turns (latent, sigma) into a denoised prediction for any model family, and
+a sampler whose 'sampling' is the optimisation loop runs inside the host's own loading machinery."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+
+import comfy.model_management as mm
+import comfy.samplers
+import comfy.utils
+
+from ..waveft_core import Adapter
+from ..waveft_core import fileformat
+from ..waveft_core.train import (TrainableLayer, adapter_from_trainables, is_target, load_optimizer_state,
+                                 lr_factor, make_optimizer, optimizer_state_tensors)
+from . import host
+
+log = logging.getLogger("ComfyUI-WaveFT")
+
+try:
+    from comfy.weight_adapter.base import WeightAdapterTrainBase as _TrainBase
+except Exception:  # older hosts: a plain module works as a weight wrapper too
+    _TrainBase = torch.nn.Module
+
+BASE_MODEL_VERSIONS = {"SD15": "sd_v1", "SD20": "sd_v2", "SDXL": "sdxl_base_v1-0", "SD3": "sd3", "Flux": "flux1"}
+
+
+class TrainWrapper(_TrainBase):
+    """The host calls weight_function(w) on every forward with a fresh copy of the weight; this returns
+    w + ΔW(spectrum), differentiable (a scatter into that copy, a gather on the way back)."""
+
+    def __init__(self, trainable: TrainableLayer):
+        super().__init__()
+        self.trainable = trainable
+
+    def __call__(self, w):
+        return self.trainable(w)
+
+    def passive_memory_usage(self):
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def move_to(self, device):
+        self.to(device)
+        return self.passive_memory_usage()
+
+
+class PositiveGuider(comfy.samplers.CFGGuider):
+    """Conditioning without a negative, cfg 1: one model call per prediction."""
+
+    def set_positive(self, positive):
+        self.inner_set_conds({"positive": positive})
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, self.conds.get("positive"), 1.0,
+                                                model_options=model_options, seed=seed)
+
+
+class LoopSampler(comfy.samplers.Sampler):
+    """Runs `loop(model_wrap, extra_args)` where a sampler would denoise."""
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.loop(model_wrap, extra_args)
+        return torch.zeros_like(latent_image)
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def flatten_latents(latents) -> list[torch.Tensor]:
+    """One (C, H, W) tensor per image from a LATENT, a list of them (dataset nodes), or batches of them."""
+    out = []
+    for item in latents if isinstance(latents, list) else [latents]:
+        samples = item["samples"] if isinstance(item, dict) else item
+        if samples.is_nested:
+            samples = list(samples.unbind())
+        for s in samples if isinstance(samples, list) else samples.unbind(0):
+            out.append(s)
+    return out
+
+
+def expand_conditioning(positive, n_images: int) -> list:
+    """One CONDITIONING per image: a single one is shared; a list must have one per image."""
+    items = positive if isinstance(positive, list) and positive and _is_conditioning(positive[0]) else [positive]
+    if len(items) == 1:
+        return items * n_images
+    if len(items) != n_images:
+        raise ValueError(f"WaveFT Train: {n_images} latents but {len(items)} conditionings; give one conditioning "
+                         "for all, or exactly one per latent (in the same order)")
+    return items
+
+
+def _is_conditioning(x) -> bool:
+    return isinstance(x, list) and (not x or (isinstance(x[0], (list, tuple)) and len(x[0]) == 2))
+
+
+def target_weights(diffusion_patcher, preset: str) -> dict:
+    """native module name -> weight shape, for the host's layers (those with a weight function) that
+    the preset selects."""
+    out = {}
+    for name, module in diffusion_patcher.model.named_modules():
+        w = getattr(module, "weight", None)
+        if not hasattr(module, "weight_function") or not isinstance(w, torch.Tensor):
+            continue
+        if name.startswith("diffusion_model.") and is_target(name[len("diffusion_model."):], tuple(w.shape), preset):
+            out[name] = tuple(w.shape)
+    return out
+
+
+def base_model_version(model) -> str:
+    return BASE_MODEL_VERSIONS.get(host.model_family(model), "")
+
+
+# --- gradient checkpointing ----------------------------------------------------------------------
+
+
+def enable_checkpointing(diffusion_model: torch.nn.Module) -> list:
+    """Recompute each top-level block in the backward instead of keeping its activations."""
+    patched = []
+    for child_name, child in diffusion_model.named_children():
+        blocks = list(child) if isinstance(child, torch.nn.ModuleList) else ([child] if child_name == "middle_block"
+                                                                              else [])
+        for block in blocks:
+            original = block.forward
+
+            def forward(*args, _original=original, **kwargs):
+                return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+            block.forward = forward
+            patched.append(block)
+    return patched
+
+
+def disable_checkpointing(patched: list) -> None:
+    for block in patched:
+        if "forward" in block.__dict__:
+            del block.forward
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+
+def output_path(prefix: str, suffix: str = "", overwrite: bool = False) -> str:
+    """A file under models/waveft for `prefix`; refuses prefixes that leave the folder. Existing files are
+    never overwritten unless asked: a counter is appended instead."""
+    root = os.path.realpath(host.output_folder())
+    prefix = (prefix or "").strip().replace("\\", "/")
+    if not prefix or prefix.startswith("/") or os.path.isabs(prefix) or ":" in prefix:
+        raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside models/{host.FOLDER}")
+    path = os.path.realpath(os.path.join(root, prefix + suffix))
+    if os.path.commonpath([path, root]) != root:
+        raise ValueError(f"WaveFT: filename_prefix '{prefix}' leaves models/{host.FOLDER}; use a plain name")
+    candidate = path + ".safetensors"
+    n = 2
+    while os.path.exists(candidate) and not overwrite:
+        candidate = f"{path}_{n}.safetensors"
+        n += 1
+    os.makedirs(os.path.dirname(candidate), exist_ok=True)
+    return candidate
+
+
+def write_adapter(adapter: Adapter, path: str, extra: dict | None = None) -> str:
+    if extra:
+        adapter = Adapter(layers=adapter.layers, metadata=adapter.metadata, source=adapter.source,
+                          extra_tensors={**adapter.extra_tensors, **extra})
+    fileformat.write(adapter, path)
+    log.info("WaveFT: saved %s", path)
+    return path
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+class TrainRun:
+    """Everything one WaveFTTrain execution needs; `run()` trains and returns the adapter."""
+
+    def __init__(self, model, latents, conditionings, trainables, settings, dtype, optimizer_state=None,
+                 start_step=0, save_every=0, save_prefix=""):
+        self.model = model
+        self.latents = latents
+        self.conditionings = conditionings
+        self.trainables = trainables
+        self.s = settings
+        self.dtype = dtype
+        self.start_step = start_step
+        self.save_every = save_every
+        self.save_prefix = save_prefix
+        self.losses: list[float] = []
+        self.step = start_step
+        self.saved: list[str] = []
+        params = [t.spectrum for t in trainables.values()]
+        self.optimizer = make_optimizer(settings["optimizer"], params, settings["lr"])
+        self.param_names = {t.spectrum: name for name, t in trainables.items()}
+        self.resumed_optimizer = bool(optimizer_state) and load_optimizer_state(self.optimizer, self.param_names,
+                                                                                optimizer_state)
+
+    def adapter(self) -> Adapter:
+        md = dict(self.s.get("metadata", {}))
+        training = {k: v for k, v in self.s.items() if k not in ("metadata",)}
+        training["steps_done"] = self.step
+        md["waveft.training"] = json.dumps(training, sort_keys=True)
+        return adapter_from_trainables(self.trainables, md)
+
+    def save_checkpoint(self, suffix: str) -> str:
+        path = output_path(self.save_prefix, suffix)
+        return write_adapter(self.adapter(), path, optimizer_state_tensors(self.optimizer, self.param_names))
+
+    def run(self):
+        s = self.s
+        dtype = self.dtype
+        mp = self.model.clone()
+        mp.set_model_compute_dtype(dtype)
+        patched = []
+        with torch.inference_mode(False), torch.enable_grad():
+            for name, t in self.trainables.items():
+                mp.add_weight_wrapper(f"{name}.weight", TrainWrapper(t))
+            mp.model.requires_grad_(False)
+            if s["gradient_checkpointing"]:
+                patched = enable_checkpointing(mp.model.diffusion_model)
+            try:
+                mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+                flat, owners = [], []
+                for i, cond in enumerate(self.conditionings):
+                    for entry in cond:
+                        flat.append(entry)
+                        owners.append(i)
+                self.owners = owners
+                guider = PositiveGuider(mp)
+                guider.set_positive(flat)
+                first = self.latents[0].unsqueeze(0).float()
+                guider.sample(torch.zeros_like(first), torch.zeros_like(first), LoopSampler(self._loop),
+                              torch.tensor([1.0, 0.0]), seed=s["seed"], disable_pbar=True)
+            finally:
+                disable_checkpointing(patched)
+                for t in self.trainables.values():
+                    t.spectrum.requires_grad_(False)
+        return self.adapter()
+
+    def _loop(self, model_wrap, extra_args):
+        s = self.s
+        device = mm.get_torch_device()
+        dtype = self.dtype
+        processed = list(model_wrap.conds["positive"])
+        per_image = [[c for c, o in zip(processed, self.owners) if o == i] for i in range(len(self.conditionings))]
+        inner = model_wrap.inner_model
+        sampling = inner.model_sampling
+        latents = [inner.process_latent_in(x.unsqueeze(0).to(device, torch.float32)) for x in self.latents]
+        total = s["steps_total"]
+        bar = host.Progress(total - self.start_step)
+        autocast = dtype != torch.float32
+        t0 = time.perf_counter()
+        for t in self.trainables.values():
+            t.spectrum.requires_grad_(True)
+        while self.step < total:
+            for group in self.optimizer.param_groups:
+                group["lr"] = s["lr"] * lr_factor(self.step, total, s["lr_schedule"], s["warmup_steps"])
+            step_loss = 0.0
+            # Randomness is a function of (seed, step): a resumed run sees the same batches, noise and
+            # timesteps as an uninterrupted one.
+            gen = torch.Generator().manual_seed(int(s["seed"]) * 1_000_003 + self.step)
+            for _ in range(s["grad_accumulation_steps"]):
+                picks = torch.randint(0, len(latents), (s["batch_size"],), generator=gen).tolist()
+                groups: dict = {}
+                for i in picks:  # images sharing conditioning and size run as one batch
+                    key = (id(self.conditionings[i]), tuple(latents[i].shape))
+                    groups.setdefault(key, []).append(i)
+                for members in groups.values():
+                    x0 = torch.cat([latents[i] for i in members])
+                    noise = torch.randn(x0.shape, generator=gen).to(device)
+                    sigma = torch.tensor([float(sampling.percent_to_sigma(float(torch.rand((), generator=gen))))
+                                          for _ in members], device=device)
+                    xt = sampling.noise_scaling(sigma.view(-1, *([1] * (x0.dim() - 1))), noise, x0)
+                    model_wrap.conds["positive"] = per_image[members[0]]
+                    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                        pred = model_wrap(xt, sigma, **extra_args)
+                    loss = torch.nn.functional.mse_loss(pred.float(), x0.float())
+                    (loss * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])).backward()
+                    step_loss += float(loss.detach()) * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])
+            if not math.isfinite(step_loss):
+                raise ValueError(f"WaveFT Train: the loss became {step_loss} at step {self.step + 1}; lower the "
+                                 "learning_rate or use fp32")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.losses.append(step_loss)
+            if self.save_every and self.step % self.save_every == 0 and self.step < total:
+                self.saved.append(self.save_checkpoint(f"_{self.step:05d}"))
+            if self.step % 10 == 0 or self.step == total:
+                log.info("WaveFT train step %d/%d loss %.5f (%.2f s/step)", self.step, total, step_loss,
+                         (time.perf_counter() - t0) / max(1, self.step - self.start_step))
+            # The node's progress bar, with the loss curve as its preview; raises when the user presses Cancel
+            # (the caller then saves what was learned).
+            bar.update(1, preview=loss_curve(self.losses) if self.step % 5 == 0 or self.step == total else None)
+
+
+def loss_curve(losses: list[float], width: int = 256, height: int = 128):
+    """A small loss plot for the progress preview (host format: ('PNG', image, max size))."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return None
+    img = Image.new("RGB", (width, height), (24, 24, 24))
+    draw = ImageDraw.Draw(img)
+    values = [v for v in losses if math.isfinite(v)]
+    if len(values) >= 2:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        pts = [(4 + (width - 8) * i / (len(values) - 1), height - 14 - (height - 24) * (v - lo) / span)
+               for i, v in enumerate(values)]
+        draw.line(pts, fill=(90, 200, 250), width=2)
+    draw.text((4, height - 12), f"step {len(losses)}  loss {losses[-1]:.4f}" if losses else "", fill=(230, 230, 230))
+    return ("PNG", img, width)

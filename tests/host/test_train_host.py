@@ -1,0 +1,177 @@
+"""Train WaveFT inside a real ComfyUI (in-process, tiny SD1.5): the loss falls, save -> load gives the
+trained model, resume continues exactly, Cancel keeps a partial file, the base model is untouched."""
+import json
+import os
+
+import pytest
+import torch
+
+import waveft_core as wft
+
+SETTINGS = dict(steps=30, learning_rate=2e-3, batch_size=1, grad_accumulation_steps=1, n_coefficients=400,
+                scaling=25.0, wavelet="db1", targets="attention q/k/v/out", seed=3, optimizer="AdamW",
+                lr_schedule="constant", warmup_steps=0, training_dtype="fp32", gradient_checkpointing=True,
+                save_every_n_steps=0, filename_prefix="t", resume_from="none")
+
+
+@pytest.fixture(scope="module")
+def data(sd15):
+    _, clip, _ = sd15
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11)) * 0.5}
+    return latent, cond
+
+
+def train(pack, model, latent, cond, **over):
+    kw = {k: [v] for k, v in {**SETTINGS, **over}.items()}
+    return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **kw)
+
+
+def eval_loss(pack, model, latent, cond, sigmas=(0.3, 1.0, 3.0, 8.0)):
+    """Denoising MSE at fixed noise levels and noise, through the same guider the trainer uses."""
+    import comfy.model_management as mm
+
+    training = pack.nodes.training
+    out = []
+
+    def loop(model_wrap, extra_args):
+        inner = model_wrap.inner_model
+        x0 = inner.process_latent_in(latent["samples"].to(mm.get_torch_device()))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            for s in sigmas:
+                sigma = torch.tensor([s])
+                pred = model_wrap(inner.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), sigma,
+                                  **extra_args)
+                out.append(float(torch.nn.functional.mse_loss(pred, x0)))
+
+    guider = training.PositiveGuider(model)
+    guider.set_positive(cond)
+    z = torch.zeros_like(latent["samples"])
+    guider.sample(z, z, training.LoopSampler(loop), torch.tensor([1.0, 0.0]), seed=0, disable_pbar=True)
+    return sum(out) / len(out)
+
+
+def test_loss_falls_and_base_model_is_untouched(pack, sd15, data, waveft_dir):
+    model, _, _ = sd15
+    latent, cond = data
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    before_w = model.model.state_dict()[key].clone()
+    base_loss = eval_loss(pack, model, latent, cond)
+    trained, adapter, loss_map, steps = train(pack, model, latent, cond)
+    assert steps == 30 and len(loss_map["loss"]) == 30
+    assert len(adapter.layers) == 32  # every attention q/k/v/out of the tiny UNet
+    after_loss = eval_loss(pack, trained, latent, cond)
+    assert after_loss < 0.9 * base_loss, (base_loss, after_loss)
+    # the input model: no patches; once ComfyUI unloads the patched clone its weights are the originals,
+    # and sampling with it gives what it gave before training
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    assert torch.equal(model.model.state_dict()[key], before_w) and not model.patches
+    assert eval_loss(pack, model, latent, cond) == pytest.approx(base_loss, rel=1e-6)
+    # PEFT's positions for the stored seed
+    from waveft_core.peft_io import peft_positions
+
+    layer = adapter.layers[key[: -len(".weight")]]
+    assert torch.equal(layer.indices, peft_positions(layer.shape, 400, 3))
+    assert adapter.metadata["waveft.seed"] == "3"
+
+
+def test_saved_file_loads_back_to_the_same_model(pack, sd15, data, waveft_dir):
+    model, clip, _ = sd15
+    latent, cond = data
+    trained, adapter, _, _ = train(pack, model, latent, cond, steps=8)
+    out = pack.nodes.train_nodes.WaveFTSave().save(adapter, "cats/sks", "Sks cat", "sks cat", "test run")
+    name = out["result"][0]
+    assert name == "cats/sks.safetensors" and (waveft_dir / name).is_file()
+    again = pack.nodes.train_nodes.WaveFTSave().save(adapter, "cats/sks", "", "", "")["result"][0]
+    assert again == "cats/sks_2.safetensors"  # never overwrites
+    md = wft.load(waveft_dir / name).metadata
+    assert md["modelspec.title"] == "Sks cat" and md["modelspec.trigger_phrase"] == "sks cat"
+    assert md["ss_base_model_version"] == "sd_v1"
+    settings = json.loads(md["waveft.training"])
+    assert settings["steps_done"] == 8 and settings["lr"] == SETTINGS["learning_rate"]
+    loaded, _ = pack.nodes.loader.WaveFTLoader().load(model, clip, name, 1.0, 1.0)["result"]
+    assert eval_loss(pack, loaded, latent, cond) == eval_loss(pack, trained, latent, cond)
+    with pytest.raises(ValueError, match="leaves models/waveft"):
+        pack.nodes.train_nodes.WaveFTSave().save(adapter, "../escape", "", "", "")
+
+
+def test_resume_continues_exactly(pack, sd15, data, waveft_dir):
+    model, _, _ = sd15
+    latent, cond = data
+    _, straight, _, _ = train(pack, model, latent, cond, steps=10, filename_prefix="straight")
+    _, first, _, steps = train(pack, model, latent, cond, steps=6, save_every_n_steps=3, filename_prefix="half")
+    assert steps == 6 and (waveft_dir / "half_00003.safetensors").is_file()
+    wft.save(first, waveft_dir / "half_final.safetensors")  # no optimizer state: resume still works, restarts moments
+    _, _, _, _ = train(pack, model, latent, cond, steps=1, filename_prefix="x", resume_from="half_final.safetensors")
+    # resuming from the checkpoint written at step 3 (with optimizer state) retraces the straight run
+    _, resumed, loss_map, steps = train(pack, model, latent, cond, steps=7, resume_from="half_00003.safetensors")
+    assert steps == 10 and len(loss_map["loss"]) == 7
+    for name, layer in straight.layers.items():
+        torch.testing.assert_close(resumed.layers[name].spectrum, layer.spectrum, rtol=1e-5, atol=1e-7)
+
+
+def test_cancel_keeps_a_partial_file(pack, sd15, data, waveft_dir):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    model, _, _ = sd15
+    latent, cond = data
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if value >= 4:
+            raise mm.InterruptProcessingException()
+
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(pack, model, latent, cond, steps=50, filename_prefix="cancelled")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    partial = waveft_dir / "cancelled_partial_00004.safetensors"
+    assert partial.is_file()
+    assert json.loads(wft.load(partial).metadata["waveft.training"])["steps_done"] == 4
+    assert calls[:4] == [1, 2, 3, 4]
+
+
+def test_deterministic_on_cpu(pack, sd15, data, waveft_dir):
+    model, _, _ = sd15
+    latent, cond = data
+    a = train(pack, model, latent, cond, steps=5)[1]
+    b = train(pack, model, latent, cond, steps=5)[1]
+    assert all(torch.equal(a.layers[n].spectrum, b.layers[n].spectrum) for n in a.layers)
+
+
+def test_clear_errors(pack, sd15, data, waveft_dir):
+    model, clip, _ = sd15
+    latent, cond = data
+    t = pack.nodes.train_nodes.WaveFTTrain()
+    kw = {k: [v] for k, v in SETTINGS.items()}
+    with pytest.raises(ValueError, match="no latents"):
+        t.train([model], [{"samples": torch.zeros(0, 4, 8, 8)}], [cond], **kw)
+    two = {"samples": torch.randn(2, 4, 8, 8)}
+    with pytest.raises(ValueError, match="2 latents but 3 conditionings"):
+        t.train([model], [two], [cond, cond, cond], **kw)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        t.train([model], [latent], [cond], **{**kw, "steps": [0]})
+    other = wft.Adapter(layers={"diffusion_model.somewhere.else": wft.Layer(spectrum=torch.ones(3),
+                                                                            indices=torch.arange(3), shape=(4, 4))})
+    wft.save(other, waveft_dir / "other.safetensors")
+    with pytest.raises(ValueError, match="trained on another model"):
+        t.train([model], [latent], [cond], **{**kw, "resume_from": ["other.safetensors"]})
+
+
+def test_train_takes_dataset_lists_and_per_image_captions(pack, sd15, waveft_dir):
+    """Dataset nodes hand over lists: several latents (even of different sizes) with one caption each."""
+    model, clip, _ = sd15
+    lats = [{"samples": torch.randn(1, 4, 8, 8)}, {"samples": torch.randn(1, 4, 8, 12)}]
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in ("a cat", "a dog")]
+    kw = {k: [v] for k, v in {**SETTINGS, "steps": 3, "batch_size": 2}.items()}
+    _, adapter, loss_map, steps = pack.nodes.train_nodes.WaveFTTrain().train([model], lats, conds, **kw)
+    assert steps == 3 and all(v == v for v in loss_map["loss"])
+    assert json.loads(adapter.metadata["waveft.training"])["dataset_size"] == 2
