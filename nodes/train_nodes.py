@@ -121,7 +121,10 @@ class WaveFTTrain:
                 path = run.save_checkpoint(f"_partial_{run.step:05d}")
                 log.warning("WaveFT Train: cancelled at step %d; what was learned is in %s", run.step, path)
             raise
-        out_model, _, _ = loader.apply_adapter(adapter, model, None, 1.0, 0.0, "trained WaveFT")
+        # Trained layer names are the model's own weight keys: no name matching needed.
+        out_model = model.clone()
+        out_model.add_patches({f"{n}.weight": host.WaveFTAdapter(set(), layer) for n, layer in adapter.layers.items()},
+                              1.0)
         return (out_model, adapter, {"loss": list(run.losses)}, run.step)
 
     @staticmethod

@@ -25,10 +25,10 @@ class DeltaPlan:
     rows: int
     cols: int
     patch: int  # L: side of each coefficient's patch (1 when the transform is off)
-    order: torch.Tensor  # int64 [p]: coefficient order: whole patches by band, then clipped ones
+    order: torch.Tensor  # int32 [p]: coefficient order: whole patches by band, then clipped ones
     band_ends: tuple[int, int, int, int]  # whole patches of band b are order[band_ends[b-1]:band_ends[b]]
     base: torch.Tensor  # [p]: flat index of each patch's top-left corner (in `order`)
-    band: torch.Tensor  # int64 [p]: 2 * row_band + col_band, selecting one of `kernels` (in `order`)
+    clipped_band: torch.Tensor  # int64 [p - whole]: 2 * row_band + col_band of each clipped patch
     kernels: torch.Tensor  # [4, L, L] outer products of the filters, one per band pair
     offsets: torch.Tensor  # [L, L]: flat offset of each patch entry from its corner
     clipped_top: torch.Tensor  # int64 [p - whole]: first row of each clipped patch (may be < 0)
@@ -44,7 +44,7 @@ class DeltaPlan:
             return self
         return DeltaPlan(
             self.rows, self.cols, self.patch,
-            self.order.to(device), self.band_ends, self.base.to(device), self.band.to(device),
+            self.order.to(device), self.band_ends, self.base.to(device), self.clipped_band.to(device),
             self.kernels.to(device, dtype), self.offsets.to(device),
             self.clipped_top.to(device), self.clipped_left.to(device),
         )
@@ -96,13 +96,14 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
     whole_idx = whole_idx[torch.argsort(band[whole_idx], stable=True)]
     counts = torch.bincount(band[whole_idx], minlength=4).tolist()
     band_ends = tuple(int(sum(counts[: b + 1])) for b in range(4))
-    order = torch.cat([whole_idx, clipped])
-    # int32 targets halve the index traffic; int64 only for weights of 2^31 entries or more.
+    order = torch.cat([whole_idx, clipped]).to(torch.int32)
+    # int32 targets halve the index traffic (and a layer's plan is ~12 bytes per coefficient); int64 only
+    # for weights of 2^31 entries or more.
     index_dtype = torch.int32 if m * n < 2**31 else torch.int64
     ar = torch.arange(size, dtype=torch.int64)
     offsets = (ar[:, None] * n + ar[None, :]).to(index_dtype)
     return DeltaPlan(
-        m, n, size, order, band_ends, base[order].to(index_dtype), band[order], kernels, offsets,
+        m, n, size, order, band_ends, base[order.long()].to(index_dtype), band[clipped], kernels, offsets,
         top[clipped], left[clipped],
     )
 
@@ -139,7 +140,7 @@ def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float):
         cc = plan.clipped_left[:, None] + ar
         ok = ((rr >= 0) & (rr < plan.rows))[:, :, None] & ((cc >= 0) & (cc < n))[:, None, :]
         tgts = torch.where(ok, rr[:, :, None] * n + cc[:, None, :], 0).to(plan.base.dtype)
-        vals = v[k:, None, None] * plan.kernels[plan.band[k:]]
+        vals = v[k:, None, None] * plan.kernels[plan.clipped_band]
         vals = torch.where(ok, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
         parts.append((tgts.reshape(-1), vals.reshape(-1)))
     return parts
