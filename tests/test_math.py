@@ -81,8 +81,9 @@ def test_odd_edges_are_cropped():
 
 @pytest.mark.parametrize("wavelet", ["db1", "db4", "sym5"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_weights_are_rounded_once(wavelet, dtype):
-    layer = random_layer((40, 52), 300, wavelet)
+@pytest.mark.parametrize("count", [300, 1500])  # sparse: mostly lone patches; dense: mostly overlapping ones
+def test_low_precision_weights_are_rounded_once(wavelet, dtype, count):
+    layer = random_layer((40, 52), count, wavelet)
     w = torch.randn(40, 52).to(dtype)
     expect = (w.float() + layer.delta(torch.float32, strength=0.7)).to(dtype)
     out = layer.add_to_(w, 0.7)

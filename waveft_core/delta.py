@@ -25,8 +25,11 @@ class DeltaPlan:
     rows: int
     cols: int
     patch: int  # L: side of each coefficient's patch (1 when the transform is off)
-    order: torch.Tensor  # int32 [p]: coefficient order: whole patches by band, then clipped ones
+    order: torch.Tensor  # int32 [p]: coefficient order: whole patches by band (within a band, lone ones
+    #                      first), then clipped ones
     band_ends: tuple[int, int, int, int]  # whole patches of band b are order[band_ends[b-1]:band_ends[b]]
+    lone_ends: tuple[int, int, int, int]  # ... of which order[band_ends[b-1]:lone_ends[b]] are lone: they
+    #                                        share no weight entry with any other patch
     base: torch.Tensor  # [p]: flat index of each patch's top-left corner (in `order`)
     clipped_band: torch.Tensor  # int64 [p - whole]: 2 * row_band + col_band of each clipped patch
     kernels: torch.Tensor  # [4, L, L] outer products of the filters, one per band pair
@@ -44,7 +47,7 @@ class DeltaPlan:
             return self
         return DeltaPlan(
             self.rows, self.cols, self.patch,
-            self.order.to(device), self.band_ends, self.base.to(device), self.clipped_band.to(device),
+            self.order.to(device), self.band_ends, self.lone_ends, self.base.to(device), self.clipped_band.to(device),
             self.kernels.to(device, dtype), self.offsets.to(device),
             self.clipped_top.to(device), self.clipped_left.to(device),
         )
@@ -90,21 +93,34 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
         # The top-right quadrant holds cH, high-pass along the rows: the row filter follows the column
         # band and the column filter the row band (PyWavelets' idwt2 convention, FORMAT.md step 3).
         kernels = (filt[None, :, :, None] * filt[:, None, None, :]).reshape(4, size, size)
-    # Whole patches sorted by band let each band's values be one broadcast multiply (no gather).
+    ar = torch.arange(size, dtype=torch.int64)
+    offsets64 = ar[:, None] * n + ar[None, :]
     clipped = torch.nonzero(~whole).reshape(-1)
     whole_idx = torch.nonzero(whole).reshape(-1)
-    whole_idx = whole_idx[torch.argsort(band[whole_idx], stable=True)]
-    counts = torch.bincount(band[whole_idx], minlength=4).tolist()
-    band_ends = tuple(int(sum(counts[: b + 1])) for b in range(4))
-    order = torch.cat([whole_idx, clipped]).to(torch.int32)
+    # Patches that share no weight entry with another patch can be written without sorting (the fp16/bf16
+    # path then needs no coalescing for them); found once here, by counting every target.
+    crr = top[clipped][:, None] + ar
+    ccc = left[clipped][:, None] + ar
+    ok = ((crr >= 0) & (crr < m))[:, :, None] & ((ccc >= 0) & (ccc < n))[:, None, :]
+    whole_targets = base[whole_idx][:, None, None] + offsets64
+    all_targets = torch.cat([whole_targets.reshape(-1), (crr[:, :, None] * n + ccc[:, None, :])[ok]])
+    uniq, counts = torch.unique(all_targets, return_counts=True)
+    shared = uniq[counts > 1]
+    overlapping = torch.isin(whole_targets.reshape(len(whole_idx), size * size), shared).any(dim=1)
+    # Whole patches sorted by band let each band's values be one broadcast multiply (no gather).
+    key = band[whole_idx] * 2 + overlapping.to(torch.int64)
+    whole_idx = whole_idx[torch.argsort(key, stable=True)]
+    counts = torch.bincount(key[torch.argsort(key, stable=True)], minlength=8).tolist()
+    band_ends = tuple(int(sum(counts[: 2 * b + 2])) for b in range(4))
+    lone_ends = tuple(int(sum(counts[: 2 * b + 1])) for b in range(4))
+    groups = [whole_idx]
+    order = torch.cat(groups + [clipped]).to(torch.int32)
     # int32 targets halve the index traffic (and a layer's plan is ~12 bytes per coefficient); int64 only
     # for weights of 2^31 entries or more.
     index_dtype = torch.int32 if m * n < 2**31 else torch.int64
-    ar = torch.arange(size, dtype=torch.int64)
-    offsets = (ar[:, None] * n + ar[None, :]).to(index_dtype)
     return DeltaPlan(
-        m, n, size, order, band_ends, base[order.long()].to(index_dtype), band[clipped], kernels, offsets,
-        top[clipped], left[clipped],
+        m, n, size, order, band_ends, lone_ends, base[order.long()].to(index_dtype), band[clipped], kernels,
+        offsets64.to(index_dtype), top[clipped], left[clipped],
     )
 
 
@@ -113,8 +129,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float):
-    """Flat targets and values of every non-zero entry of factor * ΔW, as (whole, clipped) pairs.
+def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float, split_lone: bool = False):
+    """Flat (targets, values, targets_unique) of every non-zero entry of factor * ΔW: the whole patches,
+    then the clipped ones. With `split_lone`, the whole patches come as two parts: lone ones (targets unique
+    and shared with no other part) and overlapping ones.
 
     `spectrum` is on the plan's device in the compute dtype. Clipped patch entries are redirected to
     target 0 with value 0, so no step depends on data-dependent sizes (no device sync)."""
@@ -122,17 +140,18 @@ def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float):
     parts = []
     k = plan.whole
     if k:
-        size = plan.patch
-        bounds = [(b, start, end) for b, (start, end) in enumerate(zip((0,) + plan.band_ends[:3], plan.band_ends))
-                  if end > start]
-        if v.requires_grad:  # out= is not differentiable
-            vals = torch.cat([v[s:e, None, None] * plan.kernels[b] for b, s, e in bounds])
+        tgts, vals = _whole_patches(plan, v)
+        if split_lone:
+            starts = (0,) + plan.band_ends[:3]
+            rows = plan.patch * plan.patch
+            lone = [(s * rows, e * rows) for s, e in zip(starts, plan.lone_ends) if e > s]
+            rest = [(s * rows, e * rows) for s, e in zip(plan.lone_ends, plan.band_ends) if e > s]
+            for spans, unique in ((lone, True), (rest, False)):
+                if spans:
+                    parts.append((torch.cat([tgts[a:b] for a, b in spans]), torch.cat([vals[a:b] for a, b in spans]),
+                                  unique))
         else:
-            vals = torch.empty(k, size, size, dtype=v.dtype, device=v.device)
-            for b, s, e in bounds:
-                torch.mul(v[s:e, None, None], plan.kernels[b], out=vals[s:e])
-        tgts = plan.base[:k, None, None] + plan.offsets
-        parts.append((tgts.reshape(-1), vals.reshape(-1)))
+            parts.append((tgts, vals, False))
     if k < v.numel():
         n, size = plan.cols, plan.patch
         ar = torch.arange(size, device=v.device)
@@ -142,8 +161,22 @@ def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float):
         tgts = torch.where(ok, rr[:, :, None] * n + cc[:, None, :], 0).to(plan.base.dtype)
         vals = v[k:, None, None] * plan.kernels[plan.clipped_band]
         vals = torch.where(ok, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
-        parts.append((tgts.reshape(-1), vals.reshape(-1)))
+        parts.append((tgts.reshape(-1), vals.reshape(-1), False))
     return parts
+
+
+def _whole_patches(plan: DeltaPlan, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat targets and values of all whole patches: one broadcast multiply per band."""
+    size, k = plan.patch, plan.whole
+    bounds = [(b, s, e) for b, (s, e) in enumerate(zip((0,) + plan.band_ends[:3], plan.band_ends)) if e > s]
+    if v.requires_grad:  # out= is not differentiable
+        vals = torch.cat([v[s:e, None, None] * plan.kernels[b] for b, s, e in bounds])
+    else:
+        vals = torch.empty(k, size, size, dtype=v.dtype, device=v.device)
+        for b, s, e in bounds:
+            torch.mul(v[s:e, None, None], plan.kernels[b], out=vals[s:e])
+    tgts = plan.base[:k, None, None] + plan.offsets
+    return tgts.reshape(-1), vals.reshape(-1)
 
 
 def dense_delta(plan: DeltaPlan, spectrum: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
@@ -151,7 +184,7 @@ def dense_delta(plan: DeltaPlan, spectrum: torch.Tensor, factor: float, dtype: t
     compute = _compute_dtype(dtype)
     plan = plan.to(spectrum.device, compute)
     out = torch.zeros(plan.rows * plan.cols, dtype=compute, device=spectrum.device)
-    for tgts, vals in contributions(plan, spectrum.to(compute), factor):
+    for tgts, vals, _ in contributions(plan, spectrum.to(compute), factor):
         out = out.index_add(0, tgts, vals)
     return out.reshape(plan.rows, plan.cols).to(dtype)
 
@@ -169,25 +202,38 @@ def add_into(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Tensor, fact
         return weight  # bit-identical: even -0.0 entries stay as they are
     compute = _compute_dtype(weight.dtype)
     plan = plan.to(weight.device, compute)
-    parts = contributions(plan, spectrum.to(weight.device, compute), factor)
-    if weight.dtype == compute and weight.is_contiguous():
+    direct = weight.dtype == compute and weight.is_contiguous()
+    parts = contributions(plan, spectrum.to(weight.device, compute), factor, split_lone=not direct)
+    if direct:
         flat = weight.view(-1)
-        for tgts, vals in parts:
+        for tgts, vals, _ in parts:
             if flat.device.type == "cpu":
                 flat.index_add_(0, tgts, vals)
             else:  # sorted accumulation: repeatable bits on CUDA, unlike atomics
                 flat.index_put_((tgts,), vals, accumulate=True)
         return weight
-    tgts = torch.cat([t for t, _ in parts])
-    vals = torch.cat([v for _, v in parts])
-    uniq, inverse = torch.unique(tgts, return_inverse=True)
-    sums = torch.zeros(uniq.numel(), dtype=compute, device=weight.device).index_add_(0, inverse, vals)
     if weight.is_contiguous():
         flat = weight.view(-1)
-        flat[uniq] = (flat[uniq].to(compute) + sums).to(weight.dtype)
+
+        def write(where, sums):
+            flat[where] = (flat[where].to(compute) + sums).to(weight.dtype)
     else:
-        where = torch.unravel_index(uniq, weight.shape)
-        weight[where] = (weight[where].to(compute) + sums).to(weight.dtype)
+        def write(where, sums):
+            where = torch.unravel_index(where.long(), weight.shape)
+            weight[where] = (weight[where].to(compute) + sums).to(weight.dtype)
+    # Round once per entry: lone patches touch distinct entries; the rest are summed per entry first.
+    rest = []
+    for tgts, vals, unique in parts:
+        if unique:
+            write(tgts, vals)
+        else:
+            rest.append((tgts, vals))
+    if rest:
+        tgts = torch.cat([t for t, _ in rest])
+        vals = torch.cat([v for _, v in rest])
+        uniq, inverse = torch.unique(tgts, return_inverse=True)
+        sums = torch.zeros(uniq.numel(), dtype=compute, device=weight.device).index_add_(0, inverse, vals)
+        write(uniq, sums)
     return weight
 
 
@@ -199,6 +245,6 @@ def weight_plus_delta(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Ten
     compute = _compute_dtype(weight.dtype)
     plan = plan.to(weight.device, compute)
     flat = weight.reshape(-1)
-    for tgts, vals in contributions(plan, spectrum.to(weight.device, compute), factor):
+    for tgts, vals, _ in contributions(plan, spectrum.to(weight.device, compute), factor):
         flat = flat.index_add(0, tgts, vals.to(weight.dtype))
     return flat.view(weight.shape)

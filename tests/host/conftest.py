@@ -92,3 +92,27 @@ def waveft_dir(tmp_path):
     yield d
     folder_paths.folder_names_and_paths["waveft"] = (paths, exts)
     folder_paths.filename_list_cache.clear()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, checkpoint_state):
+    from safetensors.torch import save_file
+
+    import waveft_core as wft
+    from server import Server, adapter_for, make_dataset, merged, tiny_lora
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    for d in ("models/checkpoints", "models/waveft", "models/loras", "custom_nodes", "input", "output"):
+        (base / d).mkdir(parents=True)
+    (base / "custom_nodes" / "ComfyUI-WaveFT").symlink_to(ROOT, target_is_directory=True)
+    adapter = adapter_for(checkpoint_state)
+    wft.save(adapter, base / "models/waveft/e2e.safetensors")
+    save_file(checkpoint_state, str(base / "models/checkpoints/tiny.safetensors"))
+    save_file(merged(checkpoint_state, adapter, 0.8), str(base / "models/checkpoints/merged.safetensors"))
+    (base / "models/waveft/broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    save_file(tiny_lora(checkpoint_state), str(base / "models/loras/tiny_lora.safetensors"))
+    make_dataset(base / "input" / "my_subject")
+    srv = Server(base, base / "server.log")
+    srv.adapter = adapter
+    yield srv
+    srv.stop()

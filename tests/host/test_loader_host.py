@@ -346,3 +346,20 @@ def test_our_unet_names_agree_with_comfyui_for_sd15_and_sdxl():
             assert mine + ".weight" == ldm_key, diffusers_key
             checked += 1
         assert checked > 100
+
+
+def test_bypass_mode_h_adds_the_delta_output(pack):
+    """Newer ComfyUI's bypass mode calls h(x, base_out) instead of merging: it must equal x @ (s·ΔW)^T, and
+    the conv form for conv layers."""
+    lin = wft.Layer(spectrum=torch.randn(30), indices=peft_positions((12, 20), 30, 777), shape=(12, 20), wavelet="db2")
+    adapter = pack.nodes.host.WaveFTAdapter(set(), lin)
+    adapter.multiplier = 0.7
+    x = torch.randn(3, 5, 20)
+    assert torch.allclose(adapter.h(x, None), torch.nn.functional.linear(x, lin.delta(strength=0.7)), atol=1e-6)
+    conv = wft.Layer(spectrum=torch.randn(40), indices=peft_positions((6, 4, 3, 3), 40, 777), shape=(6, 4, 3, 3))
+    adapter = pack.nodes.host.WaveFTAdapter(set(), conv)
+    adapter.multiplier, adapter.is_conv, adapter.conv_dim, adapter.kw_dict = 1.5, True, 2, {"padding": 1}
+    x = torch.randn(2, 4, 9, 9)
+    expect = torch.nn.functional.conv2d(x, conv.delta(strength=1.5), padding=1)
+    assert torch.allclose(adapter.h(x, None), expect, atol=1e-5)
+    assert adapter.g(x) is x

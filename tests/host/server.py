@@ -1,0 +1,139 @@
+"""A real ComfyUI server process for the HTTP tests."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+import waveft_core as wft
+from waveft_core.peft_io import peft_positions
+
+from conftest import COMFY
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base, log_path):
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(COMFY, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
+            cwd=COMFY, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early; log: {log_path}")
+            try:
+                self.get("/system_stats")
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not come up in time; log: {log_path}")
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path, body):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def run(self, prompt, timeout=300):
+        status, body = self.post("/prompt", {"prompt": prompt})
+        assert status == 200, body
+        pid = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                if hist[pid]["status"].get("status_str") in ("success", "error"):
+                    return hist[pid]
+            time.sleep(0.2)
+        raise TimeoutError(pid)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+ATTN = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ff.net.2")
+
+
+def adapter_for(ckpt):
+    """Strong enough to change the picture: every attention projection and the CLIP's last layers."""
+    g = torch.Generator().manual_seed(7)
+    layers = {}
+    for key, w in ckpt.items():
+        if not key.endswith(".weight"):
+            continue
+        if key.startswith("model.diffusion_model.") and key[: -len(".weight")].endswith(ATTN):
+            name = key[len("model."): -len(".weight")]
+        elif key.startswith("cond_stage_model.transformer.text_model.encoder.layers.1") and "self_attn" in key:
+            name = "text_encoders.clip_l.transformer." + key[len("cond_stage_model.transformer."): -len(".weight")]
+        else:
+            continue
+        shape = tuple(w.shape)
+        p = 2592
+        spec = torch.randn(p, generator=g) * float(w.float().std()) * 0.15
+        layers[name] = wft.Layer(spectrum=spec, indices=peft_positions(shape, p, 777), shape=shape, wavelet="db1")
+    return wft.Adapter(layers=layers, metadata={"ss_base_model_version": "sd_v1", "modelspec.title": "e2e"})
+
+
+def merged(ckpt, adapter, strength):
+    out = dict(ckpt)
+    for name, layer in adapter.layers.items():
+        if name.startswith("diffusion_model."):
+            key = "model." + name + ".weight"
+        else:
+            key = "cond_stage_model.transformer." + name.split(".transformer.", 1)[1] + ".weight"
+        w = ckpt[key]
+        out[key] = (w.float() + layer.delta(torch.float32, strength=strength)).to(w.dtype).contiguous()
+    return out
+
+
+def tiny_lora(ckpt, rank=4):
+    """A kohya-named LoRA on the tiny UNet's attention projections."""
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for key, w in ckpt.items():
+        if key.startswith("model.diffusion_model.") and key.endswith(("attn1.to_q.weight", "attn2.to_v.weight")):
+            name = "lora_unet_" + key[len("model.diffusion_model."): -len(".weight")].replace(".", "_")
+            out[name + ".lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.05
+            out[name + ".lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.05
+            out[name + ".alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def make_dataset(folder, count=3, size=64):
+    """A few images with captions, the layout ComfyUI's dataset loader reads."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        pixels = (rng.random((size, size, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of sks object number {i}")
