@@ -1,6 +1,7 @@
 """In-memory WaveFT adapter: a set of layers, each a sparse set of wavelet coefficients."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -104,7 +105,7 @@ class Adapter:
         """Human-readable description used by the CLI and the Info node."""
         md = self.metadata
         lines = [
-            f"file: {self.source}" if self.source else "",
+            f"file: {os.path.basename(str(self.source).rstrip('/'))}" if self.source else "",
             f"layers: {len(self.layers)}",
             f"parameters: {self.n_parameters:,}",
             f"wavelet: {self.wavelet}",

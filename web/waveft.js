@@ -1,5 +1,6 @@
-// Shows the text a WaveFT node reports after it runs (layers matched, file saved, ...) under the node.
+// Shows the text a WaveFT node reports after it runs (layers matched, file written, ...) in a read-only box.
 import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const STATUS = "waveft_status";
 
@@ -14,10 +15,13 @@ app.registerExtension({
             if (!text) return;
             let widget = this.widgets?.find((w) => w.name === STATUS);
             if (!widget) {
-                // A read-only display, never saved with the workflow (it would shift the widget values).
-                widget = this.addWidget("text", STATUS, "", () => {}, { serialize: false });
-                widget.serialize = false;
-                widget.disabled = true;
+                widget = ComfyWidgets.STRING(this, STATUS, ["STRING", { multiline: true }], app).widget;
+                widget.serialize = false; // a display only: saved workflows keep their own widget values
+                if (widget.inputEl) {
+                    widget.inputEl.readOnly = true;
+                    widget.inputEl.style.opacity = 0.8;
+                }
+                this.setSize([Math.max(this.size[0], 400), this.size[1] + 110]); // room for a few lines
             }
             widget.value = text;
             this.setDirtyCanvas?.(true, true);
