@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack. The only code that imports comfy.*, folder_paths or comfy_api."""
 from . import host
+from .convert_nodes import WaveFTFromLoRA, WaveFTToLoRA
 from .loader import WaveFTInfo, WaveFTLoader, WaveFTLoaderModelOnly
 from .train_nodes import WaveFTApply, WaveFTSave, WaveFTTrain
 
@@ -13,6 +14,8 @@ NODE_CLASS_MAPPINGS = {
     "WaveFTTrain": WaveFTTrain,
     "WaveFTSave": WaveFTSave,
     "WaveFTApply": WaveFTApply,
+    "WaveFTToLoRA": WaveFTToLoRA,
+    "WaveFTFromLoRA": WaveFTFromLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WaveFTLoader": "Load WaveFT",
@@ -21,4 +24,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WaveFTTrain": "Train WaveFT",
     "WaveFTSave": "Save WaveFT",
     "WaveFTApply": "Apply WaveFT",
+    "WaveFTToLoRA": "WaveFT to LoRA",
+    "WaveFTFromLoRA": "LoRA to WaveFT",
 }

@@ -78,6 +78,12 @@ class WaveFTTrain:
                    "latents and captions. Cancel keeps what was learned in a partial file.")
 
     def train(self, model, latents, positive, **kw):
+        # ComfyUI runs nodes in inference mode, whose tensors autograd cannot keep: everything this run
+        # trains with is created (or copied) outside it.
+        with torch.inference_mode(False):
+            return self._train(model, training.clone_tensors(latents), training.clone_tensors(positive), **kw)
+
+    def _train(self, model, latents, positive, **kw):
         kw = {k: _first(v) for k, v in kw.items()}
         model = _first(model)
         images = training.flatten_latents(latents)

@@ -50,6 +50,10 @@ class TrainWrapper(_TrainBase):
         return self.passive_memory_usage()
 
 
+def _unchanged(w):
+    return w
+
+
 class PositiveGuider(comfy.samplers.CFGGuider):
     """Conditioning without a negative, cfg 1: one model call per prediction."""
 
@@ -97,6 +101,17 @@ def expand_conditioning(positive, n_images: int) -> list:
         raise ValueError(f"WaveFT Train: {n_images} latents but {len(items)} conditionings; give one conditioning "
                          "for all, or exactly one per latent (in the same order)")
     return items
+
+
+def clone_tensors(x):
+    """A copy of nested lists/tuples/dicts with every tensor cloned (outside inference mode, by the caller)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: clone_tensors(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(clone_tensors(v) for v in x)
+    return x
 
 
 def _is_conditioning(x) -> bool:
@@ -223,6 +238,16 @@ class TrainRun:
         with torch.inference_mode(False), torch.enable_grad():
             for name, t in self.trainables.items():
                 mp.add_weight_wrapper(f"{name}.weight", TrainWrapper(t))
+            # ComfyUI loads models in inference mode, and autograd cannot keep such tensors for the backward.
+            # A weight function makes the host hand each layer a fresh copy of its weight (as its own trainer
+            # does for every layer), so the frozen layers get an identity one.
+            for name, module in mp.model.named_modules():
+                if not hasattr(module, "weight_function"):
+                    continue
+                for attr in ("weight", "bias"):
+                    if isinstance(getattr(module, attr, None), torch.Tensor) and \
+                            not (attr == "weight" and name in self.trainables):
+                        mp.add_weight_wrapper(f"{name}.{attr}", _unchanged)
             mp.model.requires_grad_(False)
             if s["gradient_checkpointing"]:
                 patched = enable_checkpointing(mp.model.diffusion_model)

@@ -74,8 +74,10 @@ def checkpoint_state():
 def sd15(checkpoint_state):
     """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded by ComfyUI's own loader."""
     import comfy.sd
+    import torch
 
-    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(dict(checkpoint_state))
+    with torch.inference_mode():  # as ComfyUI's executor loads checkpoints
+        model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(dict(checkpoint_state))
     return model, clip, vae
 
 

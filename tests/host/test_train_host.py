@@ -24,7 +24,8 @@ def data(sd15):
 
 def train(pack, model, latent, cond, **over):
     kw = {k: [v] for k, v in {**SETTINGS, **over}.items()}
-    return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **kw)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **kw)
 
 
 def eval_loss(pack, model, latent, cond, sigmas=(0.3, 1.0, 3.0, 8.0)):

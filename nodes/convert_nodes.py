@@ -1,0 +1,106 @@
+"""WaveFT to LoRA and LoRA to WaveFT as nodes (the conversions live in waveft_core.convert)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..waveft_core import WaveFTFileError
+from ..waveft_core import convert, fileformat
+from ..waveft_core.wavelets import SUPPORTED_WAVELETS
+from . import host, loader, training
+
+
+def _free_path(folder: str, prefix: str) -> str:
+    """folder/prefix.safetensors, or with a counter; refuses prefixes that leave the folder."""
+    root = os.path.realpath(folder)
+    prefix = (prefix or "").strip().replace("\\", "/")
+    path = os.path.realpath(os.path.join(root, prefix))
+    if not prefix or os.path.isabs(prefix) or os.path.commonpath([path, root]) != root:
+        raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside {folder}")
+    candidate, n = path + ".safetensors", 2
+    while os.path.exists(candidate):
+        candidate, n = f"{path}_{n}.safetensors", n + 1
+    os.makedirs(os.path.dirname(candidate), exist_ok=True)
+    return candidate
+
+
+class WaveFTToLoRA:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "waveft_name": (loader.list_adapters(), {"tooltip": "The WaveFT adapter to export."}),
+            "rank": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": "LoRA rank: higher keeps more of "
+                             "the (high-rank) WaveFT change and makes a bigger file."}),
+            "filename_prefix": ("STRING", {"default": "waveft_as_lora", "tooltip": "File name inside models/loras "
+                                "(never overwrites: a counter is added)."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("lora_name",)
+    OUTPUT_TOOLTIPS = ("The LoRA file's name in models/loras.",)
+    FUNCTION = "export"
+    CATEGORY = "loaders/waveft"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Writes a LoRA that approximates a WaveFT adapter (truncated SVD per layer) for LoRA-only tools."
+
+    @classmethod
+    def IS_CHANGED(cls, waveft_name, **kwargs):
+        return loader.fingerprint(waveft_name)
+
+    def export(self, waveft_name, rank, filename_prefix):
+        path = loader.resolve_path(waveft_name)
+        if os.path.isdir(path):
+            raise ValueError("WaveFT to LoRA: convert the PEFT folder to a native file first (Load WaveFT reads it "
+                             "for a model; 'python -m waveft_core convert' writes a file)")
+        try:
+            adapter = fileformat.read(path)
+        except WaveFTFileError as e:
+            raise ValueError(f"WaveFT: {e}") from None
+        tensors, metadata, report = convert.to_lora(adapter, rank, dtype=torch.float16)
+        folders = host.folder_dirs("loras")
+        out = _free_path(folders[0] if folders else os.path.join(host.output_folder(), "..", "loras"), filename_prefix)
+        convert.save_lora(tensors, metadata, out)
+        name = os.path.basename(out)
+        text = f"saved models/loras/{name}: rank {rank}, {report['energy_kept'] * 100:.1f}% of ΔW's energy kept"
+        return {"ui": {"text": [text]}, "result": (name,)}
+
+
+class WaveFTFromLoRA:
+    @classmethod
+    def INPUT_TYPES(cls):
+        loras = [f for f in host.filename_list("loras") if f.lower().endswith(".safetensors")]
+        return {"required": {
+            "lora_name": (loras, {"tooltip": "The LoRA to convert (its layers' up @ down products)."}),
+            "n_coefficients": ("INT", {"default": 2592, "min": 1, "max": 10**7, "tooltip": "Wavelet coefficients "
+                               "kept per layer: the largest ones, then refined by least squares."}),
+            "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet of the new adapter."}),
+            "filename_prefix": ("STRING", {"default": "lora_as_waveft", "tooltip": "File name inside models/waveft."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("waveft_name",)
+    OUTPUT_TOOLTIPS = ("The new WaveFT file's name in models/waveft.",)
+    FUNCTION = "convert"
+    CATEGORY = "loaders/waveft"
+    OUTPUT_NODE = True
+    DESCRIPTION = "Approximates a LoRA with a WaveFT adapter of n coefficients per layer and reports the error."
+
+    def convert(self, lora_name, n_coefficients, wavelet, filename_prefix):
+        path = host.full_path("loras", lora_name)
+        if not path:
+            raise ValueError(f"WaveFT: LoRA '{lora_name}' not found in models/loras")
+        try:
+            state, _ = fileformat.read_tensors_and_metadata(path)
+        except WaveFTFileError as e:
+            raise ValueError(f"WaveFT: {e}") from None
+        deltas = convert.lora_deltas(state)
+        if not deltas:
+            raise ValueError(f"WaveFT: {lora_name} holds no LoRA layers this converter understands")
+        adapter, report = convert.extract(deltas, n_coefficients, wavelet=wavelet)
+        out = training.output_path(filename_prefix)
+        training.write_adapter(adapter, out)
+        name = os.path.relpath(out, host.output_folder()).replace(os.sep, "/")
+        text = (f"saved models/{host.FOLDER}/{name}: {len(adapter.layers)} layers, relative error "
+                f"{report['relative_error']:.3f}")
+        return {"ui": {"text": [text]}, "result": (name,)}

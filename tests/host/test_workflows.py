@@ -1,0 +1,71 @@
+"""Every shipped workflow (UI format) against the real node list, then run headless on the tiny models.
+
+The API form is derived from the UI form here (tools/workflows.py), the way the browser does it; model
+names are swapped for the test's files and sizes shrunk so each graph runs in seconds on a CPU."""
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+from workflows import ui_to_api  # noqa: E402
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+SMALL = {"width": 64, "height": 64, "steps": 2, "grad_accumulation_steps": 1, "save_every_n_steps": 0,
+         "training_dtype": "fp32", "n_coefficients": 300}
+NAMES = {"ckpt_name": "tiny.safetensors", "waveft_name": "e2e.safetensors", "lora_name": "tiny_lora.safetensors",
+         "folder": "my_subject"}
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_there_are_five_workflows():
+    assert {p.stem for p in WORKFLOWS} == {"waveft_txt2img", "waveft_with_lora", "waveft_train",
+                                           "waveft_strength_sweep", "waveft_export_lora"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_valid_and_runs(server, object_info, path):
+    ui = json.loads(path.read_text())
+    api = ui_to_api(ui, object_info)  # raises on an unknown node type or input, or misplaced widget values
+    assert any(n["type"] == "Note" for n in ui["nodes"]), "every workflow explains itself in a note"
+    for node in api.values():
+        for key, value in list(node["inputs"].items()):
+            if key in NAMES and not isinstance(value, list):
+                node["inputs"][key] = NAMES[key]
+            elif key in SMALL and not isinstance(value, list):
+                node["inputs"][key] = SMALL[key]
+            elif key == "steps" and node["class_type"] == "WaveFTTrain":
+                node["inputs"][key] = 3
+    hist = server.run(api)
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[-2000:]
+    outputs = hist["outputs"]
+    if path.stem == "waveft_export_lora":
+        name = next(iter(outputs.values()))["text"][0].split("models/loras/")[1].split(":")[0]
+        assert (server.base / "models" / "loras" / name).is_file()
+        # the exported LoRA loads in the stock LoRA loader
+        check = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["2", 1]}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0],
+                                                       "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 1.0,
+                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "lora_check"}},
+        }
+        assert server.run(check)["status"]["status_str"] == "success"
+    else:
+        images = [img for out in outputs.values() for img in out.get("images", [])]
+        assert images, "the workflow saved no image"
+    if path.stem == "waveft_train":
+        assert list((server.base / "models" / "waveft").glob("my_subject_waveft*.safetensors"))
+    if path.stem == "waveft_strength_sweep":
+        assert len([i for o in outputs.values() for i in o.get("images", [])]) == 4
