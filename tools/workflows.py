@@ -124,13 +124,14 @@ def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = ())
         outputs = []
         for slot, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
             outputs.append({"name": oname, "type": otype, "links": out_links.get((nid, slot), []), "slot_index": slot})
-        nodes.append({"id": int(nid), "type": spec["class_type"], "pos": [40 + 360 * col, 40 + 260 * row],
+        nodes.append({"id": int(nid), "type": spec["class_type"], "pos": [40 + 450 * col, 40 + 300 * row],
                       "size": [320, 120], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
                       "outputs": outputs, "properties": {"Node name for S&R": spec["class_type"]},
                       "widgets_values": widgets, **({"title": spec["title"]} if "title" in spec else {})})
     next_id = max(int(n) for n in api) + 1
-    for i, (text, pos) in enumerate(notes):
-        nodes.append({"id": next_id + i, "type": "Note", "pos": list(pos), "size": [420, 160], "flags": {},
+    below = max(n["pos"][1] for n in nodes) + 320  # notes go under the graph, where nothing overlaps them
+    for i, (text, _) in enumerate(notes):
+        nodes.append({"id": next_id + i, "type": "Note", "pos": [40 + 460 * i, below], "size": [420, 160], "flags": {},
                       "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
                       "widgets_values": [text]})
     for link in links:  # the UI stores the target slot index, not the name
