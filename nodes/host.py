@@ -19,6 +19,19 @@ log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
 EXTENSIONS = {".safetensors"}
 
+def check_dependencies() -> bool:
+    """One clear log line instead of a traceback when PyWavelets (the wavelet filters) is missing."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("pywt") is None:
+        log.error("ComfyUI-WaveFT: PyWavelets is not installed, so WaveFT adapters cannot be applied or trained. "
+                  "Install it into ComfyUI's Python: %s -m pip install PyWavelets (or run the pack's install.py)",
+                  sys.executable)
+        return False
+    return True
+
+
 # --- model folders -------------------------------------------------------------------------------
 
 
