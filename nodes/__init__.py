@@ -1,6 +1,6 @@
 """ComfyUI nodes of the pack. The only code that imports comfy.*, folder_paths or comfy_api."""
 from . import host
-from .convert_nodes import WaveFTFromLoRA, WaveFTToLoRA
+from .convert_nodes import WaveFTFromLoRA, WaveFTMergeCheckpoint, WaveFTToLoRA
 from .loader import WaveFTInfo, WaveFTLoader, WaveFTLoaderModelOnly
 from .train_nodes import WaveFTApply, WaveFTSave, WaveFTTrain
 
@@ -17,6 +17,7 @@ NODE_CLASS_MAPPINGS = {
     "WaveFTApply": WaveFTApply,
     "WaveFTToLoRA": WaveFTToLoRA,
     "WaveFTFromLoRA": WaveFTFromLoRA,
+    "WaveFTMergeCheckpoint": WaveFTMergeCheckpoint,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WaveFTLoader": "Load WaveFT",
@@ -27,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WaveFTApply": "Apply WaveFT",
     "WaveFTToLoRA": "WaveFT to LoRA",
     "WaveFTFromLoRA": "LoRA to WaveFT",
+    "WaveFTMergeCheckpoint": "Merge WaveFT into Checkpoint",
 }

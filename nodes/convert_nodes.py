@@ -104,3 +104,43 @@ class WaveFTFromLoRA:
         text = (f"saved models/{host.FOLDER}/{name}: {len(adapter.layers)} layers, relative error "
                 f"{report['relative_error']:.3f}")
         return {"ui": {"text": [text]}, "result": (name,)}
+
+
+class WaveFTMergeCheckpoint:
+    @classmethod
+    def INPUT_TYPES(cls):
+        ckpts = [f for f in host.filename_list("checkpoints") if f.lower().endswith(".safetensors")]
+        return {"required": {
+            "ckpt_name": (ckpts, {"tooltip": "The single-file checkpoint (.safetensors) to merge into."}),
+            "waveft_name": (loader.list_adapters(), {"tooltip": "The adapter to bake in."}),
+            "strength": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the weight change."}),
+            "filename_prefix": ("STRING", {"default": "merged_waveft", "tooltip": "New checkpoint's name inside "
+                                "models/checkpoints (never overwrites: a counter is added)."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("ckpt_name",)
+    OUTPUT_TOOLTIPS = ("The merged checkpoint's file name in models/checkpoints.",)
+    FUNCTION = "merge"
+    CATEGORY = "loaders/waveft"
+    OUTPUT_NODE = True
+    DESCRIPTION = ("Writes a new checkpoint with the adapter merged in at a strength, tensor by tensor (low memory); "
+                   "everything else is copied unchanged.")
+
+    def merge(self, ckpt_name, waveft_name, strength, filename_prefix):
+        src = host.full_path("checkpoints", ckpt_name)
+        if not src:
+            raise ValueError(f"WaveFT: checkpoint '{ckpt_name}' not found in models/checkpoints")
+        path = loader.resolve_path(waveft_name)
+        if os.path.isdir(path):
+            raise ValueError("WaveFT merge: convert the PEFT folder to a native file first "
+                             "('python -m waveft_core convert <folder> <file> --base <checkpoint>')")
+        folders = host.folder_dirs("checkpoints")
+        out = _free_path(folders[0] if folders else os.path.dirname(src), filename_prefix)
+        try:
+            report = convert.merge_into_checkpoint(src, fileformat.read(path), strength, out)
+        except WaveFTFileError as e:
+            raise ValueError(f"WaveFT: {e}") from None
+        name = os.path.basename(out)
+        text = f"saved models/checkpoints/{name}: {report['merged']} layers merged at strength {strength:g}"
+        return {"ui": {"text": [text]}, "result": (name,)}

@@ -64,6 +64,9 @@ class WaveFTTrain:
                                 "partial file written on Cancel, inside models/waveft."}),
             "resume_from": ([NONE] + loader.list_adapters(), {"default": NONE, "tooltip": "Continue a saved run: its "
                             "coefficients, positions, step count and (when saved) optimizer state."}),
+        }, "optional": {
+            "captions": ("STRING", {"forceInput": True, "tooltip": "Optional: the captions (e.g. the dataset "
+                         "loader's texts), recorded as tag frequencies in the file's metadata."}),
         }}
 
     RETURN_TYPES = ("MODEL", "WAVEFT", "LOSS_MAP", "INT")
@@ -83,7 +86,7 @@ class WaveFTTrain:
         with torch.inference_mode(False):
             return self._train(model, training.clone_tensors(latents), training.clone_tensors(positive), **kw)
 
-    def _train(self, model, latents, positive, **kw):
+    def _train(self, model, latents, positive, captions=None, **kw):
         kw = {k: _first(v) for k, v in kw.items()}
         model = _first(model)
         images = training.flatten_latents(latents)
@@ -118,6 +121,8 @@ class WaveFTTrain:
                          "modelspec.date": datetime.date.today().isoformat(),
                          "waveft.seed": str(first.seed)},
         }
+        if captions:
+            settings["metadata"]["ss_tag_frequency"] = training.tag_frequency(captions)
         run = training.TrainRun(model, images, conds, trainables, settings, dtype, optim_state, start,
                                 kw["save_every_n_steps"], kw["filename_prefix"])
         try:

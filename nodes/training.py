@@ -131,6 +131,17 @@ def target_weights(diffusion_patcher, preset: str) -> dict:
     return out
 
 
+def tag_frequency(captions) -> str:
+    """kohya-style {'dataset': {tag: count}} from comma-separated captions, as JSON."""
+    counts: dict = {}
+    for caption in captions if isinstance(captions, list) else [captions]:
+        for tag in str(caption).split(","):
+            tag = tag.strip()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return json.dumps({"dataset": counts}, ensure_ascii=False)
+
+
 def base_model_version(model) -> str:
     return BASE_MODEL_VERSIONS.get(host.model_family(model), "")
 

@@ -31,7 +31,8 @@ def _inputs(info: dict) -> list[tuple[str, list]]:
 
 def _is_widget(spec) -> bool:
     kind = spec[0]
-    return isinstance(kind, list) or kind in WIDGET_TYPES
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput")
 
 
 def _has_control(name: str, spec) -> bool:
@@ -193,7 +194,7 @@ def specs() -> dict:
         "batch_size": 1, "grad_accumulation_steps": 4, "n_coefficients": 2592, "scaling": 25.0, "wavelet": "db1",
         "targets": "attention q/k/v/out", "seed": 0, "optimizer": "AdamW", "lr_schedule": "constant",
         "warmup_steps": 0, "training_dtype": "bf16", "gradient_checkpointing": True, "save_every_n_steps": 100,
-        "filename_prefix": "my_subject_waveft", "resume_from": "none"}}
+        "filename_prefix": "my_subject_waveft", "resume_from": "none", "captions": ["2", 1]}}
     g["5"] = {"class_type": "WaveFTSave", "inputs": {"waveft": ["4", 1], "filename_prefix": "my_subject_waveft",
                                                      "title": "my subject", "trigger_words": "sks",
                                                      "description": "trained in ComfyUI with WaveFT"}}

@@ -363,3 +363,36 @@ def test_bypass_mode_h_adds_the_delta_output(pack):
     expect = torch.nn.functional.conv2d(x, conv.delta(strength=1.5), padding=1)
     assert torch.allclose(adapter.h(x, None), expect, atol=1e-5)
     assert adapter.g(x) is x
+
+
+def test_merge_node_writes_a_checkpoint_comfyui_loads(pack, sd15, checkpoint_state, waveft_dir, tmp_path):
+    """Merge WaveFT into Checkpoint: the new file holds W + s·ΔW, ComfyUI loads it, nothing else changes."""
+    import comfy.sd
+    import folder_paths
+    from safetensors.torch import load_file, save_file
+
+    model, clip, _ = sd15
+    ad = make_adapter(model, clip, "db1")
+    wft.save(ad, waveft_dir / "m.safetensors")
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    save_file(checkpoint_state, str(ckpts / "base.safetensors"))
+    paths, exts = folder_paths.folder_names_and_paths["checkpoints"]
+    folder_paths.folder_names_and_paths["checkpoints"] = ([str(ckpts)], exts)
+    folder_paths.filename_list_cache.clear()
+    try:
+        out = pack.nodes.convert_nodes.WaveFTMergeCheckpoint().merge("base.safetensors", "m.safetensors", 0.5, "merged")
+    finally:
+        folder_paths.folder_names_and_paths["checkpoints"] = (paths, exts)
+        folder_paths.filename_list_cache.clear()
+    assert out["result"][0] == "merged.safetensors" and "7 layers merged" in out["ui"]["text"][0]
+    merged = load_file(str(ckpts / "merged.safetensors"))
+    name = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    key = "model." + name + ".weight"
+    w = checkpoint_state[key]
+    assert torch.equal(merged[key], (w.float() + ad.layers[name].delta(strength=0.5)).to(w.dtype))
+    untouched = "model.diffusion_model.out.2.weight"
+    assert torch.equal(merged[untouched], checkpoint_state[untouched])
+    with torch.inference_mode():
+        m2, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(ckpts / "merged.safetensors"))
+    assert type(m2.model.model_config).__name__ == "SD15"

@@ -176,3 +176,13 @@ def test_train_takes_dataset_lists_and_per_image_captions(pack, sd15, waveft_dir
     _, adapter, loss_map, steps = pack.nodes.train_nodes.WaveFTTrain().train([model], lats, conds, **kw)
     assert steps == 3 and all(v == v for v in loss_map["loss"])
     assert json.loads(adapter.metadata["waveft.training"])["dataset_size"] == 2
+
+
+def test_captions_become_tag_frequencies(pack, sd15, data, waveft_dir):
+    model, _, _ = sd15
+    latent, cond = data
+    kw = {k: [v] for k, v in {**SETTINGS, "steps": 1}.items()}
+    with torch.inference_mode():
+        _, adapter, _, _ = pack.nodes.train_nodes.WaveFTTrain().train(
+            [model], [latent], [cond], captions=["sks cat, sitting", "sks cat, on grass"], **kw)
+    assert json.loads(adapter.metadata["ss_tag_frequency"]) == {"dataset": {"sks cat": 2, "sitting": 1, "on grass": 1}}
