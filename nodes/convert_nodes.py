@@ -11,20 +11,6 @@ from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader, training
 
 
-def _free_path(folder: str, prefix: str) -> str:
-    """folder/prefix.safetensors, or with a counter; refuses prefixes that leave the folder."""
-    root = os.path.realpath(folder)
-    prefix = (prefix or "").strip().replace("\\", "/")
-    path = os.path.realpath(os.path.join(root, prefix))
-    if not prefix or os.path.isabs(prefix) or os.path.commonpath([path, root]) != root:
-        raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside {folder}")
-    candidate, n = path + ".safetensors", 2
-    while os.path.exists(candidate):
-        candidate, n = f"{path}_{n}.safetensors", n + 1
-    os.makedirs(os.path.dirname(candidate), exist_ok=True)
-    return candidate
-
-
 class WaveFTToLoRA:
     @classmethod
     def INPUT_TYPES(cls):
@@ -59,7 +45,8 @@ class WaveFTToLoRA:
             raise ValueError(f"WaveFT: {e}") from None
         tensors, metadata, report = convert.to_lora(adapter, rank, dtype=torch.float16)
         folders = host.folder_dirs("loras")
-        out = _free_path(folders[0] if folders else os.path.join(host.output_folder(), "..", "loras"), filename_prefix)
+        out = host.free_path(folders[0] if folders else os.path.join(host.output_folder(), "..", "loras"),
+                             filename_prefix, label="models/loras")
         convert.save_lora(tensors, metadata, out)
         name = os.path.basename(out)
         text = f"saved models/loras/{name}: rank {rank}, {report['energy_kept'] * 100:.1f}% of ΔW's energy kept"
@@ -136,7 +123,8 @@ class WaveFTMergeCheckpoint:
             raise ValueError("WaveFT merge: convert the PEFT folder to a native file first "
                              "('python -m waveft_core convert <folder> <file> --base <checkpoint>')")
         folders = host.folder_dirs("checkpoints")
-        out = _free_path(folders[0] if folders else os.path.dirname(src), filename_prefix)
+        out = host.free_path(folders[0] if folders else os.path.dirname(src), filename_prefix,
+                             label="models/checkpoints")
         try:
             report = convert.merge_into_checkpoint(src, fileformat.read(path), strength, out)
         except WaveFTFileError as e:

@@ -52,6 +52,24 @@ def output_folder() -> str:
     return dirs[0] if dirs else os.path.join(folder_paths.models_dir, FOLDER)
 
 
+def free_path(folder: str, prefix: str, suffix: str = "", label: str = "") -> str:
+    """folder/prefix+suffix.safetensors for a new file: refuses prefixes that leave the folder, and never
+    overwrites an existing file (a counter is appended instead)."""
+    root = os.path.realpath(folder)
+    label = label or folder
+    prefix = (prefix or "").strip().replace("\\", "/")
+    if not prefix or prefix.startswith("/") or os.path.isabs(prefix) or ":" in prefix:
+        raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside {label}")
+    path = os.path.realpath(os.path.join(root, prefix + suffix))
+    if os.path.commonpath([path, root]) != root:
+        raise ValueError(f"WaveFT: filename_prefix '{prefix}' leaves {label}; use a plain name")
+    candidate, n = path + ".safetensors", 2
+    while os.path.exists(candidate):
+        candidate, n = f"{path}_{n}.safetensors", n + 1
+    os.makedirs(os.path.dirname(candidate), exist_ok=True)
+    return candidate
+
+
 def folder_dirs(name: str) -> list[str]:
     try:
         return list(folder_paths.get_folder_paths(name))

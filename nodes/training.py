@@ -175,23 +175,9 @@ def disable_checkpointing(patched: list) -> None:
 # --- saving --------------------------------------------------------------------------------------
 
 
-def output_path(prefix: str, suffix: str = "", overwrite: bool = False) -> str:
-    """A file under models/waveft for `prefix`; refuses prefixes that leave the folder. Existing files are
-    never overwritten unless asked: a counter is appended instead."""
-    root = os.path.realpath(host.output_folder())
-    prefix = (prefix or "").strip().replace("\\", "/")
-    if not prefix or prefix.startswith("/") or os.path.isabs(prefix) or ":" in prefix:
-        raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside models/{host.FOLDER}")
-    path = os.path.realpath(os.path.join(root, prefix + suffix))
-    if os.path.commonpath([path, root]) != root:
-        raise ValueError(f"WaveFT: filename_prefix '{prefix}' leaves models/{host.FOLDER}; use a plain name")
-    candidate = path + ".safetensors"
-    n = 2
-    while os.path.exists(candidate) and not overwrite:
-        candidate = f"{path}_{n}.safetensors"
-        n += 1
-    os.makedirs(os.path.dirname(candidate), exist_ok=True)
-    return candidate
+def output_path(prefix: str, suffix: str = "") -> str:
+    """A new file under models/waveft for `prefix` (see host.free_path)."""
+    return host.free_path(host.output_folder(), prefix, suffix, f"models/{host.FOLDER}")
 
 
 def write_adapter(adapter: Adapter, path: str, extra: dict | None = None) -> str:
