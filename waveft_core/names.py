@@ -56,32 +56,29 @@ def diffusers_unet_to_ldm(name: str) -> str | None:
         if name == d or name.startswith(d + "."):
             return ldm + name[len(d):]
     try:
-        m = re.fullmatch(r"down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)(?:\.(.+))?", name)
+        m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(attentions|resnets)\.(\d+)(?:\.(.+))?", name)
         if m:
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            block = f"input_blocks.{3 * i + j + 1}"
-            if kind == "attentions":
-                return f"{block}.1" + (f".{rest}" if rest else "")
-            return f"{block}.0" + (f".{_resnet(rest)}" if rest else "")
+            i, j = int(m[2]), int(m[4])
+            # two ResNets per level: three input blocks per level (the third is the down-sampler) after
+            # conv_in, and three output blocks per level
+            block = f"input_blocks.{3 * i + j + 1}" if m[1] == "down" else f"output_blocks.{3 * i + j}"
+            return _ldm_part(block, m[3], m[5])
         m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv(\..+)?", name)
         if m:
             return f"input_blocks.{3 * (int(m[1]) + 1)}.0.op{m[2] or ''}"
         m = re.fullmatch(r"mid_block\.(attentions|resnets)\.(\d+)(?:\.(.+))?", name)
         if m:
-            kind, j, rest = m[1], int(m[2]), m[3]
-            if kind == "attentions":
-                return "middle_block.1" + (f".{rest}" if rest else "")
-            return f"middle_block.{2 * j}" + (f".{_resnet(rest)}" if rest else "")
-        m = re.fullmatch(r"up_blocks\.(\d+)\.(attentions|resnets)\.(\d+)(?:\.(.+))?", name)
-        if m:
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            block = f"output_blocks.{3 * i + j}"
-            if kind == "attentions":
-                return f"{block}.1" + (f".{rest}" if rest else "")
-            return f"{block}.0" + (f".{_resnet(rest)}" if rest else "")
+            block = "middle_block.1" if m[1] == "attentions" else f"middle_block.{2 * int(m[2])}"
+            return block + (("." + (m[3] if m[1] == "attentions" else _resnet(m[3]))) if m[3] else "")
     except KeyError:
         return None
     return None
+
+
+def _ldm_part(block: str, kind: str, rest: str | None) -> str:
+    if kind == "attentions":
+        return f"{block}.1" + (f".{rest}" if rest else "")
+    return f"{block}.0" + (f".{_resnet(rest)}" if rest else "")
 
 
 def ldm_unet_to_diffusers(name: str) -> str | None:
