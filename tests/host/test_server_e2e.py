@@ -71,3 +71,20 @@ def test_bad_inputs_are_node_errors_and_the_server_keeps_running(server):
     assert "broken.safetensors" in messages and "WaveFT" in messages
     ok = server.run(txt2img("tiny.safetensors", "after", waveft="e2e.safetensors", seed=6))
     assert ok["status"]["status_str"] == "success"
+
+
+def test_web_script_help_pages_and_templates_are_served(server):
+    """The status script, every node's help page and the workflows as templates, as the browser fetches them."""
+    import urllib.request
+
+    scripts = server.get("/extensions")
+    assert any(s.endswith("/ComfyUI-WaveFT/waveft.js") for s in scripts), scripts
+    info = server.get("/object_info")
+    ours = [name for name in info if name.startswith("WaveFT")]
+    assert len(ours) == 9
+    for name in ours:
+        with urllib.request.urlopen(f"{server.url}/extensions/ComfyUI-WaveFT/docs/{name}.md", timeout=30) as r:
+            assert r.status == 200 and r.read().startswith(b"# ")
+    templates = server.get("/workflow_templates")
+    assert set(templates["ComfyUI-WaveFT"]) >= {"waveft_txt2img", "waveft_train", "waveft_with_lora",
+                                                "waveft_strength_sweep", "waveft_export_lora"}
