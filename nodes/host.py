@@ -39,6 +39,10 @@ def register_folder() -> None:
     """models/waveft as a model folder. extra_model_paths.yaml may have created the entry already (with
     an 'accept anything' extension set): merge into it instead of replacing it."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
+    try:
+        os.makedirs(default, exist_ok=True)  # so users find where adapters go
+    except OSError:
+        pass
     paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
     paths = list(paths)
     if default not in paths:
