@@ -198,3 +198,13 @@ def test_mixed_wavelets_cannot_share_one_file(tmp_path):
     a.layers[NAME] = random_layer((32, 48), 10, "db4")
     with pytest.raises(ValueError, match="one wavelet per file"):
         wft.save(a, tmp_path / "x.safetensors")
+
+
+def test_layers_sharing_one_positions_tensor_can_be_saved(tmp_path):
+    from waveft_core.peft_io import peft_positions
+
+    shared = peft_positions((16, 16), 20, 777)  # equal-size layers get the very same tensor
+    layers = {f"m{i}": wft.Layer(spectrum=torch.randn(20), indices=shared, shape=(16, 16)) for i in range(3)}
+    path = wft.save(wft.Adapter(layers=layers), tmp_path / "shared.safetensors")
+    back = wft.load(path)
+    assert all(torch.equal(back.layers[n].indices.long(), shared.long()) for n in layers)

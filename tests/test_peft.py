@@ -64,7 +64,11 @@ def test_positions_are_peft_positions():
     model, _ = peft_model("db2", seed=1234)
     layer = model.base_model.model.proj_b
     rows, cols = layer.waveft_indices["default"]
-    assert torch.equal(rows * 64 + cols, peft_positions((48, 64), 120, 1234))
+    assert torch.equal(rows * 64 + cols, peft_positions((48, 64), 120, 1234).long())
+    # drawn in int32 to save memory: the same permutation as PEFT's int64 draw, also for large layers
+    for size, seed in ((1280 * 2048, 777), (320 * 2880, 5)):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(torch.randperm(size, generator=g)[:2592], peft_positions((size, 1), 2592, seed).long())
 
 
 @pytest.mark.parametrize("wavelet", ["coif4", "coif5"])

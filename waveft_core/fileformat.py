@@ -250,8 +250,10 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
         if not torch.isfinite(spectrum).all():
             raise ValueError(f"layer {name}: the spectrum has NaN or infinite values; refusing to save it")
         index_dtype = torch.int32 if m * n < 2**31 else torch.int64
-        tensors[f"{name}.waveft_spectrum"] = spectrum.contiguous()
-        tensors[f"{name}.waveft_indices"] = layer.indices.detach().to("cpu", index_dtype).contiguous()
+        # Copies: layers may share one positions tensor (PEFT's rule gives equal-size layers the same
+        # positions), and safetensors refuses tensors that share memory.
+        tensors[f"{name}.waveft_spectrum"] = spectrum.contiguous().clone()
+        tensors[f"{name}.waveft_indices"] = layer.indices.detach().to("cpu", index_dtype).contiguous().clone()
         tensors[f"{name}.waveft_shape"] = torch.tensor(layer.shape, dtype=torch.int64)
         if float(layer.scaling) != scaling:
             tensors[f"{name}.waveft_scaling"] = torch.tensor(float(layer.scaling), dtype=torch.float32)

@@ -36,7 +36,9 @@ def peft_positions(shape, count: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)
 def _positions(size: int, count: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(size, generator=generator)[:count].clone()
+    # int32 draws the same permutation as PEFT's int64 one (checked in the tests) with half the memory.
+    dtype = torch.int32 if size < 2**31 else torch.int64
+    return torch.randperm(size, generator=generator, dtype=dtype)[:count].clone()
 
 
 def is_peft_dir(path) -> bool:
@@ -163,7 +165,7 @@ def export_peft(adapter: Adapter, out_dir, base_model_name: str | None = None) -
     groups: dict[str, dict[str, Layer]] = {}
     for native, layer in adapter.layers.items():
         expected = peft_positions(layer.shape, layer.n_coefficients, seed)
-        if not torch.equal(expected, layer.indices.to(torch.int64).cpu()):
+        if not torch.equal(expected.long(), layer.indices.to(torch.int64).cpu()):
             raise ValueError(
                 f"layer {native}: its positions are not the ones PEFT draws with random_loc_seed={seed}, so PEFT "
                 "could not load them (PEFT stores no positions). Adapters trained by this project or converted "
