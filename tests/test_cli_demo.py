@@ -48,7 +48,6 @@ def test_convert_native_to_peft_and_back(tmp_path):
     src = wft.save(wft.Adapter(layers={name: layer}), tmp_path / "n.safetensors")
     r = cli("convert", src, tmp_path / "peft")
     assert r.returncode == 0, r.stderr
-    base = wft.save(wft.Adapter(), tmp_path / "unused.safetensors") if False else None  # noqa: F841
     from safetensors.torch import save_file
 
     save_file({f"model.{name}.weight": torch.zeros(shape)}, str(tmp_path / "base.safetensors"))

@@ -1,5 +1,4 @@
 """ΔW against PyWavelets in float64 (FORMAT.md section 1), the in-place add, gradients."""
-import numpy as np
 import pytest
 import torch
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import DEFAULT_SCALING, Adapter, Layer
+from .adapter import Adapter, Layer
 from .delta import matrix_shape
 from .wavelets import UnknownWaveletError, check_wavelet
 

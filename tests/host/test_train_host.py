@@ -1,7 +1,6 @@
 """Train WaveFT inside a real ComfyUI (in-process, tiny SD1.5): the loss falls, save -> load gives the
 trained model, resume continues exactly, Cancel keeps a partial file, the base model is untouched."""
 import json
-import os
 
 import pytest
 import torch
