@@ -19,6 +19,7 @@ def cli(*args):
 def test_demo_learns_saves_loads_and_applies(tmp_path):
     r = run(out=tmp_path / "demo.safetensors", steps=150, log=lambda *a: None)
     assert r["loss_after"] < 0.85 * r["loss_before"]
+    assert r["loss_after"] < r["loss_by_strength"][0.5] < r["loss_before"]  # half the change, half the way
     assert r["loss_by_strength"][0.0] == pytest.approx(r["loss_before"], rel=1e-6)
     assert r["loss_by_strength"][1.0] == pytest.approx(r["loss_after"], rel=1e-3)
     assert (tmp_path / "demo.safetensors").stat().st_size == r["file_size"] and r["layers"] == 2

@@ -37,7 +37,7 @@ def run(out: str | Path = "out/demo_waveft.safetensors", steps: int = 400, coeff
     t_start = time.perf_counter()
     base, target = _make_models(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    x_train = torch.randn(512, 96, generator=g)
+    x_train = torch.randn(4096, 96, generator=g)  # enough data that the fit generalises
     x_test = torch.randn(256, 96, generator=g)
     with torch.no_grad():
         y_train, y_test = target(x_train), target(x_test)
