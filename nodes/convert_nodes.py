@@ -73,6 +73,11 @@ class WaveFTFromLoRA:
     OUTPUT_NODE = True
     DESCRIPTION = "Approximates a LoRA with a WaveFT adapter of n coefficients per layer and reports the error."
 
+    @classmethod
+    def IS_CHANGED(cls, lora_name, **kwargs):
+        path = host.full_path("loras", lora_name)
+        return loader.fingerprint_path(path) if path else lora_name
+
     def convert(self, lora_name, n_coefficients, wavelet, filename_prefix):
         path = host.full_path("loras", lora_name)
         if not path:
@@ -113,6 +118,11 @@ class WaveFTMergeCheckpoint:
     OUTPUT_NODE = True
     DESCRIPTION = ("Writes a new checkpoint with the adapter merged in at a strength, tensor by tensor (low memory); "
                    "everything else is copied unchanged.")
+
+    @classmethod
+    def IS_CHANGED(cls, ckpt_name, waveft_name, **kwargs):
+        path = host.full_path("checkpoints", ckpt_name)
+        return (loader.fingerprint_path(path) if path else ckpt_name) + loader.fingerprint(waveft_name)
 
     def merge(self, ckpt_name, waveft_name, strength, filename_prefix):
         src = host.full_path("checkpoints", ckpt_name)
