@@ -117,10 +117,10 @@ class WaveFTTrain:
             "warmup_steps": kw["warmup_steps"], "training_dtype": kw["training_dtype"],
             "gradient_checkpointing": bool(kw["gradient_checkpointing"]), "wavelet": first.wavelet,
             "n_coefficients": first.spectrum.numel(), "scaling": first.scaling, "resumed_from_step": start,
-            "metadata": {"ss_base_model_version": training.base_model_version(model),
-                         "modelspec.date": datetime.date.today().isoformat(),
-                         "waveft.seed": str(first.seed)},
+            "metadata": {"modelspec.date": datetime.date.today().isoformat(), "waveft.seed": str(first.seed)},
         }
+        if training.base_model_version(model):
+            settings["metadata"]["ss_base_model_version"] = training.base_model_version(model)
         if captions:
             settings["metadata"]["ss_tag_frequency"] = training.tag_frequency(captions)
         run = training.TrainRun(model, images, conds, trainables, settings, dtype, optim_state, start,
