@@ -110,6 +110,27 @@ def bench_apply(device, repeat, with_peft, with_ptwt):
     return rows
 
 
+def bench_low_precision(device, repeat, shape=(1280, 2048)):
+    """fp16/bf16 weights, as ComfyUI hands them to a patch on a modern GPU (and every forward in lowvram)."""
+    m, n = shape
+    rows = []
+    for wavelet in ("db1", "db4"):
+        layer = wft.Layer(spectrum=torch.randn(P), indices=peft_positions(shape, P, 777), shape=shape, wavelet=wavelet)
+        for dtype in (torch.float16, torch.bfloat16):
+            w = torch.randn(m, n, device=device).to(dtype)
+            r = lora_rank(m, n)
+            A = torch.randn(r, n, device=device)
+            B = torch.randn(m, r, device=device)
+
+            def lora():  # as ComfyUI: the product in fp32, then cast and add
+                w.add_((B @ A).to(dtype))
+
+            rows.append({"wavelet": wavelet, "dtype": str(dtype).replace("torch.", ""),
+                         "waveft": timeit(lambda: layer.add_to_(w, 1.0), device, repeat),
+                         "lora": timeit(lora, device, repeat)})
+    return rows
+
+
 def bench_train(device, repeat, tokens=256):
     rows = []
     for wavelet in ("db1", "db4"):
@@ -166,6 +187,13 @@ def main():
         speedup = f"{r['peft'] / r['waveft']:.0f}x" if "peft" in r else "-"
         print(f"| {r['shape']} | {r['wavelet']} | {r['waveft']:.3f} | r={r['rank']}: {r['lora']:.3f} | "
               f"{r['lora_fused']:.3f} | {peft} | {pt} | {r['waveft'] / r['lora']:.2f}x | {speedup} |")
+
+    rows = bench_low_precision(device, args.repeat)
+    print("\nAdd ΔW into an fp16/bf16 1280x2048 weight: summed in fp32, rounded once (ms)\n")
+    print("| wavelet | weight dtype | WaveFT (this) | LoRA r=1, B@A + add | this / LoRA |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['wavelet']} | {r['dtype']} | {r['waveft']:.3f} | {r['lora']:.3f} | {r['waveft'] / r['lora']:.2f}x |")
 
     rows = bench_train(device, max(10, args.repeat // 2))
     print("\nTraining: forward + backward of one layer, 256 tokens (ms; ratio to LoRA's branch path)\n")
