@@ -101,7 +101,7 @@ def server(tmp_path_factory, checkpoint_state):
     from safetensors.torch import save_file
 
     import waveft_core as wft
-    from http_host import Server, adapter_for, make_dataset, merged, tiny_lora
+    from host_tools import Server, adapter_for, make_dataset, merged, tiny_lora
 
     base = tmp_path_factory.mktemp("comfy_base")
     for d in ("models/checkpoints", "models/waveft", "models/loras", "custom_nodes", "input", "output"):

@@ -7,6 +7,8 @@ import torch
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
 
+from host_tools import patched_weights
+
 FLUX = dict(image_model="flux", guidance_embed=True, in_channels=16, out_channels=16, vec_in_dim=32,
             context_in_dim=48, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
             axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, txt_ids_dims=[])
@@ -39,17 +41,6 @@ def layers_for(shapes: dict) -> wft.Adapter:
                                for name, shape in shapes.items()})
 
 
-def merged(patcher, keys):
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher], force_full_load=True)
-    try:
-        sd = patcher.model.state_dict()
-        return {k: sd[k].detach().float().clone() for k in keys}
-    finally:
-        mm.unload_all_models()
-
-
 def test_flux_peft_names_patch_slices_of_fused_weights(pack):
     import comfy.supported_models as sm
     import comfy.utils
@@ -70,7 +61,7 @@ def test_flux_peft_names_patch_slices_of_fused_weights(pack):
     keys = ["diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.double_blocks.0.txt_attn.qkv.weight",
             "diffusion_model.single_blocks.0.linear1.weight", "diffusion_model.double_blocks.0.img_attn.proj.weight",
             "diffusion_model.final_layer.adaLN_modulation.1.weight"]
-    after = merged(out, keys)
+    after = patched_weights(out, keys)
     d = {n: layer.delta() for n, layer in ad.layers.items()}
     qkv = before[keys[0]].clone()
     qkv[h:2 * h] += d["transformer.transformer_blocks.0.attn.to_k"]
@@ -100,7 +91,7 @@ def test_sd3_peft_names_patch_joint_block_slices(pack):
     before = {k: v.float().clone() for k, v in mp.model.state_dict().items() if k in (key_x, key_c)}
     out, _, summary = pack.nodes.loader.apply_adapter(ad, mp, None, 0.5, 0.0, "sd3 test")
     assert "2 of 2 layers matched" in summary
-    after = merged(out, [key_x, key_c])
+    after = patched_weights(out, [key_x, key_c])
     x = before[key_x].clone()
     x[:width] += 0.5 * ad.layers["base_model.model.transformer_blocks.0.attn.to_q"].delta()
     c = before[key_c].clone()

@@ -8,6 +8,7 @@ import torch
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
 
+from host_tools import patched_weights
 from reference import reference_delta, rel_err
 
 UNET_LAYERS = {  # native name -> how many coefficients
@@ -43,19 +44,6 @@ def make_adapter(model, clip, wavelet="db2", layers=None, seed=0, base="sd_v1"):
         out[name] = wft.Layer(spectrum=torch.randn(p, generator=g) * std * 0.02, indices=peft_positions(shape, p, 777),
                               shape=shape, scaling=25.0, wavelet=wavelet)
     return wft.Adapter(layers=out, metadata={"ss_base_model_version": base, "modelspec.title": "test"})
-
-
-def patched_weights(patcher, keys):
-    """Weights as ComfyUI's own loader merges the patches (a full load), as fp32 copies; afterwards every
-    model is unloaded again, which restores the original weights."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher], force_full_load=True)
-    try:
-        sd = patcher.model.state_dict()
-        return {k: sd[k].detach().float().clone() for k in keys}
-    finally:
-        mm.unload_all_models()
 
 
 def clip_patched_weights(clip, keys):

@@ -1,4 +1,5 @@
-"""A real ComfyUI server process for the HTTP tests."""
+"""Shared host-test tools: a real ComfyUI server process for the HTTP tests, the weights ComfyUI merges on
+load, and the models and data the server tests use."""
 import json
 import os
 import socket
@@ -137,3 +138,16 @@ def make_dataset(folder, count=3, size=64):
         pixels = (rng.random((size, size, 3)) * 255).astype("uint8")
         Image.fromarray(pixels).save(folder / f"img{i}.png")
         (folder / f"img{i}.txt").write_text(f"a photo of sks object number {i}")
+
+
+def patched_weights(patcher, keys):
+    """Weights as ComfyUI's own loader merges the patches (a full load), as fp32 copies; afterwards every
+    model is unloaded again, which restores the original weights."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        sd = patcher.model.state_dict()
+        return {k: sd[k].detach().float().clone() for k in keys}
+    finally:
+        mm.unload_all_models()
