@@ -55,8 +55,9 @@ def test_pack_registers_nodes_folder_and_adapter_once(pack):
     import folder_paths
     import nodes
 
-    for node in ("WaveFTLoader", "WaveFTLoaderModelOnly", "WaveFTInfo"):
-        assert node in nodes.NODE_CLASS_MAPPINGS
+    ours = [n for n in nodes.NODE_CLASS_MAPPINGS if n.startswith("WaveFT")]
+    assert len(ours) == 9
+    for node in ours:
         spec = nodes.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()
         for name, (kind, opts) in {**spec["required"], **spec.get("optional", {})}.items():
             assert opts.get("tooltip"), f"{node}.{name} has no tooltip"
