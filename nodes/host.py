@@ -2,6 +2,7 @@
 class the host's patcher calls, key maps, progress. Host churn is expected; keep it all here."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -12,6 +13,7 @@ import comfy.utils
 import folder_paths
 
 from ..waveft_core import Layer
+from ..waveft_core.delta import add_into, compute_dtype, dense_delta
 from ..waveft_core.fileformat import FORMAT_VERSION
 from ..waveft_core.matching import match_layers
 
@@ -102,7 +104,15 @@ try:
 except Exception:  # a host without the adapter registry: the loader still patches through add_patches
     _AdapterBase = object
 
+try:  # comfy-kitchen's packed formats (fp8/int8/fp4 with scales); a class nothing is an instance of when absent
+    from comfy.quant_ops import QuantizedTensor as _QuantizedTensor
+except Exception:
+    class _QuantizedTensor:
+        pass
+
 _GLOBAL_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")
+_SPARSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 
 
 def _is_identity(function) -> bool:
@@ -115,17 +125,31 @@ def _is_identity(function) -> bool:
         return False
 
 
+def is_packed_weight(weight) -> bool:
+    """Quantized storage whose elements are not the weight's values (comfy-kitchen, torch's own quantized
+    tensors, integer storage): a scatter into it would write into packed bytes."""
+    return (isinstance(weight, _QuantizedTensor) or getattr(weight, "is_quantized", False)
+            or not weight.dtype.is_floating_point)
+
+
 class WaveFTAdapter(_AdapterBase):
-    """A WaveFT layer as the host's weight adapter: calculate_weight adds strength * ΔW in place on the
-    weight's own device and dtype (sparse scatter, computed in fp32, rounded once), so it is cheap
-    enough for lowvram's per-forward recomputation. Immutable after creation: clones share it."""
+    """A WaveFT layer as the host's weight adapter, following the host's contract: constructed from
+    (loaded_keys, weights), where `weights` is `Layer.packed()` = (spectrum, plan tensors, Layer). The host
+    may move those tensors (ComfyUI >= 0.21 rebuilds adapters as type(v)(v.loaded_keys, <moved weights>) for
+    low-VRAM and dynamic-VRAM loads; the bypass hook moves and casts the top-level ones); every method
+    computes from the tensors it holds now, on their device. calculate_weight adds strength * ΔW in place
+    (sparse scatter, computed in fp32, rounded once into fp16/bf16). Immutable after creation: clones share it."""
 
     name = "waveft"
 
-    def __init__(self, loaded_keys: set, layer: Layer):
+    def __init__(self, loaded_keys: set, weights):
+        Layer.unpack(weights, "cpu")  # a clear TypeError now, not an AttributeError at the first sampling step
         self.loaded_keys = loaded_keys
-        self.layer = layer
-        self.weights = [layer.spectrum, layer.indices]
+        self.weights = weights
+
+    @classmethod
+    def from_layer(cls, layer: Layer, loaded_keys: set | None = None) -> "WaveFTAdapter":
+        return cls(set() if loaded_keys is None else loaded_keys, layer.packed())
 
     # Called by the stock LoRA loader for every key-map entry with every adapter class: a dict lookup.
     @classmethod
@@ -147,30 +171,54 @@ class WaveFTAdapter(_AdapterBase):
             loaded_keys = set()
         loaded_keys.update(k for k in keys if k in lora)
         loaded_keys.update(k for k in _GLOBAL_KEYS if k in lora)
-        return cls(loaded_keys, layer)
+        return cls.from_layer(layer, loaded_keys)
+
+    def calculate_shape(self, key):
+        """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
+        return None
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
         if strength == 0:
             return weight
         try:
-            if _is_identity(function):
-                self.layer.add_to_(weight, strength)  # in place: with an offset the host keeps only the view
-            else:  # e.g. swap_scale_shift on a DiT's modulation weight: needs the dense delta
-                delta = self.layer.delta(torch.float32, weight.device, strength).reshape(weight.shape)
-                weight += function(delta).to(weight.dtype)
+            if is_packed_weight(weight):
+                # The host dequantizes before patching (ops' convert_weight); a packed tensor here would take
+                # the scatter into its packed bytes, and comfy-kitchen's in-place add drops the change.
+                log.error("WaveFT: %s is stored quantized (%s); WaveFT does not write into packed weights, so "
+                          "this layer is left unpatched. Load a non-quantized model, or use 'Load LoRA (Bypass)' "
+                          "with the WaveFT file.", key, type(weight).__name__)
+                return weight
+            layer, spectrum, plan = Layer.unpack(self.weights, weight.device)
+            factor = float(layer.scaling) * float(strength)
+            if _is_identity(function) and weight.dtype in _SPARSE_DTYPES:
+                add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps only the view
+            else:
+                # a function (swap_scale_shift on a DiT's modulation) needs the dense delta; fp8 storage has no
+                # sparse write. Either way: W + ΔW in the compute dtype, rounded once into the weight's dtype.
+                compute = compute_dtype(weight.dtype)
+                delta = dense_delta(plan, spectrum, factor, compute).reshape(weight.shape)
+                if function is not None:
+                    delta = function(delta)
+                weight.copy_((weight.to(compute) + delta).to(weight.dtype))
         except Exception as e:
             log.error("WaveFT: could not patch %s: %s", key, e)
         return weight
 
-    # Newer ComfyUI's bypass mode adds h(x) to the layer's output instead of merging the weight.
+    # ComfyUI's bypass mode (0.3x) adds h(x) to the layer's output instead of merging the weight. The bypass
+    # hook has set multiplier/is_conv/conv_dim/kw_dict and moved (and cast) the spectrum to the compute
+    # device; the plan comes from the bundle or, once per device, from the layer's cache.
     def h(self, x, base_out):
-        strength = float(getattr(self, "multiplier", 1.0))
-        delta = self.layer.delta(torch.float32, x.device, strength).to(x.dtype)
+        layer, spectrum, plan = Layer.unpack(self.weights, x.device)
+        factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
+        delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once
         if getattr(self, "is_conv", False):
-            conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
-            return conv[int(getattr(self, "conv_dim", 2))](x, delta, **dict(getattr(self, "kw_dict", {}) or {}))
-        return torch.nn.functional.linear(x, delta.reshape(delta.shape[0], -1))
+            out_channels = base_out.shape[1] if base_out is not None else plan.rows
+            kernel = tuple(getattr(self, "kernel_size", ()) or ())
+            weight_shape = layer.shape if len(layer.shape) > 2 else (out_channels, -1, *kernel)
+            conv = _CONV[int(getattr(self, "conv_dim", 2) or 2)]
+            return conv(x, delta.reshape(weight_shape), **dict(getattr(self, "kw_dict", {}) or {}))
+        return torch.nn.functional.linear(x, delta)
 
     def g(self, y):
         return y
@@ -252,11 +300,64 @@ def patch_key(target):
     return (target.key, target.offset, target.function)
 
 
+def training_clone(model):
+    """The clone a training run patches. Under dynamic VRAM (ComfyUI 0.3x on NVIDIA, `ModelPatcherDynamic`)
+    a plain clone shares modules whose weights stream in per forward; the host's own trainer trains on a
+    freshly loaded, non-dynamic copy, and so does this (`clone(disable_dynamic=True)`)."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        return model.clone(disable_dynamic=True)
+    return model.clone()
+
+
+def unload_patcher(patcher) -> None:
+    """Unload this one patcher and take its weight wrappers off the modules it shares with other clones.
+
+    After a full load the host's unpatch leaves weight wrappers on the modules (it wipes them only after a
+    low-VRAM load), so a training clone's wrappers would keep changing the shared model's forward until
+    some other model happens to load."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    loaded_models = getattr(mm, "current_loaded_models", None)
+    if isinstance(loaded_models, list):
+        for i in range(len(loaded_models) - 1, -1, -1):
+            if getattr(loaded_models[i], "model", None) is patcher:
+                loaded_models[i].model_unload()
+                loaded_models.pop(i)
+    wipe = getattr(comfy.model_patcher, "wipe_lowvram_weight", None)
+    for module in patcher.model.modules():
+        if wipe is not None and hasattr(module, "comfy_cast_weights"):
+            wipe(module)
+
+
+@contextlib.contextmanager
+def in_training():
+    """The host's training flag (ComfyUI 0.3x: model code avoids in-place ops that autograd cannot undo,
+    quantized ops skip their inference-only kernels) for the duration of a training loop."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
 class Progress:
-    """The host's progress bar; under the server update() also raises when the user presses Cancel."""
+    """The host's progress bar. update() raises InterruptProcessingException once the user has pressed
+    Cancel: checked on every step, because the bar's hook (which checks too, under the server) is throttled
+    to one call per 100 ms by newer ComfyUI and would otherwise notice a step or more late."""
 
     def __init__(self, total: int):
         self.bar = comfy.utils.ProgressBar(total)
 
     def update(self, n: int = 1, preview=None):
         self.bar.update_absolute(self.bar.current + n, preview=preview)
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()

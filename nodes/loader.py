@@ -172,7 +172,7 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
     model_keys = set(host.weight_shapes(model)) if model is not None else set()
     model_patches, clip_patches = {}, {}
     for name, target in report.targets.items():
-        patch = host.WaveFTAdapter(set(), adapter.layers[name])
+        patch = host.WaveFTAdapter.from_layer(adapter.layers[name])
         (model_patches if target.key in model_keys else clip_patches)[host.patch_key(target)] = patch
     out_model, out_clip = model, clip
     if use_model and model_patches:

@@ -167,3 +167,29 @@ def test_plans_are_cached_and_strength_scales_linearly():
 def test_unknown_wavelet_is_refused():
     with pytest.raises(wft.UnknownWaveletError, match="bior"):
         random_layer((4, 4), 3, "bior1.3")
+
+
+def test_a_packed_layer_computes_from_the_tensors_it_is_given():
+    """Layer.packed() is what a host that moves adapter tensors itself holds (ComfyUI's adapter rebuild): the
+    spectrum and the plan as tensors, and the layer as a plain value. unpack() uses the tensors handed back,
+    not the layer's own, and falls back to the layer's plan only when a host has cast the plan's tensors."""
+    from waveft_core.delta import add_into
+
+    layer = random_layer((21, 34), 60, "db3")
+    spectrum, plan_tensors, same = layer.packed()
+    assert same is layer and spectrum is layer.spectrum and len(plan_tensors) == 7
+    # a host's copies (as prefetch_prepared_value makes them): new storage, same values
+    moved = (spectrum.clone() * 2, tuple(t.clone() for t in plan_tensors), layer)
+    got_layer, got_spectrum, plan = wft.Layer.unpack(moved, "cpu")
+    assert got_layer is layer and got_spectrum is moved[0]
+    assert all(a is b for a, b in zip(plan.tensors(), moved[1]))  # the plan is not rebuilt, its tensors are used
+    w = torch.zeros(21, 34)
+    add_into(w, plan, got_spectrum, layer.scaling)
+    ref = reference_delta(layer.indices, 2 * layer.spectrum.double(), (21, 34), "db3", layer.scaling)
+    assert rel_err(w, ref) < 1e-6
+    # positions cast to a float type (as a bypass hook casts top-level weights) are not positions any more
+    cast = (spectrum, tuple(t.to(torch.bfloat16) for t in plan_tensors), layer)
+    assert wft.Layer.unpack(cast, "cpu")[2] is layer.plan("cpu", torch.float32)
+    assert layer.plan().with_tensors(plan_tensors[:-1]) is None
+    with pytest.raises(TypeError, match="packed WaveFT layer"):
+        wft.Layer.unpack((spectrum, plan_tensors), "cpu")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .delta import DeltaPlan, add_into, dense_delta, make_plan, matrix_shape
+from .delta import DeltaPlan, add_into, compute_dtype, dense_delta, make_plan, matrix_shape
 from .wavelets import check_wavelet
 
 DEFAULT_SCALING = 25.0
@@ -56,20 +56,46 @@ class Layer:
     def delta(self, dtype: torch.dtype = torch.float32, device=None, strength: float = 1.0) -> torch.Tensor:
         """Dense strength * ΔW in the weight's shape. Differentiable with respect to `spectrum`."""
         device = torch.device(device) if device is not None else self.spectrum.device
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        compute = compute_dtype(dtype)
         spectrum = self.spectrum.to(device, compute)
         out = dense_delta(self.plan(device, compute), spectrum, float(self.scaling) * float(strength), dtype)
         return out.reshape(self.shape)
 
     def add_to_(self, weight: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """weight += strength * ΔW in place, on the weight's device and dtype; returns `weight`."""
-        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(weight.dtype)
         plan = self.plan(weight.device, compute)
         return add_into(weight, plan, self.spectrum, float(self.scaling) * float(strength))
 
     def delta_norm(self) -> float:
         """Frobenius norm of ΔW (orthonormal wavelet: equals scaling * ||spectrum|| unless clipped)."""
         return float(self.delta(torch.float64).norm())
+
+    # --- the layer as a bundle a host moves itself --------------------------------------------------
+
+    def packed(self) -> tuple:
+        """(spectrum, plan tensors, layer): everything the weight change needs, for a host that moves and
+        rebuilds an adapter's tensors itself (ComfyUI's adapter rebuild and bypass hook). The per-layer plan
+        travels as tensors, so a rebuilt adapter never recomputes it and finds it on the device the host put
+        it; the layer itself is a plain value a host passes through, holding the scaling and the plan's
+        plain fields, and a fallback when a host has cast the plan tensors (see `unpack`)."""
+        return (self.spectrum, self.plan(torch.device("cpu"), torch.float32).tensors(), self)
+
+    @staticmethod
+    def unpack(packed, device) -> tuple["Layer", torch.Tensor, DeltaPlan]:
+        """(layer, spectrum, plan) from what `packed()` made, after a host moved its tensors. The tensors are
+        used where they are; a plan whose tensors are not on `device`, or were cast, comes from the layer's
+        own cache for that device instead (built once per device)."""
+        # duck-typed: a second import of this library under another package name makes another Layer class
+        if not (isinstance(packed, (tuple, list)) and len(packed) == 3 and isinstance(packed[0], torch.Tensor)
+                and callable(getattr(packed[2], "plan", None)) and hasattr(packed[2], "scaling")):
+            raise TypeError("not a packed WaveFT layer: expected (spectrum, plan tensors, Layer) from Layer.packed()")
+        spectrum, plan_tensors, layer = packed
+        device = torch.device(device)  # from a tensor, so it carries its index (cuda:0)
+        plan = layer.plan(torch.device("cpu"), torch.float32).with_tensors(plan_tensors)
+        if plan is None or plan.order.device != device:
+            plan = layer.plan(device, torch.float32)
+        return layer, spectrum, plan
 
 
 @dataclass(eq=False)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
-from .delta import dense_delta, make_plan, matrix_shape
+from .delta import compute_dtype, dense_delta, make_plan, matrix_shape
 from .fileformat import ARCHITECTURES, WaveFTFileError, _check_safetensors_header, atomic_write
 from .names import diffusers_unet_to_ldm, to_native
 from .wavelets import check_wavelet, reconstruction_filters
@@ -761,7 +761,7 @@ def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, streng
         with _open(src) as f, open(tmp, "r+b") as dst:
             for key, entries in by_key.items():
                 weight = f.get_tensor(key)
-                compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                compute = compute_dtype(weight.dtype)
                 total = weight.to(compute)
                 for layer, loc in entries:
                     part = total if loc.rows is None else total[loc.rows[0]:loc.rows[1]]

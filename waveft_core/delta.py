@@ -10,7 +10,7 @@ scatter, never built densely unless asked for.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,26 @@ class DeltaPlan:
         """How many patches lie entirely inside the weight."""
         return self.band_ends[3]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The plan's tensors in a fixed order, for a host that moves an adapter's tensors itself (ComfyUI's
+        adapter rebuild); `with_tensors` puts them back."""
+        return tuple(getattr(self, name) for name in _TENSOR_FIELDS)
+
+    def with_tensors(self, tensors) -> "DeltaPlan | None":
+        """This plan with its tensors replaced by `tensors` (from `tensors()`, possibly moved to another
+        device), or None when they no longer fit: another count or shape, tensors on several devices, or a
+        dtype that a host's cast changed (a position cast to a float type is no position any more)."""
+        tensors = tuple(tensors) if isinstance(tensors, (tuple, list)) else ()
+        mine = self.tensors()
+        if len(tensors) != len(mine):
+            return None
+        device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
+        for new, old in zip(tensors, mine):
+            if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.device != device \
+                    or new.dtype != old.dtype:
+                return None
+        return replace(self, **dict(zip(_TENSOR_FIELDS, tensors)))
+
     def to(self, device: torch.device, dtype: torch.dtype) -> "DeltaPlan":
         if self.order.device == device and self.kernels.dtype == dtype:
             return self
@@ -51,6 +71,9 @@ class DeltaPlan:
             self.kernels.to(device, dtype), self.offsets.to(device),
             self.clipped_top.to(device), self.clipped_left.to(device),
         )
+
+
+_TENSOR_FIELDS = ("order", "base", "clipped_band", "kernels", "offsets", "clipped_top", "clipped_left")
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -124,7 +147,7 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
     )
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # fp16/bf16 are computed in fp32 and rounded once; fp64 stays fp64 (used for reference checks).
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -181,7 +204,7 @@ def _whole_patches(plan: DeltaPlan, v: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def dense_delta(plan: DeltaPlan, spectrum: torch.Tensor, factor: float, dtype: torch.dtype) -> torch.Tensor:
     """factor * ΔW as a dense [m, n] matrix; differentiable with respect to `spectrum`."""
-    compute = _compute_dtype(dtype)
+    compute = compute_dtype(dtype)
     plan = plan.to(spectrum.device, compute)
     out = torch.zeros(plan.rows * plan.cols, dtype=compute, device=spectrum.device)
     for tgts, vals, _ in contributions(plan, spectrum.to(compute), factor):
@@ -200,7 +223,7 @@ def add_into(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Tensor, fact
         )
     if factor == 0:
         return weight  # bit-identical: even -0.0 entries stay as they are
-    compute = _compute_dtype(weight.dtype)
+    compute = compute_dtype(weight.dtype)
     plan = plan.to(weight.device, compute)
     direct = weight.dtype == compute and weight.is_contiguous()
     parts = contributions(plan, spectrum.to(weight.device, compute), factor, split_lone=not direct)
@@ -242,7 +265,7 @@ def weight_plus_delta(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Ten
 
     Used in training: the scatter goes straight into the copy of the weight that the forward needs
     anyway, so no dense ΔW is made and the backward is a gather."""
-    compute = _compute_dtype(weight.dtype)
+    compute = compute_dtype(weight.dtype)
     plan = plan.to(weight.device, compute)
     flat = weight.reshape(-1)
     for tgts, vals, _ in contributions(plan, spectrum.to(weight.device, compute), factor):

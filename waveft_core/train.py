@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
-from .delta import DeltaPlan, make_plan, matrix_shape, weight_plus_delta
+from .delta import DeltaPlan, compute_dtype, make_plan, matrix_shape, weight_plus_delta
 from .peft_io import peft_positions
 from .wavelets import check_wavelet
 
@@ -48,7 +48,7 @@ class TrainableLayer(nn.Module):
         return self._plans[key]
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(weight.dtype)
         plan = self.plan(weight.device, compute)
         return weight_plus_delta(weight, plan, self.spectrum, self.scaling * self.strength)
 

@@ -1,7 +1,11 @@
 """Host tests: the pack inside a real ComfyUI (COMFYUI_PATH), in-process and over HTTP.
 
 They skip, saying why, when COMFYUI_PATH is unset or that ComfyUI cannot be imported by this Python
-(`./dev test` runs them with the host's own venv)."""
+(`./dev test` runs them with the host's own venv). With WAVEFT_REQUIRE_HOST=1 (set by `./dev test` under CI)
+a host that cannot be used, or any host test that skips, fails the run instead.
+
+A test marked `host_feature(name)` needs a part of the host that older versions lack (see HOST_FEATURES); on
+such a host it is deselected, with one line saying so, rather than skipped: it does not apply there."""
 import asyncio
 import os
 import sys
@@ -41,14 +45,95 @@ def _skip_reason():
 
 
 SKIP = _skip_reason()
+REQUIRE_HOST = os.environ.get("WAVEFT_REQUIRE_HOST", "") not in ("", "0")
+
+
+def _has_adapter_rebuild() -> bool:
+    """ComfyUI >= 0.21: adapters rebuilt from moved weights (prefetch_prepared_value, LowVramPatch.prepare)."""
+    import comfy.lora
+    from comfy.model_patcher import LowVramPatch
+
+    return hasattr(comfy.lora, "prefetch_prepared_value") and hasattr(LowVramPatch, "prepare")
+
+
+def _has_bypass() -> bool:
+    """ComfyUI's bypass mode (comfy/weight_adapter/bypass.py, comfy.sd.load_bypass_lora_for_models)."""
+    import importlib.util
+
+    import comfy.sd
+
+    return importlib.util.find_spec("comfy.weight_adapter.bypass") is not None and \
+        hasattr(comfy.sd, "load_bypass_lora_for_models")
+
+
+def _has_dynamic_vram() -> bool:
+    """ComfyUI's dynamic VRAM (ModelPatcherDynamic; it only starts on CUDA, its clone(disable_dynamic=) exists)."""
+    import inspect
+
+    import comfy.model_patcher as mp
+
+    return hasattr(mp, "ModelPatcherDynamic") and "disable_dynamic" in inspect.signature(mp.ModelPatcher.clone).parameters
+
+
+HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram}
+
+
+def host_version() -> str:
+    try:
+        from comfyui_version import __version__
+
+        return __version__
+    except Exception:
+        return "unknown"
+
+
+def _is_host_test(item) -> bool:
+    path = Path(str(item.fspath))
+    return HERE in path.parents or path.parent == HERE
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "host_feature(name): needs a part of ComfyUI that older versions lack")
+
+
+_HOST_NODEIDS: set = set()
+_SKIPPED_HOST_TESTS: list = []
 
 
 def pytest_collection_modifyitems(config, items):
+    host_items = [item for item in items if _is_host_test(item)]
+    _HOST_NODEIDS.update(item.nodeid for item in host_items)
     if SKIP:
+        if REQUIRE_HOST and host_items:
+            raise pytest.UsageError(f"WAVEFT_REQUIRE_HOST is set but the host tests cannot run: {SKIP}")
         marker = pytest.mark.skip(reason=SKIP)
-        for item in items:
-            if HERE in Path(str(item.fspath)).parents or Path(str(item.fspath)).parent == HERE:
-                item.add_marker(marker)
+        for item in host_items:
+            item.add_marker(marker)
+        return
+    absent = {name for name, present in HOST_FEATURES.items() if not present()}
+    dropped = [item for item in host_items
+               if any(m.args[0] in absent for m in item.iter_markers("host_feature"))]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[host] ComfyUI {host_version()} has no {', '.join(sorted(absent))}: "
+                                f"{len(dropped)} test(s) that need it deselected")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.nodeid in _HOST_NODEIDS:
+        _SKIPPED_HOST_TESTS.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REQUIRE_HOST and _SKIPPED_HOST_TESTS and session.exitstatus == 0:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[host] WAVEFT_REQUIRE_HOST: {len(_SKIPPED_HOST_TESTS)} host test(s) skipped, "
+                                f"e.g. {_SKIPPED_HOST_TESTS[0]}", red=True)
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")

@@ -151,3 +151,30 @@ def patched_weights(patcher, keys):
         return {k: sd[k].detach().float().clone() for k in keys}
     finally:
         mm.unload_all_models()
+
+
+# --- tiny models of other families, built by ComfyUI itself ---------------------------------------
+
+FLUX = dict(image_model="flux", guidance_embed=True, in_channels=16, out_channels=16, vec_in_dim=32,
+            context_in_dim=48, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
+            axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, txt_ids_dims=[])
+SD3 = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_max_size=16,
+           context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}},
+           input_size=None, num_patches=None, pos_embed_scaling_factor=None, qk_norm=None, x_block_self_attn_layers=[])
+SDXL = dict(model_channels=32, use_linear_in_transformer=True, transformer_depth=[0, 0, 1, 1],
+            transformer_depth_output=[0, 0, 0, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
+            adm_in_channels=48, use_temporal_attention=False, num_res_blocks=[2, 2], channel_mult=[1, 2],
+            num_heads=-1, num_head_channels=16, in_channels=4, out_channels=4, image_size=32,
+            use_spatial_transformer=True, legacy=False, num_classes="sequential", use_temporal_resblock=False)
+
+
+def patcher_for(config_cls, unet_config):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    with torch.inference_mode():  # as ComfyUI's loaders build models
+        model = config_cls(unet_config).get_model({})
+        for p in model.parameters():  # comfy ops leave weights uninitialised
+            p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())

@@ -149,7 +149,7 @@ def test_sliced_keys_update_only_their_slice(pack):
     fused = torch.randn(3 * hidden, hidden)
     layer = wft.Layer(spectrum=torch.randn(50), indices=peft_positions((hidden, hidden), 50, 777),
                       shape=(hidden, hidden), wavelet="db2")
-    adapter = pack.nodes.host.WaveFTAdapter(set(), layer)
+    adapter = pack.nodes.host.WaveFTAdapter.from_layer(layer)
     patches = [(0.7, adapter, 1.0, (0, hidden, hidden), None)]  # the k slice
     out = comfy.lora.calculate_weight(patches, fused.clone(), "x.qkv.weight")
     assert torch.equal(out[:hidden], fused[:hidden]) and torch.equal(out[2 * hidden:], fused[2 * hidden:])
@@ -163,7 +163,7 @@ def test_delta_function_is_applied(pack):
 
     w = torch.randn(8, 6)
     layer = wft.Layer(spectrum=torch.randn(10), indices=peft_positions((8, 6), 10, 777), shape=(8, 6), wavelet="db1")
-    adapter = pack.nodes.host.WaveFTAdapter(set(), layer)
+    adapter = pack.nodes.host.WaveFTAdapter.from_layer(layer)
     out = comfy.lora.calculate_weight([(1.0, adapter, 1.0, None, comfy.utils.swap_scale_shift)], w.clone(), "k")
     assert torch.allclose(out, w + comfy.utils.swap_scale_shift(layer.delta()), atol=1e-6)
 
@@ -341,12 +341,12 @@ def test_bypass_mode_h_adds_the_delta_output(pack):
     """Newer ComfyUI's bypass mode calls h(x, base_out) instead of merging: it must equal x @ (s·ΔW)^T, and
     the conv form for conv layers."""
     lin = wft.Layer(spectrum=torch.randn(30), indices=peft_positions((12, 20), 30, 777), shape=(12, 20), wavelet="db2")
-    adapter = pack.nodes.host.WaveFTAdapter(set(), lin)
+    adapter = pack.nodes.host.WaveFTAdapter.from_layer(lin)
     adapter.multiplier = 0.7
     x = torch.randn(3, 5, 20)
     assert torch.allclose(adapter.h(x, None), torch.nn.functional.linear(x, lin.delta(strength=0.7)), atol=1e-6)
     conv = wft.Layer(spectrum=torch.randn(40), indices=peft_positions((6, 4, 3, 3), 40, 777), shape=(6, 4, 3, 3))
-    adapter = pack.nodes.host.WaveFTAdapter(set(), conv)
+    adapter = pack.nodes.host.WaveFTAdapter.from_layer(conv)
     adapter.multiplier, adapter.is_conv, adapter.conv_dim, adapter.kw_dict = 1.5, True, 2, {"padding": 1}
     x = torch.randn(2, 4, 9, 9)
     expect = torch.nn.functional.conv2d(x, conv.delta(strength=1.5), padding=1)
@@ -385,3 +385,22 @@ def test_merge_node_writes_a_checkpoint_comfyui_loads(pack, sd15, checkpoint_sta
     with torch.inference_mode():
         m2, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(ckpts / "merged.safetensors"))
     assert type(m2.model.model_config).__name__ == "SD15"
+
+
+def test_host_tests_run_from_a_checkout_named_like_a_user_install(tmp_path):
+    """Users clone into custom_nodes/ComfyUI-WaveFT, a folder name that is no Python identifier; the host
+    tests (and pytest collecting the pack's root __init__.py) must work from there too."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import COMFY, ROOT
+
+    copy = tmp_path / "ComfyUI-WaveFT"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache"))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/host/test_loader_host.py::test_pack_registers_nodes_folder_and_adapter_once",
+                          "tests/host/test_loader_host.py::test_sliced_keys_update_only_their_slice"],
+                         cwd=copy, env={**os.environ, "COMFYUI_PATH": COMFY, "WAVEFT_REQUIRE_HOST": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
