@@ -228,7 +228,7 @@ class TrainRun:
     def run(self):
         s = self.s
         dtype = self.dtype
-        mp = self.model.clone()
+        mp = host.training_clone(self.model)
         mp.set_model_compute_dtype(dtype)
         patched = []
         with torch.inference_mode(False), torch.enable_grad():
@@ -258,10 +258,12 @@ class TrainRun:
                 guider = PositiveGuider(mp)
                 guider.set_positive(flat)
                 first = self.latents[0].unsqueeze(0).float()
-                guider.sample(torch.zeros_like(first), torch.zeros_like(first), LoopSampler(self._loop),
-                              torch.tensor([1.0, 0.0]), seed=s["seed"], disable_pbar=True)
+                with host.in_training():
+                    guider.sample(torch.zeros_like(first), torch.zeros_like(first), LoopSampler(self._loop),
+                                  torch.tensor([1.0, 0.0]), seed=s["seed"], disable_pbar=True)
             finally:
                 disable_checkpointing(patched)
+                host.unload_patcher(mp)
                 for t in self.trainables.values():
                     t.spectrum.requires_grad_(False)
         return self.adapter()

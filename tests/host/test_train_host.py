@@ -67,6 +67,8 @@ def test_loss_falls_and_base_model_is_untouched(pack, sd15, data, waveft_dir):
     # and sampling with it gives what it gave before training
     import comfy.model_management as mm
 
+    # the training clone's weight wrappers are off the modules it shared with the input model
+    assert not any(getattr(m, "weight_function", None) for m in model.model.modules())
     mm.unload_all_models()
     assert torch.equal(model.model.state_dict()[key], before_w) and not model.patches
     assert eval_loss(pack, model, latent, cond) == pytest.approx(base_loss, rel=1e-6)
@@ -114,17 +116,22 @@ def test_resume_continues_exactly(pack, sd15, data, waveft_dir):
 
 
 def test_cancel_keeps_a_partial_file(pack, sd15, data, waveft_dir):
+    """Cancel as the server does it (the interrupt flag), at whichever step the progress hook is first called
+    at or after step 4: newer ComfyUI throttles that hook, so the step is not fixed. The run stops at that
+    very step, and the partial file holds exactly that many steps."""
     import comfy.model_management as mm
     import comfy.utils
 
     model, _, _ = sd15
     latent, cond = data
-    calls = []
+    seen, cancelled_at, flags = [], [], []
 
     def hook(value, total, preview, node_id=None):
-        calls.append(value)
-        if value >= 4:
-            raise mm.InterruptProcessingException()
+        seen.append(value)
+        flags.append(getattr(mm, "in_training", True))
+        if value >= 4 and not cancelled_at:
+            cancelled_at.append(value)
+            mm.interrupt_current_processing(True)
 
     old = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(hook)
@@ -133,10 +140,14 @@ def test_cancel_keeps_a_partial_file(pack, sd15, data, waveft_dir):
             train(pack, model, latent, cond, steps=50, filename_prefix="cancelled")
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
-    partial = waveft_dir / "cancelled_partial_00004.safetensors"
-    assert partial.is_file()
-    assert json.loads(wft.load(partial).metadata["waveft.training"])["steps_done"] == 4
-    assert calls[:4] == [1, 2, 3, 4]
+        mm.interrupt_current_processing(False)
+    # the host's training flag (ComfyUI 0.3x) is up while the loop runs, and down again after Cancel
+    assert all(flags) and not getattr(mm, "in_training", False)
+    stopped_at, = cancelled_at
+    assert seen[-1] == stopped_at, "training went on after Cancel"
+    partial = waveft_dir / f"cancelled_partial_{stopped_at:05d}.safetensors"
+    assert partial.is_file(), sorted(p.name for p in waveft_dir.iterdir())
+    assert json.loads(wft.load(partial).metadata["waveft.training"])["steps_done"] == stopped_at
 
 
 def test_deterministic_on_cpu(pack, sd15, data, waveft_dir):
@@ -185,3 +196,35 @@ def test_captions_become_tag_frequencies(pack, sd15, data, waveft_dir):
         _, adapter, _, _ = pack.nodes.train_nodes.WaveFTTrain().train(
             [model], [latent], [cond], captions=["sks cat, sitting", "sks cat, on grass"], **kw)
     assert json.loads(adapter.metadata["ss_tag_frequency"]) == {"dataset": {"sks cat": 2, "sitting": 1, "on grass": 1}}
+
+
+@pytest.mark.host_feature("dynamic_vram")
+def test_a_dynamic_vram_model_trains_on_its_own_copy(pack, checkpoint_state, waveft_dir, tmp_path):
+    """On NVIDIA, ComfyUI 0.3x loads models as ModelPatcherDynamic (it cannot start on a CPU, so the model here
+    only reports being dynamic). Training then works on the host's non-dynamic copy, loaded afresh from the
+    checkpoint, and never puts its weight wrappers on the modules the input model shares with other clones."""
+    import comfy.sd
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(checkpoint_state, str(path))
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(path))
+    model.is_dynamic = lambda: True
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))}
+    wrapped_shared = []
+
+    def hook(value, total, preview, node_id=None):
+        wrapped_shared.append(any(getattr(m, "weight_function", None) for m in model.model.modules()))
+
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        trained, adapter, loss_map, steps = train(pack, model, latent, cond, steps=3)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert steps == 3 and wrapped_shared and not any(wrapped_shared)
+    assert any(float(layer.spectrum.abs().max()) > 0 for layer in adapter.layers.values())
+    assert trained.model is model.model  # the output samples with the input model plus the adapter's patches
