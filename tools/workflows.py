@@ -4,8 +4,13 @@
 
 ComfyUI's UI format keeps widget values as a positional list whose order follows the node's inputs
 (`input_order` in /object_info), with an extra 'control after generate' entry after seed widgets; links
-are listed separately. Both directions below follow those rules, so the tests can run every shipped
-workflow headless through the API."""
+are listed separately. Which inputs are widgets depends on the host: ComfyUI 0.23 made
+MakeTrainingDataset's `texts` a socket-only input, for one. So the generator takes every input's kind from
+the /object_info of the host it writes for, and records that host's version in `extra.waveft`; run it against
+the newest ComfyUI the pack supports. Reading a workflow back follows the frontend: values are assigned in
+order, and a widget left without one (the last ones, e.g. one that an older host still shows as a widget)
+keeps its default or takes its link. Both directions below follow those rules, so the tests can run every
+shipped workflow headless through the API on every supported host."""
 from __future__ import annotations
 
 import json
@@ -40,6 +45,22 @@ def _has_control(name: str, spec) -> bool:
     return spec[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed"))
 
 
+def _fits(spec, value) -> bool:
+    """Whether a widget value has the kind its input takes: a value shifted onto another widget rarely does."""
+    kind = spec[0]
+    if isinstance(kind, list) or kind == "COMBO":
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    if kind == "INT":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "FLOAT":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "BOOLEAN":
+        return isinstance(value, bool)
+    if kind == "STRING":
+        return isinstance(value, str)
+    return True
+
+
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """The API form ('POST /prompt') of a UI-format workflow. Raises KeyError/ValueError naming the node
     when a node type or input does not exist or the widget values do not fit."""
@@ -59,14 +80,23 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         for name, spec in _inputs(info):
             known.add(name)
             if _is_widget(spec):
-                if not values:
-                    raise ValueError(f"node {node['id']} ({kind}): no widget value for {name!r}")
-                value = values.pop(0)
-                if _has_control(name, spec) and values and values[0] in ("fixed", "increment", "decrement",
-                                                                          "randomize"):
-                    values.pop(0)
-                if name not in linked:
-                    inputs[name] = value
+                if values:
+                    value = values.pop(0)
+                    if not _fits(spec, value):
+                        raise ValueError(f"node {node['id']} ({kind}): widget value {value!r} does not fit input "
+                                         f"{name!r} ({spec[0] if isinstance(spec[0], str) else 'COMBO'}): "
+                                         "the widget values are shifted against this ComfyUI's inputs")
+                    if _has_control(name, spec) and values and values[0] in ("fixed", "increment", "decrement",
+                                                                              "randomize"):
+                        values.pop(0)
+                    if name not in linked:
+                        inputs[name] = value
+                elif name not in linked:  # the frontend leaves a widget without a value at its default
+                    default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                    if default is not None:
+                        inputs[name] = default
+                    elif name in info["input"].get("required", {}):
+                        raise ValueError(f"node {node['id']} ({kind}): no widget value for {name!r}")
             if name in linked:
                 link = linked[name]
                 inputs[name] = [str(link[1]), link[2]]
@@ -79,8 +109,9 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     return api
 
 
-def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = ()) -> dict:
-    """A UI-format workflow laid out in columns by depth, from an API-form graph."""
+def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = (), made_for: str = "") -> dict:
+    """A UI-format workflow laid out in columns by depth, from an API-form graph; `made_for` is the version of
+    the ComfyUI whose /object_info this is, recorded in `extra.waveft.made_for_comfyui`."""
     depth = {}
 
     def node_depth(nid):
@@ -139,7 +170,9 @@ def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = ())
         target = next(n for n in nodes if n["id"] == link[3])
         link[4] = next(i for i, entry in enumerate(target["inputs"]) if entry["name"] == link[4])
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, **({"waveft": {"made_for_comfyui": made_for}}
+                                                               if made_for else {})},
             "version": 0.4}
 
 
@@ -235,18 +268,34 @@ def specs() -> dict:
     return out
 
 
+def made_for(ui: dict) -> str:
+    """The ComfyUI version a shipped workflow was generated for ('' when it does not say)."""
+    return str(ui.get("extra", {}).get("waveft", {}).get("made_for_comfyui", ""))
+
+
+def render(object_info: dict, version: str) -> dict:
+    """name -> UI-format workflow, for the host whose /object_info and version these are."""
+    out = {}
+    for name, (graph, notes) in specs().items():
+        ui = api_to_ui(graph, object_info, notes, version)
+        ui_to_api(ui, object_info)  # round trip check
+        out[name] = ui
+    return out
+
+
 def main(url: str):
     import urllib.request
 
-    with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
-        object_info = json.loads(r.read())
+    def get(path):
+        with urllib.request.urlopen(url.rstrip("/") + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    version = get("/system_stats")["system"]["comfyui_version"]
     folder = ROOT / "workflows"
     folder.mkdir(exist_ok=True)
-    for name, (graph, notes) in specs().items():
-        ui = api_to_ui(graph, object_info, notes)
-        ui_to_api(ui, object_info)  # round trip check
+    for name, ui in render(get("/object_info"), version).items():
         (folder / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote workflows/{name}.json ({len(ui['nodes'])} nodes)")
+        print(f"wrote workflows/{name}.json ({len(ui['nodes'])} nodes) for ComfyUI {version}")
 
 
 if __name__ == "__main__":

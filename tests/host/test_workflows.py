@@ -1,4 +1,6 @@
-"""Every shipped workflow (UI format) against the real node list, then run headless on the tiny models.
+"""Every shipped workflow (UI format) against the real node list of each host, then run headless on the tiny
+models. The workflows are generated for the newest supported ComfyUI (recorded in each file); on that host
+they must be exactly what the generator makes, on older ones they must still load without shifted widgets.
 
 The API form is derived from the UI form here (tools/workflows.py), the way the browser does it; model
 names are swapped for the test's files and sizes shrunk so each graph runs in seconds on a CPU."""
@@ -10,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
-from workflows import ui_to_api  # noqa: E402
+from workflows import made_for, render, ui_to_api  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 SMALL = {"width": 64, "height": 64, "steps": 2, "grad_accumulation_steps": 1, "save_every_n_steps": 0,
@@ -27,6 +29,24 @@ def object_info(server):
 def test_there_are_five_workflows():
     assert {p.stem for p in WORKFLOWS} == {"waveft_txt2img", "waveft_with_lora", "waveft_train",
                                            "waveft_strength_sweep", "waveft_export_lora"}
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split(".")[:3])
+
+
+def test_shipped_workflows_are_the_generators_output_for_their_host(server, object_info):
+    targets = {p.stem: made_for(json.loads(p.read_text())) for p in WORKFLOWS}
+    assert len(set(targets.values())) == 1 and "" not in targets.values(), targets
+    target = targets[WORKFLOWS[0].stem]
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    if version == target:
+        fresh = render(object_info, version)
+        for path in WORKFLOWS:
+            assert json.loads(path.read_text()) == fresh[path.stem], \
+                f"{path.name} is not what tools/workflows.py makes for ComfyUI {version}: regenerate it"
+    else:  # an older supported host: the workflow must still load there (the next test runs it)
+        assert _version(version) < _version(target), f"made for {target}, older than this ComfyUI {version}"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
