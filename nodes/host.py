@@ -143,7 +143,7 @@ class WaveFTAdapter(_AdapterBase):
     name = "waveft"
 
     def __init__(self, loaded_keys: set, weights):
-        Layer.unpack(weights, "cpu")  # a clear TypeError now, not an AttributeError at the first sampling step
+        Layer.check_packed(weights)  # a clear TypeError now, not an AttributeError at the first sampling step
         self.loaded_keys = loaded_keys
         self.weights = weights
 
@@ -173,6 +173,16 @@ class WaveFTAdapter(_AdapterBase):
         loaded_keys.update(k for k in _GLOBAL_KEYS if k in lora)
         return cls.from_layer(layer, loaded_keys)
 
+    def _unpacked(self, device):
+        """Layer.unpack(self.weights, device), remembered for the weights object it was made from (the
+        bypass hook replaces `weights` with a moved copy; a rebuild makes a new adapter)."""
+        memo = self.__dict__.get("_memo")
+        if memo is not None and memo[0] is self.weights and memo[1] == device:
+            return memo[2]
+        unpacked = Layer.unpack(self.weights, device)
+        self._memo = (self.weights, device, unpacked)
+        return unpacked
+
     def calculate_shape(self, key):
         """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
         return None
@@ -189,7 +199,7 @@ class WaveFTAdapter(_AdapterBase):
                           "this layer is left unpatched. Load a non-quantized model, or use 'Load LoRA (Bypass)' "
                           "with the WaveFT file.", key, type(weight).__name__)
                 return weight
-            layer, spectrum, plan = Layer.unpack(self.weights, weight.device)
+            layer, spectrum, plan = self._unpacked(weight.device)
             factor = float(layer.scaling) * float(strength)
             if _is_identity(function) and weight.dtype in _SPARSE_DTYPES:
                 add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps only the view
@@ -209,13 +219,12 @@ class WaveFTAdapter(_AdapterBase):
     # hook has set multiplier/is_conv/conv_dim/kw_dict and moved (and cast) the spectrum to the compute
     # device; the plan comes from the bundle or, once per device, from the layer's cache.
     def h(self, x, base_out):
-        layer, spectrum, plan = Layer.unpack(self.weights, x.device)
+        layer, spectrum, plan = self._unpacked(x.device)
         factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
         delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once
         if getattr(self, "is_conv", False):
-            out_channels = base_out.shape[1] if base_out is not None else plan.rows
-            kernel = tuple(getattr(self, "kernel_size", ()) or ())
-            weight_shape = layer.shape if len(layer.shape) > 2 else (out_channels, -1, *kernel)
+            kernel = tuple(getattr(self, "kernel_size", ()) or ())  # a conv stored as m x n gets its kernel back
+            weight_shape = layer.shape if len(layer.shape) > 2 else (plan.rows, -1, *kernel)
             conv = _CONV[int(getattr(self, "conv_dim", 2) or 2)]
             return conv(x, delta.reshape(weight_shape), **dict(getattr(self, "kw_dict", {}) or {}))
         return torch.nn.functional.linear(x, delta)

@@ -82,14 +82,19 @@ class Layer:
         return (self.spectrum, self.plan(torch.device("cpu"), torch.float32).tensors(), self)
 
     @staticmethod
-    def unpack(packed, device) -> tuple["Layer", torch.Tensor, DeltaPlan]:
-        """(layer, spectrum, plan) from what `packed()` made, after a host moved its tensors. The tensors are
-        used where they are; a plan whose tensors are not on `device`, or were cast, comes from the layer's
-        own cache for that device instead (built once per device)."""
+    def check_packed(packed) -> None:
+        """TypeError unless `packed` has the form `packed()` gives (cheap: no tensor is looked at)."""
         # duck-typed: a second import of this library under another package name makes another Layer class
         if not (isinstance(packed, (tuple, list)) and len(packed) == 3 and isinstance(packed[0], torch.Tensor)
                 and callable(getattr(packed[2], "plan", None)) and hasattr(packed[2], "scaling")):
             raise TypeError("not a packed WaveFT layer: expected (spectrum, plan tensors, Layer) from Layer.packed()")
+
+    @staticmethod
+    def unpack(packed, device) -> tuple["Layer", torch.Tensor, DeltaPlan]:
+        """(layer, spectrum, plan) from what `packed()` made, after a host moved its tensors. The tensors are
+        used where they are; a plan whose tensors are not on `device`, or were cast, comes from the layer's
+        own cache for that device instead (built once per device)."""
+        Layer.check_packed(packed)
         spectrum, plan_tensors, layer = packed
         device = torch.device(device)  # from a tensor, so it carries its index (cuda:0)
         plan = layer.plan(torch.device("cpu"), torch.float32).with_tensors(plan_tensors)
