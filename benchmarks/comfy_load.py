@@ -7,6 +7,12 @@
    projection and feed-forward layer is adapted.
 2. SDXL-sized attention weights (the 560 q/k/v/out projections of SDXL's 70 transformer blocks, fp16): the
    time ComfyUI's ModelPatcher takes to merge all patches on load, WaveFT db1/db4 vs LoRA.
+3. (ComfyUI >= 0.21) One layer's patch as a low-VRAM or dynamic-VRAM forward computes it: the host's own
+   LowVramPatch rebuilds the adapter into a gathered buffer (prepare) and adds it to the bf16 weight
+   (__call__), per forward. Beside it, what building the layer's patch plan would cost if a rebuilt adapter
+   had to recompute it (it does not: the plan travels in the adapter's weights).
+
+Times are min / median / max over the repeats, so a noisy machine shows as noisy.
 """
 from __future__ import annotations
 
@@ -52,13 +58,19 @@ def lora_rank(shape):
     return max(1, round(P / (m + n)))
 
 
-def median(fn, repeat=5):
+def timings(fn, repeat=5) -> list[float]:
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def spread(times: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """'median (min-max)' of `times` * scale."""
+    lo, mid, hi = min(times) * scale, statistics.median(times) * scale, max(times) * scale
+    return f"{mid:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
 def load_pack(tmp):
@@ -117,7 +129,10 @@ def tiny_model_bench(pack, tmp, wavelet):
         first_sample(m)
 
     with_none(), with_waveft(), with_lora()  # warm up
-    t = {"none": median(with_none), "waveft": median(with_waveft), "lora": median(with_lora)}
+    t = {"none": [], "waveft": [], "lora": []}
+    for _ in range(5):  # interleaved, so a slow spell of the machine hits all three alike
+        for label, fn in (("none", with_none), ("waveft", with_waveft), ("lora", with_lora)):
+            t[label] += timings(fn, 1)
     return len(layers), t
 
 
@@ -161,7 +176,7 @@ def sdxl_attention_bench(pack, repeat):
             else:
                 layer = wft.Layer(spectrum=spectra[k], indices=peft_positions(shape, P), shape=shape,
                                   wavelet=label.split()[1])
-                patches[k] = pack.nodes.host.WaveFTAdapter(set(), layer)
+                patches[k] = pack.nodes.host.WaveFTAdapter.from_layer(layer)
         m = patcher.clone()
         m.add_patches(patches, 1.0)
 
@@ -170,15 +185,63 @@ def sdxl_attention_bench(pack, repeat):
             m.unpatch_model(device_to=mm.unet_offload_device())
 
         apply()
-        out[label] = median(apply, repeat)
+        out[label] = timings(apply, repeat)
     base = patcher.clone()
 
     def apply_none():
         base.patch_model(device_to=mm.get_torch_device(), lowvram_model_memory=0)
         base.unpatch_model(device_to=mm.unet_offload_device())
 
-    out["none"] = median(apply_none, repeat)
+    out["none"] = timings(apply_none, repeat)
     return len(keys), out
+
+
+LOWVRAM_SHAPES = ((1280, 1280), (640, 2048), (5120, 1280))
+
+
+def lowvram_forward_bench(pack, repeat):
+    """Per-forward cost of one patched layer on the low-VRAM / dynamic-VRAM path, through the host's own
+    LowVramPatch: prepare() (the adapter rebuilt from its weights moved into a buffer) + __call__ on a bf16
+    weight. Returns rows of (shape, label, prepare+call times, call-only times); None on hosts without it."""
+    import comfy.lora
+
+    if not hasattr(comfy.lora, "prefetch_prepared_value") or not hasattr(comfy.model_patcher.LowVramPatch,
+                                                                          "prepare"):
+        return None
+    from waveft_core.delta import make_plan
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in LOWVRAM_SHAPES:
+        weight = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+        candidates = {}
+        for wavelet in ("db1", "db4"):
+            layer = wft.Layer(spectrum=torch.randn(P, generator=g) * 1e-3, indices=peft_positions(shape, P),
+                              shape=shape, wavelet=wavelet)
+            candidates[f"waveft {wavelet}"] = pack.nodes.host.WaveFTAdapter.from_layer(layer)
+            indices = layer.indices
+            rows.append((shape, f"plan build, {wavelet} (not paid per forward)",
+                         timings(lambda: make_plan(indices, shape, wavelet), repeat), None))
+        r = lora_rank(shape)
+        candidates["lora"] = comfy.weight_adapter.LoRAAdapter(set(), (
+            torch.randn(shape[0], r, generator=g) * 1e-3, torch.randn(r, shape[1], generator=g) * 1e-3,
+            None, None, None, None))
+        for label, adapter in candidates.items():
+            patch = comfy.model_patcher.LowVramPatch("w", {"w": [(1.0, adapter, 1.0, None, None)]})
+            buffer = torch.empty(patch.memory_required(), dtype=torch.uint8, device=mm.get_torch_device())
+
+            def forward():
+                patch.prepare(buffer, None, copy=True)
+                patch(weight.clone())
+
+            def call_only():
+                patch(weight.clone())
+
+            forward(), call_only()  # warm up (per-device caches, allocator)
+            both = timings(forward, repeat)
+            patch.prepared_patches = None  # call-only: the patches as the classic low-VRAM path holds them
+            rows.append((shape, label, both, timings(call_only, repeat)))
+    return rows
 
 
 def main():
@@ -187,21 +250,35 @@ def main():
     device = mm.get_torch_device()
     print(f"ComfyUI {getattr(__import__('comfyui_version'), '__version__', '?')}, device {device}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; {P} WaveFT coefficients per layer, LoRA rank "
-          "round(p/(m+n)) per layer, median of 5\n")
+          "round(p/(m+n)) per layer; times are median (min-max) of 5\n")
     with tempfile.TemporaryDirectory() as tmp:
         pack = load_pack(tmp)
         print("| tiny SD1.5, load + first sample (s) | none | WaveFT | LoRA | WaveFT overhead | LoRA overhead |")
         print("|---|---|---|---|---|---|")
         for wavelet in ("db1", "db4"):
             n, t = tiny_model_bench(pack, tmp, wavelet)
-            print(f"| {n} layers, {wavelet} | {t['none']:.3f} | {t['waveft']:.3f} | {t['lora']:.3f} | "
-                  f"{t['waveft'] - t['none']:+.3f} | {t['lora'] - t['none']:+.3f} |")
+            mid = {k: statistics.median(v) for k, v in t.items()}
+            print(f"| {n} layers, {wavelet} | {spread(t['none'])} | {spread(t['waveft'])} | {spread(t['lora'])} | "
+                  f"{mid['waveft'] - mid['none']:+.3f} | {mid['lora'] - mid['none']:+.3f} |")
         n, t = sdxl_attention_bench(pack, 5)
         print(f"\n| SDXL attention weights ({n} layers, fp16): ModelPatcher merge on load (s) | time | "
-              "overhead over no patches |")
+              "overhead over no patches (medians) |")
         print("|---|---|---|")
         for label in ("none", "waveft db1", "waveft db4", "lora"):
-            print(f"| {label} | {t[label]:.3f} | {t[label] - t['none']:+.3f} |")
+            print(f"| {label} | {spread(t[label])} | "
+                  f"{statistics.median(t[label]) - statistics.median(t['none']):+.3f} |")
+        rows = lowvram_forward_bench(pack, 30)
+        if rows is None:
+            print("\n(no low-VRAM rebuild in this ComfyUI: the per-forward table needs 0.21 or newer)")
+            return
+        print("\n| one bf16 layer per low-VRAM / dynamic-VRAM forward (ms, median (min-max) of 30) | "
+              "LowVramPatch prepare + call | call only | prepare + call / LoRA's |")
+        print("|---|---|---|---|")
+        lora = {shape: statistics.median(both) for shape, label, both, _ in rows if label == "lora"}
+        for shape, label, both, call in rows:
+            ratio = "" if call is None or label == "lora" else f"{statistics.median(both) / lora[shape]:.2f}x"
+            print(f"| {shape[0]}x{shape[1]}, {label} | {spread(both, 1e3)} | "
+                  f"{spread(call, 1e3) if call is not None else ''} | {ratio} |")
 
 
 if __name__ == "__main__":
