@@ -8,7 +8,8 @@ import struct
 from collections import OrderedDict
 
 from ..waveft_core import Adapter, WaveFTFileError
-from ..waveft_core import fileformat, peft_io
+from ..waveft_core import fileformat, peft_io, sources
+from ..waveft_core.names import TE_PREFIX
 from . import host
 
 log = logging.getLogger("ComfyUI-WaveFT")
@@ -16,6 +17,12 @@ LORA_PREFIX = "loras/"
 _CACHE: "OrderedDict[tuple, Adapter]" = OrderedDict()
 _CACHE_SIZE = 8
 _SNIFF: dict = {}  # path -> (size, mtime_ns, is_waveft)
+# What a PEFT/diffusers file lacks comes from the connected model; messages say so in the node's terms.
+NODE_SPELLING = peft_io.Spelling(
+    base="connect the model and CLIP it was trained on",
+    choose_clip="Convert it with 'python -m waveft_core convert … --clip clip_l|clip_g', or save it with its "
+    "component prefix", adapter="the list entry of its sub-folder, ",
+    settings="'python -m waveft_core convert … --wavelet/--scaling/--seed/--use-idwt'")
 
 
 # --- listing and resolving names -----------------------------------------------------------------
@@ -56,9 +63,9 @@ def _peft_dirs() -> list[str]:
             if depth >= 3:
                 dirnames[:] = []
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            if peft_io.CONFIG_NAME in filenames and dirpath != root:
+            if sources.CONFIG_NAME in filenames and dirpath != root:
                 try:
-                    with open(os.path.join(dirpath, peft_io.CONFIG_NAME), encoding="utf-8") as f:
+                    with open(os.path.join(dirpath, sources.CONFIG_NAME), encoding="utf-8") as f:
                         if str(json.load(f).get("peft_type", "")).upper() != "WAVEFT":
                             continue
                 except (OSError, ValueError):
@@ -87,7 +94,7 @@ def resolve_path(name: str) -> str:
             candidate = os.path.realpath(os.path.join(root, rel))
             if os.path.commonpath([candidate, os.path.realpath(root)]) != os.path.realpath(root):
                 continue
-            if os.path.isfile(os.path.join(candidate, peft_io.CONFIG_NAME)):
+            if os.path.isfile(os.path.join(candidate, sources.CONFIG_NAME)):
                 return candidate
         raise ValueError(f"WaveFT: no PEFT adapter folder '{rel}' in models/{host.FOLDER}")
     if name.startswith(LORA_PREFIX):
@@ -123,26 +130,64 @@ def _cached(key, make):
     return value
 
 
-def load_adapter(path: str, model=None, clip=None) -> Adapter:
-    """A native file (cached by path, size and mtime) or a PEFT folder (positions drawn for the shapes of
-    the model it is applied to, so the cache key also holds those shapes)."""
+def stores_positions(path: str) -> bool:
+    """A native file. PEFT folders and diffusers files store spectra only; their positions come from the
+    shapes of the model they are applied to."""
     if os.path.isdir(path):
-        shapes = host.weight_shapes(model, clip)
-        kmap = host.key_map(model, clip)
-        from ..waveft_core.matching import resolve
+        return False
+    keys, metadata = _header_keys(path)
+    return "waveft.format_version" in metadata or not sources.is_spectra_file(keys)
 
-        def shape_of(peft_name, native):
-            target = resolve(peft_name, kmap, shapes.get)
-            return None if target is None else target.shape
 
-        key = ("peft", fingerprint_path(path), tuple(sorted(shapes.items())))
-        return _cached(key, lambda: peft_io.import_peft(path, shape_of, native_names=False))
-    return _cached(("file", fingerprint_path(path)), lambda: fileformat.read(path))
+def _header_keys(path: str) -> tuple[list, dict]:
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n < 64 * 1024 * 1024 else {}
+    except (OSError, ValueError, struct.error):
+        return [], {}  # the reader that follows names what is wrong
+    return [k for k in header if k != "__metadata__"], header.get("__metadata__") or {}
+
+
+def load_adapter(path: str, model=None, clip=None) -> Adapter:
+    """A native file (cached by path, size and mtime), or a PEFT folder or diffusers file with positions drawn
+    for the shapes of the model and CLIP it is applied to (so the cache key holds those shapes too). Layers of
+    a text encoder go to the encoder the file names (text_encoder_2 is CLIP-G), else to the only one of the
+    connected CLIP where they fit; a file for a text encoder is refused when no CLIP is connected."""
+    if stores_positions(path):
+        return _cached(("file", fingerprint_path(path)), lambda: fileformat.read(path))
+    shapes = host.weight_shapes(model, clip)
+    clip_keys = set(host.weight_shapes(None, clip)) if clip is not None else set()
+    kmap = host.key_map(model, clip)
+    encoders = tuple(e for e in ("clip_l", "clip_g", "clip_h") if any(k.startswith(e + ".") for k in clip_keys))
+    from ..waveft_core.matching import resolve
+
+    def shape_of(peft_name, native):
+        if native.startswith(TE_PREFIX):  # the encoder is decided: that encoder's weight, nothing else
+            return shapes.get(native[len(TE_PREFIX):] + ".weight")
+        target = resolve(peft_name, kmap, shapes.get)
+        return None if target is None else target.shape
+
+    def make():
+        source = sources.read_source(path)
+        if clip is None:
+            text = [p for p in source.parts if peft_io.is_text_part(p)]
+            if text and len(text) < len(source.parts):
+                source.parts = [p for p in source.parts if p not in text]
+                source.notes.append(f"{sum(len(p.spectra) for p in text)} text-encoder layers unused (no CLIP "
+                                    "connected)")
+        return peft_io.import_source(source, shape_of, native_names=False, encoders=encoders, spelling=NODE_SPELLING)
+
+    key = ("peft", fingerprint_path(path), tuple(sorted(shapes.items())))
+    return _cached(key, make)
 
 
 def fingerprint_path(path: str) -> str:
-    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in (peft_io.CONFIG_NAME,
-                                                                                 peft_io.WEIGHTS_NAME)]
+    if os.path.isfile(path):
+        files = [path]
+    else:  # a PEFT folder: its own files and those of adapter or component sub-folders
+        files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names
+                       if n in (sources.CONFIG_NAME, sources.WEIGHTS_NAME, sources.DIFFUSERS_WEIGHTS_NAME))
     out = []
     for f in files:
         try:
@@ -183,6 +228,8 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
         out_clip.add_patches(clip_patches, strength_clip)
     summary = (f"{label}: {report.matched} of {len(adapter.layers)} layers matched "
                f"({len(model_patches)} model, {len(clip_patches)} text encoder)")
+    if adapter.metadata.get("waveft.import_notes"):
+        summary += f"; read as: {adapter.metadata['waveft.import_notes']}"
     if report.unmatched:
         summary += f"; {len(report.unmatched)} did not match (names in the log)"
         log.warning("WaveFT %s: %d layer(s) matched nothing in %s: %s", label, len(report.unmatched), got,
@@ -286,14 +333,9 @@ class WaveFTInfo:
 
     def info(self, waveft_name, model=None, clip=None):
         path = resolve_path(waveft_name)
-        if os.path.isdir(path) and model is None and clip is None:
-            text = (f"{waveft_name}: a PEFT WaveFT folder. PEFT stores no coefficient positions; connect a model "
-                    "to see its layers.")
+        if not stores_positions(path) and model is None and clip is None:
             try:
-                config, spectra = peft_io.read_peft_dir(path)
-                text += (f"\nlayers: {len(spectra)}\nparameters: {sum(t.numel() for t in spectra.values()):,}\n"
-                         f"wavelet: {config.get('wavelet_family', 'db1')}\nscaling: {config.get('scaling', 25.0)}\n"
-                         f"base model: {config.get('base_model_name_or_path') or 'unknown'}")
+                text = sources.describe(sources.read_source(path)) + "\n(connect a model to see its layers)"
             except WaveFTFileError as e:
                 raise ValueError(f"WaveFT: {e}") from None
             return {"ui": {"text": [text]}, "result": (text,)}

@@ -162,10 +162,15 @@ def test_lora_and_peft_weight_files_get_pointed_messages(tmp_path):
     lora = write_raw(tmp_path / "lora.safetensors", {"x.lora_up.weight": torch.ones(2, 2)}, {})
     with pytest.raises(wft.WaveFTFileError, match="not a WaveFT adapter"):
         wft.load(lora)
+    # spectra without positions or settings (a PEFT weights file on its own): readable given the base model,
+    # with PEFT's default settings, and the adapter says so
     peft_weights = write_raw(tmp_path / "adapter_model.safetensors",
                              {"base_model.model.a.waveft_spectrum": torch.ones(3)}, {"format": "pt"})
-    with pytest.raises(wft.WaveFTFileError, match="PEFT"):
+    with pytest.raises(wft.WaveFTFileError, match=r"stores no coefficient positions.*base=<"):
         wft.load(peft_weights)
+    ad = wft.load(peft_weights, base={"a.weight": (4, 5)})
+    assert ad.layers["a"].wavelet == "db1" and ad.layers["a"].scaling == 25.0
+    assert "PEFT's defaults used" in ad.metadata["waveft.import_notes"]
 
 
 def test_write_is_atomic_and_failure_keeps_the_old_file(tmp_path):

@@ -41,37 +41,46 @@ def _read_version() -> str:
 __version__ = _read_version()
 
 
-def _shape_lookup(base):
-    from .peft_io import shapes_from_file, shapes_from_state_dict
+def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str | None = None,
+         adapter: str | None = None, overrides: Mapping | None = None, spelling=None) -> Adapter:
+    """Load a WaveFT adapter: a native v1 file, or one that stores no positions: a PEFT folder (one adapter,
+    several by name, or one sub-folder per pipeline component) or a diffusers .safetensors file. Those need
+    `base`, the model it was trained on (a single-file checkpoint, a diffusers folder, a state dict or
+    {name: shape}, or a function (peft_name, native_name) -> shape), to draw each layer's positions.
 
-    if callable(base):
-        return base
-    if isinstance(base, Mapping):
-        return shapes_from_state_dict(base)
-    return shapes_from_file(base)
+    clip: 'clip_l' / 'clip_g' for a text-encoder adapter that does not say which encoder it adapts.
+    adapter: the adapter's name in a folder holding several. overrides: wavelet_family, scaling,
+    random_loc_seed, use_idwt, for adapters saved without them (PEFT's defaults otherwise)."""
+    from . import fileformat, peft_io, sources
 
-
-def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str | None = None) -> Adapter:
-    """Load a native v1 file, or a PEFT WaveFT folder. PEFT stores no positions, so a PEFT folder needs
-    `base`: the base model's state dict (or {name: shape}), a checkpoint file or folder, or a function
-    (peft_name, native_name) -> shape."""
-    from . import fileformat, peft_io
-
+    spelling = spelling or peft_io.PYTHON
     path = Path(path)
-    if path.is_dir() or path.name == peft_io.CONFIG_NAME:
-        return load_peft(path, base, clip=clip)
-    return fileformat.read(path)
+    if path.is_file() and path.name != sources.CONFIG_NAME:
+        tensors, metadata = fileformat.read_tensors_and_metadata(path)
+        if not sources.is_spectra_file(tensors) or "waveft.format_version" in metadata:
+            return fileformat.adapter_from_tensors(tensors, metadata, path)
+    return load_peft(path, base, clip=clip, adapter=adapter, overrides=overrides, spelling=spelling)
 
 
-def load_peft(path, base, clip: str | None = None) -> Adapter:
-    from . import peft_io
+def load_peft(path, base, clip: str | None = None, adapter: str | None = None, overrides: Mapping | None = None,
+              spelling=None) -> Adapter:
+    """A PEFT folder or diffusers file (see `load`) resolved against `base`."""
+    from . import layouts, peft_io, sources
 
+    spelling = spelling or peft_io.PYTHON
+    source = sources.read_source(path, adapter, spelling.adapter)  # a bad path is reported before a missing base
     if base is None:
         raise WaveFTFileError(
-            path, "is a PEFT adapter, which stores no coefficient positions",
-            advice="Pass base=<the base model's state dict or checkpoint> so each layer's shape is known",
+            path, f"is a {source.kind}, which stores no coefficient positions",
+            advice=f"Give the base model it was trained on ({spelling.base}) so each layer's shape is known",
         )
-    return peft_io.import_peft(path, _shape_lookup(base), clip=clip)
+    shapes = layouts.base_shapes(base)
+    lookup = shapes if shapes is not None else base
+    adapter_obj = peft_io.import_source(source, lookup, clip=clip, encoders=shapes.encoders if shapes else (),
+                                        overrides=dict(overrides or {}), spelling=spelling)
+    if shapes is not None and shapes.family:
+        adapter_obj.metadata.setdefault("ss_base_model_version", shapes.family)
+    return adapter_obj
 
 
 def save(adapter: Adapter, path) -> Path:

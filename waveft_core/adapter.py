@@ -123,10 +123,18 @@ class Adapter:
 
     @property
     def scaling(self) -> float:
+        values = {float(layer.scaling) for layer in self.layers.values()}
+        if len(values) == 1:
+            return values.pop()
         try:
             return float(self.metadata.get("waveft.scaling", DEFAULT_SCALING))
         except ValueError:
             return DEFAULT_SCALING
+
+    @property
+    def use_idwt(self) -> bool:
+        values = {bool(layer.use_idwt) for layer in self.layers.values()}
+        return values.pop() if len(values) == 1 else self.metadata.get("waveft.use_idwt", "true") != "false"
 
     @property
     def base_model(self) -> str:
@@ -141,7 +149,7 @@ class Adapter:
             f"parameters: {self.n_parameters:,}",
             f"wavelet: {self.wavelet}",
             f"scaling: {self.scaling:g}",
-            f"transform: {'inverse DWT' if md.get('waveft.use_idwt', 'true') != 'false' else 'none (use_idwt=false)'}",
+            f"transform: {'inverse DWT' if self.use_idwt else 'none (use_idwt=false)'}",
             f"base model: {self.base_model or 'unknown'}",
         ]
         for key, label in (
@@ -149,6 +157,7 @@ class Adapter:
             ("modelspec.trigger_phrase", "trigger words"),
             ("modelspec.description", "description"),
             ("modelspec.date", "date"),
+            ("waveft.import_notes", "read as"),
         ):
             if md.get(key):
                 lines.append(f"{label}: {md[key]}")

@@ -7,13 +7,58 @@ import sys
 from pathlib import Path
 
 
-def _cmd_info(args) -> int:
-    from . import load
+def _stores_positions(path: Path) -> bool:
+    """A native file; anything else (PEFT folder, diffusers file) needs a base model for its positions."""
+    from .fileformat import read_tensors_and_metadata
+    from .sources import CONFIG_NAME, is_spectra_file
 
-    ad = load(args.file, base=args.base)
+    if not path.is_file() or path.name == CONFIG_NAME:
+        return False
+    tensors, metadata = read_tensors_and_metadata(path)
+    return "waveft.format_version" in metadata or not is_spectra_file(tensors)
+
+
+def _overrides(args) -> dict:
+    use_idwt = None if getattr(args, "use_idwt", None) is None else args.use_idwt == "true"
+    return {"wavelet_family": getattr(args, "wavelet", None), "scaling": getattr(args, "scaling", None),
+            "random_loc_seed": getattr(args, "seed", None), "use_idwt": use_idwt}
+
+
+def _load(args, path, base=None):
+    """Any adapter form, with the command's --base/--clip/--adapter/settings, and messages in flags."""
+    from . import load
+    from .peft_io import CLI
+
+    return load(path, base=base if base is not None else getattr(args, "base", None), clip=getattr(args, "clip", None),
+                adapter=getattr(args, "adapter", None), overrides=_overrides(args), spelling=CLI)
+
+
+def _refuse_overwrite(out: Path, *inputs, overwrite: bool = False) -> None:
+    """An output never replaces an input, and replaces an existing file only when asked to."""
+    for given in inputs:
+        if given is None:
+            continue
+        given = Path(given)
+        if out.exists() and given.exists() and (out.resolve() == given.resolve() or
+                                                (out.is_file() and given.is_file() and out.samefile(given))):
+            raise ValueError(f"{out}: that is an input of this command; write the result to another path")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; give another path, or --overwrite to replace it")
+
+
+def _cmd_info(args) -> int:
+    from .peft_io import CLI
+    from .sources import describe, read_source
+
+    path = Path(args.file)
+    if args.base is None and not _stores_positions(path):
+        print(describe(read_source(path, args.adapter, CLI.adapter), _overrides(args)))
+        print("(give --base <checkpoint or diffusers folder> to see each layer's shape and the native names)")
+        return 0
+    ad = _load(args, path)
     print(ad.summary())
     extra = {k: v for k, v in ad.metadata.items() if not k.startswith(("waveft.format_version",))}
-    if args.metadata and extra:
+    if extra:
         print("metadata:")
         for k in sorted(extra):
             v = extra[k]
@@ -25,23 +70,23 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from . import load, save, save_peft
-    from .peft_io import is_peft_dir
+    from . import save, save_peft
 
     src, dst = Path(args.src), Path(args.dst)
-    if is_peft_dir(src) or src.name == "adapter_config.json":
-        if args.base is None:
-            raise ValueError(f"{src.name}: a PEFT adapter stores no coefficient positions; give --base "
-                             "<the base model checkpoint or diffusers folder> so each layer's shape is known")
-        ad = load(src, base=args.base, clip=args.clip)
+    _refuse_overwrite(dst, src, args.base, overwrite=args.overwrite)
+    if not _stores_positions(src):
         if dst.suffix != ".safetensors":
             raise ValueError(f"{dst}: the native file needs a .safetensors name")
+        ad = _load(args, src)
         if args.base_model:
             ad.metadata["ss_base_model_version"] = args.base_model
         save(ad, dst)
-        print(f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients")
+        print(f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients"
+              + (f", base model {ad.base_model}" if ad.base_model else ""))
+        for note in filter(None, ad.metadata.get("waveft.import_notes", "").split("; ")):
+            print(f"note: {note}")
         return 0
-    ad = load(src)
+    ad = _load(args, src)
     if dst.suffix == ".safetensors":
         raise ValueError(f"{dst}: a native file converts to a PEFT folder; give a folder name, not a .safetensors file")
     folders = save_peft(ad, dst, base_model_name=args.base_model)
@@ -53,11 +98,11 @@ def _cmd_convert(args) -> int:
 def _cmd_to_lora(args) -> int:
     import torch
 
-    from . import load
     from .convert import save_lora, to_lora
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    ad = load(args.src)
+    _refuse_overwrite(Path(args.dst), args.src, args.base, overwrite=args.overwrite)
+    ad = _load(args, args.src)
     tensors, metadata, report = to_lora(ad, args.rank, dtype=dtype, method="randomized" if args.fast else "exact")
     save_lora(tensors, metadata, args.dst)
     layers = report["layers"]
@@ -78,6 +123,7 @@ def _cmd_extract(args) -> int:
     dst = Path(args.dst)
     if dst.suffix.lower() != ".safetensors":
         raise ValueError(f"{dst}: the native file needs a .safetensors name")
+    _refuse_overwrite(dst, args.lora, args.finetuned, args.base, overwrite=args.overwrite)
     if args.lora:
         if args.finetuned:
             raise ValueError("give either --lora or --finetuned, not both")
@@ -112,10 +158,10 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from . import load
     from .convert import merge_into_checkpoint
 
-    ad = load(args.adapter)
+    _refuse_overwrite(Path(args.out), args.checkpoint, args.adapter, overwrite=args.overwrite)
+    ad = _load(args, args.adapter, base=args.checkpoint)  # the checkpoint is the base of a PEFT/diffusers adapter
     report = merge_into_checkpoint(args.checkpoint, ad, args.strength, args.out, strict=not args.lenient)
     print(f"wrote {args.out}: merged {report['merged']} of {len(ad.layers)} layers at strength {args.strength:g} "
           f"({report['tensors_changed']} tensors changed)")
@@ -131,29 +177,50 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+ADAPTER_HELP = ("WaveFT adapter: a native .safetensors file, a PEFT folder (or a folder of several), or a diffusers "
+                ".safetensors file")
+
+
+def _source_options(p, base_help: str | None) -> None:
+    """Options for adapters that store no positions (PEFT, diffusers)."""
+    if base_help is not None:
+        p.add_argument("--base", help=f"the base model: single-file checkpoint .safetensors or diffusers folder; "
+                       f"{base_help}")
+    p.add_argument("--clip", choices=["clip_l", "clip_g", "clip_h"],
+                   help="the text encoder a text-encoder adapter was trained on, when it does not say "
+                   "(SDXL: text_encoder = clip_l, text_encoder_2 = clip_g)")
+    p.add_argument("--adapter", help="which adapter of a PEFT folder that holds several (default: the top one)")
+    p.add_argument("--wavelet", help="wavelet for an adapter saved without its settings (PEFT default db1)")
+    p.add_argument("--scaling", type=float, help="scaling for an adapter saved without its settings (default 25)")
+    p.add_argument("--seed", type=int, help="random_loc_seed for an adapter saved without it (default 777)")
+    p.add_argument("--use-idwt", choices=["true", "false"], help="use_idwt for an adapter saved without it "
+                   "(default true)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m waveft_core", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="layers, parameters, wavelet, scaling, base model and metadata of an adapter")
-    info.add_argument("file", help="native .safetensors file or PEFT folder (then also --base)")
-    info.add_argument("--base", help="base checkpoint for a PEFT folder (layer shapes)")
+    info.add_argument("file", help=ADAPTER_HELP)
+    _source_options(info, "with a PEFT folder or diffusers file: show each layer's shape and native name")
     info.add_argument("--layers", action="store_true", help="list every layer")
-    info.add_argument("--metadata", action="store_true", default=True, help=argparse.SUPPRESS)
     info.set_defaults(func=_cmd_info)
 
-    conv = sub.add_parser("convert", help="PEFT folder -> native file, or native file -> PEFT folder")
-    conv.add_argument("src")
+    conv = sub.add_parser("convert", help="PEFT folder or diffusers file -> native file; native file -> PEFT folder")
+    conv.add_argument("src", help=ADAPTER_HELP)
     conv.add_argument("dst")
-    conv.add_argument("--base", help="base model (checkpoint .safetensors or diffusers folder): needed for PEFT input")
-    conv.add_argument("--clip", choices=["clip_l", "clip_g", "clip_h"],
-                      help="which text encoder a PEFT text-encoder adapter belongs to (default: detected)")
-    conv.add_argument("--base-model", help="base model tag to record, e.g. sd_v1 or sdxl_base_v1-0")
+    _source_options(conv, "needed for a PEFT folder or diffusers file (it draws each layer's positions)")
+    conv.add_argument("--base-model", help="base model tag to record, e.g. sd_v1 or sdxl_base_v1-0 (default: "
+                      "what --base is)")
+    conv.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
     conv.set_defaults(func=_cmd_convert)
 
-    to_lora = sub.add_parser("to-lora", help="WaveFT file -> LoRA (best rank-r approximation of each layer)")
-    to_lora.add_argument("src", help="native WaveFT .safetensors")
+    to_lora = sub.add_parser("to-lora", help="WaveFT adapter -> LoRA (best rank-r approximation of each layer)")
+    to_lora.add_argument("src", help=ADAPTER_HELP)
     to_lora.add_argument("dst", help="LoRA .safetensors to write")
+    _source_options(to_lora, "needed for a PEFT folder or diffusers file")
+    to_lora.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
     to_lora.add_argument("--rank", type=int, default=8)
     to_lora.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     to_lora.add_argument("--fast", action="store_true", help="randomized SVD: much faster on big layers, near-optimal")
@@ -172,12 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --finetuned: attention projections, every linear layer, or also convolutions")
     ext.add_argument("--iterations", type=int, default=100, help="least-squares (conjugate gradient) steps per fit")
     ext.add_argument("--base-model", help="base model tag to record, e.g. sd_v1 or sdxl_base_v1-0")
+    ext.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
     ext.set_defaults(func=_cmd_extract)
 
     merge = sub.add_parser("merge", help="bake an adapter into a copy of a single-file .safetensors checkpoint")
     merge.add_argument("checkpoint")
-    merge.add_argument("adapter", help="native WaveFT .safetensors")
-    merge.add_argument("out", help="merged checkpoint .safetensors to write")
+    merge.add_argument("adapter", help=ADAPTER_HELP + " (the checkpoint is its base)")
+    merge.add_argument("out", help="merged checkpoint .safetensors to write (never the checkpoint itself)")
+    _source_options(merge, None)
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (never an input)")
     merge.add_argument("--strength", type=float, default=1.0)
     merge.add_argument("--lenient", action="store_true",
                        help="skip (and list) layers that match no weight instead of refusing")

@@ -14,13 +14,10 @@ Only safetensors files are read; pickles are refused unread.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
-import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -30,7 +27,8 @@ import torch.nn.functional as F
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
 from .delta import compute_dtype, dense_delta, make_plan, matrix_shape
-from .fileformat import ARCHITECTURES, WaveFTFileError, _check_safetensors_header, atomic_write
+from .fileformat import ARCHITECTURES, WaveFTFileError, atomic_write, check_safetensors_header
+from .layouts import Location, checkpoint_layout, detect_base_model, location_shape, read_header
 from .names import diffusers_unet_to_ldm, to_native
 from .wavelets import check_wavelet, reconstruction_filters
 
@@ -104,76 +102,11 @@ def resolve_underscores(name: str, known: Mapping[str, str] | None = None) -> st
 # ---------------------------------------------------------------------------------------------------------
 # Single-file checkpoints: native module name <-> tensor (or slice of a fused tensor)
 
-_CLIP_L_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
-_OPENCLIP_PREFIXES = {"conditioner.embedders.1.model.": "clip_g", "cond_stage_model.model.": "clip_h"}
-_OPENCLIP_PARTS = {
-    "attn.out_proj.weight": "self_attn.out_proj",
-    "mlp.c_fc.weight": "mlp.fc1",
-    "mlp.c_proj.weight": "mlp.fc2",
-}
-
-
-@dataclass(frozen=True)
-class Location:
-    """Where a native module's weight lives in a checkpoint: a tensor, or rows [start, stop) of one."""
-
-    key: str
-    rows: tuple[int, int] | None = None
-
-
-def checkpoint_layout(header: Mapping[str, Mapping]) -> dict[str, Location]:
-    """Native module name -> Location for every weight of a single-file SD checkpoint (or a file that already
-    uses native keys). `header` maps keys to at least {'shape': [...]}, as a safetensors header does."""
-    layout: dict[str, Location] = {}
-
-    def add(native: str, loc: Location):
-        layout.setdefault(native, loc)  # the first spelling wins should a file hold two
-
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if key.startswith("model.diffusion_model.") and key.endswith(".weight"):
-            add(key[len("model."):-len(".weight")], Location(key))
-        elif key.startswith((UNET, CLIP_PREFIX)) and key.endswith(".weight"):
-            add(key[:-len(".weight")], Location(key))
-        elif key.startswith(_CLIP_L_PREFIXES) and key.endswith(".weight"):
-            rest = key.split(".transformer.", 1)[1][:-len(".weight")]
-            add(f"{CLIP_PREFIX}clip_l.transformer.{rest}", Location(key))
-        else:
-            for prefix, clip in _OPENCLIP_PREFIXES.items():
-                m = re.fullmatch(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.(.+)", key)
-                if not m:
-                    continue
-                hf = f"{CLIP_PREFIX}{clip}.transformer.text_model.encoder.layers.{m[1]}."
-                if m[2] == "attn.in_proj_weight":
-                    d = int(info["shape"][0]) // 3
-                    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                        add(hf + "self_attn." + proj, Location(key, (i * d, (i + 1) * d)))
-                elif m[2] in _OPENCLIP_PARTS:
-                    add(hf + _OPENCLIP_PARTS[m[2]], Location(key))
-    return layout
-
-
-def _location_shape(header: Mapping[str, Mapping], loc: Location) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in header[loc.key]["shape"])
-    if loc.rows is not None:
-        shape = (loc.rows[1] - loc.rows[0],) + shape[1:]
-    return shape
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data begins."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return header, 8 + size
-
-
 def _checked_safetensors(path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise WaveFTFileError(path, f"no such {what}")
-    _check_safetensors_header(path)  # refuses pickles by name, and truncated or non-safetensors files
+    check_safetensors_header(path)  # refuses pickles by name, and truncated or non-safetensors files
     return path
 
 
@@ -189,20 +122,8 @@ def _open(path: Path):
 def checkpoint_module_names(path) -> set[str]:
     """Native names of every weight in a safetensors checkpoint (reads the header only)."""
     path = _checked_safetensors(path, "checkpoint")
-    header, _ = _read_header(path)
+    header, _ = read_header(path)
     return set(checkpoint_layout(header))
-
-
-def detect_base_model(keys: Iterable[str]) -> str:
-    """ss_base_model_version of a single-file checkpoint by its keys ('' when unknown)."""
-    keys = set(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl_base_v1-0"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd_v2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd_v1"
-    return ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -667,8 +588,8 @@ def checkpoint_deltas(finetuned_path, base_path, targets: str = "attention") -> 
         raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
     ft_path = _checked_safetensors(finetuned_path, "fine-tuned checkpoint")
     base_path = _checked_safetensors(base_path, "base checkpoint")
-    ft_header, _ = _read_header(ft_path)
-    base_header, _ = _read_header(base_path)
+    ft_header, _ = read_header(ft_path)
+    base_header, _ = read_header(base_path)
     ft_layout, base_layout = checkpoint_layout(ft_header), checkpoint_layout(base_header)
     common = [name for name in ft_layout if name in base_layout]
     if not common:
@@ -685,10 +606,10 @@ def checkpoint_deltas(finetuned_path, base_path, targets: str = "attention") -> 
 
     makers, skipped = {}, []
     for name in sorted(common):
-        shape = _location_shape(ft_header, ft_layout[name])
-        if shape != _location_shape(base_header, base_layout[name]):
+        shape = location_shape(ft_header, ft_layout[name])
+        if shape != location_shape(base_header, base_layout[name]):
             raise ValueError(f"{name}: shape {list(shape)} in {ft_path.name} but "
-                             f"{list(_location_shape(base_header, base_layout[name]))} in {base_path.name}; "
+                             f"{list(location_shape(base_header, base_layout[name]))} in {base_path.name}; "
                              "are they the same model family?")
         if not _wanted(name, shape, targets):
             continue
@@ -731,7 +652,7 @@ def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, streng
         raise ValueError(f"{out}: the merged checkpoint needs a .safetensors name")
     if sys.byteorder != "little":
         raise ValueError("merging writes raw little-endian tensor bytes; this machine is big-endian")
-    header, data_start = _read_header(src)
+    header, data_start = read_header(src)
     layout = checkpoint_layout(header)
 
     by_key: dict[str, list[tuple[Layer, Location]]] = {}
@@ -741,7 +662,7 @@ def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, streng
         if loc is None:
             problems.append((name, f"matches no weight in {src.name}"))
             continue
-        shape = _location_shape(header, loc)
+        shape = location_shape(header, loc)
         if matrix_shape(shape) != layer.matrix_shape:
             problems.append((name, f"has shape {list(layer.shape)} but the weight {loc.key} is {list(shape)}"))
             continue

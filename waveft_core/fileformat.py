@@ -43,7 +43,7 @@ class WaveFTFileError(ValueError):
 _DAMAGED = "The file is damaged or was not written by a WaveFT tool; export or download it again"
 
 
-def _check_safetensors_header(path: Path) -> None:
+def check_safetensors_header(path: Path) -> None:
     """Cheap sanity check before handing the file to safetensors, so the error says what is wrong."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise WaveFTFileError(
@@ -72,7 +72,7 @@ def read_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, 
     path = Path(path)
     if not path.is_file():
         raise WaveFTFileError(path, "no such file")
-    _check_safetensors_header(path)
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})

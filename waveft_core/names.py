@@ -32,7 +32,6 @@ _TOP = {
     "conv_out": "out.2",
 }
 _TOP_BACK = {v: k for k, v in _TOP.items()}
-LAYERS_PER_BLOCK = 2
 
 # Prefixes that pipelines and PEFT put before a component's module names.
 COMPONENT_PREFIXES = ("base_model.model.", "unet.", "text_encoder_2.", "text_encoder.", "transformer.")
@@ -123,6 +122,19 @@ def _resnet_back(rest: str) -> str:
     raise KeyError(rest)
 
 
+# transformers 5 dropped CLIPTextModel's `text_model` wrapper: its modules (and PEFT's names for them) start
+# here. CLIPTextModelWithProjection kept the wrapper; ComfyUI and the checkpoints use the wrapped names.
+_TEXT_MODEL_ROOTS = ("encoder.layers.", "embeddings.token_embedding", "embeddings.position_embedding",
+                     "final_layer_norm")
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+def hf_text_model_name(name: str) -> str:
+    """A CLIP text model's module name in the transformers 4 form ComfyUI uses (`text_model.encoder.…`),
+    whichever transformers generation wrote it."""
+    return "text_model." + name if name.startswith(_TEXT_MODEL_ROOTS) else name
+
+
 def split_component(name: str) -> tuple[str, str]:
     """('unet' | 'text_encoder' | 'text_encoder_2' | 'transformer' | '', name without component prefixes)."""
     component = ""
@@ -138,8 +150,10 @@ def split_component(name: str) -> tuple[str, str]:
     if not component:
         if name.startswith(UNET_ROOTS):
             component = "unet"
-        elif name.startswith("text_model."):
+        elif name.startswith("text_model.") or name.startswith(_TEXT_MODEL_ROOTS):
             component = "text_encoder"
+    if component in TEXT_COMPONENTS:
+        name = hf_text_model_name(name)
     return component, name
 
 
@@ -155,7 +169,7 @@ def to_native(name: str, clip: str | None = None) -> str:
         ldm = diffusers_unet_to_ldm(bare)
         if ldm is not None:
             return UNET_PREFIX + ldm
-    if bare.startswith("text_model."):
+    if component in TEXT_COMPONENTS or bare.startswith("text_model."):
         which = clip or ("clip_g" if component == "text_encoder_2" else "clip_l")
         return f"{TE_PREFIX}{which}.transformer.{bare}"
     return bare

@@ -10,20 +10,19 @@ import json
 import os
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 
-from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
+from .adapter import DEFAULT_SEED, Adapter, Layer
 from .delta import matrix_shape
-from .fileformat import PICKLE_SUFFIXES, WaveFTFileError, read_tensors_and_metadata
-from .names import split_component, to_native, to_peft
+from .fileformat import WaveFTFileError
+from .layouts import ENCODERS
+from .names import TEXT_COMPONENTS, split_component, to_native, to_peft
+from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, read_source, settings
 from .wavelets import UnknownWaveletError, check_wavelet, peft_name
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-SPECTRUM_SUFFIX = ".waveft_spectrum"
 
 
 def peft_positions(shape, count: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
@@ -41,116 +40,141 @@ def _positions(size: int, count: int, seed: int) -> torch.Tensor:
     return torch.randperm(size, generator=generator, dtype=dtype)[:count].clone()
 
 
+@dataclass(frozen=True)
+class Spelling:
+    """How the caller names its inputs, so a message tells a Python user `base=`, a CLI user `--base` and a
+    ComfyUI user which socket to connect."""
+
+    base: str = "base=<single-file checkpoint, diffusers folder or state dict>"
+    choose_clip: str = "Say which with clip='clip_l' or clip='clip_g'"
+    adapter: str = "adapter="
+    settings: str = "overrides={'wavelet_family': …, 'scaling': …, 'random_loc_seed': …, 'use_idwt': …}"
+
+
+PYTHON = Spelling()
+CLI = Spelling("--base <single-file checkpoint or diffusers folder>", "Say which with --clip clip_l or --clip clip_g",
+               "--adapter ", "--wavelet/--scaling/--seed/--use-idwt")
+SETTINGS_LABELS = {"wavelet_family": "wavelet", "scaling": "scaling", "random_loc_seed": "seed",
+                   "use_idwt": "use_idwt"}
+
+
 def is_peft_dir(path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
-
-
-def read_peft_dir(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config, {module name as PEFT wrote it: spectrum}) with the checks a loader needs."""
-    path = Path(path)
-    if path.is_file() and path.name == CONFIG_NAME:
-        path = path.parent
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise WaveFTFileError(path, f"is not a PEFT adapter folder (no {CONFIG_NAME})")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise WaveFTFileError(config_path, f"is not valid JSON ({e})") from None
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "WAVEFT":
-        raise WaveFTFileError(config_path, f"peft_type is '{config.get('peft_type')}', not 'WAVEFT'",
-                              key="peft_type", advice="Load LoRA folders with a LoRA loader")
-    if config.get("fan_in_fan_out"):
-        raise WaveFTFileError(config_path, "fan_in_fan_out=true (GPT-2 style Conv1D layers) is not supported",
-                              key="fan_in_fan_out")
-    try:
-        check_wavelet(config.get("wavelet_family", "db1"))
-    except UnknownWaveletError as e:
-        raise WaveFTFileError(config_path, str(e), key="wavelet_family") from None
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        if pickled:
-            raise WaveFTFileError(path / pickled[0], "is a pickle, which WaveFT never loads (it can run code)",
-                                  advice="Save the adapter with safe_serialization=True (adapter_model.safetensors)")
-        raise WaveFTFileError(path, f"has no {WEIGHTS_NAME}")
-    tensors, _ = read_tensors_and_metadata(weights)
-    spectra = {}
-    for key, t in tensors.items():
-        if not key.endswith(SPECTRUM_SUFFIX):
-            continue
-        if not t.dtype.is_floating_point or t.dim() != 1:
-            raise WaveFTFileError(weights, f"must be a 1-D float tensor, got {t.dtype} {list(t.shape)}", key=key)
-        if not torch.isfinite(t).all():
-            raise WaveFTFileError(weights, "has NaN or infinite coefficients", key=key)
-        spectra[key[: -len(SPECTRUM_SUFFIX)]] = t
-    if not spectra:
-        raise WaveFTFileError(weights, "holds no '*.waveft_spectrum' tensors")
-    return config, spectra
-
-
-def _strip_adapter_name(module: str) -> str:
-    # PEFT removes the adapter name when saving; older or hand-made files may keep '.default'.
-    return module[: -len(".default")] if module.endswith(".default") else module
 
 
 ShapeLookup = Callable[[str, str], "tuple[int, ...] | None"]  # (peft name, native name) -> weight shape
 
 
-def import_peft(path, shape_of: ShapeLookup, clip: str | None = None, native_names: bool = True) -> Adapter:
-    """A PEFT WaveFT folder -> Adapter with explicit positions, named ComfyUI-native (SD1.x/SDXL rule of
-    names.py) or, with native_names=False, as PEFT wrote them minus `base_model.model.` (a host that
-    resolves names against the actual model does better than the fixed SD1.x/SDXL rule).
+def import_peft(path, shape_of: ShapeLookup, clip: str | None = None, native_names: bool = True,
+                encoders: tuple[str, ...] = (), adapter: str | None = None, overrides: dict | None = None,
+                spelling: Spelling = PYTHON) -> Adapter:
+    """A PEFT folder or diffusers file (see sources.py) -> Adapter with PEFT's positions for each layer's
+    shape. Names become ComfyUI-native (the SD1.x/SDXL rules of names.py) or, with native_names=False, stay
+    as the tool wrote them minus its wrappers (a host that resolves names against the actual model does
+    better than the fixed rules for other families).
 
-    `shape_of(peft_name, native_name)` returns the target weight's shape or None when unknown."""
-    config, spectra = read_peft_dir(path)
-    wavelet = config.get("wavelet_family", "db1")
-    scaling = float(config.get("scaling", DEFAULT_SCALING))
-    seed = int(config.get("random_loc_seed", DEFAULT_SEED))
-    use_idwt = bool(config.get("use_idwt", True))
+    `shape_of(peft_name, native_name)` gives the base weight's shape or None; `encoders` the base's text
+    encoders ('clip_l', 'clip_g', ...) when known."""
+    return import_source(read_source(path, adapter, spelling.adapter), shape_of, clip, native_names, encoders,
+                         overrides, spelling)
+
+
+def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None, native_names: bool = True,
+                  encoders: tuple[str, ...] = (), overrides: dict | None = None,
+                  spelling: Spelling = PYTHON) -> Adapter:
     layers: dict[str, Layer] = {}
-    missing = []
-    # A text encoder saved without its pipeline prefix could be CLIP-L or CLIP-G: take the first
-    # encoder of the base model that has every layer.
-    choices = [clip] if clip else ["clip_l", "clip_g", "clip_h"]
-    for choice in choices:
-        resolved = {}
+    notes = list(source.notes)
+    seeds = set()
+    for part in source.parts:
+        values, defaulted = settings(part, overrides)
+        label = f"{part.component or 'the model'}"
+        try:
+            wavelet = check_wavelet(str(values["wavelet_family"]))
+        except UnknownWaveletError as e:
+            raise WaveFTFileError(source.path, str(e), key="wavelet_family") from None
+        if defaulted:
+            which = ", ".join(f"{SETTINGS_LABELS[k]} {_show(values[k])}" for k in defaulted)
+            where = "no settings are stored" if part.config is None else f"{part.origin} does not say"
+            notes.append(f"{label}: {where}; PEFT's defaults used: {which} (set them with {spelling.settings})")
+        encoder = _encoder_for(source, part, shape_of, encoders, clip, spelling) if is_text_part(part) else None
         missing = []
-        for raw_name, spectrum in spectra.items():
-            peft_module = _strip_adapter_name(raw_name)
-            native = to_native(peft_module, clip=choice)
-            shape = shape_of(peft_module, native)
-            if not native_names:
-                native = peft_module.removeprefix("base_model.model.")
+        for module, spectrum in part.spectra.items():
+            peft_name = f"{part.component}.{module}" if part.component else module
+            native = to_native(peft_name, clip=encoder)
+            shape = shape_of(peft_name, native)
             if shape is None:
-                missing.append(peft_module)
-            else:
-                resolved[raw_name] = (native, tuple(shape))
-        if not missing:
-            break
-    for raw_name, (native, shape) in resolved.items():
-        spectrum = spectra[raw_name]
-        m, n = matrix_shape(shape)
-        if spectrum.numel() > m * n:
-            raise WaveFTFileError(Path(path) / WEIGHTS_NAME, f"{spectrum.numel()} coefficients do not fit a "
-                                  f"weight of shape {list(shape)}: the base model is not the one it was trained on",
-                                  key=raw_name + SPECTRUM_SUFFIX)
-        indices = peft_positions(shape, spectrum.numel(), seed)
-        layers[native] = Layer(spectrum=spectrum.float(), indices=indices, shape=shape, scaling=scaling,
-                               wavelet=wavelet, use_idwt=use_idwt)
-    if missing:
-        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise WaveFTFileError(path, f"the base model has no weight for {len(missing)} of {len(spectra)} layers "
-                              f"({listed})", advice="Give the base model this adapter was trained on")
-    metadata = {
-        "waveft.seed": str(seed),
-        "waveft.source": "peft",
-    }
-    base_model = config.get("base_model_name_or_path")
+                missing.append(peft_name)
+                continue
+            shape = tuple(int(s) for s in shape)
+            m, n = matrix_shape(shape)
+            if spectrum.numel() > m * n:
+                raise WaveFTFileError(source.path, f"{spectrum.numel()} coefficients do not fit the base weight of "
+                                      f"shape {list(shape)}", key=peft_name + SPECTRUM_SUFFIX,
+                                      advice=f"Give the base model it was trained on ({spelling.base})")
+            # a text encoder's layer keeps the native name: it carries the encoder decided above
+            name = native if native_names or encoder else split_component(peft_name)[1]
+            layers[name] = Layer(spectrum=spectrum.float(), indices=peft_positions(shape, spectrum.numel(),
+                                                                                   values["random_loc_seed"]),
+                                 shape=shape, scaling=values["scaling"], wavelet=wavelet, use_idwt=values["use_idwt"])
+        if missing:
+            listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            where = f" in {encoder}" if encoder else ""
+            raise WaveFTFileError(source.path, f"the base model has no weight{where} for {len(missing)} of "
+                                  f"{len(part.spectra)} {label} layers ({listed})",
+                                  advice=f"Give the base model this adapter was trained on ({spelling.base})")
+        if encoder:
+            notes.append(f"{label} layers go to {encoder}")
+        seeds.add(values["random_loc_seed"])
+    metadata = {"waveft.source": "peft" if source.kind == "PEFT folder" else "diffusers"}
+    if len(seeds) == 1:
+        metadata["waveft.seed"] = str(seeds.pop())
+    if notes:
+        metadata["waveft.import_notes"] = "; ".join(notes)
+    base_model = next((p.config.get("base_model_name_or_path") for p in source.parts
+                       if p.config and p.config.get("base_model_name_or_path")), None)
     if base_model:
-        metadata["modelspec.description"] = f"converted from a PEFT adapter for {base_model}"
-    return Adapter(layers=layers, metadata=metadata, source=str(path))
+        metadata["modelspec.description"] = f"converted from a {source.kind} for {base_model}"
+    return Adapter(layers=layers, metadata=metadata, source=str(source.path))
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def is_text_part(part: Part) -> bool:
+    """Whether a part adapts a text encoder (by its component, else by its module names)."""
+    if part.component:
+        return part.component in TEXT_COMPONENTS
+    return any(split_component(name)[0] in TEXT_COMPONENTS for name in part.spectra)
+
+
+def _encoder_for(source: Source, part: Part, shape_of: ShapeLookup, encoders, clip, spelling: Spelling) -> str:
+    """Which text encoder a part adapts: the caller's choice, else its component (text_encoder_2 is CLIP-G;
+    text_encoder the first encoder, CLIP-L or SD2's CLIP-H), else the only encoder of the base where every
+    layer has a weight its spectrum fits. Several that fit is an error, never a guess."""
+    if clip:
+        return clip
+    if part.component == "text_encoder_2":
+        return "clip_g"
+    if part.component == "text_encoder":
+        return next((e for e in ("clip_l", "clip_h") if e in encoders), "clip_l")
+    fits = []
+    for encoder in encoders or ENCODERS:
+        ok = True
+        for module, spectrum in part.spectra.items():
+            shape = shape_of(module, to_native(module, clip=encoder))
+            if shape is None or spectrum.numel() > matrix_shape(tuple(shape))[0] * matrix_shape(tuple(shape))[1]:
+                ok = False
+                break
+        if ok:
+            fits.append(encoder)
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:
+        return next(iter(encoders), "clip_l")  # reported as missing weights by the caller
+    raise WaveFTFileError(source.path, f"its text-encoder layers fit {' and '.join(fits)} alike, and nothing in the "
+                          "adapter says which encoder it was trained on",
+                          advice=f"{spelling.choose_clip} (SDXL's text_encoder is CLIP-L, text_encoder_2 is CLIP-G)")
 
 
 def export_peft(adapter: Adapter, out_dir, base_model_name: str | None = None) -> list[Path]:
@@ -226,103 +250,3 @@ def _write_peft_folder(folder: Path, layers: Mapping[str, Layer], seed: int, bas
             if os.path.exists(name):
                 os.unlink(name)
         raise
-
-
-def shapes_from_state_dict(state: Mapping[str, object]) -> ShapeLookup:
-    """A shape lookup over a base model's tensors (or shapes): diffusers-format component files, ComfyUI
-    native names, and single-file SD1.x/SDXL checkpoints (UNet and CLIP-L/CLIP-G, OpenCLIP layout included)."""
-    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in state.items()}
-
-    def lookup(peft_name: str, native: str):
-        _, bare = split_component(peft_name)
-        for key in _candidate_keys(bare, native):
-            if key in shapes:
-                return shapes[key]
-        return _openclip_shape(shapes, native)
-
-    return lookup
-
-
-_CHECKPOINT_UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
-_CHECKPOINT_CLIP_PREFIXES = {
-    "clip_l": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "clip_l.transformer.",
-               "text_encoders.clip_l.transformer.", "text_encoder.", ""),
-    "clip_g": ("conditioner.embedders.1.model.transformer.", "clip_g.transformer.", "text_encoders.clip_g.transformer.",
-               "text_encoder_2.", ""),
-}
-
-
-def _candidate_keys(bare: str, native: str):
-    yield f"{bare}.weight"
-    yield f"{native}.weight"
-    if native.startswith("diffusion_model."):
-        ldm = native[len("diffusion_model."):]
-        for p in _CHECKPOINT_UNET_PREFIXES:
-            yield f"{p}{ldm}.weight"
-    elif native.startswith("text_encoders."):
-        clip, _, rest = native[len("text_encoders."):].partition(".transformer.")
-        for p in _CHECKPOINT_CLIP_PREFIXES.get(clip, ()):
-            yield f"{p}{rest}.weight"
-
-
-def _openclip_shape(shapes, native: str):
-    """SDXL single-file checkpoints keep CLIP-G in OpenCLIP layout (fused q/k/v); derive HF shapes."""
-    import re
-
-    m = re.fullmatch(r"text_encoders\.clip_g\.transformer\.text_model\.encoder\.layers\.(\d+)\.(.+)", native)
-    if not m:
-        return None
-    base = f"conditioner.embedders.1.model.transformer.resblocks.{m[1]}."
-    part = m[2]
-    if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        fused = shapes.get(base + "attn.in_proj_weight")
-        return (fused[0] // 3, fused[1]) if fused else None
-    simple = {"self_attn.out_proj": "attn.out_proj.weight", "mlp.fc1": "mlp.c_fc.weight", "mlp.fc2": "mlp.c_proj.weight"}
-    key = simple.get(part)
-    return shapes.get(base + key) if key else None
-
-
-def shapes_from_file(path) -> ShapeLookup:
-    """Shape lookup over a safetensors checkpoint, reading only its header (no tensor data)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if path.is_dir():  # a diffusers component folder or a whole pipeline folder
-        files = sorted(path.rglob("*.safetensors"))
-        if not files:
-            raise WaveFTFileError(path, "holds no .safetensors weights to take layer shapes from")
-        shapes: dict[str, tuple] = {}
-        for f in files:
-            if f.name == WEIGHTS_NAME:
-                continue
-            component = f.parent.name if f.parent != path else ""
-            for k, v in _header_shapes(f, safe_open).items():
-                shapes[k] = v
-                if component:
-                    shapes[f"{component}.{k}"] = v
-        return _component_aware(shapes)
-    return shapes_from_state_dict(_header_shapes(path, safe_open))
-
-
-def _component_aware(shapes) -> ShapeLookup:
-    plain = shapes_from_state_dict(shapes)
-
-    def lookup(peft_name: str, native: str):
-        component, bare = split_component(peft_name)
-        if component and f"{component}.{bare}.weight" in shapes:
-            return shapes[f"{component}.{bare}.weight"]
-        return plain(peft_name, native)
-
-    return lookup
-
-
-def _header_shapes(path: Path, safe_open) -> dict[str, tuple]:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WaveFTFileError(path, "is a pickle, which WaveFT never loads (it can run code)",
-                              advice="Give a .safetensors checkpoint")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise WaveFTFileError(path, f"cannot be read as safetensors ({e})") from e
-

@@ -1,0 +1,260 @@
+"""WaveFT adapters as PEFT, diffusers and transformers save them: spectra without positions, with whatever
+settings the tool stored.
+
+- PEFT folders (`save_pretrained`): adapter_config.json + adapter_model.safetensors; several adapters of one
+  model (the first at the top, the others in sub-folders named after them, or only sub-folders after a
+  `selected_adapters` save); one sub-folder per pipeline component (unet/, text_encoder/, text_encoder_2/,
+  as this project's PEFT export writes them).
+- diffusers single files: `save_lora_adapter` (bare PEFT names, the config as JSON in the safetensors
+  metadata `lora_adapter_metadata`) and a pipeline's `save_lora_weights` (`unet.`/`text_encoder.`/
+  `text_encoder_2.`/`transformer.` prefixed names, with per-component configs flattened into that metadata as
+  `<component>.<setting>`, or none).
+
+Each becomes a Source: one Part per component, each with its spectra, the settings it stored and where
+they came from. Turning a Source into an Adapter needs the base model's shapes (peft_io.import_source)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .fileformat import PICKLE_SUFFIXES, WaveFTFileError, read_tensors_and_metadata
+from .names import TEXT_COMPONENTS
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+SPECTRUM_SUFFIX = ".waveft_spectrum"
+METADATA_KEY = "lora_adapter_metadata"
+COMPONENTS = ("unet", "transformer", *TEXT_COMPONENTS)
+# PEFT's WaveFTConfig defaults, used for what a file does not say.
+PEFT_DEFAULTS = {"wavelet_family": "db1", "scaling": 25.0, "random_loc_seed": 777, "use_idwt": True}
+SETTINGS = ("wavelet_family", "scaling", "random_loc_seed", "use_idwt")
+
+
+@dataclass
+class Part:
+    """The spectra of one model (a pipeline component, or the one model of a plain PEFT folder)."""
+
+    component: str  # one of COMPONENTS, or '' when the source does not say
+    spectra: dict[str, torch.Tensor]  # module name (no component or base_model.model. prefix) -> spectrum
+    config: dict | None  # the PEFT config the source stored for it, or None
+    origin: str  # where `config` came from, for reports ('' when nothing was stored)
+
+
+@dataclass
+class Source:
+    path: Path
+    kind: str  # 'PEFT folder' | 'diffusers file'
+    parts: list[Part]
+    notes: list[str] = field(default_factory=list)  # what a user should know (other adapters, defaults used)
+
+
+def is_spectra_file(keys) -> bool:
+    """A safetensors file of spectra without stored positions (diffusers, or a PEFT adapter_model)."""
+    keys = list(keys)
+    return any(k.endswith(SPECTRUM_SUFFIX) for k in keys) and not any(k.endswith(".waveft_indices") for k in keys)
+
+
+def read_source(path, adapter: str | None = None, adapter_option: str = "adapter=") -> Source:
+    """The spectra and settings at `path`: a PEFT folder (or its adapter_config.json), a folder holding
+    adapters in sub-folders, or a diffusers .safetensors file (or the folder diffusers saved it in).
+    `adapter` picks one adapter of a folder that holds several; `adapter_option` is how the caller spells
+    that choice in messages."""
+    path = Path(path)
+    if path.is_file() and path.name == CONFIG_NAME:
+        path = path.parent
+    if path.is_file():
+        if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+            return read_source(path.parent, adapter, adapter_option)
+        return _diffusers_file(path)
+    if not path.is_dir():
+        raise WaveFTFileError(path, "no such file or folder")
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    components = [p for p in subs if p.name in COMPONENTS]
+    named = [p for p in subs if p.name not in COMPONENTS]
+    if adapter is not None and adapter != "default":
+        chosen = next((p for p in named if p.name == adapter), None)
+        if chosen is None:
+            have = ["default"] * (path / CONFIG_NAME).is_file() + [p.name for p in named]
+            raise WaveFTFileError(path, f"holds no adapter named '{adapter}'",
+                                  advice=f"Adapters here: {', '.join(have) or 'none'}")
+        source = read_source(chosen)
+        source.notes.insert(0, f"adapter '{adapter}' of {path.name}")
+        return source
+    if (path / CONFIG_NAME).is_file():
+        source = Source(path, "PEFT folder", [_peft_part(path, component=path.name if path.name in COMPONENTS
+                                                         else "")])
+        if named:
+            source.notes.append(f"{path.name} also holds the adapters {', '.join(p.name for p in named)}; this is "
+                                f"the default one (pick another with {adapter_option}<name>)")
+        return source
+    if components:
+        return Source(path, "PEFT folder", [_peft_part(p, component=p.name) for p in components])
+    if (path / DIFFUSERS_WEIGHTS_NAME).is_file():
+        return _diffusers_file(path / DIFFUSERS_WEIGHTS_NAME)
+    if len(named) == 1:
+        source = read_source(named[0])
+        source.notes.insert(0, f"{path.name} has no adapter at its top; using the one in {named[0].name}/")
+        return source
+    if named:
+        raise WaveFTFileError(path, f"has no {CONFIG_NAME} of its own but holds the PEFT adapters "
+                              f"{', '.join(p.name for p in named)} in sub-folders",
+                              advice=f"Load one of those folders, or pick one with {adapter_option}<name>")
+    pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickled:
+        raise WaveFTFileError(path / pickled[0], "is a pickle, which WaveFT never loads (it can run code)",
+                              advice="Save the adapter with safe_serialization=True (.safetensors)")
+    raise WaveFTFileError(path, f"is not a WaveFT adapter: no {CONFIG_NAME}, no {DIFFUSERS_WEIGHTS_NAME} and no "
+                          "adapter sub-folders", advice="Give the folder PEFT or diffusers saved, or the file in it")
+
+
+def _peft_part(folder: Path, component: str) -> Part:
+    config_path = folder / CONFIG_NAME
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise WaveFTFileError(config_path, f"is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise WaveFTFileError(config_path, "is not a JSON object")
+    _check_config(config_path, config)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickled:
+            raise WaveFTFileError(folder / pickled[0], "is a pickle, which WaveFT never loads (it can run code)",
+                                  advice="Save the adapter with safe_serialization=True (adapter_model.safetensors)")
+        raise WaveFTFileError(folder, f"has no {WEIGHTS_NAME}")
+    tensors, _ = read_tensors_and_metadata(weights)
+    spectra = _spectra(weights, tensors)
+    grouped = _by_component(spectra)
+    if set(grouped) - {""}:
+        # a PEFT save of a whole pipeline-like model keeps component prefixes in its names
+        if len(grouped) > 1 or component:
+            raise WaveFTFileError(weights, "mixes modules of several pipeline components in one PEFT adapter",
+                                  advice="Save one adapter per component (unet, text_encoder, ...)")
+        component, spectra = next(iter(grouped.items()))
+    return Part(component, spectra, config, CONFIG_NAME)
+
+
+def _diffusers_file(path: Path) -> Source:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WaveFTFileError(path, f"'{path.suffix}' files are pickles, which WaveFT never loads (they can run code)",
+                              advice="Save the adapter with safe_serialization=True (.safetensors)")
+    tensors, metadata = read_tensors_and_metadata(path)
+    if not is_spectra_file(tensors):
+        raise WaveFTFileError(path, "holds no WaveFT spectra without positions", advice="Load it as a native "
+                              "WaveFT file, or as a LoRA with a LoRA loader")
+    spectra = _spectra(path, tensors)
+    configs = _metadata_configs(path, metadata)
+    parts = []
+    for component, group in _by_component(spectra).items():
+        config = configs.get(component, configs.get(""))
+        if config is not None:
+            _check_config(path, config, key=METADATA_KEY)
+        parts.append(Part(component, group, config, f"the file's {METADATA_KEY}" if config is not None else ""))
+    return Source(path, "diffusers file", parts)
+
+
+def _metadata_configs(path: Path, metadata: dict) -> dict[str, dict]:
+    """component ('' for all) -> config from `lora_adapter_metadata`: one flat config (save_lora_adapter), or
+    settings prefixed with their component (a pipeline's save_lora_weights)."""
+    text = metadata.get(METADATA_KEY)
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise WaveFTFileError(path, f"is not valid JSON ({e})", key=METADATA_KEY) from None
+    if not isinstance(data, dict):
+        raise WaveFTFileError(path, "is not a JSON object", key=METADATA_KEY)
+    out: dict[str, dict] = {}
+    for key, value in data.items():
+        component, _, setting = key.partition(".")
+        if component in COMPONENTS and setting:
+            out.setdefault(component, {})[setting] = value
+        else:
+            out.setdefault("", {})[key] = value
+    return out
+
+
+def _check_config(path: Path, config: dict, key: str | None = None) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type is not None and str(peft_type).upper() != "WAVEFT":
+        raise WaveFTFileError(path, f"peft_type is '{peft_type}', not 'WAVEFT'", key=key or "peft_type",
+                              advice="Load LoRA adapters with a LoRA loader")
+    if config.get("fan_in_fan_out"):
+        raise WaveFTFileError(path, "fan_in_fan_out=true (GPT-2 style Conv1D layers) is not supported",
+                              key=key or "fan_in_fan_out")
+
+
+def _spectra(path: Path, tensors: dict) -> dict[str, torch.Tensor]:
+    spectra = {}
+    for key, t in tensors.items():
+        if not key.endswith(SPECTRUM_SUFFIX):
+            continue
+        if not t.dtype.is_floating_point or t.dim() != 1:
+            raise WaveFTFileError(path, f"must be a 1-D float tensor, got {t.dtype} {list(t.shape)}", key=key)
+        if not torch.isfinite(t).all():
+            raise WaveFTFileError(path, "has NaN or infinite coefficients", key=key)
+        name = key[: -len(SPECTRUM_SUFFIX)]
+        if name.endswith(".default"):  # PEFT drops the adapter name when saving; hand-made files may not
+            name = name[: -len(".default")]
+        spectra[name] = t
+    if not spectra:
+        raise WaveFTFileError(path, f"holds no '*{SPECTRUM_SUFFIX}' tensors")
+    return spectra
+
+
+def _by_component(spectra: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group by a leading pipeline component (`unet.`, `text_encoder_2.`, …), dropping it and PEFT's
+    `base_model.model.` wrapper from the names."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in spectra.items():
+        head, _, rest = name.partition(".")
+        component = head if head in COMPONENTS and rest else ""
+        module = rest if component else name
+        module = module.removeprefix("base_model.model.")
+        groups.setdefault(component, {})[module] = t
+    return groups
+
+
+def settings(part: Part, overrides: dict | None = None) -> tuple[dict, list[str]]:
+    """The part's wavelet_family, scaling, random_loc_seed and use_idwt: what it stored, what the caller
+    overrides, PEFT's defaults for the rest; and which settings came from those defaults."""
+    config = dict(part.config or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    out, defaulted = {}, []
+    for name in SETTINGS:
+        if name in overrides:
+            out[name] = overrides[name]
+        elif config.get(name) is not None:
+            out[name] = config[name]
+        else:
+            out[name] = PEFT_DEFAULTS[name]
+            defaulted.append(name)
+    out["scaling"] = float(out["scaling"])
+    out["random_loc_seed"] = int(out["random_loc_seed"])
+    out["use_idwt"] = out["use_idwt"] if isinstance(out["use_idwt"], bool) else \
+        str(out["use_idwt"]).strip().lower() in ("1", "true", "yes")
+    return out, defaulted
+
+
+def describe(source: Source, overrides: dict | None = None) -> str:
+    """What a source holds and the settings it will be read with, without a base model."""
+    lines = [f"{source.path.name}: {source.kind}, which stores no coefficient positions (a base model draws them)"]
+    for part in source.parts:
+        values, defaulted = settings(part, overrides)
+        count = sum(t.numel() for t in part.spectra.values())
+        where = part.origin or "nothing stored"
+        lines.append(f"{part.component or 'model'}: {len(part.spectra)} layers, {count:,} coefficients; wavelet "
+                     f"{values['wavelet_family']}, scaling {values['scaling']:g}, seed {values['random_loc_seed']}, "
+                     f"transform {'inverse DWT' if values['use_idwt'] else 'none (use_idwt=false)'} "
+                     f"(from {where}{'; PEFT defaults for ' + ', '.join(defaulted) if defaulted else ''})")
+        base = (part.config or {}).get("base_model_name_or_path")
+        if base:
+            lines.append(f"{part.component or 'model'} was trained on: {base}")
+    lines += source.notes
+    return "\n".join(lines)
