@@ -42,7 +42,7 @@ __version__ = _read_version()
 
 
 def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str | None = None,
-         adapter: str | None = None, overrides: Mapping | None = None, spelling=None) -> Adapter:
+         adapter: str | None = None, overrides: Mapping | None = None, components=None, spelling=None) -> Adapter:
     """Load a WaveFT adapter: a native v1 file, or one that stores no positions: a PEFT folder (one adapter,
     several by name, or one sub-folder per pipeline component) or a diffusers .safetensors file. Those need
     `base`, the model it was trained on (a single-file checkpoint, a diffusers folder, a state dict or
@@ -50,7 +50,8 @@ def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str 
 
     clip: 'clip_l' / 'clip_g' for a text-encoder adapter that does not say which encoder it adapts.
     adapter: the adapter's name in a folder holding several. overrides: wavelet_family, scaling,
-    random_loc_seed, use_idwt, for adapters saved without them (PEFT's defaults otherwise)."""
+    random_loc_seed, use_idwt, for adapters saved without them (PEFT's defaults otherwise). components: only
+    these pipeline components ('unet', 'text_encoder', 'text_encoder_2', 'transformer') of a multi-part one."""
     from . import fileformat, peft_io, sources
 
     spelling = spelling or peft_io.PYTHON
@@ -59,16 +60,19 @@ def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str 
         tensors, metadata = fileformat.read_tensors_and_metadata(path)
         if not sources.is_spectra_file(tensors) or "waveft.format_version" in metadata:
             return fileformat.adapter_from_tensors(tensors, metadata, path)
-    return load_peft(path, base, clip=clip, adapter=adapter, overrides=overrides, spelling=spelling)
+    return load_peft(path, base, clip=clip, adapter=adapter, overrides=overrides, components=components,
+                     spelling=spelling)
 
 
 def load_peft(path, base, clip: str | None = None, adapter: str | None = None, overrides: Mapping | None = None,
-              spelling=None) -> Adapter:
+              components=None, spelling=None) -> Adapter:
     """A PEFT folder or diffusers file (see `load`) resolved against `base`."""
     from . import layouts, peft_io, sources
 
     spelling = spelling or peft_io.PYTHON
     source = sources.read_source(path, adapter, spelling.adapter)  # a bad path is reported before a missing base
+    if components:
+        source = sources.select_components(source, components)
     if base is None:
         raise WaveFTFileError(
             path, f"is a {source.kind}, which stores no coefficient positions",

@@ -30,7 +30,8 @@ def _load(args, path, base=None):
     from .peft_io import CLI
 
     return load(path, base=base if base is not None else getattr(args, "base", None), clip=getattr(args, "clip", None),
-                adapter=getattr(args, "adapter", None), overrides=_overrides(args), spelling=CLI)
+                adapter=getattr(args, "adapter_name", None), overrides=_overrides(args),
+                components=getattr(args, "component", None), spelling=CLI)
 
 
 def _refuse_overwrite(out: Path, *inputs, overwrite: bool = False) -> None:
@@ -52,7 +53,7 @@ def _cmd_info(args) -> int:
 
     path = Path(args.file)
     if args.base is None and not _stores_positions(path):
-        print(describe(read_source(path, args.adapter, CLI.adapter), _overrides(args)))
+        print(describe(read_source(path, args.adapter_name, CLI.adapter), _overrides(args)))
         print("(give --base <checkpoint or diffusers folder> to see each layer's shape and the native names)")
         return 0
     ad = _load(args, path)
@@ -80,6 +81,11 @@ def _cmd_convert(args) -> int:
         ad = _load(args, src)
         if args.base_model:
             ad.metadata["ss_base_model_version"] = args.base_model
+        wavelets = {layer.wavelet for layer in ad.layers.values()}
+        if len(wavelets) > 1:
+            raise ValueError(f"{src.name}: its components use the wavelets {', '.join(sorted(wavelets))}, and a native "
+                             "file holds one; convert one component at a time (--component unet, --component "
+                             "text_encoder, ...)")
         save(ad, dst)
         print(f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients"
               + (f", base model {ad.base_model}" if ad.base_model else ""))
@@ -189,7 +195,10 @@ def _source_options(p, base_help: str | None) -> None:
     p.add_argument("--clip", choices=["clip_l", "clip_g", "clip_h"],
                    help="the text encoder a text-encoder adapter was trained on, when it does not say "
                    "(SDXL: text_encoder = clip_l, text_encoder_2 = clip_g)")
-    p.add_argument("--adapter", help="which adapter of a PEFT folder that holds several (default: the top one)")
+    p.add_argument("--adapter", dest="adapter_name",
+                   help="which adapter of a PEFT folder that holds several (default: the top one)")
+    p.add_argument("--component", action="append", choices=["unet", "transformer", "text_encoder", "text_encoder_2"],
+                   help="only this pipeline component of a multi-part adapter (repeat for several)")
     p.add_argument("--wavelet", help="wavelet for an adapter saved without its settings (PEFT default db1)")
     p.add_argument("--scaling", type=float, help="scaling for an adapter saved without its settings (default 25)")
     p.add_argument("--seed", type=int, help="random_loc_seed for an adapter saved without it (default 777)")

@@ -148,8 +148,9 @@ def from_header(header: Mapping[str, Mapping], label: str = "the base model") ->
 
 
 def from_state_dict(state: Mapping[str, object], label: str = "the base model") -> BaseShapes:
-    """A state dict (tensors or shapes): single-file checkpoint keys, ComfyUI-native keys, diffusers pipeline
-    keys (`unet.…`, `text_encoder.…`, `text_encoder_2.…`), or a plain model's own keys."""
+    """A state dict (tensors or shapes): single-file checkpoint keys, ComfyUI-native keys (a ComfyUI CLIP's
+    `clip_l.transformer.…` too), diffusers pipeline keys (`unet.…`, `text_encoder.…`, `text_encoder_2.…`), or
+    a plain model's own keys."""
     header = {}
     components: dict[str, dict] = {}
     for key, value in state.items():
@@ -157,6 +158,8 @@ def from_state_dict(state: Mapping[str, object], label: str = "the base model") 
         component, _, rest = key.partition(".")
         if component in ("unet", "text_encoder", "text_encoder_2") and rest:
             components.setdefault(component, {})[rest] = {"shape": shape}
+        elif component in ENCODERS and rest.startswith("transformer."):  # a ComfyUI CLIP's own state dict
+            header[TE_PREFIX + key] = {"shape": shape}
         else:
             header[key] = {"shape": shape}
     base = from_header(header, label)

@@ -58,12 +58,15 @@ def is_spectra_file(keys) -> bool:
     return any(k.endswith(SPECTRUM_SUFFIX) for k in keys) and not any(k.endswith(".waveft_indices") for k in keys)
 
 
-def read_source(path, adapter: str | None = None, adapter_option: str = "adapter=") -> Source:
+def read_source(path, adapter: str | None = None, adapter_option: str = "adapter=", component: str = "") -> Source:
     """The spectra and settings at `path`: a PEFT folder (or its adapter_config.json), a folder holding
     adapters in sub-folders, or a diffusers .safetensors file (or the folder diffusers saved it in).
     `adapter` picks one adapter of a folder that holds several; `adapter_option` is how the caller spells
-    that choice in messages."""
+    that choice in messages. A folder named after a pipeline component (text_encoder_2/, …) says what its
+    adapters adapt, the named adapters in its sub-folders included."""
     path = Path(path)
+    if path.is_dir() and path.name in COMPONENTS:
+        component = path.name
     if path.is_file() and path.name == CONFIG_NAME:
         path = path.parent
     if path.is_file():
@@ -81,12 +84,11 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
             have = ["default"] * (path / CONFIG_NAME).is_file() + [p.name for p in named]
             raise WaveFTFileError(path, f"holds no adapter named '{adapter}'",
                                   advice=f"Adapters here: {', '.join(have) or 'none'}")
-        source = read_source(chosen)
+        source = read_source(chosen, component=component)
         source.notes.insert(0, f"adapter '{adapter}' of {path.name}")
         return source
     if (path / CONFIG_NAME).is_file():
-        source = Source(path, "PEFT folder", [_peft_part(path, component=path.name if path.name in COMPONENTS
-                                                         else "")])
+        source = Source(path, "PEFT folder", [_peft_part(path, component)])
         if named:
             source.notes.append(f"{path.name} also holds the adapters {', '.join(p.name for p in named)}; this is "
                                 f"the default one (pick another with {adapter_option}<name>)")
@@ -96,7 +98,7 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
     if (path / DIFFUSERS_WEIGHTS_NAME).is_file():
         return _diffusers_file(path / DIFFUSERS_WEIGHTS_NAME)
     if len(named) == 1:
-        source = read_source(named[0])
+        source = read_source(named[0], component=component)
         source.notes.insert(0, f"{path.name} has no adapter at its top; using the one in {named[0].name}/")
         return source
     if named:
@@ -258,3 +260,14 @@ def describe(source: Source, overrides: dict | None = None) -> str:
             lines.append(f"{part.component or 'model'} was trained on: {base}")
     lines += source.notes
     return "\n".join(lines)
+
+
+def select_components(source: Source, components) -> Source:
+    """Only the parts of these pipeline components; asking for one the source lacks is an error."""
+    wanted = list(components)
+    have = [p.component or "(model)" for p in source.parts]
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        raise WaveFTFileError(source.path, f"has no {', '.join(missing)} part", advice=f"It has: {', '.join(have)}")
+    return Source(source.path, source.kind, [p for p in source.parts if (p.component or "(model)") in wanted],
+                  list(source.notes))

@@ -404,3 +404,49 @@ def test_host_tests_run_from_a_checkout_named_like_a_user_install(tmp_path):
                          cwd=copy, env={**os.environ, "COMFYUI_PATH": COMFY, "WAVEFT_REQUIRE_HOST": "1"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_a_diffusers_file_among_loras_loads_through_the_node(pack, sd15, tmp_path):
+    """A pipeline's save_lora_weights file (unet./text_encoder. prefixes, a transformers-5 text-encoder name,
+    per-component settings in lora_adapter_metadata) dropped into models/loras: listed, and applied exactly
+    with positions drawn for the connected model's and CLIP's shapes."""
+    import json
+
+    import folder_paths
+    from safetensors.torch import save_file
+
+    model, clip, _ = sd15
+    unet_name, te_name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v", "encoder.layers.0.self_attn.q_proj"
+    g = torch.Generator().manual_seed(4)
+    spectra = {f"unet.{unet_name}.waveft_spectrum": torch.randn(300, generator=g) * 1e-3,
+               f"text_encoder.{te_name}.waveft_spectrum": torch.randn(200, generator=g) * 1e-2}
+    settings = {"unet.wavelet_family": "db2", "unet.scaling": 10.0, "unet.random_loc_seed": 5, "unet.use_idwt": True,
+                "text_encoder.wavelet_family": "db1", "text_encoder.scaling": 3.0, "text_encoder.random_loc_seed": 9}
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file(spectra, str(loras / "from_diffusers.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(settings)})
+    paths, exts = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(loras)], exts)
+    folder_paths.filename_list_cache.clear()
+    try:
+        assert "loras/from_diffusers.safetensors" in pack.nodes.loader.list_adapters()
+        out = pack.nodes.loader.WaveFTLoader().load(model, clip, "loras/from_diffusers.safetensors", 1.0, 0.5)
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = (paths, exts)
+        folder_paths.filename_list_cache.clear()
+    report = out["ui"]["text"][0]
+    assert "2 of 2 layers matched (1 model, 1 text encoder)" in report
+    assert "PEFT's defaults used: use_idwt True" in report and "layers go to clip_l" in report
+    new_model, new_clip = out["result"]
+    ukey = "diffusion_model.output_blocks.2.1.transformer_blocks.0.attn1.to_v.weight"
+    ckey = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    w = model.model.state_dict()[ukey]
+    cw = clip.cond_stage_model.state_dict()[ckey]
+    ref = reference_delta(peft_positions(tuple(w.shape), 300, 5), spectra[f"unet.{unet_name}.waveft_spectrum"].double(),
+                          tuple(w.shape), "db2", 10.0)
+    assert rel_err(patched_weights(new_model, [ukey])[ukey] - w.float(), torch.from_numpy(ref)) < 1e-5
+    cref = reference_delta(peft_positions(tuple(cw.shape), 200, 9),
+                           spectra[f"text_encoder.{te_name}.waveft_spectrum"].double(), tuple(cw.shape), "db1", 0.5 * 3.0)
+    expect = (cw.double() + torch.from_numpy(cref)).to(cw.dtype).float()
+    torch.testing.assert_close(clip_patched_weights(new_clip, [ckey])[ckey], expect, rtol=2 ** -10, atol=1e-7)
