@@ -118,7 +118,7 @@ class BaseShapes:
         return self.shapes.get(native)
 
     def __call__(self, peft_name: str, native: str) -> tuple[int, ...] | None:
-        """The lookup form import_peft takes: exactly the native module's weight, nothing near it."""
+        """The lookup form peft_io.import_source takes: exactly the native module's weight, nothing near it."""
         return self.shapes.get(native)
 
 

@@ -21,7 +21,7 @@ from .delta import matrix_shape
 from .fileformat import WaveFTFileError
 from .layouts import ENCODERS
 from .names import TEXT_COMPONENTS, split_component, to_native, to_peft
-from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, read_source, settings
+from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, settings
 from .wavelets import UnknownWaveletError, check_wavelet, peft_name
 
 
@@ -58,30 +58,21 @@ SETTINGS_LABELS = {"wavelet_family": "wavelet", "scaling": "scaling", "random_lo
                    "use_idwt": "use_idwt"}
 
 
-def is_peft_dir(path) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()
-
-
 ShapeLookup = Callable[[str, str], "tuple[int, ...] | None"]  # (peft name, native name) -> weight shape
-
-
-def import_peft(path, shape_of: ShapeLookup, clip: str | None = None, native_names: bool = True,
-                encoders: tuple[str, ...] = (), adapter: str | None = None, overrides: dict | None = None,
-                spelling: Spelling = PYTHON) -> Adapter:
-    """A PEFT folder or diffusers file (see sources.py) -> Adapter with PEFT's positions for each layer's
-    shape. Names become ComfyUI-native (the SD1.x/SDXL rules of names.py) or, with native_names=False, stay
-    as the tool wrote them minus its wrappers (a host that resolves names against the actual model does
-    better than the fixed rules for other families).
-
-    `shape_of(peft_name, native_name)` gives the base weight's shape or None; `encoders` the base's text
-    encoders ('clip_l', 'clip_g', ...) when known."""
-    return import_source(read_source(path, adapter, spelling.adapter), shape_of, clip, native_names, encoders,
-                         overrides, spelling)
 
 
 def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None, native_names: bool = True,
                   encoders: tuple[str, ...] = (), overrides: dict | None = None,
                   spelling: Spelling = PYTHON) -> Adapter:
+    """A PEFT folder's or diffusers file's spectra (sources.read_source) -> Adapter with PEFT's positions for
+    each layer's shape. Names become ComfyUI-native (the SD1.x/SDXL rules of names.py) or, with
+    native_names=False, stay as the tool wrote them minus its wrappers (a host that resolves names against the
+    actual model does better than the fixed rules for other families); a text encoder's layers always get
+    the native name of the encoder decided for them.
+
+    `shape_of(peft_name, native_name)` gives the base weight's shape or None; `encoders` the base's text
+    encoders ('clip_l', 'clip_g', ...) when known. Notes on how the source was read (other adapters in its
+    folder, PEFT defaults used, the encoder chosen) go into metadata['waveft.import_notes']."""
     layers: dict[str, Layer] = {}
     notes = list(source.notes)
     seeds = set()
