@@ -1,17 +1,15 @@
 """Helpers shared by the A1111 and Forge hooks: console messages, a small adapter cache, version detection."""
 from __future__ import annotations
 
-import os
 import sys
-from collections import OrderedDict
 
 import waveft_core as wft
+from waveft_core.cache import AdapterCache, fingerprint
 
 from . import keymap
 
 TAG = "[WaveFT]"
-_CACHE: "OrderedDict[tuple, wft.Adapter]" = OrderedDict()
-CACHE_SIZE = 8
+_ADAPTERS = AdapterCache(8)
 
 
 def log(message: str) -> None:
@@ -19,22 +17,9 @@ def log(message: str) -> None:
 
 
 def load_adapter(path) -> "wft.Adapter":
-    """wft.load with a small cache keyed by (path, mtime, size): the layers keep their scatter plans, so a
-    prompt that changes only the weight does not rebuild them. Raises wft.WaveFTFileError."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return wft.load(path)  # let the loader say "no such file"
-    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
-    adapter = _CACHE.get(key)
-    if adapter is None:
-        adapter = wft.load(path)
-        _CACHE[key] = adapter
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end(key)
-    return adapter
+    """wft.load through the adapter cache (keyed by the file's path, size and mtime): the layers keep their
+    scatter plans, so a prompt that changes only the weight does not rebuild them. Raises wft.WaveFTFileError."""
+    return _ADAPTERS.get(fingerprint(path), lambda: wft.load(path))
 
 
 def short_list(items, n: int = 3) -> str:

@@ -1,6 +1,6 @@
 """ComfyUI-native module names (FORMAT.md section 3) -> the names A1111 and Forge give the same layers.
 
-Pure functions: no webui, no torch. The A1111 names are those of `networks.assign_network_names_to_compvis_modules`:
+Pure functions: no webui; the header reader and the names come from waveft_core (storage.py, names.py). The A1111 names are those of `networks.assign_network_names_to_compvis_modules`:
 every module path of the loaded model with dots turned into underscores,
 
     UNet (SD1, SD2, SDXL)  sd_model.model.<path>             diffusion_model_input_blocks_4_1_..._attn1_to_q
@@ -18,13 +18,12 @@ Forge (its `backend/` since August 2024) keeps ComfyUI's layout: the UNet patche
 """
 from __future__ import annotations
 
-import json
 import re
-import struct
 from typing import NamedTuple
 
-UNET_PREFIX = "diffusion_model."
-TE_PREFIX = "text_encoders."
+from waveft_core.names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
+from waveft_core.storage import peek_header
+
 QKV = ("q", "k", "v")
 
 
@@ -51,7 +50,6 @@ class A1111Target(NamedTuple):
         return None
 
 
-_CLIP = re.compile(r"text_encoders\.(clip_[a-z0-9]+)\.transformer\.(.+)")
 _HF_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)")
 # OpenCLIP encoders and the prefixes A1111 gives them, best first: CLIP-G is embedder 1 of SDXL base (0 of the
 # refiner, which has no CLIP-L); CLIP-H is SD2's only encoder (no prefix).
@@ -90,7 +88,7 @@ def a1111_targets(native: str) -> list[A1111Target]:
     if native.startswith(UNET_PREFIX):
         key = _us(native)
         return [A1111Target(key, key)]
-    m = _CLIP.fullmatch(native)
+    m = NATIVE_CLIP.fullmatch(native)
     if not m:
         return []
     clip, rest = m[1], m[2]
@@ -107,7 +105,7 @@ def unsupported_reason(native: str) -> str:
     """Why a1111_targets(native) is empty, for messages."""
     if native.startswith(UNET_PREFIX):
         return "not a layer of this model"
-    m = _CLIP.fullmatch(native)
+    m = NATIVE_CLIP.fullmatch(native)
     if not m:
         return "A1111's Lora code handles SD1, SD2 and SDXL UNets and CLIP text encoders only"
     if m[1] not in _HF_PREFIXES and m[1] not in _OPENCLIP_PREFIXES:
@@ -133,41 +131,8 @@ def sd_version(metadata: dict) -> str | None:
     None when the metadata is not a WaveFT file's (leave those to the host's own detection)."""
     if str(metadata.get("ss_network_module", "")) != "waveft":
         return None
-    base = str(metadata.get("ss_base_model_version") or "")
-    arch = str(metadata.get("modelspec.architecture") or "")
-    if base.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
-        return "SDXL"
-    if base.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
-        return "SD1"
-    if base.startswith("sd_v2") or arch.startswith("stable-diffusion-v2"):
-        return "SD2"
-    if base.startswith("sd3") or arch.startswith("stable-diffusion-3"):
-        return "SD3"
-    if base.startswith("flux") or arch.startswith("flux"):
-        return "Flux"
-    return "Unknown"
-
-
-MAX_HEADER = 100 * 1024 * 1024
-
-
-def safetensors_header(path) -> tuple[list[str], dict[str, str]] | None:
-    """(tensor names, metadata) read from a safetensors header alone; None when it is not one. Never raises."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if n < 2 or n > MAX_HEADER:
-                return None
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            return None
-        metadata = header.pop("__metadata__", None) or {}
-        return list(header), {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
+    family = family_of(metadata)
+    return family.webui if family else "Unknown"
 
 
 def is_waveft_file(path, metadata: dict | None = None) -> bool:
@@ -177,11 +142,11 @@ def is_waveft_file(path, metadata: dict | None = None) -> bool:
         return True
     if not str(path).lower().endswith(".safetensors"):
         return False
-    header = safetensors_header(path)
+    header = peek_header(path)
     if header is None:
         return False
-    keys, meta = header
-    return meta.get("ss_network_module") == "waveft" or any(k.endswith(".waveft_spectrum") for k in keys)
+    return header.metadata.get("ss_network_module") == "waveft" or any(k.endswith(".waveft_spectrum")
+                                                                        for k in header.tensors)
 
 
 def is_waveft_state_dict(sd) -> bool:

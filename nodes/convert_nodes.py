@@ -6,7 +6,7 @@ import os
 import torch
 
 from ..waveft_core import WaveFTFileError
-from ..waveft_core import convert, fileformat
+from ..waveft_core import extract, fileformat, lora, merge
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader, training
 
@@ -43,11 +43,11 @@ class WaveFTToLoRA:
             adapter = fileformat.read(path)
         except WaveFTFileError as e:
             raise ValueError(f"WaveFT: {e}") from None
-        tensors, metadata, report = convert.to_lora(adapter, rank, dtype=torch.float16)
+        tensors, metadata, report = lora.to_lora(adapter, rank, dtype=torch.float16)
         folders = host.folder_dirs("loras")
         out = host.free_path(folders[0] if folders else os.path.join(host.output_folder(), "..", "loras"),
                              filename_prefix, label="models/loras")
-        convert.save_lora(tensors, metadata, out)
+        lora.save_lora(tensors, metadata, out)
         name = os.path.basename(out)
         text = f"saved models/loras/{name}: rank {rank}, {report['energy_kept'] * 100:.1f}% of ΔW's energy kept"
         return {"ui": {"text": [text]}, "result": (name,)}
@@ -86,10 +86,10 @@ class WaveFTFromLoRA:
             state, _ = fileformat.read_tensors_and_metadata(path)
         except WaveFTFileError as e:
             raise ValueError(f"WaveFT: {e}") from None
-        deltas = convert.lora_deltas(state)
+        deltas = lora.lora_deltas(state)
         if not deltas:
             raise ValueError(f"WaveFT: {lora_name} holds no LoRA layers this converter understands")
-        adapter, report = convert.extract(deltas, n_coefficients, wavelet=wavelet)
+        adapter, report = extract.extract(deltas, n_coefficients, wavelet=wavelet)
         out = training.output_path(filename_prefix)
         training.write_adapter(adapter, out)
         name = os.path.relpath(out, host.output_folder()).replace(os.sep, "/")
@@ -136,7 +136,7 @@ class WaveFTMergeCheckpoint:
         out = host.free_path(folders[0] if folders else os.path.dirname(src), filename_prefix,
                              label="models/checkpoints")
         try:
-            report = convert.merge_into_checkpoint(src, fileformat.read(path), strength, out)
+            report = merge.merge_into_checkpoint(src, fileformat.read(path), strength, out)
         except WaveFTFileError as e:
             raise ValueError(f"WaveFT: {e}") from None
         name = os.path.basename(out)

@@ -1,21 +1,19 @@
 """Load WaveFT adapters onto MODEL and CLIP (thin: the math and the file live in waveft_core)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
-from collections import OrderedDict
 
 from ..waveft_core import Adapter, WaveFTFileError
 from ..waveft_core import fileformat, peft_io, sources
-from ..waveft_core.names import TE_PREFIX
+from ..waveft_core import cache
+from ..waveft_core.names import ENCODERS, TE_PREFIX
+from ..waveft_core.storage import peek_header
 from . import host
 
 log = logging.getLogger("ComfyUI-WaveFT")
 LORA_PREFIX = "loras/"
-_CACHE: "OrderedDict[tuple, Adapter]" = OrderedDict()
-_CACHE_SIZE = 8
+_ADAPTERS = cache.AdapterCache(8)
 _SNIFF: dict = {}  # path -> (size, mtime_ns, is_waveft)
 # What a PEFT/diffusers file lacks comes from the connected model; messages say so in the node's terms.
 NODE_SPELLING = peft_io.Spelling(
@@ -29,7 +27,8 @@ NODE_SPELLING = peft_io.Spelling(
 
 
 def _is_waveft_file(path: str) -> bool:
-    """Read only the safetensors header: WaveFT files have '<module>.waveft_spectrum' keys."""
+    """Read only the safetensors header: WaveFT files (native, PEFT or diffusers) have '<module>.waveft_spectrum'
+    keys."""
     try:
         st = os.stat(path)
     except OSError:
@@ -37,41 +36,19 @@ def _is_waveft_file(path: str) -> bool:
     cached = _SNIFF.get(path)
     if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
         return cached[2]
-    found = False
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n < 64 * 1024 * 1024:
-                header = json.loads(f.read(n))
-                md = header.get("__metadata__") or {}
-                found = md.get("ss_network_module") == "waveft" or any(
-                    k.endswith(".waveft_spectrum") for k in header)
-    except (OSError, ValueError, struct.error):
-        found = False
+    header = peek_header(path)
+    found = header is not None and (header.metadata.get("ss_network_module") == "waveft"
+                                    or sources.is_spectra_file(header.tensors) or fileformat.looks_like_waveft(header.tensors))
     _SNIFF[path] = (st.st_size, st.st_mtime_ns, found)
     return found
 
 
 def _peft_dirs() -> list[str]:
-    """PEFT WaveFT folders inside models/waveft (relative names, '/' separated, up to 3 levels deep)."""
-    found = []
+    """PEFT WaveFT folders inside models/waveft (relative names, '/' separated)."""
+    found = set()
     for root in host.folder_dirs(host.FOLDER):
-        if not os.path.isdir(root):
-            continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            depth = os.path.relpath(dirpath, root).count(os.sep)
-            if depth >= 3:
-                dirnames[:] = []
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            if sources.CONFIG_NAME in filenames and dirpath != root:
-                try:
-                    with open(os.path.join(dirpath, sources.CONFIG_NAME), encoding="utf-8") as f:
-                        if str(json.load(f).get("peft_type", "")).upper() != "WAVEFT":
-                            continue
-                except (OSError, ValueError):
-                    continue
-                found.append(os.path.relpath(dirpath, root).replace(os.sep, "/"))
-    return sorted(set(found))
+        found.update(sources.adapter_folders(root))
+    return sorted(found)
 
 
 def list_adapters() -> list[str]:
@@ -119,34 +96,15 @@ def fingerprint(name: str) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _cached(key, make):
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    value = make()
-    _CACHE[key] = value
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
-
-
 def stores_positions(path: str) -> bool:
     """A native file. PEFT folders and diffusers files store spectra only; their positions come from the
     shapes of the model they are applied to."""
     if os.path.isdir(path):
         return False
-    keys, metadata = _header_keys(path)
-    return "waveft.format_version" in metadata or not sources.is_spectra_file(keys)
-
-
-def _header_keys(path: str) -> tuple[list, dict]:
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n)) if n < 64 * 1024 * 1024 else {}
-    except (OSError, ValueError, struct.error):
-        return [], {}  # the reader that follows names what is wrong
-    return [k for k in header if k != "__metadata__"], header.get("__metadata__") or {}
+    header = peek_header(path)
+    if header is None:
+        return True  # the native reader names what is wrong with it
+    return "waveft.format_version" in header.metadata or not sources.is_spectra_file(header.tensors)
 
 
 def load_adapter(path: str, model=None, clip=None) -> Adapter:
@@ -155,11 +113,11 @@ def load_adapter(path: str, model=None, clip=None) -> Adapter:
     a text encoder go to the encoder the file names (text_encoder_2 is CLIP-G), else to the only one of the
     connected CLIP where they fit; a file for a text encoder is refused when no CLIP is connected."""
     if stores_positions(path):
-        return _cached(("file", fingerprint_path(path)), lambda: fileformat.read(path))
+        return _ADAPTERS.get(("file", cache.fingerprint(path)), lambda: fileformat.read(path))
     shapes = host.weight_shapes(model, clip)
     clip_keys = set(host.weight_shapes(None, clip)) if clip is not None else set()
     kmap = host.key_map(model, clip)
-    encoders = tuple(e for e in ("clip_l", "clip_g", "clip_h") if any(k.startswith(e + ".") for k in clip_keys))
+    encoders = tuple(e for e in ENCODERS if any(k.startswith(e + ".") for k in clip_keys))
     from ..waveft_core.matching import resolve
 
     def shape_of(peft_name, native):
@@ -178,24 +136,13 @@ def load_adapter(path: str, model=None, clip=None) -> Adapter:
                                     "connected)")
         return peft_io.import_source(source, shape_of, native_names=False, encoders=encoders, spelling=NODE_SPELLING)
 
-    key = ("peft", fingerprint_path(path), tuple(sorted(shapes.items())))
-    return _cached(key, make)
+    key = ("peft", cache.fingerprint(path), tuple(sorted(shapes.items())))
+    return _ADAPTERS.get(key, make)
 
 
 def fingerprint_path(path: str) -> str:
-    if os.path.isfile(path):
-        files = [path]
-    else:  # a PEFT folder: its own files and those of adapter or component sub-folders
-        files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names
-                       if n in (sources.CONFIG_NAME, sources.WEIGHTS_NAME, sources.DIFFUSERS_WEIGHTS_NAME))
-    out = []
-    for f in files:
-        try:
-            st = os.stat(f)
-            out.append((f, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append((f, -1, -1))
-    return repr(out)
+    """IS_CHANGED's value for a file or folder: changes whenever it (or a PEFT folder's files) changes."""
+    return repr(cache.fingerprint(path))
 
 
 def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength_clip: float, label: str):

@@ -16,6 +16,7 @@ import comfy.utils
 
 from ..waveft_core import Adapter
 from ..waveft_core import fileformat
+from ..waveft_core.names import UNET_PREFIX, family_tag_of_comfy
 from ..waveft_core.train import (TrainableLayer, adapter_from_trainables, is_target, load_optimizer_state,
                                  lr_factor, make_optimizer, optimizer_state_tensors)
 from . import host
@@ -27,7 +28,6 @@ try:
 except Exception:  # older hosts: a plain module works as a weight wrapper too
     _TrainBase = torch.nn.Module
 
-BASE_MODEL_VERSIONS = {"SD15": "sd_v1", "SD20": "sd_v2", "SDXL": "sdxl_base_v1-0", "SD3": "sd3", "Flux": "flux1"}
 
 
 class TrainWrapper(_TrainBase):
@@ -125,7 +125,7 @@ def target_weights(diffusion_patcher, preset: str) -> dict:
         w = getattr(module, "weight", None)
         if not hasattr(module, "weight_function") or not isinstance(w, torch.Tensor):
             continue
-        if name.startswith("diffusion_model.") and is_target(name[len("diffusion_model."):], tuple(w.shape), preset):
+        if name.startswith(UNET_PREFIX) and is_target(name[len(UNET_PREFIX):], tuple(w.shape), preset):
             out[name] = tuple(w.shape)
     return out
 
@@ -142,7 +142,7 @@ def tag_frequency(captions) -> str:
 
 
 def base_model_version(model) -> str:
-    return BASE_MODEL_VERSIONS.get(host.model_family(model), "")
+    return family_tag_of_comfy(host.model_family(model))
 
 
 # --- gradient checkpointing ----------------------------------------------------------------------

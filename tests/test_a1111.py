@@ -260,8 +260,11 @@ def test_is_waveft_file(tmp_path):
     assert keymap.is_waveft_file(native) and keymap.is_waveft_file(peft)
     assert not keymap.is_waveft_file(lora) and not keymap.is_waveft_file(junk) and not keymap.is_waveft_file(ckpt)
     assert keymap.is_waveft_file(ckpt, {"ss_network_module": "waveft"})  # the host's cached metadata also counts
-    keys, meta = keymap.safetensors_header(native)
-    assert UNET_Q + ".waveft_spectrum" in keys and meta["ss_network_module"] == "waveft"
+    from waveft_core.storage import peek_header
+
+    header = peek_header(native)
+    assert UNET_Q + ".waveft_spectrum" in header.tensors and header.metadata["ss_network_module"] == "waveft"
+    assert peek_header(junk) is None and peek_header(ckpt) is None
 
 
 def test_resolve_on_a1111_names():

@@ -1,4 +1,5 @@
 """The command line (`python -m waveft_core`) and the embedded default job."""
+import os
 import subprocess
 import sys
 
@@ -46,7 +47,9 @@ def test_convert_native_to_peft_and_back(tmp_path):
     shape = (24, 40)
     name = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
     layer = wft.Layer(spectrum=torch.randn(60), indices=peft_positions(shape, 60, 777), shape=shape, wavelet="db3")
-    src = wft.save(wft.Adapter(layers={name: layer}), tmp_path / "n.safetensors")
+    described = {"modelspec.title": "My dog", "modelspec.description": "sks dog, 500 steps",
+                 "modelspec.trigger_phrase": "sks dog"}
+    src = wft.save(wft.Adapter(layers={name: layer}, metadata=dict(described)), tmp_path / "n.safetensors")
     r = cli("convert", src, tmp_path / "peft")
     assert r.returncode == 0, r.stderr
     from safetensors.torch import save_file
@@ -56,6 +59,16 @@ def test_convert_native_to_peft_and_back(tmp_path):
     assert r.returncode == 0, r.stderr
     back = wft.load(tmp_path / "back.safetensors")
     assert torch.allclose(back.layers[name].delta(), layer.delta())
+    assert {k: back.metadata.get(k) for k in described} == described  # the round trip keeps what describes it
+    import os
+
+    assert os.stat(tmp_path / "back.safetensors").st_mode & 0o777 == 0o666 & ~_umask()  # readable like any file
     # no --base: one clear line, nothing written
     r = cli("convert", tmp_path / "peft", tmp_path / "nobase.safetensors")
     assert r.returncode == 1 and "--base" in r.stderr and not (tmp_path / "nobase.safetensors").exists()
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 import waveft_core as wft
 from waveft_core import cli
-from waveft_core.convert import (
-    SupportOperator, analysis, checkpoint_deltas, checkpoint_module_names, extract, kohya_prefix,
-    lora_deltas, lora_module_name, merge_into_checkpoint, resolve_underscores, save_lora, to_lora,
-)
+from waveft_core.extract import SupportOperator, analysis, checkpoint_deltas, extract
+from waveft_core.layouts import checkpoint_module_names
+from waveft_core.lora import kohya_prefix, lora_deltas, lora_module_name, resolve_underscores, save_lora, to_lora
+from waveft_core.merge import merge_into_checkpoint
 from waveft_core.names import ldm_unet_to_diffusers
 
 from reference import ROOT, random_layer, reference_delta, rel_err

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
-from .fileformat import FORMAT_VERSION, WaveFTFileError
+from .fileformat import FORMAT_VERSION
+from .storage import WaveFTFileError
 from .wavelets import SUPPORTED_WAVELETS, UnknownWaveletError
 
 __all__ = [

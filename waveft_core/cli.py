@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .names import ENCODERS
+
 
 def _stores_positions(path: Path) -> bool:
     """A native file; anything else (PEFT folder, diffusers file) needs a base model for its positions."""
@@ -104,7 +106,7 @@ def _cmd_convert(args) -> int:
 def _cmd_to_lora(args) -> int:
     import torch
 
-    from .convert import save_lora, to_lora
+    from .lora import save_lora, to_lora
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     _refuse_overwrite(Path(args.dst), args.src, args.base, overwrite=args.overwrite)
@@ -124,7 +126,9 @@ def _cmd_to_lora(args) -> int:
 
 def _cmd_extract(args) -> int:
     from . import save
-    from .convert import checkpoint_deltas, checkpoint_module_names, extract, lora_deltas
+    from .extract import checkpoint_deltas, extract
+    from .layouts import checkpoint_module_names
+    from .lora import lora_deltas
 
     dst = Path(args.dst)
     if dst.suffix.lower() != ".safetensors":
@@ -164,7 +168,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .convert import merge_into_checkpoint
+    from .merge import merge_into_checkpoint
 
     _refuse_overwrite(Path(args.out), args.checkpoint, args.adapter, overwrite=args.overwrite)
     ad = _load(args, args.adapter, base=args.checkpoint)  # the checkpoint is the base of a PEFT/diffusers adapter
@@ -192,7 +196,7 @@ def _source_options(p, base_help: str | None) -> None:
     if base_help is not None:
         p.add_argument("--base", help=f"the base model: single-file checkpoint .safetensors or diffusers folder; "
                        f"{base_help}")
-    p.add_argument("--clip", choices=["clip_l", "clip_g", "clip_h"],
+    p.add_argument("--clip", choices=list(ENCODERS),
                    help="the text encoder a text-encoder adapter was trained on, when it does not say "
                    "(SDXL: text_encoder = clip_l, text_encoder_2 = clip_g)")
     p.add_argument("--adapter", dest="adapter_name",

@@ -85,6 +85,36 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return m, n
 
 
+def padded_grid(m: int, n: int, size: int) -> tuple[int, int, int]:
+    """(red, padded rows, padded cols) of FORMAT.md step 1 for a filter of length `size`: m + size - 2 and
+    n + size - 2, each rounded up to even."""
+    red = size - 2
+    return red, m + red + ((m + red) & 1), n + red + ((n + red) & 1)
+
+
+def patch_corners(idx: torch.Tensor, m: int, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For flat positions `idx` (int64) on the unpadded m x n grid: the first row and column of each
+    coefficient's size x size patch in W (below 0 or past the edge where the patch is clipped), and its band
+    2 * row_band + col_band (0 cA, 1 cH, 2 cV, 3 cD)."""
+    red, padded_rows, padded_cols = padded_grid(m, n, size)
+    r = idx // n + (padded_rows - m) // 2
+    c = idx % n + (padded_cols - n) // 2
+    half_r, half_c = padded_rows // 2, padded_cols // 2
+    band_r = (r >= half_r).to(torch.int64)
+    band_c = (c >= half_c).to(torch.int64)
+    return 2 * (r - band_r * half_r) - red, 2 * (c - band_c * half_c) - red, 2 * band_r + band_c
+
+
+def band_kernels(wavelet: str, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """[4, L, L]: the patch one unit coefficient of each band adds to W (outer products of the filters)."""
+    lo, hi = reconstruction_filters(wavelet)
+    filt = torch.stack([torch.from_numpy(lo.copy()), torch.from_numpy(hi.copy())])  # [2, L]
+    # The top-right quadrant holds cH, high-pass along the rows: the row filter follows the column band and
+    # the column filter the row band (PyWavelets' idwt2 convention, FORMAT.md step 3).
+    kernels = (filt[None, :, :, None] * filt[:, None, None, :]).reshape(4, len(lo), len(lo))
+    return kernels.to(device=device, dtype=dtype)
+
+
 def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None) -> DeltaPlan:
     """Plan for flat positions `indices` on the unpadded m x n grid. `wavelet=None` means use_idwt=false."""
     m, n = matrix_shape(shape)
@@ -97,25 +127,11 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
         whole = torch.ones_like(idx, dtype=torch.bool)
         kernels = torch.ones(4, 1, 1, dtype=torch.float64)
     else:
-        lo, hi = reconstruction_filters(wavelet)
-        size = len(lo)
-        red = size - 2
-        padded_rows = m + red + ((m + red) & 1)
-        padded_cols = n + red + ((n + red) & 1)
-        r = idx // n + (padded_rows - m) // 2
-        c = idx % n + (padded_cols - n) // 2
-        half_r, half_c = padded_rows // 2, padded_cols // 2
-        band_r = (r >= half_r).to(torch.int64)
-        band_c = (c >= half_c).to(torch.int64)
-        top = 2 * (r - band_r * half_r) - red
-        left = 2 * (c - band_c * half_c) - red
+        kernels = band_kernels(wavelet)
+        size = kernels.shape[-1]
+        top, left, band = patch_corners(idx, m, n, size)
         base = top * n + left
-        band = 2 * band_r + band_c
         whole = (top >= 0) & (top + size <= m) & (left >= 0) & (left + size <= n)
-        filt = torch.stack([torch.from_numpy(lo.copy()), torch.from_numpy(hi.copy())])  # [2, L]
-        # The top-right quadrant holds cH, high-pass along the rows: the row filter follows the column
-        # band and the column filter the row band (PyWavelets' idwt2 convention, FORMAT.md step 3).
-        kernels = (filt[None, :, :, None] * filt[:, None, None, :]).reshape(4, size, size)
     ar = torch.arange(size, dtype=torch.int64)
     offsets64 = ar[:, None] * n + ar[None, :]
     clipped = torch.nonzero(~whole).reshape(-1)
@@ -136,15 +152,18 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
     counts = torch.bincount(key[torch.argsort(key, stable=True)], minlength=8).tolist()
     band_ends = tuple(int(sum(counts[: 2 * b + 2])) for b in range(4))
     lone_ends = tuple(int(sum(counts[: 2 * b + 1])) for b in range(4))
-    groups = [whole_idx]
-    order = torch.cat(groups + [clipped]).to(torch.int32)
-    # int32 targets halve the index traffic (and a layer's plan is ~12 bytes per coefficient); int64 only
-    # for weights of 2^31 entries or more.
-    index_dtype = torch.int32 if m * n < 2**31 else torch.int64
+    order = torch.cat([whole_idx, clipped]).to(torch.int32)
+    targets = index_dtype(m * n)
     return DeltaPlan(
-        m, n, size, order, band_ends, lone_ends, base[order.long()].to(index_dtype), band[clipped], kernels,
-        offsets64.to(index_dtype), top[clipped], left[clipped],
+        m, n, size, order, band_ends, lone_ends, base[order.long()].to(targets), band[clipped], kernels,
+        offsets64.to(targets), top[clipped], left[clipped],
     )
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """Positions and scatter targets of a weight with `numel` entries: int32 halves the index traffic (and a
+    layer's plan is ~12 bytes per coefficient); int64 only from 2^31 entries on."""
+    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

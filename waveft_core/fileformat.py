@@ -1,68 +1,23 @@
-"""The native WaveFT file, format v1 (FORMAT.md section 3): strict reading, atomic writing.
-
-Only safetensors is ever parsed: pickled checkpoints (.pt, .ckpt, .bin, ...) are refused unread."""
+"""The native WaveFT file, format v1 (FORMAT.md section 3): strict reading, atomic writing (storage.py)."""
 from __future__ import annotations
 
 import math
-import os
-import struct
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from .adapter import Adapter, Layer
-from .delta import matrix_shape
+from .delta import index_dtype, matrix_shape
+from .names import ARCHITECTURES
+from .storage import DAMAGED as _DAMAGED
+from .storage import WaveFTFileError, atomic_write, read_header
 from .wavelets import UnknownWaveletError, check_wavelet
 
 FORMAT_VERSION = 1
 SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling")
-PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 SPECTRUM_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 INDEX_DTYPES = {torch.int32, torch.int64}
-ARCHITECTURES = {  # ss_base_model_version -> modelspec.architecture prefix
-    "sd_v1": "stable-diffusion-v1",
-    "sd_v2": "stable-diffusion-v2",
-    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
-    "sd3": "stable-diffusion-3",
-    "flux1": "flux-1-dev",
-}
-
-
-class WaveFTFileError(ValueError):
-    """A WaveFT file that cannot be used. The message names the file, the key and what to do."""
-
-    def __init__(self, path, problem: str, key: str | None = None, advice: str = ""):
-        self.path = str(path)
-        self.key = key
-        where = f"{Path(self.path).name}" + (f", key '{key}'" if key else "")
-        super().__init__(f"{where}: {problem}" + (f". {advice}" if advice else ""))
-
-
-_DAMAGED = "The file is damaged or was not written by a WaveFT tool; export or download it again"
-
-
-def check_safetensors_header(path: Path) -> None:
-    """Cheap sanity check before handing the file to safetensors, so the error says what is wrong."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WaveFTFileError(
-            path, f"'{path.suffix}' files are pickles, which WaveFT never loads (they can run code)",
-            advice="Convert the adapter to .safetensors with the tool that trained it",
-        )
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        raise WaveFTFileError(path, f"only {size} bytes long, not a safetensors file", advice=_DAMAGED)
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{":
-        raise WaveFTFileError(path, "not a safetensors file (no JSON header)", advice=_DAMAGED)
-    if 8 + header_len > size:
-        raise WaveFTFileError(
-            path, f"truncated: the header says {header_len} bytes but the file has {size}",
-            advice="The copy is incomplete (an interrupted download?); download or export it again",
-        )
 
 
 def read_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -70,9 +25,7 @@ def read_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, 
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise WaveFTFileError(path, "no such file")
-    check_safetensors_header(path)
+    read_header(path)  # refuses pickles, non-safetensors and truncated files by name, before safetensors sees them
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -199,7 +152,7 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
             bad = lo if lo < 0 else hi
             raise WaveFTFileError(path, f"position {bad} is outside [0, {m * n}) for weight shape {list(shape)}",
                                   key=k_idx, advice=_DAMAGED)
-        if indices.dtype == torch.int32 and m * n >= 2**31:
+        if index_dtype(m * n) == torch.int64 and indices.dtype == torch.int32:
             raise WaveFTFileError(path, "int32 positions cannot address a weight of 2^31 entries or more",
                                   key=k_idx, advice=_DAMAGED)
         s = torch.sort(indices.to(torch.int64)).values
@@ -249,11 +202,10 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
             spectrum = spectrum.to(torch.float32)
         if not torch.isfinite(spectrum).all():
             raise ValueError(f"layer {name}: the spectrum has NaN or infinite values; refusing to save it")
-        index_dtype = torch.int32 if m * n < 2**31 else torch.int64
         # Copies: layers may share one positions tensor (PEFT's rule gives equal-size layers the same
         # positions), and safetensors refuses tensors that share memory.
         tensors[f"{name}.waveft_spectrum"] = spectrum.contiguous().clone()
-        tensors[f"{name}.waveft_indices"] = layer.indices.detach().to("cpu", index_dtype).contiguous().clone()
+        tensors[f"{name}.waveft_indices"] = layer.indices.detach().to("cpu", index_dtype(m * n)).contiguous().clone()
         tensors[f"{name}.waveft_shape"] = torch.tensor(layer.shape, dtype=torch.int64)
         if float(layer.scaling) != scaling:
             tensors[f"{name}.waveft_scaling"] = torch.tensor(float(layer.scaling), dtype=torch.float32)
@@ -277,27 +229,6 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
     if base in ARCHITECTURES and "modelspec.architecture" not in metadata:
         metadata["modelspec.architecture"] = f"{ARCHITECTURES[base]}/waveft"
     return tensors, metadata
-
-
-def atomic_write(path, write_to) -> Path:
-    """Call write_to(temp_path) for a temporary file beside `path`, then rename it into place.
-    A failure at any point leaves whatever was at `path` untouched and no temporary file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_to(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 def write(adapter: Adapter, path) -> Path:

@@ -7,14 +7,13 @@ the shape of the base weight it adapts (FORMAT.md section 2). So importing one n
 CLIP-G must never take a shape from CLIP-L because a bare name fits both."""
 from __future__ import annotations
 
-import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .names import TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, hf_text_model_name
+from .names import ENCODERS, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy, hf_text_model_name
+from .storage import checked_safetensors, read_header
 
 _CLIP_L_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 _OPENCLIP_PREFIXES = {"conditioner.embedders.1.model.": "clip_g", "cond_stage_model.model.": "clip_h"}
@@ -25,7 +24,6 @@ _OPENCLIP_PARTS = {
 }
 # A diffusers pipeline's text encoders, by folder: which ComfyUI encoder each one is.
 _PIPELINE_ENCODERS = {"text_encoder_2": "clip_g"}
-ENCODERS = ("clip_l", "clip_g", "clip_h")
 
 
 @dataclass(frozen=True)
@@ -80,20 +78,17 @@ def detect_base_model(keys: Iterable[str]) -> str:
     """ss_base_model_version of a single-file checkpoint by its keys ('' when unknown)."""
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl_base_v1-0"
+        return family_tag_of_comfy("SDXL")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd_v2"
+        return family_tag_of_comfy("SD20")
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd_v1"
+        return family_tag_of_comfy("SD15")
     return ""
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the byte offset where its data begins."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return header, 8 + size
+def checkpoint_module_names(path) -> set[str]:
+    """Native names of every weight in a safetensors checkpoint (reads the header only)."""
+    return set(checkpoint_layout(read_header(checked_safetensors(path, "checkpoint")).tensors))
 
 
 # --- a base model as a whole ---------------------------------------------------------------------
@@ -124,11 +119,11 @@ class BaseShapes:
 
 def _family_from_encoders(encoders: set, has_unet: bool) -> str:
     if "clip_g" in encoders:
-        return "sdxl_base_v1-0"
+        return family_tag_of_comfy("SDXL")
     if "clip_h" in encoders:
-        return "sd_v2"
+        return family_tag_of_comfy("SD20")
     if "clip_l" in encoders and has_unet:
-        return "sd_v1"
+        return family_tag_of_comfy("SD15")
     return ""
 
 
@@ -177,8 +172,7 @@ def from_diffusers_folder(folder: Path) -> BaseShapes:
     for sub in ("unet", "text_encoder", "text_encoder_2"):
         files = sorted((folder / sub).glob("*.safetensors")) if (folder / sub).is_dir() else []
         for f in files:
-            header, _ = read_header(f)
-            components.setdefault(sub, {}).update({k: v for k, v in header.items() if k != "__metadata__"})
+            components.setdefault(sub, {}).update(read_header(f).tensors)
     if not components:
         raise ValueError(f"{folder}: no unet/, text_encoder/ or text_encoder_2/ with .safetensors weights; give a "
                          "diffusers pipeline folder or a single-file checkpoint")
@@ -220,8 +214,7 @@ def base_shapes(base) -> BaseShapes | None:
         path = Path(base)
         if path.is_dir():
             return from_diffusers_folder(path)
-        header, _ = read_header(path)
-        return from_header({k: v for k, v in header.items() if k != "__metadata__"}, f"the base model {path.name}")
+        return from_header(read_header(path).tensors, f"the base model {path}")
     if isinstance(base, Mapping):
         return from_state_dict(base)
     return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from .delta import matrix_shape
-from .names import split_component, to_native
+from .names import ENCODERS, TE_PREFIX, split_component, to_native
 
 _TE_KOHYA = {
     "text_encoder": ("lora_te1_", "lora_te_"),
@@ -53,8 +53,8 @@ def candidate_names(name: str):
     if bare.startswith("text_model.") or component.startswith("text_encoder"):
         for prefix in _TE_KOHYA.get(component, _TE_KOHYA[""]):
             yield f"{prefix}{under}"
-        for clip in ("clip_l", "clip_g", "clip_h"):
-            yield f"text_encoders.{clip}.transformer.{bare}"
+        for clip in ENCODERS:
+            yield f"{TE_PREFIX}{clip}.transformer.{bare}"
     yield bare
     # Last: the fixed SD1.x/SDXL naming rule, for maps that lack diffusers spellings. The host's own
     # spellings above come first because they follow the actual model's layout.

@@ -9,8 +9,48 @@ from __future__ import annotations
 
 import re
 
+from dataclasses import dataclass
+
 UNET_PREFIX = "diffusion_model."
 TE_PREFIX = "text_encoders."
+ENCODERS = ("clip_l", "clip_g", "clip_h")  # ComfyUI's names of the CLIP text encoders, the usual order
+# A native text-encoder module: text_encoders.<encoder>.transformer.<Hugging Face module path>
+NATIVE_CLIP = re.compile(r"text_encoders\.(clip_[a-z0-9]+)\.transformer\.(.+)")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base-model family under every name the tools give it."""
+
+    tag: str  # ss_base_model_version, what this project writes
+    architecture: str  # modelspec.architecture prefix this project writes
+    comfy: str  # ComfyUI's model_config class
+    webui: str  # A1111/Forge SdVersion
+    tag_prefix: str  # how other tools' tags start (sdxl_base_v1-0, sdxl_refiner_v1-0, ...)
+    architecture_prefix: str  # how other tools' architectures start
+
+
+FAMILIES = (
+    Family("sd_v1", "stable-diffusion-v1", "SD15", "SD1", "sd_v1", "stable-diffusion-v1"),
+    Family("sd_v2", "stable-diffusion-v2", "SD20", "SD2", "sd_v2", "stable-diffusion-v2"),
+    Family("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "SDXL", "SDXL", "sdxl", "stable-diffusion-xl"),
+    Family("sd3", "stable-diffusion-3", "SD3", "SD3", "sd3", "stable-diffusion-3"),
+    Family("flux1", "flux-1-dev", "Flux", "Flux", "flux", "flux"),
+)
+ARCHITECTURES = {f.tag: f.architecture for f in FAMILIES}  # ss_base_model_version -> modelspec.architecture
+
+
+def family_of(metadata: dict) -> Family | None:
+    """The family a file's metadata names (ss_base_model_version, else modelspec.architecture), if any."""
+    tag = str(metadata.get("ss_base_model_version") or "")
+    arch = str(metadata.get("modelspec.architecture") or "")
+    return next((f for f in FAMILIES if (tag and tag.startswith(f.tag_prefix))
+                 or (arch and arch.startswith(f.architecture_prefix))), None)
+
+
+def family_tag_of_comfy(model_config_class: str) -> str:
+    """ss_base_model_version for ComfyUI's detected model class ('' when this project has no tag for it)."""
+    return next((f.tag for f in FAMILIES if f.comfy == model_config_class), "")
 
 # diffusers ResNet sub-module -> LDM ResBlock sub-module
 _RESNET = {

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,10 @@ from typing import Callable, Mapping
 import torch
 
 from .adapter import DEFAULT_SEED, Adapter, Layer
-from .delta import matrix_shape
-from .fileformat import WaveFTFileError
-from .layouts import ENCODERS
-from .names import TEXT_COMPONENTS, split_component, to_native, to_peft
-from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, settings
+from .delta import index_dtype, matrix_shape
+from .storage import WaveFTFileError, atomic_writes
+from .names import ENCODERS, TEXT_COMPONENTS, split_component, to_native, to_peft
+from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, carried_metadata, settings
 from .wavelets import UnknownWaveletError, check_wavelet, peft_name
 
 
@@ -36,8 +33,7 @@ def peft_positions(shape, count: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
 def _positions(size: int, count: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     # int32 draws the same permutation as PEFT's int64 one (checked in the tests) with half the memory.
-    dtype = torch.int32 if size < 2**31 else torch.int64
-    return torch.randperm(size, generator=generator, dtype=dtype)[:count].clone()
+    return torch.randperm(size, generator=generator, dtype=index_dtype(size))[:count].clone()
 
 
 @dataclass(frozen=True)
@@ -117,6 +113,9 @@ def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None
             notes.append(f"{label} layers go to {encoder}")
         seeds.add(values["random_loc_seed"])
     metadata = {"waveft.source": "peft" if source.kind == "PEFT folder" else "diffusers"}
+    for part in source.parts:
+        for key, value in part.metadata.items():
+            metadata.setdefault(key, value)
     if len(seeds) == 1:
         metadata["waveft.seed"] = str(seeds.pop())
     if notes:
@@ -124,7 +123,7 @@ def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None
     base_model = next((p.config.get("base_model_name_or_path") for p in source.parts
                        if p.config and p.config.get("base_model_name_or_path")), None)
     if base_model:
-        metadata["modelspec.description"] = f"converted from a {source.kind} for {base_model}"
+        metadata.setdefault("modelspec.description", f"converted from a {source.kind} for {base_model}")
     return Adapter(layers=layers, metadata=metadata, source=str(source.path))
 
 
@@ -192,12 +191,13 @@ def export_peft(adapter: Adapter, out_dir, base_model_name: str | None = None) -
     written = []
     for component, layers in groups.items():
         folder = out_dir / component if len(groups) > 1 and component else out_dir
-        _write_peft_folder(folder, layers, seed, base_model_name)
+        _write_peft_folder(folder, layers, seed, base_model_name, carried_metadata(adapter.metadata))
         written.append(folder)
     return written
 
 
-def _write_peft_folder(folder: Path, layers: Mapping[str, Layer], seed: int, base_model_name) -> None:
+def _write_peft_folder(folder: Path, layers: Mapping[str, Layer], seed: int, base_model_name,
+                       metadata: Mapping[str, str]) -> None:
     from safetensors.torch import save_file
 
     first = next(iter(layers.values()))
@@ -223,21 +223,9 @@ def _write_peft_folder(folder: Path, layers: Mapping[str, Layer], seed: int, bas
     }
     tensors = {f"base_model.model.{name}{SPECTRUM_SUFFIX}": layer.spectrum.detach().float().cpu().contiguous()
                for name, layer in layers.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    # Both files go to temporary names first, so an error leaves any earlier export whole.
-    tmp_weights = tempfile.NamedTemporaryFile(dir=folder, prefix=".adapter_model.", suffix=".tmp", delete=False)
-    tmp_config = tempfile.NamedTemporaryFile(dir=folder, prefix=".adapter_config.", suffix=".tmp", delete=False,
-                                             mode="w", encoding="utf-8")
-    try:
-        tmp_weights.close()
-        save_file(tensors, tmp_weights.name, metadata={"format": "pt"})
-        json.dump(config, tmp_config, indent=2)
-        tmp_config.close()
-        os.replace(tmp_weights.name, folder / WEIGHTS_NAME)
-        os.replace(tmp_config.name, folder / CONFIG_NAME)
-    except BaseException:
-        tmp_config.close()
-        for name in (tmp_weights.name, tmp_config.name):
-            if os.path.exists(name):
-                os.unlink(name)
-        raise
+    text = json.dumps(config, indent=2)
+    # both files are staged first and then renamed, so an error leaves any earlier export whole
+    # title, trigger words and the like ride in the weights file's metadata, which PEFT ignores
+    file_metadata = {**metadata, "format": "pt"}
+    atomic_writes({folder / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=file_metadata),
+                   folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8")})

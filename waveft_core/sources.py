@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .fileformat import PICKLE_SUFFIXES, WaveFTFileError, read_tensors_and_metadata
+from .fileformat import read_tensors_and_metadata
+from .storage import PICKLE_SUFFIXES, WaveFTFileError
 from .names import TEXT_COMPONENTS
 
 CONFIG_NAME = "adapter_config.json"
@@ -42,6 +43,7 @@ class Part:
     spectra: dict[str, torch.Tensor]  # module name (no component or base_model.model. prefix) -> spectrum
     config: dict | None  # the PEFT config the source stored for it, or None
     origin: str  # where `config` came from, for reports ('' when nothing was stored)
+    metadata: dict = field(default_factory=dict)  # title, trigger words, base model tag... stored with it
 
 
 @dataclass
@@ -50,6 +52,14 @@ class Source:
     kind: str  # 'PEFT folder' | 'diffusers file'
     parts: list[Part]
     notes: list[str] = field(default_factory=list)  # what a user should know (other adapters, defaults used)
+
+
+def carried_metadata(metadata: dict) -> dict:
+    """The descriptive metadata that travels with an adapter between formats (title, description, trigger
+    words, base model, tag frequencies), not what describes one container."""
+    return {k: str(v) for k, v in metadata.items()
+            if k.startswith("modelspec.") and k not in ("modelspec.sai_model_spec", "modelspec.architecture")
+            or k in ("ss_base_model_version", "ss_tag_frequency")}
 
 
 def is_spectra_file(keys) -> bool:
@@ -113,6 +123,27 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
                           "adapter sub-folders", advice="Give the folder PEFT or diffusers saved, or the file in it")
 
 
+def adapter_folders(root, depth: int = 3) -> list[str]:
+    """PEFT WaveFT adapter folders below `root` (not `root` itself), as '/'-separated relative names, at most
+    `depth` levels down: the folders a loader lists. A folder whose config names another PEFT type is left out."""
+    root = Path(root)
+    found = []
+    if not root.is_dir():
+        return found
+    for level in range(1, depth + 1):
+        for config in root.glob("/".join(["*"] * level) + "/" + CONFIG_NAME):
+            folder = config.parent
+            if any(part.startswith(".") for part in folder.relative_to(root).parts):
+                continue
+            try:
+                peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type", "")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if str(peft_type).upper() == "WAVEFT":
+                found.append(folder.relative_to(root).as_posix())
+    return sorted(found)
+
+
 def _peft_part(folder: Path, component: str) -> Part:
     config_path = folder / CONFIG_NAME
     try:
@@ -129,7 +160,7 @@ def _peft_part(folder: Path, component: str) -> Part:
             raise WaveFTFileError(folder / pickled[0], "is a pickle, which WaveFT never loads (it can run code)",
                                   advice="Save the adapter with safe_serialization=True (adapter_model.safetensors)")
         raise WaveFTFileError(folder, f"has no {WEIGHTS_NAME}")
-    tensors, _ = read_tensors_and_metadata(weights)
+    tensors, file_metadata = read_tensors_and_metadata(weights)
     spectra = _spectra(weights, tensors)
     grouped = _by_component(spectra)
     if set(grouped) - {""}:
@@ -138,7 +169,7 @@ def _peft_part(folder: Path, component: str) -> Part:
             raise WaveFTFileError(weights, "mixes modules of several pipeline components in one PEFT adapter",
                                   advice="Save one adapter per component (unet, text_encoder, ...)")
         component, spectra = next(iter(grouped.items()))
-    return Part(component, spectra, config, CONFIG_NAME)
+    return Part(component, spectra, config, CONFIG_NAME, carried_metadata(file_metadata))
 
 
 def _diffusers_file(path: Path) -> Source:
@@ -156,7 +187,8 @@ def _diffusers_file(path: Path) -> Source:
         config = configs.get(component, configs.get(""))
         if config is not None:
             _check_config(path, config, key=METADATA_KEY)
-        parts.append(Part(component, group, config, f"the file's {METADATA_KEY}" if config is not None else ""))
+        parts.append(Part(component, group, config, f"the file's {METADATA_KEY}" if config is not None else "",
+                          carried_metadata(metadata)))
     return Source(path, "diffusers file", parts)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
-from .delta import DeltaPlan, compute_dtype, make_plan, matrix_shape, weight_plus_delta
+from .delta import DeltaPlan, compute_dtype, index_dtype, make_plan, matrix_shape, weight_plus_delta
 from .peft_io import peft_positions
 from .wavelets import check_wavelet
 
@@ -36,7 +36,7 @@ class TrainableLayer(nn.Module):
             raise ValueError(f"{init.numel()} coefficients for {indices.numel()} positions")
         self.spectrum = nn.Parameter(init)
         # Positions are fixed data, not trained: a plain attribute keeps them out of parameters and buffers.
-        self.indices = indices.to(torch.int32 if m * n < 2**31 else torch.int64).cpu()
+        self.indices = indices.to(index_dtype(m * n)).cpu()
         self._plan_cpu = make_plan(self.indices, self.shape, self.wavelet if self.use_idwt else None)
         self._plans: dict = {}
         self.strength = 1.0
