@@ -8,7 +8,7 @@ import torch
 from ..waveft_core import WaveFTFileError
 from ..waveft_core import extract, fileformat, lora, merge
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
-from . import host, loader, training
+from . import host, loader
 
 
 class WaveFTToLoRA:
@@ -90,8 +90,7 @@ class WaveFTFromLoRA:
         if not deltas:
             raise ValueError(f"WaveFT: {lora_name} holds no LoRA layers this converter understands")
         adapter, report = extract.extract(deltas, n_coefficients, wavelet=wavelet)
-        out = training.output_path(filename_prefix)
-        training.write_adapter(adapter, out)
+        out = str(fileformat.write(adapter, host.new_adapter_path(filename_prefix)))
         name = os.path.relpath(out, host.output_folder()).replace(os.sep, "/")
         text = (f"saved models/{host.FOLDER}/{name}: {len(adapter.layers)} layers, relative error "
                 f"{report['relative_error']:.3f}")

@@ -58,6 +58,11 @@ def output_folder() -> str:
     return dirs[0] if dirs else os.path.join(folder_paths.models_dir, FOLDER)
 
 
+def new_adapter_path(prefix: str, suffix: str = "") -> str:
+    """A new file under models/waveft for `prefix` (see free_path)."""
+    return free_path(output_folder(), prefix, suffix, f"models/{FOLDER}")
+
+
 def free_path(folder: str, prefix: str, suffix: str = "", label: str = "") -> str:
     """folder/prefix+suffix.safetensors for a new file: refuses prefixes that leave the folder, and never
     overwrites an existing file (a counter is appended instead)."""

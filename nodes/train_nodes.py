@@ -1,8 +1,8 @@
-"""Train WaveFT, Save WaveFT, Apply WaveFT (thin: the loop is in training.py, the math in waveft_core)."""
+"""Train WaveFT, Save WaveFT, Apply WaveFT (thin: the loop is in train_loop.py, the training state and the math
+in waveft_core)."""
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 
 import comfy.model_management as mm
@@ -10,9 +10,9 @@ import torch
 
 from ..waveft_core import Adapter, WaveFTFileError
 from ..waveft_core import fileformat
-from ..waveft_core.train import OPTIM_PREFIX, OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer
+from ..waveft_core.trainable import OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
-from . import host, loader, training
+from . import host, loader, train_loop
 
 log = logging.getLogger("ComfyUI-WaveFT")
 NONE = "none"
@@ -84,32 +84,33 @@ class WaveFTTrain:
         # ComfyUI runs nodes in inference mode, whose tensors autograd cannot keep: everything this run
         # trains with is created (or copied) outside it.
         with torch.inference_mode(False):
-            return self._train(model, training.clone_tensors(latents), training.clone_tensors(positive), **kw)
+            return self._train(model, train_loop.clone_tensors(latents), train_loop.clone_tensors(positive), **kw)
 
     def _train(self, model, latents, positive, captions=None, **kw):
         kw = {k: _first(v) for k, v in kw.items()}
         model = _first(model)
-        images = training.flatten_latents(latents)
+        images = train_loop.flatten_latents(latents)
         if not images:
             raise ValueError("WaveFT Train: no latents; connect VAE Encode or the dataset nodes")
         if kw["steps"] < 1:
             raise ValueError("WaveFT Train: steps must be at least 1")
-        conds = training.expand_conditioning(positive, len(images))
+        conds = train_loop.expand_conditioning(positive, len(images))
         dtype = torch.bfloat16 if kw["training_dtype"] == "bf16" else torch.float32
-        shapes = training.target_weights(model, kw["targets"])
+        shapes = train_loop.target_weights(model, kw["targets"])
         if not shapes:
             raise ValueError(f"WaveFT Train: no layer of this model ({host.model_family(model)}) matches targets "
                              f"'{kw['targets']}'")
 
-        trainables, start, optim_state = self._resume(kw["resume_from"], shapes) if kw["resume_from"] != NONE \
-            else (None, 0, None)
-        if trainables is None:
-            trainables = {}
-            for name, shape in shapes.items():
-                p = min(int(kw["n_coefficients"]), torch.Size(shape).numel())
-                trainables[name] = TrainableLayer(shape, p, kw["wavelet"], kw["scaling"], seed=kw["seed"])
-        first = next(iter(trainables.values()))
-        settings = {
+        if kw["resume_from"] != NONE:
+            state = self._resume(kw["resume_from"], shapes)
+        else:
+            trainables = {name: TrainableLayer(shape, min(int(kw["n_coefficients"]), torch.Size(shape).numel()),
+                                               kw["wavelet"], kw["scaling"], seed=kw["seed"])
+                          for name, shape in shapes.items()}
+            state = TrainingState(trainables, step=0, seed=kw["seed"])
+        start = state.step
+        first = next(iter(state.trainables.values()))
+        state.settings = {
             "steps": kw["steps"], "steps_total": start + kw["steps"], "lr": kw["learning_rate"],
             "optimizer": kw["optimizer"], "batch_size": kw["batch_size"],
             "grad_accumulation_steps": kw["grad_accumulation_steps"], "targets": kw["targets"],
@@ -117,14 +118,13 @@ class WaveFTTrain:
             "warmup_steps": kw["warmup_steps"], "training_dtype": kw["training_dtype"],
             "gradient_checkpointing": bool(kw["gradient_checkpointing"]), "wavelet": first.wavelet,
             "n_coefficients": first.spectrum.numel(), "scaling": first.scaling, "resumed_from_step": start,
-            "metadata": {"modelspec.date": datetime.date.today().isoformat(), "waveft.seed": str(first.seed)},
         }
-        if training.base_model_version(model):
-            settings["metadata"]["ss_base_model_version"] = training.base_model_version(model)
+        state.metadata["modelspec.date"] = datetime.date.today().isoformat()
+        if train_loop.base_model_version(model):
+            state.metadata["ss_base_model_version"] = train_loop.base_model_version(model)
         if captions:
-            settings["metadata"]["ss_tag_frequency"] = training.tag_frequency(captions)
-        run = training.TrainRun(model, images, conds, trainables, settings, dtype, optim_state, start,
-                                kw["save_every_n_steps"], kw["filename_prefix"])
+            state.metadata["ss_tag_frequency"] = train_loop.tag_frequency(captions)
+        run = train_loop.TrainRun(model, images, conds, state, dtype, kw["save_every_n_steps"], kw["filename_prefix"])
         try:
             adapter = run.run()
         except mm.InterruptProcessingException:
@@ -139,30 +139,16 @@ class WaveFTTrain:
         return (out_model, adapter, {"loss": list(run.losses)}, run.step)
 
     @staticmethod
-    def _resume(name, shapes):
+    def _resume(name, shapes) -> TrainingState:
         path = loader.resolve_path(name)
         try:
-            tensors, metadata = fileformat.read_tensors_and_metadata(path)
-            adapter = fileformat.adapter_from_tensors(tensors, metadata, path)
+            state = TrainingState.load(path)
         except WaveFTFileError as e:
             raise ValueError(f"WaveFT Train: cannot resume: {e}") from None
-        missing = [n for n in adapter.layers if n not in shapes]
-        wrong = [n for n in adapter.layers if n in shapes and tuple(adapter.layers[n].shape) != tuple(shapes[n])]
-        if missing or wrong:
-            raise ValueError(f"WaveFT Train: {name} was trained on another model or other targets: "
-                             f"{len(missing)} of its layers are not in this model's targets, {len(wrong)} have another "
-                             f"shape (e.g. {(missing or wrong)[0]})")
-        try:
-            done = int(json.loads(metadata.get("waveft.training", "{}")).get("steps_done", 0))
-        except (ValueError, TypeError):
-            done = 0
-        seed = int(metadata.get("waveft.seed", 777))
-        trainables = {n: TrainableLayer(l.shape, l.n_coefficients, l.wavelet, l.scaling, seed=seed,
-                                        use_idwt=l.use_idwt, spectrum=l.spectrum, indices=l.indices)
-                      for n, l in adapter.layers.items()}
-        optim = {k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}
-        log.info("WaveFT Train: resuming %s at step %d (%s optimizer state)", name, done, "with" if optim else "no")
-        return trainables, done, optim
+        state.check_fits(shapes, f"WaveFT Train: {name}")
+        log.info("WaveFT Train: resuming %s at step %d (%s optimizer state)", name, state.step,
+                 "with" if state.optimizer_tensors else "no")
+        return state
 
 
 class WaveFTSave:
@@ -192,8 +178,8 @@ class WaveFTSave:
             if value.strip():
                 md[key] = value.strip()
         md.setdefault("modelspec.title", filename_prefix.rsplit("/", 1)[-1])
-        path = training.output_path(filename_prefix)
-        training.write_adapter(Adapter(layers=waveft.layers, metadata=md), path)
+        path = str(fileformat.write(Adapter(layers=waveft.layers, metadata=md), host.new_adapter_path(filename_prefix)))
+        log.info("WaveFT: saved %s", path)
         import os
 
         name = os.path.relpath(path, host.output_folder()).replace(os.sep, "/")

@@ -4,7 +4,7 @@ import torch
 
 import waveft_core as wft
 from waveft_core.delta import make_plan, weight_plus_delta
-from waveft_core.wavelets import SUPPORTED_WAVELETS, filter_length
+from waveft_core.wavelets import SUPPORTED_WAVELETS, reconstruction_filters
 
 from reference import random_layer, reference_delta, rel_err
 
@@ -25,8 +25,11 @@ def test_every_family_matches_pywavelets(wavelet):
 
 
 def test_filter_lengths_follow_format():
-    assert filter_length("haar") == filter_length("db1") == 2
-    assert filter_length("db4") == 8 and filter_length("sym20") == 40 and filter_length("coif17") == 102
+    def length(name):
+        return len(reconstruction_filters(name)[0])
+
+    assert length("haar") == length("db1") == 2
+    assert length("db4") == 8 and length("sym20") == 40 and length("coif17") == 102
 
 
 @pytest.mark.parametrize("wavelet", ["db1", "db3", "coif2"])
@@ -193,3 +196,42 @@ def test_a_packed_layer_computes_from_the_tensors_it_is_given():
     assert layer.plan().with_tensors(plan_tensors[:-1]) is None
     with pytest.raises(TypeError, match="packed WaveFT layer"):
         wft.Layer.unpack((spectrum, plan_tensors), "cpu")
+
+
+def test_training_state_round_trips_through_its_checkpoint(tmp_path):
+    """A run's checkpoint holds its layers, steps, seed, settings and optimizer moments; loading it back and
+    restoring the optimizer continues exactly where the run stopped."""
+    from waveft_core.trainable import TrainableLayer, TrainingState, make_optimizer
+
+    def fresh():
+        return {"a": TrainableLayer((12, 20), 30, "db2", seed=5), "b": TrainableLayer((8, 8, 3, 3), 40, "db2", seed=5)}
+
+    def steps(trainables, optimizer, n):
+        for _ in range(n):
+            loss = sum((t(torch.ones(t.shape)) - 2).square().sum() for t in trainables.values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    layers = fresh()
+    opt = make_optimizer("AdamW", [t.spectrum for t in layers.values()], 1e-2)
+    names = {t.spectrum: n for n, t in layers.items()}
+    steps(layers, opt, 3)
+    state = TrainingState(layers, step=3, seed=5, settings={"lr": 1e-2}, metadata={"modelspec.title": "t"})
+    state.capture(opt, names)
+    path = state.save(tmp_path / "run_00003.safetensors")
+    steps(layers, opt, 2)  # the straight run goes on
+
+    back = TrainingState.load(path)
+    assert back.step == 3 and back.seed == 5 and back.metadata.get("modelspec.title") == "t"
+    assert wft.load(path).layers["b"].shape == (8, 8, 3, 3)  # and it is an ordinary adapter file too
+    opt2 = make_optimizer("AdamW", [t.spectrum for t in back.trainables.values()], 1e-2)
+    assert back.restore(opt2, {t.spectrum: n for n, t in back.trainables.items()})
+    steps(back.trainables, opt2, 2)
+    for name in layers:
+        torch.testing.assert_close(back.trainables[name].spectrum, layers[name].spectrum, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="trained on another model or other targets: 1 of its layers"):
+        back.check_fits({"a": (12, 20)}, "x.safetensors")
+    # optimizer state for other parameters is not forced on: the moments start afresh
+    other = {"a": TrainableLayer((12, 21), 31)}
+    assert not back.restore(make_optimizer("AdamW", [other["a"].spectrum], 1e-2), {other["a"].spectrum: "a"})

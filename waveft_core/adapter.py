@@ -67,10 +67,6 @@ class Layer:
         plan = self.plan(weight.device, compute)
         return add_into(weight, plan, self.spectrum, float(self.scaling) * float(strength))
 
-    def delta_norm(self) -> float:
-        """Frobenius norm of ΔW (orthonormal wavelet: equals scaling * ||spectrum|| unless clipped)."""
-        return float(self.delta(torch.float64).norm())
-
     # --- the layer as a bundle a host moves itself --------------------------------------------------
 
     def packed(self) -> tuple:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import load, save
-from .train import TrainableLayer, adapter_from_trainables
+from .trainable import TrainableLayer, adapter_from_trainables
 
 
 def _make_models(seed: int):

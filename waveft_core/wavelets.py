@@ -44,7 +44,3 @@ def reconstruction_filters(name: str) -> tuple[np.ndarray, np.ndarray]:
     lo.setflags(write=False)
     hi.setflags(write=False)
     return lo, hi
-
-
-def filter_length(name: str) -> int:
-    return len(reconstruction_filters(name)[0])

@@ -31,7 +31,7 @@ def eval_loss(pack, model, latent, cond, sigmas=(0.3, 1.0, 3.0, 8.0)):
     """Denoising MSE at fixed noise levels and noise, through the same guider the trainer uses."""
     import comfy.model_management as mm
 
-    training = pack.nodes.training
+    training = pack.nodes.train_loop
     out = []
 
     def loop(model_wrap, extra_args):

@@ -15,10 +15,8 @@ import comfy.samplers
 import comfy.utils
 
 from ..waveft_core import Adapter
-from ..waveft_core import fileformat
 from ..waveft_core.names import UNET_PREFIX, family_tag_of_comfy
-from ..waveft_core.train import (TrainableLayer, adapter_from_trainables, is_target, load_optimizer_state,
-                                 lr_factor, make_optimizer, optimizer_state_tensors)
+from ..waveft_core.trainable import TrainableLayer, TrainingState, is_target, lr_factor, make_optimizer
 from . import host
 
 log = logging.getLogger("ComfyUI-WaveFT")
@@ -174,56 +172,43 @@ def disable_checkpointing(patched: list) -> None:
 # --- saving --------------------------------------------------------------------------------------
 
 
-def output_path(prefix: str, suffix: str = "") -> str:
-    """A new file under models/waveft for `prefix` (see host.free_path)."""
-    return host.free_path(host.output_folder(), prefix, suffix, f"models/{host.FOLDER}")
-
-
-def write_adapter(adapter: Adapter, path: str, extra: dict | None = None) -> str:
-    if extra:
-        adapter = Adapter(layers=adapter.layers, metadata=adapter.metadata, source=adapter.source,
-                          extra_tensors={**adapter.extra_tensors, **extra})
-    fileformat.write(adapter, path)
-    log.info("WaveFT: saved %s", path)
-    return path
-
-
 # --- the loop ------------------------------------------------------------------------------------
 
 
 class TrainRun:
-    """Everything one WaveFTTrain execution needs; `run()` trains and returns the adapter."""
+    """One WaveFTTrain execution: `run()` trains `state` (a waveft_core TrainingState) from its step to
+    settings['steps_total'] and returns the adapter; `save_checkpoint` writes the state with its optimizer."""
 
-    def __init__(self, model, latents, conditionings, trainables, settings, dtype, optimizer_state=None,
-                 start_step=0, save_every=0, save_prefix=""):
+    def __init__(self, model, latents, conditionings, state: TrainingState, dtype, save_every=0, save_prefix=""):
         self.model = model
         self.latents = latents
         self.conditionings = conditionings
-        self.trainables = trainables
-        self.s = settings
+        self.state = state
+        self.trainables = state.trainables
+        self.s = state.settings
         self.dtype = dtype
-        self.start_step = start_step
+        self.start_step = state.step
         self.save_every = save_every
         self.save_prefix = save_prefix
         self.losses: list[float] = []
-        self.step = start_step
-        self.saved: list[str] = []
-        params = [t.spectrum for t in trainables.values()]
-        self.optimizer = make_optimizer(settings["optimizer"], params, settings["lr"])
-        self.param_names = {t.spectrum: name for name, t in trainables.items()}
-        self.resumed_optimizer = bool(optimizer_state) and load_optimizer_state(self.optimizer, self.param_names,
-                                                                                optimizer_state)
+        params = [t.spectrum for t in self.trainables.values()]
+        self.optimizer = make_optimizer(self.s["optimizer"], params, self.s["lr"])
+        self.param_names = {t.spectrum: name for name, t in self.trainables.items()}
+        if state.optimizer_tensors and not state.restore(self.optimizer, self.param_names):
+            log.info("WaveFT Train: the saved optimizer state does not fit these layers; its moments start afresh")
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     def adapter(self) -> Adapter:
-        md = dict(self.s.get("metadata", {}))
-        training = {k: v for k, v in self.s.items() if k not in ("metadata",)}
-        training["steps_done"] = self.step
-        md["waveft.training"] = json.dumps(training, sort_keys=True)
-        return adapter_from_trainables(self.trainables, md)
+        return self.state.adapter()
 
     def save_checkpoint(self, suffix: str) -> str:
-        path = output_path(self.save_prefix, suffix)
-        return write_adapter(self.adapter(), path, optimizer_state_tensors(self.optimizer, self.param_names))
+        self.state.capture(self.optimizer, self.param_names)
+        path = self.state.save(host.new_adapter_path(self.save_prefix, suffix))
+        log.info("WaveFT: saved %s", path)
+        return str(path)
 
     def run(self):
         s = self.s
@@ -283,7 +268,7 @@ class TrainRun:
         t0 = time.perf_counter()
         for t in self.trainables.values():
             t.spectrum.requires_grad_(True)
-        while self.step < total:
+        while self.state.step < total:
             for group in self.optimizer.param_groups:
                 group["lr"] = s["lr"] * lr_factor(self.step, total, s["lr_schedule"], s["warmup_steps"])
             step_loss = 0.0
@@ -313,10 +298,10 @@ class TrainRun:
                                  "learning_rate or use fp32")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            self.state.step += 1
             self.losses.append(step_loss)
             if self.save_every and self.step % self.save_every == 0 and self.step < total:
-                self.saved.append(self.save_checkpoint(f"_{self.step:05d}"))
+                self.save_checkpoint(f"_{self.step:05d}")
             if self.step % 10 == 0 or self.step == total:
                 log.info("WaveFT train step %d/%d loss %.5f (%.2f s/step)", self.step, total, step_loss,
                          (time.perf_counter() - t0) / max(1, self.step - self.start_step))

@@ -1,5 +1,10 @@
-"""Trainable WaveFT layers: the spectrum is the only parameter; positions follow PEFT's rule."""
+"""Training WaveFT, without a host: trainable layers (the spectrum is the only parameter; positions follow PEFT's
+rule), what to train, optimizers and schedules, and the state of a run as its checkpoint file holds it."""
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,9 +65,10 @@ class TrainableLayer(nn.Module):
                      shape=self.shape, scaling=self.scaling, wavelet=self.wavelet, use_idwt=self.use_idwt)
 
     @classmethod
-    def from_layer(cls, layer: Layer) -> "TrainableLayer":
-        return cls(layer.shape, layer.n_coefficients, layer.wavelet, layer.scaling, use_idwt=layer.use_idwt,
-                   spectrum=layer.spectrum, indices=layer.indices)
+    def from_layer(cls, layer: Layer, seed: int = DEFAULT_SEED) -> "TrainableLayer":
+        """Continue training a saved layer: its coefficients and positions as they are."""
+        return cls(layer.shape, layer.n_coefficients, layer.wavelet, layer.scaling, seed=seed,
+                   use_idwt=layer.use_idwt, spectrum=layer.spectrum, indices=layer.indices)
 
 
 def adapter_from_trainables(trainables: dict[str, TrainableLayer], metadata: dict[str, str] | None = None) -> Adapter:
@@ -140,39 +146,98 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
 
 
-OPTIM_PREFIX = "waveft_train."
+OPTIM_PREFIX = "waveft_train."  # FORMAT.md extension 2: optimizer state in training checkpoints
 
 
-def optimizer_state_tensors(optimizer, names: dict) -> dict:
-    """Per-layer optimizer state as flat tensors, keyed `waveft_train.<module>.<state>` (kept, ignored by
-    readers: a backward-compatible extension that lets a resumed run continue its moments)."""
-    out = {}
-    for param, name in names.items():
-        for key, value in optimizer.state.get(param, {}).items():
-            if isinstance(value, torch.Tensor):
-                out[f"{OPTIM_PREFIX}{name}.{key}"] = value.detach().float().cpu().reshape(-1).clone()
-            else:
-                out[f"{OPTIM_PREFIX}{name}.{key}"] = torch.tensor([float(value)])
-    return out
+@dataclass
+class TrainingState:
+    """A training run as its checkpoint file holds it: the trainable layers, the steps done, the seed (the
+    positions, batches, noise and timesteps all derive from it and the step number, so a resumed run retraces
+    an uninterrupted one), the run's settings and other metadata, and the optimizer's moments.
 
+    save() writes a native file (readable as an adapter by every loader) with the optimizer state as the
+    backward-compatible extension `waveft_train.<module>.<state>`; load() reads one back, with or without it."""
 
-def load_optimizer_state(optimizer, names: dict, tensors: dict) -> bool:
-    """Restore what optimizer_state_tensors saved; False (nothing changed) when it does not fit."""
-    staged = {}
-    for param, name in names.items():
-        state = {}
-        for key, value in tensors.items():
-            if key.startswith(f"{OPTIM_PREFIX}{name}.") and "." not in key[len(OPTIM_PREFIX) + len(name) + 1:]:
-                field = key[len(OPTIM_PREFIX) + len(name) + 1:]
-                if field == "step":
-                    state[field] = value.reshape(()).clone()
+    trainables: dict[str, TrainableLayer]
+    step: int = 0
+    seed: int = DEFAULT_SEED
+    settings: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    optimizer_tensors: dict = field(default_factory=dict)
+
+    def adapter(self) -> Adapter:
+        """The layers as they are now, with the run's settings and steps done in `waveft.training`."""
+        md = dict(self.metadata)
+        md["waveft.training"] = json.dumps({**self.settings, "steps_done": self.step}, sort_keys=True)
+        md["waveft.seed"] = str(self.seed)
+        return adapter_from_trainables(self.trainables, md)
+
+    def capture(self, optimizer, param_names: dict) -> None:
+        """Take the optimizer's current state (per parameter, as flat tensors) for the next save."""
+        out = {}
+        for param, name in param_names.items():
+            for key, value in optimizer.state.get(param, {}).items():
+                t = value.detach().float().cpu().reshape(-1).clone() if isinstance(value, torch.Tensor) \
+                    else torch.tensor([float(value)])
+                out[f"{OPTIM_PREFIX}{name}.{key}"] = t
+        self.optimizer_tensors = out
+
+    def restore(self, optimizer, param_names: dict) -> bool:
+        """Put saved optimizer state back; False (and nothing changed) when there is none or it does not fit
+        these parameters (then the moments start afresh)."""
+        staged = {}
+        for param, name in param_names.items():
+            state = {}
+            head = f"{OPTIM_PREFIX}{name}."
+            for key, value in self.optimizer_tensors.items():
+                if not key.startswith(head) or "." in key[len(head):]:
+                    continue
+                field_name = key[len(head):]
+                if field_name == "step":
+                    state[field_name] = value.reshape(()).clone()
                 elif value.numel() == param.numel():
-                    state[field] = value.reshape(param.shape).to(param.device, param.dtype).clone()
+                    state[field_name] = value.reshape(param.shape).to(param.device, param.dtype).clone()
                 else:
                     return False
-        if not state:
-            return False
-        staged[param] = state
-    for param, state in staged.items():
-        optimizer.state[param] = state
-    return True
+            if not state:
+                return False
+            staged[param] = state
+        for param, state in staged.items():
+            optimizer.state[param] = state
+        return True
+
+    def save(self, path) -> Path:
+        from .fileformat import write
+
+        adapter = self.adapter()
+        adapter.extra_tensors.update(self.optimizer_tensors)
+        return write(adapter, path)
+
+    @classmethod
+    def load(cls, path) -> "TrainingState":
+        """A checkpoint (or any native file) to continue: WaveFTFileError when it cannot be read."""
+        from .fileformat import adapter_from_tensors, read_tensors_and_metadata
+
+        tensors, metadata = read_tensors_and_metadata(path)
+        adapter = adapter_from_tensors(tensors, metadata, path)
+        try:
+            training = json.loads(metadata.get("waveft.training", "{}"))
+        except ValueError:
+            training = {}
+        try:
+            seed = int(metadata.get("waveft.seed", DEFAULT_SEED))
+        except ValueError:
+            seed = DEFAULT_SEED
+        step = int(training.get("steps_done", 0)) if isinstance(training, dict) else 0
+        trainables = {name: TrainableLayer.from_layer(layer, seed) for name, layer in adapter.layers.items()}
+        return cls(trainables, step, seed, metadata=dict(metadata),
+                   optimizer_tensors={k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)})
+
+    def check_fits(self, shapes: dict, label: str) -> None:
+        """ValueError unless every layer is one of `shapes` (module -> weight shape) with that shape."""
+        missing = [n for n in self.trainables if n not in shapes]
+        wrong = [n for n in self.trainables if n in shapes and tuple(self.trainables[n].shape) != tuple(shapes[n])]
+        if missing or wrong:
+            raise ValueError(f"{label} was trained on another model or other targets: {len(missing)} of its layers "
+                             f"are not in this model's targets, {len(wrong)} have another shape (e.g. "
+                             f"{(missing or wrong)[0]})")
