@@ -38,7 +38,7 @@ def _is_waveft_file(path: str) -> bool:
         return cached[2]
     header = peek_header(path)
     found = header is not None and (header.metadata.get("ss_network_module") == "waveft"
-                                    or sources.is_spectra_file(header.tensors) or fileformat.looks_like_waveft(header.tensors))
+                                    or fileformat.looks_like_waveft(header.tensors))
     _SNIFF[path] = (st.st_size, st.st_mtime_ns, found)
     return found
 

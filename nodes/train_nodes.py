@@ -134,8 +134,8 @@ class WaveFTTrain:
             raise
         # Trained layer names are the model's own weight keys: no name matching needed.
         out_model = model.clone()
-        out_model.add_patches({f"{n}.weight": host.WaveFTAdapter.from_layer(layer) for n, layer in adapter.layers.items()},
-                              1.0)
+        out_model.add_patches({f"{n}.weight": host.WaveFTAdapter.from_layer(layer)
+                               for n, layer in adapter.layers.items()}, 1.0)
         return (out_model, adapter, {"loss": list(run.losses)}, run.step)
 
     @staticmethod

@@ -72,3 +72,28 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def test_cli_help_to_lora_rank_and_info_layout(tmp_path):
+    """--help shows defaults; to-lora records the rank it stored, not one the layers cannot hold; info's layer
+    list has its own heading; messages give full paths; the demo says where its file is and what to try next."""
+    assert "(default: 8)" in cli("to-lora", "--help").stdout
+    layer = random_layer((12, 20), 40, "db2")
+    src = wft.save(wft.Adapter(layers={"diffusion_model.x": layer}), tmp_path / "a.safetensors")
+    r = cli("to-lora", src, tmp_path / "l.safetensors", "--rank", "100000")
+    assert r.returncode == 0 and "rank-12 LoRA" in r.stdout and "asked 100000" in r.stdout
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "l.safetensors"), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "12" and f.get_tensor("lora_unet_x.lora_down.weight").shape[0] == 12
+    out = cli("info", src, "--layers").stdout
+    assert out.index("layers:\n") > out.index("metadata:") and "  diffusion_model.x: [12, 20]" in out
+    r = cli("info", tmp_path / "missing.safetensors")
+    assert r.returncode == 1 and str(tmp_path / "missing.safetensors") in r.stderr
+
+
+def test_demo_says_where_its_file_is_and_what_next(tmp_path):
+    lines = []
+    run(out=tmp_path / "d.safetensors", steps=5, log=lines.append)
+    text = "\n".join(lines)
+    assert str((tmp_path / "d.safetensors").resolve()) in text and "python -m waveft_core info" in text

@@ -390,8 +390,8 @@ def test_cli_clip_choice_and_merge_refuses_what_does_not_fit(saved, bases, tmp_p
     before, after = lf(str(bases["single file"])), lf(str(merged))
     key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
     assert not torch.equal(before[key], after[key])
-    assert torch.equal(before["conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"],
-                       after["conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"])
+    clip_l_q = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(before[clip_l_q], after[clip_l_q])
     # and merge never writes over its checkpoint
     assert _cli("merge", bases["single file"], anon, bases["single file"], "--clip", "clip_g", "--overwrite") == 1
     assert "is an input" in capsys.readouterr().err

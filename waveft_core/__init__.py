@@ -11,6 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Mapping
 
+try:
+    import torch  # noqa: F401
+except ImportError as e:  # the one dependency this package cannot install for you: the build must fit your GPU
+    raise ImportError("waveft_core needs PyTorch: install the build for your machine first (pip install torch, or "
+                      "the command from pytorch.org), then waveft_core") from e
+
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
 from .fileformat import FORMAT_VERSION
 from .storage import WaveFTFileError

@@ -1,5 +1,5 @@
-"""python -m waveft_core: inspect, convert, extract, merge and demo WaveFT adapters. Errors: one line on stderr,
-exit 1."""
+"""waveft (or python -m waveft_core): inspect, convert, extract, merge and demo WaveFT adapters. Errors: one line
+on stderr, exit 1."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,7 @@ def _cmd_info(args) -> int:
             v = extra[k]
             print(f"  {k}: {v if len(v) <= 200 else v[:200] + '...'}")
     if args.layers:
+        print("layers:")
         for name, layer in ad.layers.items():
             print(f"  {name}: {list(layer.shape)}, {layer.n_coefficients} coefficients, scaling {layer.scaling:g}")
     return 0
@@ -115,7 +116,8 @@ def _cmd_to_lora(args) -> int:
     save_lora(tensors, metadata, args.dst)
     layers = report["layers"]
     worst = min(layers, key=lambda k: layers[k]["energy_kept"])
-    print(f"wrote {args.dst}: {len(layers)} layers as rank-{args.rank} LoRA ({args.dtype})")
+    capped = f" (asked {args.rank}; no layer allows more)" if report["rank"] < args.rank else ""
+    print(f"wrote {args.dst}: {len(layers)} layers as rank-{report['rank']} LoRA ({args.dtype}){capped}")
     print(f"energy kept: {100 * report['energy_kept']:.2f}% overall, lowest {100 * layers[worst]['energy_kept']:.2f}% "
           f"in {worst}")
     print(f"relative error: {report['relative_error']:.4f}")
@@ -187,6 +189,19 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, where it has one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser_with_defaults(**kwargs):
+    return argparse.ArgumentParser(formatter_class=_Help, **kwargs)
+
+
 ADAPTER_HELP = ("WaveFT adapter: a native .safetensors file, a PEFT folder (or a folder of several), or a diffusers "
                 ".safetensors file")
 
@@ -211,8 +226,8 @@ def _source_options(p, base_help: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m waveft_core", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="waveft", description=__doc__, formatter_class=_Help)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_parser_with_defaults)
 
     info = sub.add_parser("info", help="layers, parameters, wavelet, scaling, base model and metadata of an adapter")
     info.add_argument("file", help=ADAPTER_HELP)
@@ -222,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="PEFT folder or diffusers file -> native file; native file -> PEFT folder")
     conv.add_argument("src", help=ADAPTER_HELP)
-    conv.add_argument("dst")
+    conv.add_argument("dst", help="native .safetensors to write (from PEFT/diffusers), or a PEFT folder (from native)")
     _source_options(conv, "needed for a PEFT folder or diffusers file (it draws each layer's positions)")
     conv.add_argument("--base-model", help="base model tag to record, e.g. sd_v1 or sdxl_base_v1-0 (default: "
                       "what --base is)")
@@ -234,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_lora.add_argument("dst", help="LoRA .safetensors to write")
     _source_options(to_lora, "needed for a PEFT folder or diffusers file")
     to_lora.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
-    to_lora.add_argument("--rank", type=int, default=8)
-    to_lora.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    to_lora.add_argument("--rank", type=int, default=8,
+                         help="LoRA rank per layer (capped at each layer's smaller side)")
+    to_lora.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the LoRA tensors")
     to_lora.add_argument("--fast", action="store_true", help="randomized SVD: much faster on big layers, near-optimal")
     to_lora.set_defaults(func=_cmd_to_lora)
 
@@ -246,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--finetuned", help="fine-tuned single-file .safetensors checkpoint")
     ext.add_argument("--base", help="base checkpoint: required with --finetuned; with --lora it settles layer names")
     ext.add_argument("--coefficients", type=int, default=2592, help="coefficients per layer")
-    ext.add_argument("--wavelet", default="db1")
-    ext.add_argument("--scaling", type=float, default=25.0)
+    ext.add_argument("--wavelet", default="db1", help="wavelet of the WaveFT adapter to write")
+    ext.add_argument("--scaling", type=float, default=25.0, help="scaling of the WaveFT adapter to write")
     ext.add_argument("--targets", choices=["attention", "linear", "all"], default="attention",
                      help="with --finetuned: attention projections, every linear layer, or also convolutions")
     ext.add_argument("--iterations", type=int, default=100, help="least-squares (conjugate gradient) steps per fit")
@@ -256,21 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     ext.set_defaults(func=_cmd_extract)
 
     merge = sub.add_parser("merge", help="bake an adapter into a copy of a single-file .safetensors checkpoint")
-    merge.add_argument("checkpoint")
+    merge.add_argument("checkpoint", help="single-file .safetensors checkpoint (left unchanged)")
     merge.add_argument("adapter", help=ADAPTER_HELP + " (the checkpoint is its base)")
     merge.add_argument("out", help="merged checkpoint .safetensors to write (never the checkpoint itself)")
     _source_options(merge, None)
     merge.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (never an input)")
-    merge.add_argument("--strength", type=float, default=1.0)
+    merge.add_argument("--strength", type=float, default=1.0, help="multiplier of each layer's ΔW")
     merge.add_argument("--lenient", action="store_true",
                        help="skip (and list) layers that match no weight instead of refusing")
     merge.set_defaults(func=_cmd_merge)
 
     demo = sub.add_parser("demo", help="fit, save, load and apply a WaveFT adapter on a small model made in code")
-    demo.add_argument("--out", default="out/demo_waveft.safetensors")
-    demo.add_argument("--steps", type=int, default=400)
-    demo.add_argument("--coefficients", type=int, default=2000)
-    demo.add_argument("--wavelet", default="db1")
+    demo.add_argument("--out", default="out/demo_waveft.safetensors", help="where the fitted adapter is written")
+    demo.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    demo.add_argument("--coefficients", type=int, default=2000, help="coefficients per layer")
+    demo.add_argument("--wavelet", default="db1", help="wavelet family")
     demo.set_defaults(func=_cmd_demo)
     return p
 

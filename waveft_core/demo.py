@@ -111,8 +111,12 @@ def run(out: str | Path = "out/demo_waveft.safetensors", steps: int = 400, coeff
         f"({100 * result['parameters'] / dense:.1f}% of the {dense:,} weights they change), wavelet {wavelet}")
     log(f"  test loss before {loss_before:.5f} -> after {loss_after:.5f} "
         f"({loss_before / max(loss_after, 1e-12):.1f}x lower) in {steps} steps, {train_time:.2f} s")
-    log(f"  saved {path} ({result['file_size']:,} bytes), loaded back: {loaded.n_parameters:,} coefficients")
+    log(f"  saved {path.resolve()} ({result['file_size']:,} bytes), loaded back: {loaded.n_parameters:,} "
+        "coefficients")
     for s, loss in strengths.items():
         log(f"  applied at strength {s:>3}: test loss {loss:.5f}")
     log(f"  total {result['total_seconds']:.2f} s")
+    log("next: look inside the file with")
+    log(f"  python -m waveft_core info {path.resolve()} --layers")
+    log("  (in ComfyUI: put WaveFT adapters in models/waveft and use the Load WaveFT node; ./dev test runs the suite)")
     return result

@@ -90,7 +90,8 @@ def to_lora(adapter: Adapter, rank: int, dtype: torch.dtype = torch.float16, dev
     faster on big layers, near-optimal rather than optimal).
 
     Returns (tensors, metadata, report); report = {'layers': {name: {'rank', 'energy_kept', 'relative_error'}},
-    'energy_kept', 'relative_error', 'skipped'}. Energy kept is the sum of the kept squared singular values over
+    'rank' (the largest stored: `rank` capped by each layer's smaller side), 'energy_kept', 'relative_error',
+    'skipped'}. Energy kept is the sum of the kept squared singular values over
     the total (= ||ΔW||²); the relative error is ||ΔW - up @ down||_F / ||ΔW||_F of the stored tensors."""
     if int(rank) < 1:
         raise ValueError(f"rank must be 1 or more, got {rank}")
@@ -140,7 +141,9 @@ def to_lora(adapter: Adapter, rank: int, dtype: torch.dtype = torch.float16, dev
         raise ValueError("the adapter has no layer with a non-zero ΔW; nothing to convert")
     report["energy_kept"] = kept_total / energy_total
     report["relative_error"] = math.sqrt(err_total / energy_total)
-    return tensors, lora_metadata(adapter.metadata, rank), report
+    # the rank actually stored: a layer allows no more than its smaller side
+    report["rank"] = max(entry["rank"] for entry in report["layers"].values())
+    return tensors, lora_metadata(adapter.metadata, report["rank"]), report
 
 
 def lora_metadata(source: Mapping[str, str], rank: int) -> dict[str, str]:

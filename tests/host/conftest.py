@@ -72,7 +72,8 @@ def _has_dynamic_vram() -> bool:
 
     import comfy.model_patcher as mp
 
-    return hasattr(mp, "ModelPatcherDynamic") and "disable_dynamic" in inspect.signature(mp.ModelPatcher.clone).parameters
+    return hasattr(mp, "ModelPatcherDynamic") and \
+        "disable_dynamic" in inspect.signature(mp.ModelPatcher.clone).parameters
 
 
 HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram}

@@ -116,8 +116,8 @@ def _reference(patches, weight: torch.Tensor) -> torch.Tensor:
 
 def _assert_rounded_once(got: torch.Tensor, expect: torch.Tensor, base: torch.Tensor):
     """fp32: the change equals the reference's to 1e-5; fp16/bf16: every entry is the float64 W + ΔW rounded
-    once: within one unit in the last place (subnormals included), plus what forming the sum in fp32 (not fp64) can cost where W
-    and ΔW cancel."""
+    once: within one unit in the last place (subnormals included), plus what forming the sum in fp32 (not fp64)
+    can cost where W and ΔW cancel."""
     if got.dtype == torch.float32:
         assert rel_err(got.double() - base.double(), expect - base.double()) < 1e-5
         return

@@ -446,7 +446,7 @@ def test_a_diffusers_file_among_loras_loads_through_the_node(pack, sd15, tmp_pat
     ref = reference_delta(peft_positions(tuple(w.shape), 300, 5), spectra[f"unet.{unet_name}.waveft_spectrum"].double(),
                           tuple(w.shape), "db2", 10.0)
     assert rel_err(patched_weights(new_model, [ukey])[ukey] - w.float(), torch.from_numpy(ref)) < 1e-5
-    cref = reference_delta(peft_positions(tuple(cw.shape), 200, 9),
-                           spectra[f"text_encoder.{te_name}.waveft_spectrum"].double(), tuple(cw.shape), "db1", 0.5 * 3.0)
+    te_spectrum = spectra[f"text_encoder.{te_name}.waveft_spectrum"].double()
+    cref = reference_delta(peft_positions(tuple(cw.shape), 200, 9), te_spectrum, tuple(cw.shape), "db1", 0.5 * 3.0)
     expect = (cw.double() + torch.from_numpy(cref)).to(cw.dtype).float()
     torch.testing.assert_close(clip_patched_weights(new_clip, [ckey])[ckey], expect, rtol=2 ** -10, atol=1e-7)
