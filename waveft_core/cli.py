@@ -86,7 +86,7 @@ def _cmd_convert(args) -> int:
             ad.metadata["ss_base_model_version"] = args.base_model
         wavelets = {layer.wavelet for layer in ad.layers.values()}
         if len(wavelets) > 1:
-            raise ValueError(f"{src.name}: its components use the wavelets {', '.join(sorted(wavelets))}, and a native "
+            raise ValueError(f"{src}: its components use the wavelets {', '.join(sorted(wavelets))}, and a native "
                              "file holds one; convert one component at a time (--component unet, --component "
                              "text_encoder, ...)")
         save(ad, dst)

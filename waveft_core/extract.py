@@ -257,7 +257,7 @@ def checkpoint_deltas(finetuned_path, base_path, targets: str = "attention") -> 
     ft_layout, base_layout = checkpoint_layout(ft_header), checkpoint_layout(base_header)
     common = [name for name in ft_layout if name in base_layout]
     if not common:
-        raise ValueError(f"{ft_path.name} and {base_path.name} share no UNet or text-encoder weights")
+        raise ValueError(f"{ft_path} and {base_path} share no UNet or text-encoder weights")
 
     def read(path, loc: Location) -> torch.Tensor:
         with open_safetensors(path) as f:
@@ -272,8 +272,8 @@ def checkpoint_deltas(finetuned_path, base_path, targets: str = "attention") -> 
     for name in sorted(common):
         shape = location_shape(ft_header, ft_layout[name])
         if shape != location_shape(base_header, base_layout[name]):
-            raise ValueError(f"{name}: shape {list(shape)} in {ft_path.name} but "
-                             f"{list(location_shape(base_header, base_layout[name]))} in {base_path.name}; "
+            raise ValueError(f"{name}: shape {list(shape)} in {ft_path} but "
+                             f"{list(location_shape(base_header, base_layout[name]))} in {base_path}; "
                              "are they the same model family?")
         if not _wanted(name, shape, targets):
             continue

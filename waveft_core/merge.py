@@ -46,7 +46,7 @@ def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, streng
     for name, layer in adapter.layers.items():
         loc = layout.get(name)
         if loc is None:
-            problems.append((name, f"matches no weight in {src.name}"))
+            problems.append((name, f"matches no weight in {src}"))
             continue
         shape = location_shape(header, loc)
         if matrix_shape(shape) != layer.matrix_shape:
@@ -59,9 +59,9 @@ def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, streng
     if problems and strict:
         listed = "; ".join(f"{n} {why}" for n, why in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"{len(problems)} adapter layer(s) do not fit {src.name}: {listed}{more}")
+        raise ValueError(f"{len(problems)} adapter layer(s) do not fit {src}: {listed}{more}")
     if not by_key:
-        raise ValueError(f"no adapter layer matches a weight of {src.name}; is it the right base model?")
+        raise ValueError(f"no adapter layer matches a weight of {src}; is it the right base model?")
 
     def write(tmp):
         shutil.copyfile(src, tmp)
