@@ -6,15 +6,11 @@ import contextlib
 import logging
 import os
 
-import torch
-
 import comfy.lora
 import comfy.utils
 import folder_paths
 
-from ..waveft_core import Layer
-from ..waveft_core.delta import add_into, compute_dtype, dense_delta
-from ..waveft_core.fileformat import FORMAT_VERSION
+from ..waveft_core.host_adapter import adapter_class
 from ..waveft_core.matching import match_layers
 
 log = logging.getLogger("ComfyUI-WaveFT")
@@ -115,141 +111,8 @@ except Exception:
     class _QuantizedTensor:
         pass
 
-_GLOBAL_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")
-_SPARSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
-
-
-def _is_identity(function) -> bool:
-    if function is None:
-        return True
-    probe = torch.zeros(2)
-    try:
-        return function(probe) is probe
-    except Exception:
-        return False
-
-
-def is_packed_weight(weight) -> bool:
-    """Quantized storage whose elements are not the weight's values (comfy-kitchen, torch's own quantized
-    tensors, integer storage): a scatter into it would write into packed bytes."""
-    return (isinstance(weight, _QuantizedTensor) or getattr(weight, "is_quantized", False)
-            or not weight.dtype.is_floating_point)
-
-
-class WaveFTAdapter(_AdapterBase):
-    """A WaveFT layer as the host's weight adapter, following the host's contract: constructed from
-    (loaded_keys, weights), where `weights` is `Layer.packed()` = (spectrum, plan tensors, Layer). The host
-    may move those tensors (ComfyUI >= 0.21 rebuilds adapters as type(v)(v.loaded_keys, <moved weights>) for
-    low-VRAM and dynamic-VRAM loads; the bypass hook moves and casts the top-level ones); every method
-    computes from the tensors it holds now, on their device. calculate_weight adds strength * ΔW in place
-    (sparse scatter, computed in fp32, rounded once into fp16/bf16). Immutable after creation: clones share it."""
-
-    name = "waveft"
-
-    def __init__(self, loaded_keys: set, weights):
-        Layer.check_packed(weights)  # a clear TypeError now, not an AttributeError at the first sampling step
-        self.loaded_keys = loaded_keys
-        self.weights = weights
-
-    @classmethod
-    def from_layer(cls, layer: Layer, loaded_keys: set | None = None) -> "WaveFTAdapter":
-        return cls(set() if loaded_keys is None else loaded_keys, layer.packed())
-
-    # Called by the stock LoRA loader for every key-map entry with every adapter class: a dict lookup.
-    @classmethod
-    def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
-        spectrum_key = f"{x}.waveft_spectrum"
-        if spectrum_key not in lora:
-            return None
-        from ..waveft_core.fileformat import WaveFTFileError, adapter_from_tensors
-
-        keys = [f"{x}.{s}" for s in ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling")]
-        tensors = {k: lora[k] for k in keys if k in lora}
-        try:
-            metadata = stock_loader_metadata(lora)
-            layer = adapter_from_tensors(tensors, metadata, path=x).layers[x]
-        except (WaveFTFileError, KeyError) as e:
-            log.error("WaveFT: layer %s cannot be used: %s", x, e)
-            return None
-        if loaded_keys is None:
-            loaded_keys = set()
-        loaded_keys.update(k for k in keys if k in lora)
-        loaded_keys.update(k for k in _GLOBAL_KEYS if k in lora)
-        return cls.from_layer(layer, loaded_keys)
-
-    def _unpacked(self, device):
-        """Layer.unpack(self.weights, device), remembered for the weights object it was made from (the
-        bypass hook replaces `weights` with a moved copy; a rebuild makes a new adapter)."""
-        memo = self.__dict__.get("_memo")
-        if memo is not None and memo[0] is self.weights and memo[1] == device:
-            return memo[2]
-        unpacked = Layer.unpack(self.weights, device)
-        self._memo = (self.weights, device, unpacked)
-        return unpacked
-
-    def calculate_shape(self, key):
-        """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
-        return None
-
-    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                         intermediate_dtype=torch.float32, original_weight=None):
-        if strength == 0:
-            return weight
-        try:
-            if is_packed_weight(weight):
-                # The host dequantizes before patching (ops' convert_weight); a packed tensor here would take
-                # the scatter into its packed bytes, and comfy-kitchen's in-place add drops the change.
-                log.error("WaveFT: %s is stored quantized (%s); WaveFT does not write into packed weights, so "
-                          "this layer is left unpatched. Load a non-quantized model, or use 'Load LoRA (Bypass)' "
-                          "with the WaveFT file.", key, type(weight).__name__)
-                return weight
-            layer, spectrum, plan = self._unpacked(weight.device)
-            factor = float(layer.scaling) * float(strength)
-            if _is_identity(function) and weight.dtype in _SPARSE_DTYPES:
-                add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps only the view
-            else:
-                # a function (swap_scale_shift on a DiT's modulation) needs the dense delta; fp8 storage has no
-                # sparse write. Either way: W + ΔW in the compute dtype, rounded once into the weight's dtype.
-                compute = compute_dtype(weight.dtype)
-                delta = dense_delta(plan, spectrum, factor, compute).reshape(weight.shape)
-                if function is not None:
-                    delta = function(delta)
-                weight.copy_((weight.to(compute) + delta).to(weight.dtype))
-        except Exception as e:
-            log.error("WaveFT: could not patch %s: %s", key, e)
-        return weight
-
-    # ComfyUI's bypass mode (0.3x) adds h(x) to the layer's output instead of merging the weight. The bypass
-    # hook has set multiplier/is_conv/conv_dim/kw_dict and moved (and cast) the spectrum to the compute
-    # device; the plan comes from the bundle or, once per device, from the layer's cache.
-    def h(self, x, base_out):
-        layer, spectrum, plan = self._unpacked(x.device)
-        factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
-        delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once
-        if getattr(self, "is_conv", False):
-            kernel = tuple(getattr(self, "kernel_size", ()) or ())  # a conv stored as m x n gets its kernel back
-            weight_shape = layer.shape if len(layer.shape) > 2 else (plan.rows, -1, *kernel)
-            conv = _CONV[int(getattr(self, "conv_dim", 2) or 2)]
-            return conv(x, delta.reshape(weight_shape), **dict(getattr(self, "kw_dict", {}) or {}))
-        return torch.nn.functional.linear(x, delta)
-
-    def g(self, y):
-        return y
-
-
-def stock_loader_metadata(lora: dict) -> dict:
-    """The stock LoRA loader hands adapters the tensors only. Files from this project mirror the three
-    settings the math needs into small tensors (FORMAT extension, docs/FORMAT.md) so that path works too."""
-    if "waveft.wavelet" not in lora:
-        raise KeyError("this file has no 'waveft.wavelet' tensor, so the stock LoRA loader cannot tell its "
-                       "wavelet; load it with the 'Load WaveFT' node (or re-save it with this version)")
-    wavelet = bytes(lora["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii", "replace")
-    md = {"waveft.format_version": str(FORMAT_VERSION), "waveft.wavelet": wavelet, "ss_network_module": "waveft"}
-    md["waveft.scaling"] = repr(float(lora["waveft.scaling"])) if "waveft.scaling" in lora else "25.0"
-    if "waveft.use_idwt" in lora:
-        md["waveft.use_idwt"] = "true" if bool(lora["waveft.use_idwt"]) else "false"
-    return md
+# The adapter's code is host-agnostic (waveft_core/host_adapter.py); here it becomes ComfyUI's class.
+WaveFTAdapter = adapter_class(_AdapterBase, (_QuantizedTensor,), log)
 
 
 def register_adapter_class() -> bool:

@@ -1,0 +1,157 @@
+"""The weight-adapter protocol of ComfyUI and the hosts built on its code (reForge's ldm_patched), without
+importing any of them: `adapter_class(<the host's WeightAdapterBase>)` makes the host's WaveFT adapter.
+
+The contract (ComfyUI 0.8 to 0.33): the constructor is (loaded_keys, weights); `load(prefix, state_dict, ...)`
+claims a layer of a file for the stock LoRA loader; `calculate_weight(weight, key, strength, ...)` adds
+strength * ΔW to `weight` in place and returns it (with an offset the host keeps only the view);
+`calculate_shape` says whether the shape changes; `h(x, base_out)`/`g(y)` serve the bypass mode. Since ComfyUI
+0.21 the host rebuilds adapters as type(v)(v.loaded_keys, <v.weights moved into a buffer on the GPU>) for
+low-VRAM and dynamic-VRAM loads, and the bypass hook moves and casts the top-level tensors of `weights`: so
+`weights` is `Layer.packed()`, and every method computes from the tensors it holds now, on their device."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .adapter import Layer
+from .delta import add_into, compute_dtype, dense_delta
+from .fileformat import FORMAT_VERSION, adapter_from_tensors
+from .storage import WaveFTFileError
+
+MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
+LAYER_SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling")
+SPARSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+
+
+def _is_identity(function) -> bool:
+    if function is None:
+        return True
+    probe = torch.zeros(2)
+    try:
+        return function(probe) is probe
+    except Exception:
+        return False
+
+
+def mirrored_metadata(tensors: dict) -> dict:
+    """The metadata a native file's mirrored settings tensors stand for (a stock LoRA loader hands an adapter
+    the tensors only, not the file's metadata). KeyError when the file has no mirrors."""
+    if "waveft.wavelet" not in tensors:
+        raise KeyError("this file has no 'waveft.wavelet' tensor, so the stock LoRA loader cannot tell its "
+                       "wavelet; load it with the 'Load WaveFT' node (or re-save it with this version)")
+    wavelet = bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii", "replace")
+    md = {"waveft.format_version": str(FORMAT_VERSION), "waveft.wavelet": wavelet, "ss_network_module": "waveft"}
+    md["waveft.scaling"] = repr(float(tensors["waveft.scaling"])) if "waveft.scaling" in tensors else "25.0"
+    if "waveft.use_idwt" in tensors:
+        md["waveft.use_idwt"] = "true" if bool(tensors["waveft.use_idwt"]) else "false"
+    return md
+
+
+def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | None = None, name: str = "WaveFTAdapter"):
+    """The WaveFT adapter as a subclass of a host's WeightAdapterBase (`object` for a host without one).
+    `packed_types` are the host's quantized tensor classes (comfy-kitchen), never written into."""
+    log = log or logging.getLogger("WaveFT")
+
+    def is_packed_weight(weight) -> bool:
+        """Quantized storage whose elements are not the weight's values: a scatter would write packed bytes."""
+        return (isinstance(weight, packed_types) or getattr(weight, "is_quantized", False)
+                or not weight.dtype.is_floating_point)
+
+    class WaveFTAdapter(base):
+        """A WaveFT layer as the host's weight adapter; `weights` is Layer.packed() = (spectrum, plan tensors,
+        Layer). calculate_weight adds strength * ΔW in place (sparse scatter, computed in fp32, rounded once into
+        fp16/bf16). Immutable after creation: clones share it."""
+
+        name = "waveft"
+
+        def __init__(self, loaded_keys: set, weights):
+            Layer.check_packed(weights)  # a clear TypeError now, not an AttributeError at the first sampling step
+            self.loaded_keys = loaded_keys
+            self.weights = weights
+
+        @classmethod
+        def from_layer(cls, layer: Layer, loaded_keys: set | None = None):
+            return cls(set() if loaded_keys is None else loaded_keys, layer.packed())
+
+        # Called by the stock LoRA loader for every key-map entry with every adapter class: a dict lookup.
+        @classmethod
+        def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
+            if f"{x}.waveft_spectrum" not in lora:
+                return None
+            keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
+            tensors = {k: lora[k] for k in keys if k in lora}
+            try:
+                layer = adapter_from_tensors(tensors, mirrored_metadata(lora), path=x).layers[x]
+            except (WaveFTFileError, KeyError) as e:
+                log.error("WaveFT: layer %s cannot be used: %s", x, e)
+                return None
+            if loaded_keys is None:
+                loaded_keys = set()
+            loaded_keys.update(k for k in keys if k in lora)
+            loaded_keys.update(k for k in MIRROR_KEYS if k in lora)
+            return cls.from_layer(layer, loaded_keys)
+
+        def _unpacked(self, device):
+            """Layer.unpack(self.weights, device), remembered for the weights object it was made from (the
+            bypass hook replaces `weights` with a moved copy; a rebuild makes a new adapter)."""
+            memo = self.__dict__.get("_memo")
+            if memo is not None and memo[0] is self.weights and memo[1] == device:
+                return memo[2]
+            unpacked = Layer.unpack(self.weights, device)
+            self._memo = (self.weights, device, unpacked)
+            return unpacked
+
+        def calculate_shape(self, key):
+            """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
+            return None
+
+        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                             intermediate_dtype=torch.float32, original_weight=None):
+            if strength == 0:
+                return weight
+            try:
+                if is_packed_weight(weight):
+                    # The host dequantizes before patching; a packed tensor here would take the scatter into its
+                    # packed bytes, and comfy-kitchen's in-place add drops the change.
+                    log.error("WaveFT: %s is stored quantized (%s); WaveFT does not write into packed weights, so "
+                              "this layer is left unpatched. Load a non-quantized model, or use 'Load LoRA "
+                              "(Bypass)' with the WaveFT file.", key, type(weight).__name__)
+                    return weight
+                layer, spectrum, plan = self._unpacked(weight.device)
+                factor = float(layer.scaling) * float(strength)
+                if _is_identity(function) and weight.dtype in SPARSE_DTYPES:
+                    add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps the view
+                else:
+                    # a function (swap_scale_shift on a DiT's modulation) needs the dense delta; fp8 storage has
+                    # no sparse write. Either way: W + ΔW in the compute dtype, rounded once into the weight's.
+                    compute = compute_dtype(weight.dtype)
+                    delta = dense_delta(plan, spectrum, factor, compute).reshape(weight.shape)
+                    if function is not None:
+                        delta = function(delta)
+                    weight.copy_((weight.to(compute) + delta).to(weight.dtype))
+            except Exception as e:
+                log.error("WaveFT: could not patch %s: %s", key, e)
+            return weight
+
+        # The bypass mode adds h(x) to the layer's output instead of merging the weight. The bypass hook has set
+        # multiplier/is_conv/conv_dim/kw_dict and moved (and cast) the spectrum to the compute device; the plan
+        # comes from the bundle or, once per device, from the layer's cache.
+        def h(self, x, base_out):
+            layer, spectrum, plan = self._unpacked(x.device)
+            factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
+            delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once
+            if getattr(self, "is_conv", False):
+                kernel = tuple(getattr(self, "kernel_size", ()) or ())  # a conv stored as m x n gets its kernel
+                weight_shape = layer.shape if len(layer.shape) > 2 else (plan.rows, -1, *kernel)
+                conv = _CONV[int(getattr(self, "conv_dim", 2) or 2)]
+                return conv(x, delta.reshape(weight_shape), **dict(getattr(self, "kw_dict", {}) or {}))
+            return torch.nn.functional.linear(x, delta)
+
+        def g(self, y):
+            return y
+
+    WaveFTAdapter.__name__ = WaveFTAdapter.__qualname__ = name
+    WaveFTAdapter.is_packed_weight = staticmethod(is_packed_weight)
+    return WaveFTAdapter
