@@ -1,7 +1,9 @@
 """Installs what ComfyUI-WaveFT needs into the Python that runs it. Idempotent; never touches torch.
 
-Run by ComfyUI-Manager after it clones the pack, and by AUTOMATIC1111/Forge before they start. Only
-packages that are missing (or too old) are installed, from requirements.txt; the host's torch stays."""
+Run by ComfyUI-Manager after it clones the pack, and by AUTOMATIC1111 and the Forge family when the extension is
+installed and again at every start (as a script, with the webui's root on PYTHONPATH; they print what it prints).
+Only packages that are missing (or too old) are installed, from requirements.txt; the host's torch stays. Run by a
+webui it says nothing when there is nothing to do, so a normal start prints no line of ours."""
 import importlib.metadata
 import os
 import re
@@ -33,10 +35,11 @@ def _missing(requirement: str) -> bool:
     return False
 
 
-def main() -> int:
+def main(quiet_when_done: bool = False) -> int:
     todo = [r for r in _requirements() if not r.lower().startswith("torch") and _missing(r)]
     if not todo:
-        print("[ComfyUI-WaveFT] requirements already satisfied; nothing installed")
+        if not quiet_when_done:
+            print("[ComfyUI-WaveFT] requirements already satisfied; nothing installed")
         return 0
     print(f"[ComfyUI-WaveFT] installing {', '.join(todo)} into {sys.executable}")
     try:
@@ -54,7 +57,15 @@ def main() -> int:
     return result.returncode
 
 
+def _run_by_webui() -> bool:
+    """A1111 and the Forge family run this file with their root (launch.py beside modules/) on PYTHONPATH."""
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and os.path.isfile(os.path.join(entry, "launch.py")) and os.path.isdir(os.path.join(entry, "modules")):
+            return True
+    return False
+
+
 if __name__ == "__main__":
-    sys.exit(main())
-else:  # A1111/Forge import install.py instead of running it
-    main()
+    sys.exit(main(quiet_when_done=_run_by_webui()))
+else:  # some hosts import it instead of running it
+    main(quiet_when_done=True)

@@ -1,5 +1,8 @@
 """WaveFT in AUTOMATIC1111's built-in Lora extension (extensions-builtin/Lora, webui 1.5 to 1.10).
 
+Tested against the real code of 1.10.1; what differs before 1.9 (every part of a fused MultiheadAttention is handed
+the whole in_proj_weight) is served by stand-ins that know their own part's shape.
+
 A1111 splits every key of a LoRA file at its first dot and looks the part before it up in
 `sd_model.network_layer_mapping`; a native WaveFT key (`diffusion_model.input_blocks...waveft_spectrum`) would give
 `diffusion_model`, the whole UNet. So WaveFT files get their own loader (`networks.load_network` is wrapped; other
@@ -38,11 +41,15 @@ def make_module_types(network):
         def __init__(self, net, weights):
             super().__init__(net, weights)
             self.waveft_layer = weights.w.get("waveft_layer")
+            self.zero_shape = weights.w.get("waveft_zero_shape")  # a stand-in's own shape, e.g. (d, d) for k
 
         def calc_updown(self, orig_weight):
             try:
                 if self.waveft_layer is None:
-                    updown = torch.zeros(orig_weight.shape, dtype=torch.float32, device=orig_weight.device)
+                    # before 1.9 A1111 hands every part of a MultiheadAttention the whole (3d, d) in_proj_weight:
+                    # the stand-in's update must still be its own part's (d, d)
+                    shape = tuple(self.zero_shape) if self.zero_shape is not None else tuple(orig_weight.shape)
+                    updown = torch.zeros(shape, dtype=torch.float32, device=orig_weight.device)
                 else:
                     updown = self.waveft_layer.delta(dtype=torch.float32, device=orig_weight.device)
             except Exception as e:  # A1111 counts a RuntimeError as an error of this network and goes on
@@ -52,6 +59,18 @@ def make_module_types(network):
                 raise RuntimeError(f"WaveFT layer {self.network_key}: {e}") from e
             # no alpha/scale/bias/dora keys: finalize_updown only multiplies by the prompt's te/unet multiplier
             return self.finalize_updown(updown, orig_weight, updown.shape)
+
+        def forward(self, x, y):
+            """A1111's "old method" (Lora settings, lora_functional): the update runs as a layer of its own on the
+            layer's input, so it is cast to the input's dtype (fp16/bf16 models) and device."""
+            updown, ex_bias = self.calc_updown(self.sd_module.weight)
+            weight = updown.to(device=x.device, dtype=x.dtype)
+            bias = ex_bias.to(device=x.device, dtype=x.dtype) if ex_bias is not None else None
+            module = self.sd_module
+            if isinstance(module, torch.nn.Conv2d):
+                return y + torch.nn.functional.conv2d(x, weight.reshape(module.weight.shape), bias, module.stride,
+                                                      module.padding, module.dilation, module.groups)
+            return y + torch.nn.functional.linear(x, weight.reshape(module.weight.shape), bias)
 
     class ModuleTypeWaveFT(network.ModuleType):
         def create_module(self, net, weights):
@@ -142,8 +161,10 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
                 continue
             key = f"{mha_key}_{part}_proj"
             module = mha.out_proj if part == "out" else mha
-            weights = network.NetworkWeights(network_key=f"{key} (zero)", sd_key=key, w={"waveft_layer": None},
-                                             sd_module=module)
+            shape = tuple(mha.out_proj.weight.shape) if part == "out" else \
+                (mha.in_proj_weight.shape[0] // 3, mha.in_proj_weight.shape[1])
+            weights = network.NetworkWeights(network_key=f"{key} (zero)", sd_key=key, sd_module=module,
+                                             w={"waveft_layer": None, "waveft_zero_shape": shape})
             net.modules[key] = _create(networks, module_type, net, weights)
 
     total = len(adapter.layers)

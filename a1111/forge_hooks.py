@@ -1,19 +1,28 @@
-"""WaveFT in Stable Diffusion WebUI Forge (the `backend/` Forge, August 2024 on; extensions-builtin/sd_forge_lora).
+"""WaveFT in the Forge family: Stable Diffusion WebUI Forge (its `backend/`, 2024-08-30 on), reForge and Forge
+Classic (both on `ldm_patched`, the ComfyUI code Forge was built on before August 2024).
 
-Forge applies LoRAs as ComfyUI-like patches: `patcher.add_patches(patches={param_key: value})`, then
-`backend.patcher.lora.merge_lora_to_weight` merges each value into a float32 copy of the weight. A value
-`(patch_type, payload)` whose type is a key of `backend.patcher.lora.extra_weight_calculators` is handed to that
-calculator; WaveFT registers "waveft" there, so merging (also Forge's on-the-fly mode for bnb/GGUF models) is
-Forge's own code path: weight += strength * ΔW, added sparsely in place (`Layer.add_to_`).
+All three apply LoRAs as ComfyUI-like patches on the UNet and CLIP patchers: `networks.load_lora_for_models` (the
+name sd_forge_lora / the Lora extension calls) clones them and adds {param_key: value}; the patcher then merges
+each value into a float32 copy of the weight. What a value may be differs, and is a `Flavor` here:
 
-Forge's `load_lora` knows only LoRA-family keys, so `networks.load_lora_for_models` is wrapped: a WaveFT file is
-loaded and validated by waveft_core (clear errors), its native module names are Forge's parameter names plus
-`.weight` (keymap.forge_key), and the patches go on clones of the UNet and CLIP patchers with the prompt's unet/te
-weights as strengths, as Forge does for LoRAs. `networks.load_lora_state_dict` is wrapped too, so that a WaveFT file
-is read once, by waveft_core, and a damaged one is reported instead of failing the generation.
+- Forge and Forge Classic: `(patch_type, payload)` with patch_type a key of `extra_weight_calculators`
+  (backend.patcher.lora / ldm_patched.modules.model_patcher); WaveFT registers "waveft", whose calculator adds
+  strength * ΔW sparsely in place (`Layer.add_to_`).
+- reForge: an instance of its `ldm_patched.modules.weight_adapter.WeightAdapterBase`, ComfyUI's adapter protocol;
+  the WaveFT adapter is waveft_core/host_adapter.py's, built on reForge's base (and registered with its stock
+  loader too).
+
+`networks.load_lora_for_models` is wrapped: a WaveFT file is loaded and validated by waveft_core (clear errors), its
+native module names are the patchers' parameter names plus `.weight` (keymap.forge_key), and the patches go on
+clones of the UNet and CLIP patchers with the prompt's unet/te weights as strengths, as the host does for LoRAs.
+Other files go to the host's own function with exactly the arguments it accepts (Forge between 2024-08-13 and
+08-29 has no `online_mode`). `networks.load_lora_state_dict` is wrapped too, so that a WaveFT file is read once,
+by waveft_core, and a damaged one is reported instead of failing the generation.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import traceback
 
@@ -68,8 +77,28 @@ class _WaveFTFile(dict):
         self.path = path
 
 
-def build_patches(adapter, unet_params: dict, clip_params: dict, source: str = ""):
-    """({param_key: ('waveft', WaveFTPatch)} for the UNet, the same for CLIP, [skipped 'name: reason'])."""
+class Flavor:
+    """How one webui of the Forge family takes a WaveFT patch (see the module docstring)."""
+
+    def __init__(self, name: str, patch_value, add_patches_style: str):
+        self.name = name
+        self.patch_value = patch_value  # (layer, native, source) -> the value of one patch
+        self.add_patches_style = add_patches_style  # 'forge': add_patches(filename=, patches=, strength_patch=, ...)
+        #                                              'comfy': add_patches(patches, strength_patch)
+
+
+def calculator_flavor(name: str) -> Flavor:
+    return Flavor(name, lambda layer, native, source: (PATCH_TYPE, WaveFTPatch(layer, native, source)), "forge"
+                  if name == "forge" else "comfy")
+
+
+def adapter_flavor(adapter_cls) -> Flavor:
+    return Flavor("reforge", lambda layer, native, source: adapter_cls.from_layer(layer), "comfy")
+
+
+def build_patches(adapter, unet_params: dict, clip_params: dict, source: str = "", flavor: Flavor | None = None):
+    """({param_key: patch value} for the UNet, the same for CLIP, [skipped 'name: reason'])."""
+    flavor = flavor or calculator_flavor("forge")
     unet, clip, skipped = {}, {}, []
     for native, layer in adapter.layers.items():
         where = keymap.forge_key(native)
@@ -85,7 +114,7 @@ def build_patches(adapter, unet_params: dict, clip_params: dict, source: str = "
         if tuple(param.shape) != layer.shape:
             skipped.append(f"{native}: shape {list(layer.shape)}, the model's is {list(param.shape)}")
             continue
-        out[key] = (PATCH_TYPE, WaveFTPatch(layer, native, source))
+        out[key] = flavor.patch_value(layer, native, source)
     return unet, clip, skipped
 
 
@@ -94,12 +123,23 @@ def _params(patcher):
     return dict(model.named_parameters()) if model is not None else {}
 
 
-def apply_waveft(model, clip, filename, strength_model, strength_clip, online_mode=False):
+def _add_patches(patcher, patches, strength, filename, online_mode, flavor: Flavor):
+    if flavor.add_patches_style == "forge":
+        kwargs = {"filename": filename, "patches": patches, "strength_patch": strength}
+        if _accepts(patcher.add_patches, "online_mode"):
+            kwargs["online_mode"] = online_mode
+        patcher.add_patches(**kwargs)
+    else:
+        patcher.add_patches(patches, strength)
+
+
+def apply_waveft(model, clip, filename, strength_model, strength_clip, online_mode=False, flavor: Flavor | None = None):
+    flavor = flavor or calculator_flavor("forge")
     adapter = load_adapter(filename)
     clip_patcher = getattr(clip, "patcher", None)
     unet, clip_patches, skipped = build_patches(
         adapter, _params(model) if model is not None else {}, _params(clip_patcher) if clip is not None else {},
-        source=str(filename))
+        source=str(filename), flavor=flavor)
     name = os.path.basename(str(filename))
     total = len(adapter.layers)
     if skipped and len(skipped) == total:
@@ -108,27 +148,39 @@ def apply_waveft(model, clip, filename, strength_model, strength_clip, online_mo
         return model, clip
     if unet:
         model = model.clone()
-        model.add_patches(filename=filename, patches=unet, strength_patch=strength_model, online_mode=online_mode)
+        _add_patches(model, unet, strength_model, filename, online_mode, flavor)
     if clip_patches:
         clip = clip.clone()
-        clip.add_patches(filename=filename, patches=clip_patches, strength_patch=strength_clip, online_mode=online_mode)
+        _add_patches(clip, clip_patches, strength_clip, filename, online_mode, flavor)
     note = f"; {len(skipped)} not applied: {short_list(skipped)}" if skipped else ""
     log(f"{name}: {len(unet)} UNet layers at weight {strength_model}, {len(clip_patches)} text-encoder layers at "
         f"weight {strength_clip}{note}")
     return model, clip
 
 
-def make_loader(original):
+def _accepts(function, parameter: str) -> bool:
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return parameter in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def make_loader(original, flavor: Flavor):
+    takes_online_mode = _accepts(original, "online_mode")
+
     def load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename="default", online_mode=False):
         if not keymap.is_waveft_state_dict(lora):
-            return original(model, clip, lora, strength_model, strength_clip, filename=filename,
-                            online_mode=online_mode)
+            if takes_online_mode:
+                return original(model, clip, lora, strength_model, strength_clip, filename=filename,
+                                online_mode=online_mode)
+            return original(model, clip, lora, strength_model, strength_clip, filename)
         path = getattr(lora, "path", filename)
         try:
-            return apply_waveft(model, clip, path, strength_model, strength_clip, online_mode)
+            return apply_waveft(model, clip, path, strength_model, strength_clip, online_mode, flavor)
         except wft.WaveFTFileError as e:
             log(f"cannot use {path}: {e}")
-        except Exception as e:  # Forge does not catch errors here: one bad file must not stop the generation
+        except Exception as e:  # the host does not catch errors here: one bad file must not stop the generation
             log(f"{path}: not applied ({type(e).__name__}: {e})\n{traceback.format_exc()}")
         return model, clip
 
@@ -146,18 +198,13 @@ def make_state_dict_reader(original):
     return load_lora_state_dict
 
 
-def install(networks, network, lora_backend) -> None:
-    """Hook into Forge: its sd_forge_lora `networks`/`network` modules and `backend.patcher.lora`. Idempotent."""
-    calculators = getattr(lora_backend, "extra_weight_calculators", None)
-    if not isinstance(calculators, dict):
-        raise RuntimeError("backend.patcher.lora has no extra_weight_calculators; this Forge version is not supported")
-    calculators[PATCH_TYPE] = weight_calculator
+def _hook_networks(networks, network, flavor: Flavor) -> None:
     if getattr(networks, MARK, False):
         return
     if not hasattr(networks, "load_lora_for_models"):
-        raise RuntimeError("sd_forge_lora's networks has no load_lora_for_models; this Forge version is not supported")
+        raise RuntimeError("the Lora extension's networks has no load_lora_for_models; this version is not supported")
     if not getattr(networks.load_lora_for_models, "_waveft_original", None):
-        networks.load_lora_for_models = make_loader(networks.load_lora_for_models)
+        networks.load_lora_for_models = make_loader(networks.load_lora_for_models, flavor)
     reader = getattr(networks, "load_lora_state_dict", None)
     if reader is not None and not getattr(reader, "_waveft_original", None):
         networks.load_lora_state_dict = make_state_dict_reader(reader)
@@ -165,3 +212,47 @@ def install(networks, network, lora_backend) -> None:
         patch_version_detection(network)
     redetect_versions(networks)
     setattr(networks, MARK, True)
+
+
+def install(networks, network, lora_backend) -> None:
+    """Hook into Forge: its sd_forge_lora `networks`/`network` modules and `backend.patcher.lora`. Idempotent."""
+    calculators = getattr(lora_backend, "extra_weight_calculators", None)
+    if not isinstance(calculators, dict):
+        raise UnsupportedWebui("this Forge (2024-08-02 to 08-12) has no extra_weight_calculators, so WaveFT files "
+                               "cannot be applied; ordinary LoRAs are untouched. Update Forge to use WaveFT")
+    calculators[PATCH_TYPE] = weight_calculator
+    _hook_networks(networks, network, calculator_flavor("forge"))
+
+
+def install_forge_classic(networks, network, model_patcher) -> None:
+    """Hook into Forge Classic (and Forge before August 2024): `ldm_patched.modules.model_patcher`'s calculators."""
+    calculators = getattr(model_patcher, "extra_weight_calculators", None)
+    if not isinstance(calculators, dict):
+        raise UnsupportedWebui("ldm_patched.modules.model_patcher has no extra_weight_calculators, so WaveFT files "
+                               "cannot be applied; ordinary LoRAs are untouched")
+    calculators[PATCH_TYPE] = weight_calculator
+    _hook_networks(networks, network, calculator_flavor("forge-classic"))
+
+
+def install_reforge(networks, network, weight_adapter) -> None:
+    """Hook into reForge: its ldm_patched.modules.weight_adapter registry gets the WaveFT adapter (so its stock
+    loaders understand WaveFT files too) and the Lora extension's load_lora_for_models is wrapped."""
+    from waveft_core.host_adapter import adapter_class
+
+    base = getattr(weight_adapter, "WeightAdapterBase", None)
+    registry = getattr(weight_adapter, "adapters", None)
+    if base is None or not isinstance(registry, list):
+        raise UnsupportedWebui("ldm_patched.modules.weight_adapter has no WeightAdapterBase/adapters registry, so "
+                               "WaveFT files cannot be applied; ordinary LoRAs are untouched")
+    cls = next((a for a in registry if getattr(a, "name", None) == "waveft"), None)
+    if cls is None:
+        cls = adapter_class(base, log=_LOGGER, name="WaveFTAdapterReForge")
+        registry.append(cls)
+    _hook_networks(networks, network, adapter_flavor(cls))
+
+
+class UnsupportedWebui(RuntimeError):
+    """This webui cannot apply WaveFT (said once per start); its own LoRA loading is left as it is."""
+
+
+_LOGGER = logging.getLogger("WaveFT")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import json
 import os
 import struct
@@ -310,6 +311,57 @@ def test_forge_calculator_and_patches(capsys):
     assert "not applied" in capsys.readouterr().err
 
 
+def test_forge_of_mid_august_2024_keeps_its_loras(tmp_path, capsys):
+    """Forge 2024-08-13..29: load_lora_for_models has no online_mode; an ordinary LoRA must reach it with exactly the
+    arguments it takes, and a WaveFT file must be applied with add_patches' own arguments. Forge 2024-08-02..12 has
+    no extra_weight_calculators: nothing is hooked, one console line says why, ordinary LoRAs are untouched."""
+    calls = []
+
+    def old_loader(model, clip, lora, strength_model, strength_clip, filename="default"):
+        calls.append(filename)
+        return "model", "clip"
+
+    class Patcher:  # a UNet patcher whose add_patches has no online_mode either
+        def __init__(self):
+            self.model = torch.nn.Module()
+            put(self.model, "diffusion_model.x", torch.nn.Linear(6, 4, bias=False))
+            self.added = []
+
+        def clone(self):
+            return self
+
+        def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0):
+            self.added.append((filename, sorted(patches), strength_patch))
+
+    networks = types.SimpleNamespace(load_lora_for_models=old_loader)
+    forge_hooks.install(networks, None, types.SimpleNamespace(extra_weight_calculators={}))
+    assert networks.load_lora_for_models(None, None, {"x.lora_up.weight": 1}, 1.0, 1.0, filename="plain.safetensors") \
+        == ("model", "clip") and calls == ["plain.safetensors"]
+    path = str(tmp_path / "w.safetensors")
+    save_adapter(path, {"diffusion_model.x": make_layer((4, 6), 5, 0)}, "sd_v1")
+    unet = Patcher()
+    out, _ = networks.load_lora_for_models(unet, None, forge_hooks._WaveFTFile(path), 0.7, 1.0, filename=path)
+    assert out.added == [(path, ["diffusion_model.x.weight"], 0.7)]
+    capsys.readouterr()
+
+    untouched = types.SimpleNamespace(load_lora_for_models=old_loader)
+    sys.modules["networks"], sys.modules["network"] = untouched, None
+    try:
+        import a1111.webui as webui_module
+
+        original = webui_module._import
+        webui_module._import = lambda name: types.SimpleNamespace() if name == "backend.patcher.lora" else None
+        try:
+            assert webui.install() == ""
+        finally:
+            webui_module._import = original
+    finally:
+        del sys.modules["networks"], sys.modules["network"]
+    err = capsys.readouterr().err
+    assert err.count("[WaveFT]") == 1 and "no extra_weight_calculators" in err and "ordinary LoRAs are untouched" in err
+    assert untouched.load_lora_for_models is old_loader
+
+
 def test_webui_install_without_host_is_harmless(capsys):
     saved = {k: sys.modules.pop(k) for k in ("networks", "network") if k in sys.modules}
     try:
@@ -347,6 +399,13 @@ def test_root_entry_script_loads_outside_a_webui(tmp_path):
     r = subprocess.run([sys.executable, str(ext / "install.py")], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "nothing installed" in r.stdout, r.stderr
+    # run by a webui at every start (its root, launch.py beside modules/, on PYTHONPATH): not a word when done
+    webui_root = tmp_path / "webui"
+    (webui_root / "modules").mkdir(parents=True)
+    (webui_root / "launch.py").write_text("")
+    r = subprocess.run([sys.executable, str(ext / "install.py")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(webui_root)})
+    assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,18 +421,26 @@ def sandbox(paths, argv=None):
     sys.path[:0] = [str(p) for p in paths]
     if argv is not None:
         sys.argv = argv
+    roots = [str(Path(p).resolve()) for p in paths]
     try:
         yield
     finally:
         sys.path[:], sys.argv[:] = saved_path, saved_argv
         for name in list(sys.modules):
-            if name not in saved_modules:
+            if name in saved_modules:
+                continue
+            # the host's code, the stubs (no file) and the extension go; third-party packages imported for the
+            # first time stay (torch registers native operators once per process)
+            file = getattr(sys.modules[name], "__file__", None)
+            if file is None or name.startswith("waveft_a1111") or \
+                    any(str(Path(file).resolve()).startswith(r) for r in roots):
                 del sys.modules[name]
         sys.modules.update(saved_modules)
 
 
 def stub(name, **attrs):
     module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)  # find_spec() must not fail on a stub
     module.__dict__.update(attrs)
     sys.modules[name] = module
     parent, _, child = name.rpartition(".")
@@ -410,13 +477,18 @@ def stub_host_modules(host_root: Path, lora_dir: Path):
         lora_not_found_gradio_warning=False, lora_add_hashes_to_infotext=False, lora_functional=False,
         lora_bundled_ti_to_infotext=False, sd_lora="None", extra_networks_default_multiplier=1.0)
     shared = stub("modules.shared", opts=opts, sd_model=None, walk_files=_walk_files,
-                  cmd_opts=types.SimpleNamespace(lora_dir=str(lora_dir), lyco_dir_backcompat=str(lora_dir / "lyco")))
+                  cmd_opts=types.SimpleNamespace(lora_dir=str(lora_dir), lyco_dir_backcompat=str(lora_dir / "lyco"),
+                                                 no_hashing=False))
     stub("modules.devices", cpu=torch.device("cpu"), device=torch.device("cpu"), dtype=torch.float32,
          torch_gc=lambda: None, cond_cast_unet=lambda x: x)
     stub("modules.sd_models", read_metadata_from_safetensors=_read_metadata, read_state_dict=_read_state_dict,
          model_data=types.SimpleNamespace(get_sd_model=lambda: None))
-    stub("modules.cache", cached_data_for_file=lambda subsection, title, filename, func: func())
-    stub("modules.hashes", sha256_from_cache=lambda *a, **k: None, sha256=lambda *a, **k: "0" * 64)
+    # modules.cache and modules.hashes are the host's own, caching into this run's temporary folder
+    data = lora_dir.parent / f"{lora_dir.name}_data"
+    data.mkdir(exist_ok=True)
+    os.environ["SD_WEBUI_CACHE_FILE"] = str(data / "cache.json")
+    os.environ["SD_WEBUI_CACHE_DIR"] = str(data / "cache")
+    stub("modules.paths", data_path=str(data), script_path=str(host_root), models_path=str(data / "models"))
     stub("modules.scripts")
     db = types.SimpleNamespace(word_embeddings={}, expected_shape=-1, skipped_embeddings={},
                                register_embedding=lambda *a: None, register_embedding_by_name=lambda *a: None)
@@ -433,6 +505,34 @@ def stub_host_modules(host_root: Path, lora_dir: Path):
         except ImportError:
             stub(name, **attrs)
     return shared
+
+
+def load_extension(host_root: Path, tmp: Path):
+    """The extension as the webui loads it: a clone in extensions/, its scripts/*.py run by the webui's own
+    modules.script_loading.load_module. Returns the hooks package the entry script registered."""
+    ext = _fake_clone(tmp)
+    from modules import script_loading
+
+    assert Path(script_loading.__file__).resolve().is_relative_to(host_root.resolve())
+    script_loading.load_module(str(ext / "scripts" / "waveft_webui.py"))
+    return types.SimpleNamespace(webui=sys.modules["waveft_a1111.webui"], forge_hooks=sys.modules.get(
+        "waveft_a1111.forge_hooks"), a1111_hooks=sys.modules.get("waveft_a1111.a1111_hooks"))
+
+
+def stub_torchvision():
+    """PyPI's torchvision does not import beside a CPU torch; ldm_patched imports it at module level (for models
+    never built here). transformers is asked first, so it remembers that torchvision is missing."""
+    try:
+        importlib.import_module("torchvision")
+        return
+    except Exception:
+        pass
+    import transformers.utils.import_utils as import_utils
+
+    import_utils.is_torchvision_available()
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
+                 "torchvision.models"):
+        stub(name).__path__ = []
 
 
 def write_files(lora_dir: Path):
@@ -456,6 +556,13 @@ def write_files(lora_dir: Path):
     save_file({f"{key}.lora_up.weight": torch.ones(32, 4), f"{key}.lora_down.weight": torch.ones(4, 32),
                f"{key}.alpha": torch.tensor(4.0)}, str(lora_dir / "plain_lora.safetensors"),
               metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    # and one on the SDXL UNet layer of the Forge-family models, spelled the LDM way every key map knows
+    g = torch.Generator().manual_seed(5)
+    key = "lora_unet_" + UNET_K2[len("diffusion_model."):].replace(".", "_")
+    save_file({f"{key}.lora_up.weight": torch.randn(32, 4, generator=g), f"{key}.lora_down.weight":
+               torch.randn(4, 40, generator=g), f"{key}.alpha": torch.tensor(2.0)},
+              str(lora_dir / "plain_xl_lora.safetensors"),
+              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
     return refs
 
 
@@ -464,12 +571,15 @@ def write_files(lora_dir: Path):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _checkout(var, probe):
+    """The webui checkout named by `var`; the tests skip without one, or fail under WAVEFT_REQUIRE_WEBUIS (CI)."""
+    skip = pytest.fail if os.environ.get("WAVEFT_REQUIRE_WEBUIS", "") not in ("", "0") else pytest.skip
     path = os.environ.get(var)
     if not path:
-        pytest.skip(f"{var} is not set: point it at a checkout to test against the real Lora code")
+        skip(f"{var} is not set: point it at a checkout to test against the real Lora code "
+             "(./dev test unpacks them from ../shared/webui)")
     root = Path(path)
     if not (root / probe).is_file():
-        pytest.skip(f"{var}={path} has no {probe}")
+        skip(f"{var}={path} has no {probe}")
     return root
 
 
@@ -486,9 +596,10 @@ def a1111(tmp_path_factory):
 
         assert Path(networks.__file__).resolve().is_relative_to(root.resolve())
         networks.extra_network_lora = extra_networks_lora.ExtraNetworkLora()
-        assert webui.install() == "a1111"
+        hooks = load_extension(root, tmp_path_factory.mktemp("a1111_clone"))
+        assert getattr(networks, "_waveft_hooked", False)
         yield types.SimpleNamespace(root=root, shared=shared, network=network, networks=networks, refs=refs,
-                                    lora_dir=lora_dir)
+                                    lora_dir=lora_dir, hooks=hooks)
 
 
 def apply_weights(networks, layer):
@@ -504,7 +615,7 @@ class TestA1111:
         return model
 
     def test_hooks_are_installed_once(self, a1111):
-        assert webui.install() == "a1111"
+        assert a1111.hooks.webui.install() == "a1111"  # a second call (the UI-built retry) changes nothing
         names = [type(t).__name__ for t in a1111.networks.module_types]
         assert names.count("ModuleTypeWaveFT") == 1 and names[0] == "ModuleTypeLora"
         assert a1111.networks.load_network._waveft_original is not None
@@ -579,6 +690,52 @@ class TestA1111:
         apply_weights(nets, mha)
         assert not mha.in_proj_weight.any()
 
+    def test_partial_qkv_as_webui_before_1_9_hands_it(self, a1111):
+        """A1111 1.5-1.8 pass every part of a fused MultiheadAttention the whole (3d, d) in_proj_weight: each part's
+        update, the stand-ins for k and out included, must still have that part's own shape."""
+        nets, ref = a1111.networks, a1111.refs["wft_sdxl"]
+        model = self._use(a1111, a1111_sdxl_model())
+        nets.load_networks(["wft_sdxl"], [0.7], [0.9], [None])
+        net = nets.loaded_networks[0]
+        mha = model.conditioner.embedders[1].wrapped.model.transformer.resblocks._modules["1"].attn
+        blk = "1_model_transformer_resblocks_1_attn"
+        for part in ("q", "k", "v"):
+            updown, _ = net.modules[f"{blk}_{part}_proj"].calc_updown(mha.in_proj_weight)
+            assert tuple(updown.shape) == (D_G, D_G), part
+        assert rel_err(net.modules[f"{blk}_q_proj"].calc_updown(mha.in_proj_weight)[0],
+                       ref.layers[CLIP_G_Q].delta(strength=0.7)) < TOL
+        updown, _ = net.modules[f"{blk}_out_proj"].calc_updown(mha.out_proj.weight)
+        assert tuple(updown.shape) == tuple(mha.out_proj.weight.shape) and not updown.any()
+        nets.load_networks([], [], [], [])
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+    def test_old_method_in_half_precision(self, a1111, dtype):
+        """The 'use old method' setting (lora_functional) runs each update as a layer on the input: with fp16/bf16
+        models it must compute in the input's dtype, through A1111's own network_forward."""
+        nets, ref = a1111.networks, a1111.refs["wft_sd1"]
+        model = self._use(a1111, a1111_sd1_model())
+        a1111.shared.opts.lora_functional = True
+        try:
+            nets.load_networks(["wft_sd1"], [0.5], [0.8], [None])
+            for native, path, mult in ((UNET_Q, "model." + UNET_Q, 0.8), (UNET_CONV, "model." + UNET_CONV, 0.8)):
+                layer = get(model, path).to(dtype)
+                with torch.no_grad():
+                    layer.weight.normal_(0, 0.1)
+                    x = torch.randn((2, 4, 6, 6) if isinstance(layer, torch.nn.Conv2d) else (3, 32)).to(dtype)
+                    y = nets.network_forward(layer, x, type(layer).forward)
+                assert y.dtype == dtype
+                merged = layer.weight.double() + ref.layers[native].delta(torch.float64, strength=mult)
+                bias = layer.bias.double() if layer.bias is not None else None
+                if isinstance(layer, torch.nn.Conv2d):
+                    expect = torch.nn.functional.conv2d(x.double(), merged, bias, layer.stride, layer.padding)
+                else:
+                    expect = torch.nn.functional.linear(x.double(), merged, bias)
+                tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+                assert rel_err(y, expect) < tol, native
+        finally:
+            a1111.shared.opts.lora_functional = False
+            nets.load_networks([], [], [], [])
+
     def test_sdxl_file_on_sd1_model_says_so(self, a1111, capsys):
         self._use(a1111, a1111_sd1_model())
         a1111.networks.load_networks(["wft_xl_unet"], [1.0], [1.0], [None])
@@ -595,15 +752,62 @@ class TestA1111:
         assert a1111.networks.extra_network_lora.errors == {"bad": 1}
 
     def test_plain_lora_still_uses_a1111_loader(self, a1111):
-        self._use(a1111, a1111_sd1_model())
-        a1111.networks.load_networks(["plain_lora"], [1.0], [1.0], [None])
+        model = self._use(a1111, a1111_sd1_model())
+        a1111.networks.load_networks(["plain_lora"], [1.0], [0.5], [None])
         (module,) = a1111.networks.loaded_networks[0].modules.values()
         assert type(module).__name__ == "NetworkModuleLora"
+        layer = get(model, "model." + UNET_Q)
+        apply_weights(a1111.networks, layer)  # applied by A1111's own LoRA code: 0.5 * alpha / rank * up @ down
+        assert torch.allclose(layer.weight.detach(), torch.full((32, 32), 0.5 * 4.0 / 4 * 4.0))
+        a1111.networks.load_networks([], [], [], [])
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+    def test_half_precision_weights_round_once(self, a1111, dtype):
+        nets, ref = a1111.networks, a1111.refs["wft_sd1"]
+        model = self._use(a1111, a1111_sd1_model())
+        layer = get(model, "model." + UNET_Q).to(dtype)
+        nets.load_networks(["wft_sd1"], [0.5], [0.8], [None])
+        apply_weights(nets, layer)
+        assert layer.weight.dtype == dtype
+        assert torch.equal(layer.weight.detach(), ref.layers[UNET_Q].delta(torch.float32, strength=0.8).to(dtype))
+        nets.load_networks([], [], [], [])
+
+    def test_hash_and_cache_are_the_hosts(self, a1111):
+        """The Lora entry's hash (shown in the infotext) by A1111's own modules.hashes, cached by modules.cache."""
+        self._use(a1111, a1111_sd1_model())
+        a1111.networks.load_networks(["wft_sd1"], [1.0], [1.0], [None])
+        entry = a1111.networks.available_networks["wft_sd1"]
+        assert entry.hash == addnet_hash(entry.filename) and entry.shorthash == entry.hash[:12]
+        assert Path(os.environ["SD_WEBUI_CACHE_DIR"]).is_dir()
+        a1111.networks.load_networks([], [], [], [])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Forge
 # ----------------------------------------------------------------------------------------------------------------
+
+# The shape of SDXL's UNet, for the hosts' key maps (their diffusers <-> LDM name tables); the fake models hold
+# only the layers under test.
+SDXL_UNET_CONFIG = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+
+
+def addnet_hash(path) -> str:
+    """kohya's hash of a safetensors file (sha256 of everything after the header), computed here independently:
+    what the webuis show as a LoRA's hash and write into the infotext."""
+    import hashlib
+
+    data = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + n:]).hexdigest()
+
+
+def plain_xl_delta(_root, strength):
+    """What the ordinary LoRA of write_files adds: strength * alpha / rank * up @ down."""
+    g = torch.Generator().manual_seed(5)
+    up, down = torch.randn(32, 4, generator=g), torch.randn(4, 40, generator=g)
+    return strength * 2.0 / 4 * (up @ down)
+
 
 class _ForgeObjects:
     def __init__(self, unet, clip):
@@ -643,17 +847,21 @@ def forge(tmp_path_factory):
         import networks
 
         assert Path(networks.__file__).resolve().is_relative_to(root.resolve())
-        assert webui.install() == "forge"
+        hooks = load_extension(root, tmp_path_factory.mktemp("forge_clone"))
+        assert hooks.webui.install() == "forge"
         yield types.SimpleNamespace(root=root, shared=shared, network=network, networks=networks, refs=refs,
-                                    lora_backend=lora_backend, ModelPatcher=ModelPatcher, CLIP=CLIP)
+                                    lora_backend=lora_backend, ModelPatcher=ModelPatcher, CLIP=CLIP, hooks=hooks)
 
 
 class TestForge:
-    def _sd(self, forge, sdxl=True):
+    def _sd(self, forge, sdxl=True, dtype=torch.float32):
         cpu = torch.device("cpu")
         unet_model = torch.nn.Module()
-        unet_model.storage_dtype = torch.float32
+        unet_model.storage_dtype = dtype
         put(unet_model, UNET_K2 if sdxl else UNET_Q, torch.nn.Linear(40 if sdxl else 32, 32, bias=False))
+        # what Forge's key map reads: diffusers names from the UNet's config, the family from the model's
+        unet_model.diffusion_model.config = dict(SDXL_UNET_CONFIG)
+        unet_model.config = types.SimpleNamespace(huggingface_repo="stabilityai/stable-diffusion-xl-base-1.0")
         clip_l = torch.nn.Module()
         put(clip_l, "transformer.text_model.encoder.layers.0.self_attn.q_proj", torch.nn.Linear(64, 64))
         models = {"clip_l": zero_(clip_l)}
@@ -664,8 +872,8 @@ class TestForge:
             put(clip_g, "transformer.text_model.encoder.layers.1.mlp.fc2", torch.nn.Linear(4 * D_G, D_G))
             put(clip_g, "transformer.text_projection", torch.nn.Linear(D_G, D_G, bias=False))
             models["clip_g"] = zero_(clip_g)
-        unet = forge.ModelPatcher(zero_(unet_model), load_device=cpu, offload_device=cpu)
-        clip = forge.CLIP(model_dict=models, tokenizer_dict={})
+        unet = forge.ModelPatcher(zero_(unet_model).to(dtype), load_device=cpu, offload_device=cpu)
+        clip = forge.CLIP(model_dict={k: m.to(dtype) for k, m in models.items()}, tokenizer_dict={})
         sd = types.SimpleNamespace(forge_objects=_ForgeObjects(unet, clip),
                                    forge_objects_original=_ForgeObjects(unet, clip),
                                    current_lora_hash="", forge_objects_after_applying_lora=None)
@@ -673,7 +881,7 @@ class TestForge:
         return sd
 
     def test_hook_registered(self, forge):
-        assert forge.lora_backend.extra_weight_calculators["waveft"] is forge_hooks.weight_calculator
+        assert forge.lora_backend.extra_weight_calculators["waveft"] is forge.hooks.forge_hooks.weight_calculator
         assert forge.networks.load_lora_for_models._waveft_original is not None
 
     def test_lora_tab_versions(self, forge):
@@ -701,6 +909,35 @@ class TestForge:
             key = native[len("text_encoders."):] + ".weight"
             assert rel_err(params[key], ref.layers[native].delta(strength=0.6)) < TOL, native
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+    def test_half_precision_weights_round_once(self, forge, dtype):
+        ref = forge.refs["wft_sdxl"]
+        sd = self._sd(forge, dtype=dtype)
+        forge.networks.load_networks(["wft_sdxl"], te_multipliers=[0.6], unet_multipliers=[0.9], dyn_dims=[None])
+        unet = sd.forge_objects.unet
+        unet.refresh_loras()
+        got = dict(unet.model.named_parameters())[UNET_K2 + ".weight"]
+        assert got.dtype == dtype
+        assert torch.equal(got.detach(), ref.layers[UNET_K2].delta(torch.float32, strength=0.9).to(dtype))
+
+    def test_hash_is_the_hosts(self, forge):
+        self._sd(forge)
+        forge.networks.load_networks(["wft_sdxl"], te_multipliers=[1.0], unet_multipliers=[1.0], dyn_dims=[None])
+        entry = forge.networks.available_networks["wft_sdxl"]
+        import hashlib
+
+        # Forge hashes the whole file (its hashes.sha256 ignores use_addnet_hash)
+        assert entry.hash == hashlib.sha256(Path(entry.filename).read_bytes()).hexdigest()
+
+    def test_ordinary_lora_passes_through(self, forge):
+        """An ordinary kohya LoRA goes to Forge's own loader and is applied by Forge's own code, unchanged."""
+        sd = self._sd(forge)
+        forge.networks.load_networks(["plain_xl_lora"], te_multipliers=[1.0], unet_multipliers=[0.5], dyn_dims=[None])
+        unet = sd.forge_objects.unet
+        assert unet is not sd.forge_objects_original.unet
+        unet.refresh_loras()
+        assert rel_err(dict(unet.model.named_parameters())[UNET_K2 + ".weight"], plain_xl_delta(forge.root, 0.5)) < TOL
+
     def test_bad_file_and_wrong_model(self, forge, capsys):
         sd = self._sd(forge, sdxl=False)
         original = sd.forge_objects.unet
@@ -711,4 +948,142 @@ class TestForge:
         sd = self._sd(forge, sdxl=False)
         forge.networks.load_networks(["wft_xl_unet"], te_multipliers=[1.0], unet_multipliers=[1.0], dyn_dims=[None])
         assert "none of its 1 layers fit the loaded model" in capsys.readouterr().err
+        assert sd.forge_objects.unet is sd.forge_objects_original.unet
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reForge and Forge Classic: the Forge family on ldm_patched (ComfyUI's code as Forge had it before August 2024)
+# ----------------------------------------------------------------------------------------------------------------
+
+LDM_WEBUIS = {"reforge": "REFORGE_PATH", "forge-classic": "FORGE_CLASSIC_PATH"}
+
+
+@pytest.fixture(scope="class", params=sorted(LDM_WEBUIS))
+def ldm_webui(request, tmp_path_factory):
+    """reForge or Forge Classic: the real extensions-builtin/Lora (network.py, networks.py) and ldm_patched
+    (ModelPatcher, CLIP, lora key maps and weight calculation); the extension loaded from extensions/ by the
+    webui's own script loader."""
+    kind = request.param
+    root = _checkout(LDM_WEBUIS[kind], "ldm_patched/modules/model_patcher.py")
+    lora_ext = root / "extensions-builtin" / "Lora"
+    lora_dir = tmp_path_factory.mktemp(f"{kind}_loras")
+    refs = write_files(lora_dir)
+    with sandbox([lora_ext, root], argv=["pytest"]):
+        shared = stub_host_modules(root, lora_dir)
+        stub_torchvision()
+        import ldm_patched.modules.args_parser as args_parser
+
+        args_parser.args.always_cpu = True  # as --always-cpu: model_management must not look for CUDA
+        import ldm_patched.modules.model_patcher as model_patcher
+        import ldm_patched.modules.sd as sd_module
+
+        import network
+        import networks
+
+        assert Path(networks.__file__).resolve().is_relative_to(root.resolve())
+        hooks = load_extension(root, tmp_path_factory.mktemp(f"{kind}_clone"))
+        assert hooks.webui.install() == kind
+        yield types.SimpleNamespace(kind=kind, root=root, shared=shared, network=network, networks=networks,
+                                    refs=refs, model_patcher=model_patcher, sd=sd_module, hooks=hooks)
+
+
+class TestLdmPatchedWebuis:
+    """reForge and Forge Classic, each: WaveFT files apply exactly (fp32, fp16, bf16), an ordinary LoRA passes
+    through the webui's own code unchanged, the Lora tab shows the right base model, a bad file is reported."""
+
+    def _sd(self, env, dtype=torch.float32):
+        cpu = torch.device("cpu")
+        unet_model = torch.nn.Module()
+        put(unet_model, UNET_K2, torch.nn.Linear(40, 32, bias=False))
+        unet_model.model_config = types.SimpleNamespace(unet_config=dict(SDXL_UNET_CONFIG))
+        clip_model = torch.nn.Module()
+        clip_l, clip_g = torch.nn.Module(), torch.nn.Module()
+        put(clip_l, "transformer.text_model.encoder.layers.0.self_attn.q_proj", torch.nn.Linear(64, 64))
+        put(clip_g, "transformer.text_model.encoder.layers.1.self_attn.q_proj", torch.nn.Linear(D_G, D_G))
+        put(clip_g, "transformer.text_model.encoder.layers.1.self_attn.v_proj", torch.nn.Linear(D_G, D_G))
+        put(clip_g, "transformer.text_model.encoder.layers.1.mlp.fc2", torch.nn.Linear(4 * D_G, D_G))
+        put(clip_g, "transformer.text_projection", torch.nn.Linear(D_G, D_G, bias=False))
+        clip_model.clip_l, clip_model.clip_g = clip_l, clip_g
+        unet = env.model_patcher.ModelPatcher(zero_(unet_model).to(dtype), load_device=cpu, offload_device=cpu)
+        clip = env.sd.CLIP(no_init=True)
+        clip.cond_stage_model = zero_(clip_model).to(dtype)
+        clip.patcher = env.model_patcher.ModelPatcher(clip.cond_stage_model, load_device=cpu, offload_device=cpu)
+        clip.tokenizer, clip.layer_idx = None, None
+        clip.tokenizer_options, clip.use_clip_schedule, clip.apply_hooks_to_conds = {}, False, None  # reForge's
+        sd = types.SimpleNamespace(forge_objects=_ForgeObjects(unet, clip), forge_objects_original=_ForgeObjects(unet, clip),
+                                   current_lora_hash="", forge_objects_after_applying_lora=None)
+        sys.modules["modules.sd_models"].model_data = types.SimpleNamespace(get_sd_model=lambda: sd)
+        return sd
+
+    @staticmethod
+    def _merged(patcher):
+        """The weights as the webui's own patcher merges the patches (then restored)."""
+        patcher.patch_model()
+        try:
+            return {k: v.detach().clone() for k, v in patcher.model.named_parameters()}
+        finally:
+            patcher.unpatch_model()
+
+    def test_hooks(self, ldm_webui):
+        nets = ldm_webui.networks
+        assert nets.load_lora_for_models._waveft_original is not None
+        if ldm_webui.kind == "forge-classic":
+            calculators = ldm_webui.model_patcher.extra_weight_calculators
+            assert calculators["waveft"] is ldm_webui.hooks.forge_hooks.weight_calculator
+        else:
+            import ldm_patched.modules.weight_adapter as weight_adapter
+
+            assert [a.name for a in weight_adapter.adapters].count("waveft") == 1
+
+    def test_lora_tab_versions(self, ldm_webui):
+        nets, SdVersion = ldm_webui.networks, ldm_webui.network.SdVersion
+        nets.list_available_networks()
+        assert nets.available_networks["wft_sdxl"].sd_version == SdVersion.SDXL
+        assert nets.available_networks["wft_sd1"].sd_version == SdVersion.SD1
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+    def test_sdxl_delta_equals_layer_delta(self, ldm_webui, dtype, capsys):
+        ref = ldm_webui.refs["wft_sdxl"]
+        sd = self._sd(ldm_webui, dtype)
+        ldm_webui.networks.load_networks(["wft_sdxl"], te_multipliers=[0.6], unet_multipliers=[0.9], dyn_dims=[None])
+        assert "1 UNet layers at weight 0.9, 5 text-encoder layers at weight 0.6\n" in capsys.readouterr().err
+        unet, clip = sd.forge_objects.unet, sd.forge_objects.clip
+        assert unet is not sd.forge_objects_original.unet  # patched clones, as the webui does for LoRAs
+        cases = [(UNET_K2, UNET_K2 + ".weight", 0.9, self._merged(unet))]
+        clip_weights = self._merged(clip.patcher)
+        cases += [(n, n[len("text_encoders."):] + ".weight", 0.6, clip_weights)
+                  for n in (CLIP_L_Q, CLIP_G_Q, CLIP_G_V, CLIP_G_FC2, CLIP_G_PROJ)]
+        for native, key, strength, weights in cases:
+            got = weights[key]
+            assert got.dtype == dtype
+            # a zero weight plus ΔW, summed in float32 and rounded once into the weight's dtype
+            assert torch.equal(got, ref.layers[native].delta(torch.float32, strength=strength).to(dtype)), native
+        # the original patchers are untouched
+        assert not any(self._merged(sd.forge_objects_original.unet)[UNET_K2 + ".weight"].flatten().tolist())
+
+    def test_hash_is_the_hosts(self, ldm_webui):
+        self._sd(ldm_webui)
+        ldm_webui.networks.load_networks(["wft_sdxl"], te_multipliers=[1.0], unet_multipliers=[1.0], dyn_dims=[None])
+        entry = ldm_webui.networks.available_networks["wft_sdxl"]
+        assert entry.hash == addnet_hash(entry.filename)
+
+    def test_ordinary_lora_passes_through(self, ldm_webui):
+        sd = self._sd(ldm_webui)
+        ldm_webui.networks.load_networks(["plain_xl_lora"], te_multipliers=[1.0], unet_multipliers=[0.5],
+                                         dyn_dims=[None])
+        got = self._merged(sd.forge_objects.unet)[UNET_K2 + ".weight"]
+        assert rel_err(got, plain_xl_delta(ldm_webui.root, 0.5)) < TOL
+
+    def test_bad_file_and_wrong_model(self, ldm_webui, capsys):
+        sd = self._sd(ldm_webui)
+        original = sd.forge_objects.unet
+        ldm_webui.networks.load_networks(["bad"], te_multipliers=[1.0], unet_multipliers=[1.0], dyn_dims=[None])
+        err = capsys.readouterr().err
+        assert "[WaveFT] cannot use" in err and "appears more than once" in err
+        assert sd.forge_objects.unet is original
+        # an SD1 file on this SDXL model: only its CLIP-L layer (the same in both) applies, the rest is listed
+        sd = self._sd(ldm_webui)
+        ldm_webui.networks.load_networks(["wft_sd1"], te_multipliers=[1.0], unet_multipliers=[1.0], dyn_dims=[None])
+        err = capsys.readouterr().err
+        assert "0 UNet layers at weight 1.0, 1 text-encoder layers" in err and "4 not applied" in err
         assert sd.forge_objects.unet is sd.forge_objects_original.unet
