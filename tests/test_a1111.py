@@ -1,26 +1,23 @@
-"""WaveFT in AUTOMATIC1111 and Forge: the a1111/ extension.
+"""WaveFT in AUTOMATIC1111 and the Forge family (Forge, reForge, Forge Classic): the a1111/ extension.
 
 Without a checkout (never skipped): the name mapping (a1111/keymap.py), A1111 target resolution on a model named by
-A1111's rule, the Forge patch calculator, version detection from metadata, file routing, and the root entry script.
+A1111's rule, the Forge patch calculator, version detection from metadata, file routing, the root entry script and
+install.py, and the Forge versions of August 2024 (not bundled: their call signatures are reproduced).
 
-With A1111_PATH=<stable-diffusion-webui checkout>: A1111's real extensions-builtin/Lora code (network.py,
-networks.py, network_*.py, lyco_helpers, lora_logger, extra_networks_lora) and modules/errors.py,
-modules/extra_networks.py load native WaveFT files through the hooks; its own networks.load_networks and
-network_apply_weights change the weights, and the change must equal Layer.delta * multiplier. Host modules the Lora
-code imports that play no part in the math are stubbed: modules.shared (opts, cmd_opts.lora_dir, walk_files,
-sd_model), modules.devices (cpu, dtype, torch_gc), modules.sd_models (metadata/state-dict reads of safetensors),
-modules.cache (no cache), modules.hashes (no hashing), modules.scripts, modules.sd_hijack (embedding database),
-modules.textual_inversion.textual_inversion, modules.models.sd3.mmdit (QkvLinear, an SD3 class used only in
-isinstance checks), gradio (UI) and einops (OFT only) when not installed. The model is a small torch module tree with
-A1111's attribute layout (model.diffusion_model; cond_stage_model.wrapped for SD1; conditioner.embedders[i].wrapped
-for SDXL, CLIP-G in OpenCLIP layout with a real nn.MultiheadAttention); A1111's
-assign_network_names_to_compvis_modules names its layers.
-
-With FORGE_PATH=<stable-diffusion-webui-forge checkout, backend/ era>: Forge's real sd_forge_lora network.py and
-networks.py (load_networks), backend.patcher.lora (merge_lora_to_weight, LoraLoader), backend.patcher.base.ModelPatcher
-and backend.patcher.clip.CLIP apply the patches. Stubbed as above: modules.shared/sd_models/errors/scripts/cache/
-hashes; and PIL, sentencepiece, diffusers.configuration_utils when missing (image utilities, the GGUF tokenizer and a
-config mixin, none called here). Forge's backend parses sys.argv on import, so it is imported with --always-cpu.
+With A1111_PATH, FORGE_PATH, REFORGE_PATH, FORGE_CLASSIC_PATH (./dev test unpacks all four from ../shared/webui,
+and under CI a missing one fails): the extension is cloned into extensions/ and loaded by the webui's own
+modules.script_loading; the webui's real Lora extension (network.py, networks.py, and in A1111 network_*.py,
+lyco_helpers, extra_networks_lora), its real patchers (A1111's network_apply_weights / network_forward; Forge's
+backend.patcher; reForge's and Forge Classic's ldm_patched ModelPatcher and CLIP), its modules.errors,
+modules.extra_networks, modules.cache and modules.hashes (caching into a temp folder) and the real
+read_metadata_from_safetensors (compiled from modules/sd_models.py alone) load WaveFT files, and the weights they
+change must equal Layer.delta * multiplier. Stubbed, as they need a GPU, a model download or the UI:
+modules.shared (opts, cmd_opts, walk_files, sd_model), modules.devices, the rest of modules.sd_models,
+modules.scripts, modules.sd_hijack, modules.textual_inversion, modules.models.sd3.mmdit (an isinstance check),
+modules.paths, gradio; PIL, sentencepiece, torchvision and diffusers.configuration_utils where they cannot import
+beside the CPU torch. The models are small torch module trees with each webui's attribute layout (A1111:
+model.diffusion_model, cond_stage_model.wrapped / conditioner.embedders[i].wrapped with CLIP-G in OpenCLIP layout;
+the Forge family: ComfyUI's diffusion_model.* and clip_l/clip_g.transformer.* parameters).
 """
 from __future__ import annotations
 
@@ -456,10 +453,16 @@ def _walk_files(path, allowed_extensions=None):
                 yield os.path.join(root, f)
 
 
-def _read_metadata(filename):
-    with open(filename, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return dict(json.loads(f.read(n)).get("__metadata__", {}))
+def host_function(source: Path, name: str, namespace: dict):
+    """One function of a host module, compiled from the host's own source, for modules too heavy to import whole
+    (modules/sd_models.py loads every model class): the real code of that function, nothing else."""
+    import ast
+
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = dict(namespace)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(source), "exec"), scope)
+    return scope[name]
 
 
 def _read_state_dict(filename, *args, **kwargs):
@@ -481,7 +484,11 @@ def stub_host_modules(host_root: Path, lora_dir: Path):
                                                  no_hashing=False))
     stub("modules.devices", cpu=torch.device("cpu"), device=torch.device("cpu"), dtype=torch.float32,
          torch_gc=lambda: None, cond_cast_unet=lambda x: x)
-    stub("modules.sd_models", read_metadata_from_safetensors=_read_metadata, read_state_dict=_read_state_dict,
+    from modules import errors  # the host's own
+
+    read_metadata = host_function(host_root / "modules" / "sd_models.py", "read_metadata_from_safetensors",
+                                  {"errors": errors, "json": json, "os": os})
+    stub("modules.sd_models", read_metadata_from_safetensors=read_metadata, read_state_dict=_read_state_dict,
          model_data=types.SimpleNamespace(get_sd_model=lambda: None))
     # modules.cache and modules.hashes are the host's own, caching into this run's temporary folder
     data = lora_dir.parent / f"{lora_dir.name}_data"
