@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +52,48 @@ def test_the_waveft_command_runs_from_the_installed_copy(installed, tmp_path):
     where = subprocess.run([sys.executable, "-c", "import waveft_core; print(waveft_core.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300)
     assert where.stdout.strip().startswith(str(target))
+
+
+SHIPPED_TOP = {"__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE", "nodes", "waveft_core",
+               "web", "workflows", "docs"}
+FLAGGED = ("subprocess", "urllib", "requests", "socket", "http.client", "httpx", "os.system", "os.popen")
+
+
+def _comfy_cli():
+    import shutil
+
+    exe = shutil.which("comfy") or str(Path(sys.executable).parent / "comfy")
+    if not Path(exe).exists():
+        pytest.skip("comfy-cli is not installed (requirements-dev.txt has it)")
+    return exe
+
+
+def test_the_registry_package_is_what_runs_in_comfyui_and_nothing_flagged(tmp_path):
+    """Built as the Registry tooling builds it (comfy-cli's `node validate` and `node pack`: git-tracked files less
+    .comfyignore): ComfyUI's part only, no development folders, and no shipped Python that starts a process or
+    opens a connection (what the Registry's scanner flags)."""
+    comfy = _comfy_cli()
+    copy = tmp_path / "ComfyUI-WaveFT"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            (copy / name).write_bytes((ROOT / name).read_bytes())
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "pack"]):
+        subprocess.run(cmd, cwd=copy, check=True, env={**os.environ, **git}, capture_output=True)
+    for args in (["node", "validate"], ["node", "pack"]):
+        run = subprocess.run([comfy, "--skip-prompt", *args], cwd=copy, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    names = zipfile.ZipFile(copy / "node.zip").namelist()
+    tops = {n.split("/")[0] for n in names if n.strip("/")}
+    assert tops <= SHIPPED_TOP, sorted(tops - SHIPPED_TOP)
+    assert {"__init__.py", "pyproject.toml", "nodes", "waveft_core", "web", "workflows"} <= tops
+    assert "docs/images/icon.png" in names and "requirements.txt" in names
+    for name in names:
+        if name.endswith(".py"):
+            text = zipfile.ZipFile(copy / "node.zip").read(name).decode("utf-8")
+            for word in FLAGGED:
+                assert f"import {word}" not in text and f"from {word}" not in text and f"{word}(" not in text, \
+                    f"{name} uses {word}"

@@ -40,7 +40,7 @@ def _read_version() -> str:
     try:
         from importlib.metadata import version
 
-        return version("comfyui-waveft")
+        return version("waveft")
     except Exception:
         return "0+unknown"
 

@@ -5,7 +5,7 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 const STATUS = "waveft_status";
 
 app.registerExtension({
-    name: "ComfyUI-WaveFT.status",
+    name: "comfyui-waveft.waveft.status", // publisher.registry-id.feature: unique among every pack's extensions
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (!nodeData?.name?.startsWith("WaveFT")) return;
         const onExecuted = nodeType.prototype.onExecuted;
