@@ -132,7 +132,7 @@ def sd_version(metadata: dict) -> str | None:
     if str(metadata.get("ss_network_module", "")) != "waveft":
         return None
     family = family_of(metadata)
-    return family.webui if family else "Unknown"
+    return family.webui if family and family.webui else "Unknown"
 
 
 def is_waveft_file(path, metadata: dict | None = None) -> bool:

@@ -44,11 +44,9 @@ class WaveFTToLoRA:
         except WaveFTFileError as e:
             raise ValueError(f"WaveFT: {e}") from None
         tensors, metadata, report = lora.to_lora(adapter, rank, dtype=torch.float16)
-        folders = host.folder_dirs("loras")
-        out = host.free_path(folders[0] if folders else os.path.join(host.output_folder(), "..", "loras"),
-                             filename_prefix, label="models/loras")
+        out = host.new_adapter_path(filename_prefix, kind="loras")
         lora.save_lora(tensors, metadata, out)
-        name = os.path.basename(out)
+        name = os.path.relpath(out, host.save_folder("loras")).replace(os.sep, "/")
         text = f"saved models/loras/{name}: rank {rank}, {report['energy_kept'] * 100:.1f}% of ΔW's energy kept"
         return {"ui": {"text": [text]}, "result": (name,)}
 
@@ -62,12 +60,16 @@ class WaveFTFromLoRA:
             "n_coefficients": ("INT", {"default": 2592, "min": 1, "max": 10**7, "tooltip": "Wavelet coefficients "
                                "kept per layer: the largest ones, then refined by least squares."}),
             "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet of the new adapter."}),
-            "filename_prefix": ("STRING", {"default": "lora_as_waveft", "tooltip": "File name inside models/waveft."}),
+            "filename_prefix": ("STRING", {"default": "lora_as_waveft", "tooltip": "File name inside the folder "
+                                "chosen in save_to (never overwrites: a counter is added)."}),
+        }, "optional": {
+            "save_to": (list(host.SAVE_FOLDERS), {"default": host.FOLDER, "tooltip": "models/waveft, or "
+                        "models/loras where the stock LoRA loaders and LoRA managers list files."}),
         }}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("waveft_name",)
-    OUTPUT_TOOLTIPS = ("The new WaveFT file's name in models/waveft.",)
+    OUTPUT_TOOLTIPS = ("The new WaveFT file's name, as Load WaveFT lists it.",)
     FUNCTION = "convert"
     CATEGORY = "loaders/waveft"
     OUTPUT_NODE = True
@@ -78,7 +80,7 @@ class WaveFTFromLoRA:
         path = host.full_path("loras", lora_name)
         return loader.fingerprint_path(path) if path else lora_name
 
-    def convert(self, lora_name, n_coefficients, wavelet, filename_prefix):
+    def convert(self, lora_name, n_coefficients, wavelet, filename_prefix, save_to=host.FOLDER):
         path = host.full_path("loras", lora_name)
         if not path:
             raise ValueError(f"WaveFT: LoRA '{lora_name}' not found in models/loras")
@@ -90,11 +92,11 @@ class WaveFTFromLoRA:
         if not deltas:
             raise ValueError(f"WaveFT: {lora_name} holds no LoRA layers this converter understands")
         adapter, report = extract.extract(deltas, n_coefficients, wavelet=wavelet)
-        out = str(fileformat.write(adapter, host.new_adapter_path(filename_prefix)))
-        name = os.path.relpath(out, host.output_folder()).replace(os.sep, "/")
-        text = (f"saved models/{host.FOLDER}/{name}: {len(adapter.layers)} layers, relative error "
+        out = str(fileformat.write(adapter, host.new_adapter_path(filename_prefix, kind=save_to)))
+        rel = os.path.relpath(out, host.save_folder(save_to)).replace(os.sep, "/")
+        text = (f"saved models/{save_to}/{rel}: {len(adapter.layers)} layers, relative error "
                 f"{report['relative_error']:.3f}")
-        return {"ui": {"text": [text]}, "result": (name,)}
+        return {"ui": {"text": [text]}, "result": (loader.listed_name(out, save_to),)}
 
 
 class WaveFTMergeCheckpoint:

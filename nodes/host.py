@@ -48,15 +48,27 @@ def register_folder() -> None:
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
 
 
+# Where the nodes that write adapters can put them: models/waveft, or models/loras, the one folder other
+# packs' LoRA loaders list (they load WaveFT files through the adapter this pack registers with the host).
+SAVE_FOLDERS = (FOLDER, "loras")
+
+
+def save_folder(kind: str = FOLDER) -> str:
+    """The first models/<kind> folder: where new files of that kind are written."""
+    if kind not in SAVE_FOLDERS:
+        raise ValueError(f"WaveFT: cannot save into '{kind}'; choose one of {', '.join(SAVE_FOLDERS)}")
+    dirs = folder_dirs(kind)
+    return dirs[0] if dirs else os.path.join(folder_paths.models_dir, kind)
+
+
 def output_folder() -> str:
-    """Where trained adapters are written: the first models/waveft folder."""
-    dirs = folder_dirs(FOLDER)
-    return dirs[0] if dirs else os.path.join(folder_paths.models_dir, FOLDER)
+    """Where trained adapters and training checkpoints are written: the first models/waveft folder."""
+    return save_folder(FOLDER)
 
 
-def new_adapter_path(prefix: str, suffix: str = "") -> str:
-    """A new file under models/waveft for `prefix` (see free_path)."""
-    return free_path(output_folder(), prefix, suffix, f"models/{FOLDER}")
+def new_adapter_path(prefix: str, suffix: str = "", kind: str = FOLDER) -> str:
+    """A new file under models/<kind> (waveft or loras) for `prefix` (see free_path)."""
+    return free_path(save_folder(kind), prefix, suffix, f"models/{kind}")
 
 
 def free_path(folder: str, prefix: str, suffix: str = "", label: str = "") -> str:
@@ -158,6 +170,46 @@ def weight_shapes(model=None, clip=None):
 def match(adapter_layers: dict, model=None, clip=None):
     shapes = weight_shapes(model, clip)
     return match_layers({n: layer.shape for n, layer in adapter_layers.items()}, key_map(model, clip), shapes.get)
+
+
+def checkpoint_name(model) -> str:
+    """The file name the model was loaded from, where the host records it (since about 0.20, for reloading a
+    model in a new mode), else ''."""
+    try:
+        path = model.cached_patcher_init[1][0]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return ""
+    return os.path.basename(path) if isinstance(path, str) else ""
+
+
+def image_size(model, latents) -> list[int]:
+    """[width, height] in pixels of the most common latent size: the resolution of a training run."""
+    from collections import Counter
+
+    ratio = getattr(getattr(getattr(model, "model", None), "latent_format", None), "spacial_downscale_ratio", 8)
+    (width, height), _ = Counter((int(x.shape[-1]), int(x.shape[-2])) for x in latents).most_common(1)[0]
+    return [width * ratio, height * ratio]
+
+
+def thumbnail_png(image, max_side: int = 256) -> bytes:
+    """The first picture of an IMAGE (batch, height, width, channels in 0..1) as PNG bytes, scaled down to at
+    most `max_side` pixels a side (the size the model spec suggests for a thumbnail)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    picture = image[0] if image.ndim == 4 else image
+    height, width = int(picture.shape[0]), int(picture.shape[1])
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        picture = torch.nn.functional.interpolate(picture.movedim(-1, 0)[None].float(), size=size, mode="bilinear",
+                                                  antialias=True, align_corners=False)[0].movedim(0, -1)
+    pixels = (picture.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    out = io.BytesIO()
+    Image.fromarray(pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0]).save(out, format="PNG")
+    return out.getvalue()
 
 
 def model_family(model) -> str:

@@ -63,6 +63,12 @@ def list_adapters() -> list[str]:
     return names
 
 
+def listed_name(path: str, kind: str = host.FOLDER) -> str:
+    """How Load WaveFT lists a file written into models/<kind> (files among the LoRAs carry 'loras/')."""
+    rel = os.path.relpath(path, host.save_folder(kind)).replace(os.sep, "/")
+    return rel if kind == host.FOLDER else LORA_PREFIX + rel
+
+
 def resolve_path(name: str) -> str:
     """The file or folder behind a combo entry, refusing anything outside the model folders."""
     if name.endswith("/"):

@@ -3,7 +3,6 @@ with positive conditioning only turns (latent, sigma) into a denoised prediction
 a sampler whose 'sampling' is the optimisation loop runs inside the host's own loading machinery."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -128,17 +127,6 @@ def target_weights(diffusion_patcher, preset: str) -> dict:
     return out
 
 
-def tag_frequency(captions) -> str:
-    """kohya-style {'dataset': {tag: count}} from comma-separated captions, as JSON."""
-    counts: dict = {}
-    for caption in captions if isinstance(captions, list) else [captions]:
-        for tag in str(caption).split(","):
-            tag = tag.strip()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return json.dumps({"dataset": counts}, ensure_ascii=False)
-
-
 def base_model_version(model) -> str:
     return family_tag_of_comfy(host.model_family(model))
 
@@ -251,6 +239,7 @@ class TrainRun:
                 host.unload_patcher(mp)
                 for t in self.trainables.values():
                     t.spectrum.requires_grad_(False)
+        self.state.settings["finished_at"] = int(time.time())
         return self.adapter()
 
     def _loop(self, model_wrap, extra_args):

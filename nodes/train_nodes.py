@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import time
 
 import comfy.model_management as mm
 import torch
 
 from ..waveft_core import Adapter, WaveFTFileError
-from ..waveft_core import fileformat
+from ..waveft_core import fileformat, metadata
 from ..waveft_core.trainable import OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader, train_loop
@@ -118,12 +120,14 @@ class WaveFTTrain:
             "warmup_steps": kw["warmup_steps"], "training_dtype": kw["training_dtype"],
             "gradient_checkpointing": bool(kw["gradient_checkpointing"]), "wavelet": first.wavelet,
             "n_coefficients": first.spectrum.numel(), "scaling": first.scaling, "resumed_from_step": start,
+            "started_at": int(time.time()), "resolution": host.image_size(model, images),
+            "base_checkpoint": host.checkpoint_name(model),
         }
         state.metadata["modelspec.date"] = datetime.date.today().isoformat()
         if train_loop.base_model_version(model):
             state.metadata["ss_base_model_version"] = train_loop.base_model_version(model)
         if captions:
-            state.metadata["ss_tag_frequency"] = train_loop.tag_frequency(captions)
+            state.metadata["ss_tag_frequency"] = metadata.tag_frequency(captions)
         run = train_loop.TrainRun(model, images, conds, state, dtype, kw["save_every_n_steps"], kw["filename_prefix"])
         try:
             adapter = run.run()
@@ -156,11 +160,22 @@ class WaveFTSave:
     def INPUT_TYPES(cls):
         return {"required": {
             "waveft": ("WAVEFT", {"tooltip": "The adapter from Train WaveFT."}),
-            "filename_prefix": ("STRING", {"default": "my_waveft", "tooltip": "File name inside models/waveft "
-                                "(sub-folders allowed; an existing file is never overwritten)."}),
-            "title": ("STRING", {"default": "", "tooltip": "Shown by loaders and A1111's Lora tab."}),
-            "trigger_words": ("STRING", {"default": "", "tooltip": "Words to put in the prompt (e.g. 'sks dog')."}),
+            "filename_prefix": ("STRING", {"default": "my_waveft", "tooltip": "File name inside the folder chosen "
+                                "in save_to (sub-folders allowed; an existing file is never overwritten)."}),
+            "title": ("STRING", {"default": "", "tooltip": "Shown by loaders, LoRA managers and A1111's Lora tab."}),
+            "trigger_words": ("STRING", {"default": "", "tooltip": "Words to put in the prompt, comma-separated "
+                              "(e.g. 'sks dog'). Written where LoRA managers look: ss_tag_frequency, ss_datasets' "
+                              "class_tokens and modelspec.trigger_phrase."}),
             "description": ("STRING", {"default": "", "multiline": True, "tooltip": "Free text kept in the file."}),
+        }, "optional": {
+            "save_to": (list(host.SAVE_FOLDERS), {"default": host.FOLDER, "tooltip": "models/waveft, or "
+                        "models/loras: where the stock Load LoRA node, LoRA stacks and LoRA managers list files "
+                        "(they load WaveFT files through this pack). Load WaveFT lists both."}),
+            "author": ("STRING", {"default": "", "tooltip": "Your name, kept as modelspec.author."}),
+            "license": ("STRING", {"default": "", "tooltip": "The license you publish it under (e.g. "
+                        "'CreativeML Open RAIL-M'), kept as modelspec.license."}),
+            "thumbnail": ("IMAGE", {"tooltip": "Optional preview image, kept (at most 256 pixels a side) as "
+                          "modelspec.thumbnail, which model browsers show."}),
         }}
 
     RETURN_TYPES = ("STRING",)
@@ -169,21 +184,27 @@ class WaveFTSave:
     FUNCTION = "save"
     CATEGORY = "training/waveft"
     OUTPUT_NODE = True
-    DESCRIPTION = "Saves a WaveFT adapter as a native .safetensors file (format v1) with its metadata."
+    DESCRIPTION = ("Saves a WaveFT adapter as a native .safetensors file (format v1) with the metadata LoRA "
+                   "managers read: trigger words, training details, content hash, base model.")
 
-    def save(self, waveft: Adapter, filename_prefix, title, trigger_words, description):
+    def save(self, waveft: Adapter, filename_prefix, title, trigger_words, description, save_to=host.FOLDER,
+             author="", license="", thumbnail=None):
         md = dict(waveft.metadata)
-        for key, value in (("modelspec.title", title), ("modelspec.trigger_phrase", trigger_words),
-                           ("modelspec.description", description)):
+        for key, value in (("modelspec.title", title), ("modelspec.description", description),
+                           ("modelspec.author", author), ("modelspec.license", license)):
             if value.strip():
                 md[key] = value.strip()
-        md.setdefault("modelspec.title", filename_prefix.rsplit("/", 1)[-1])
-        path = str(fileformat.write(Adapter(layers=waveft.layers, metadata=md), host.new_adapter_path(filename_prefix)))
+        md = metadata.with_trigger_words(md, trigger_words)
+        if thumbnail is not None:
+            md["modelspec.thumbnail"] = metadata.data_uri(host.thumbnail_png(thumbnail))
+        path = host.new_adapter_path(filename_prefix, kind=save_to)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        md.setdefault("modelspec.title", stem)
+        md["ss_output_name"] = stem
+        fileformat.write(Adapter(layers=waveft.layers, metadata=md), path)
         log.info("WaveFT: saved %s", path)
-        import os
-
-        name = os.path.relpath(path, host.output_folder()).replace(os.sep, "/")
-        return {"ui": {"text": [f"saved models/{host.FOLDER}/{name}"]}, "result": (name,)}
+        rel = os.path.relpath(path, host.save_folder(save_to)).replace(os.sep, "/")
+        return {"ui": {"text": [f"saved models/{save_to}/{rel}"]}, "result": (loader.listed_name(path, save_to),)}
 
 
 class WaveFTApply:

@@ -26,7 +26,6 @@ import importlib
 import importlib.machinery
 import json
 import os
-import struct
 import subprocess
 import sys
 import types
@@ -40,7 +39,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import waveft_core as wft  # noqa: E402
+from waveft_core import metadata as shared_keys  # noqa: E402
 from waveft_core.names import to_native  # noqa: E402
+from manager_readers import addnet_hash  # noqa: E402  (what the webuis show as a LoRA's hash)
 
 from a1111 import a1111_hooks, forge_hooks, keymap, webui  # noqa: E402
 
@@ -465,6 +466,16 @@ def host_function(source: Path, name: str, namespace: dict):
     return scope[name]
 
 
+def host_value(source: Path, name: str, namespace: dict):
+    """A module-level constant of a host module (e.g. a compiled regex), evaluated from the host's own source."""
+    import ast
+
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    return eval(compile(ast.Expression(node.value), str(source), "eval"), dict(namespace))
+
+
 def _read_state_dict(filename, *args, **kwargs):
     from safetensors.torch import load_file
 
@@ -780,13 +791,37 @@ class TestA1111:
         nets.load_networks([], [], [], [])
 
     def test_hash_and_cache_are_the_hosts(self, a1111):
-        """The Lora entry's hash (shown in the infotext) by A1111's own modules.hashes, cached by modules.cache."""
+        """The Lora entry's hash (shown in the infotext): the one the file carries (A1111 takes sshs_model_hash as
+        it is), equal to what A1111's own modules.hashes computes from the bytes; metadata cached by modules.cache."""
+        from modules import hashes
+
         self._use(a1111, a1111_sd1_model())
         a1111.networks.load_networks(["wft_sd1"], [1.0], [1.0], [None])
         entry = a1111.networks.available_networks["wft_sd1"]
-        assert entry.hash == addnet_hash(entry.filename) and entry.shorthash == entry.hash[:12]
+        with open(entry.filename, "rb") as f:
+            assert entry.hash == hashes.addnet_hash_safetensors(f) == addnet_hash(entry.filename)
+        assert entry.hash == entry.metadata["sshs_model_hash"] and entry.shorthash == entry.hash[:12]
         assert Path(os.environ["SD_WEBUI_CACHE_DIR"]).is_dir()
         a1111.networks.load_networks([], [], [], [])
+
+    def test_lora_tab_lists_the_trigger_words_first(self, a1111):
+        """The tags A1111's Lora tab offers (build_tags, compiled from the host's ui_edit_user_metadata.py, on the
+        metadata its own reader parsed) start with the words Save WaveFT was given."""
+        import re
+
+        source = a1111.root / "extensions-builtin" / "Lora" / "ui_edit_user_metadata.py"
+        scope = {"re": re, "re_word": host_value(source, "re_word", {"re": re})}
+        scope["is_non_comma_tagset"] = host_function(source, "is_non_comma_tagset", scope)
+        build_tags = host_function(source, "build_tags", scope)
+        md = shared_keys.with_trigger_words(
+            {"ss_base_model_version": "sd_1.5", "ss_tag_frequency": shared_keys.tag_frequency(
+                ["a cat, sitting", "a cat, on grass", "a cat, sitting"])}, "sks cat, ohwx")
+        wft.save(wft.Adapter(layers=sd1_layers(), metadata=md), a1111.lora_dir / "wft_tags.safetensors")
+        a1111.networks.list_available_networks()
+        entry = a1111.networks.available_networks["wft_tags"]
+        tags = [tag for tag, _ in build_tags(entry.metadata)]
+        assert tags[:2] == ["sks cat", "ohwx"] and set(tags[2:]) == {"a cat", "sitting", "on grass"}
+        assert entry.sd_version == a1111.network.SdVersion.SD1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -797,16 +832,6 @@ class TestA1111:
 # only the layers under test.
 SDXL_UNET_CONFIG = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
                         transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
-
-
-def addnet_hash(path) -> str:
-    """kohya's hash of a safetensors file (sha256 of everything after the header), computed here independently:
-    what the webuis show as a LoRA's hash and write into the infotext."""
-    import hashlib
-
-    data = Path(path).read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    return hashlib.sha256(data[8 + n:]).hexdigest()
 
 
 def plain_xl_delta(_root, strength):
@@ -931,10 +956,9 @@ class TestForge:
         self._sd(forge)
         forge.networks.load_networks(["wft_sdxl"], te_multipliers=[1.0], unet_multipliers=[1.0], dyn_dims=[None])
         entry = forge.networks.available_networks["wft_sdxl"]
-        import hashlib
-
-        # Forge hashes the whole file (its hashes.sha256 ignores use_addnet_hash)
-        assert entry.hash == hashlib.sha256(Path(entry.filename).read_bytes()).hexdigest()
+        # Forge takes the hash the file carries, as for kohya's LoRAs (without one it would hash the whole file:
+        # its hashes.sha256 ignores use_addnet_hash), so the infotext names it the way A1111 and Civitai do
+        assert entry.hash == entry.metadata["sshs_model_hash"] == addnet_hash(entry.filename)
 
     def test_ordinary_lora_passes_through(self, forge):
         """An ordinary kohya LoRA goes to Forge's own loader and is applied by Forge's own code, unchanged."""

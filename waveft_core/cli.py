@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help=ADAPTER_HELP)
     conv.add_argument("dst", help="native .safetensors to write (from PEFT/diffusers), or a PEFT folder (from native)")
     _source_options(conv, "needed for a PEFT folder or diffusers file (it draws each layer's positions)")
-    conv.add_argument("--base-model", help="base model tag to record, e.g. sd_v1 or sdxl_base_v1-0 (default: "
+    conv.add_argument("--base-model", help="base model tag to record, e.g. sd_1.5 or sdxl_base_v1-0 (default: "
                       "what --base is)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
     conv.set_defaults(func=_cmd_convert)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--targets", choices=["attention", "linear", "all"], default="attention",
                      help="with --finetuned: attention projections, every linear layer, or also convolutions")
     ext.add_argument("--iterations", type=int, default=100, help="least-squares (conjugate gradient) steps per fit")
-    ext.add_argument("--base-model", help="base model tag to record, e.g. sd_v1 or sdxl_base_v1-0")
+    ext.add_argument("--base-model", help="base model tag to record, e.g. sd_1.5 or sdxl_base_v1-0")
     ext.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
     ext.set_defaults(func=_cmd_extract)
 

@@ -9,7 +9,8 @@ import torch
 
 from .adapter import Adapter, Layer
 from .delta import index_dtype, matrix_shape
-from .names import ARCHITECTURES
+from .metadata import content_hashes
+from .names import family_of
 from .storage import DAMAGED as _DAMAGED
 from .storage import WaveFTFileError, atomic_write, read_header
 from .wavelets import UnknownWaveletError, check_wavelet
@@ -225,9 +226,11 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
         "ss_network_module": "waveft",
         "modelspec.sai_model_spec": "1.0.0",
     })
-    base = metadata.get("ss_base_model_version")
-    if base in ARCHITECTURES and "modelspec.architecture" not in metadata:
-        metadata["modelspec.architecture"] = f"{ARCHITECTURES[base]}/waveft"
+    family = family_of(metadata)
+    if family and "modelspec.architecture" not in metadata:
+        metadata["modelspec.architecture"] = f"{family.architecture}/waveft"
+    # Always recomputed: hashes carried over from a source file would name other bytes.
+    metadata.update(content_hashes(tensors, metadata))
     return tensors, metadata
 
 

@@ -14,7 +14,8 @@ import torch
 
 from .adapter import Adapter
 from .extract import LazyDeltas
-from .names import ARCHITECTURES, NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, to_native
+from .metadata import content_hashes
+from .names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_of, to_native
 from .storage import atomic_write
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,16 +148,16 @@ def to_lora(adapter: Adapter, rank: int, dtype: torch.dtype = torch.float16, dev
 
 
 def lora_metadata(source: Mapping[str, str], rank: int) -> dict[str, str]:
-    """kohya-style LoRA metadata, keeping the source's base model and model-spec fields."""
+    """kohya-style LoRA metadata, keeping the source's base model, model-spec fields and trigger words."""
     md = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
     for key, value in source.items():
-        if key == "ss_base_model_version" or key.startswith("modelspec."):
+        if key in ("ss_base_model_version", "ss_tag_frequency", "ss_datasets") or key.startswith("modelspec."):
             md[key] = str(value)
     arch = md.get("modelspec.architecture")
     if arch:
         md["modelspec.architecture"] = re.sub(r"/waveft$", "/lora", arch)
-    elif md.get("ss_base_model_version") in ARCHITECTURES:
-        md["modelspec.architecture"] = ARCHITECTURES[md["ss_base_model_version"]] + "/lora"
+    elif family_of(md):
+        md["modelspec.architecture"] = family_of(md).architecture + "/lora"
     md.setdefault("modelspec.sai_model_spec", "1.0.0")
     return md
 
@@ -170,6 +171,7 @@ def save_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], 
         raise ValueError(f"{path}: a LoRA file needs a .safetensors name")
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     md = {str(k): str(v) for k, v in metadata.items()}
+    md.update(content_hashes(data, md))
     return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=md))
 
 

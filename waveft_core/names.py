@@ -22,35 +22,49 @@ NATIVE_CLIP = re.compile(r"text_encoders\.(clip_[a-z0-9]+)\.transformer\.(.+)")
 class Family:
     """A base-model family under every name the tools give it."""
 
-    tag: str  # ss_base_model_version, what this project writes
+    tag: str  # ss_base_model_version this project writes, spelled so LoRA managers map it (README, metadata)
     architecture: str  # modelspec.architecture prefix this project writes
-    comfy: str  # ComfyUI's model_config class
-    webui: str  # A1111/Forge SdVersion
-    tag_prefix: str  # how other tools' tags start (sdxl_base_v1-0, sdxl_refiner_v1-0, ...)
-    architecture_prefix: str  # how other tools' architectures start
+    comfy: tuple[str, ...]  # ComfyUI's model_config classes (exact names: Flux2 subclasses Flux)
+    webui: str  # A1111/Forge SdVersion ('' for families the webuis do not run)
+    tag_prefixes: tuple[str, ...]  # how tags start, ours and other tools' (sd_v1 is kohya's, sd_1.5 ai-toolkit's)
+    architecture_prefixes: tuple[str, ...]  # how architectures start, ours and other tools'
 
 
+# Tags: what kohya's sd-scripts, musubi-tuner or ai-toolkit write for the family, choosing the spelling that
+# ComfyUI-Lora-Manager maps to a base model (it matches 'sd_1.5', 'sdxl', 'flux1' inside the tag) where one does.
 FAMILIES = (
-    Family("sd_v1", "stable-diffusion-v1", "SD15", "SD1", "sd_v1", "stable-diffusion-v1"),
-    Family("sd_v2", "stable-diffusion-v2", "SD20", "SD2", "sd_v2", "stable-diffusion-v2"),
-    Family("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "SDXL", "SDXL", "sdxl", "stable-diffusion-xl"),
-    Family("sd3", "stable-diffusion-3", "SD3", "SD3", "sd3", "stable-diffusion-3"),
-    Family("flux1", "flux-1-dev", "Flux", "Flux", "flux", "flux"),
+    Family("sd_1.5", "stable-diffusion-v1", ("SD15",), "SD1", ("sd_v1", "sd_1.5", "sd-v1"), ("stable-diffusion-v1",)),
+    Family("sd_v2", "stable-diffusion-v2", ("SD20", "SD21UnclipL", "SD21UnclipH"), "SD2", ("sd_v2", "sd_2", "sd-v2"),
+           ("stable-diffusion-v2",)),
+    Family("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", ("SDXL",), "SDXL", ("sdxl",), ("stable-diffusion-xl",)),
+    Family("sd3", "stable-diffusion-3", ("SD3",), "SD3", ("sd3", "sd_3"), ("stable-diffusion-3",)),
+    Family("flux1", "flux-1-dev", ("Flux", "FluxSchnell", "FluxInpaint"), "Flux", ("flux1", "flux.1", "flux_1"),
+           ("flux-1", "flux.1")),
+    Family("flux2", "flux-2-dev", ("Flux2",), "", ("flux2", "flux.2"), ("flux-2", "flux.2")),
+    Family("chroma", "chroma", ("Chroma",), "", ("chroma",), ("chroma",)),
+    Family("lumina2", "lumina-2", ("Lumina2",), "", ("lumina2", "lumina_2"), ("lumina-2", "lumina2")),
+    Family("zimage", "z-image", ("ZImage",), "", ("zimage", "z_image", "z-image"), ("z-image",)),
+    Family("qwen_image", "qwen-image", ("QwenImage",), "", ("qwen_image", "qwen-image"), ("qwen-image",)),
+    Family("hidream", "hidream-i1", ("HiDream",), "", ("hidream",), ("hidream",)),
+    Family("hunyuan_video", "hunyuan-video", ("HunyuanVideo",), "", ("hunyuan_video", "hunyuan-video"),
+           ("hunyuan-video",)),
+    Family("wan_2.1", "wan2.1", ("WAN21_T2V", "WAN21_I2V"), "", ("wan_2.1", "wan2.1", "wan21"), ("wan2.1",)),
+    Family("wan_2.2", "wan2.2", ("WAN22_T2V",), "", ("wan_2.2", "wan2.2", "wan22"), ("wan2.2",)),
+    Family("ltxv", "ltx-video", ("LTXV",), "", ("ltxv", "ltx_video", "ltx-video"), ("ltx-video", "ltxv")),
 )
-ARCHITECTURES = {f.tag: f.architecture for f in FAMILIES}  # ss_base_model_version -> modelspec.architecture
 
 
 def family_of(metadata: dict) -> Family | None:
     """The family a file's metadata names (ss_base_model_version, else modelspec.architecture), if any."""
-    tag = str(metadata.get("ss_base_model_version") or "")
-    arch = str(metadata.get("modelspec.architecture") or "")
-    return next((f for f in FAMILIES if (tag and tag.startswith(f.tag_prefix))
-                 or (arch and arch.startswith(f.architecture_prefix))), None)
+    tag = str(metadata.get("ss_base_model_version") or "").lower()
+    arch = str(metadata.get("modelspec.architecture") or "").lower()
+    return next((f for f in FAMILIES if (tag and tag.startswith(f.tag_prefixes))
+                 or (arch and arch.startswith(f.architecture_prefixes))), None)
 
 
 def family_tag_of_comfy(model_config_class: str) -> str:
     """ss_base_model_version for ComfyUI's detected model class ('' when this project has no tag for it)."""
-    return next((f.tag for f in FAMILIES if f.comfy == model_config_class), "")
+    return next((f.tag for f in FAMILIES if model_config_class in f.comfy), "")
 
 # diffusers ResNet sub-module -> LDM ResBlock sub-module
 _RESNET = {

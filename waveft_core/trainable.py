@@ -11,6 +11,7 @@ from torch import nn
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
 from .delta import DeltaPlan, compute_dtype, index_dtype, make_plan, matrix_shape, weight_plus_delta
+from .metadata import training_keys
 from .peft_io import peft_positions
 from .wavelets import check_wavelet
 
@@ -168,6 +169,8 @@ class TrainingState:
     def adapter(self) -> Adapter:
         """The layers as they are now, with the run's settings and steps done in `waveft.training`."""
         md = dict(self.metadata)
+        if self.settings:  # kohya's names for them, which LoRA managers show
+            md.update(training_keys(self.settings, self.step))
         md["waveft.training"] = json.dumps({**self.settings, "steps_done": self.step}, sort_keys=True)
         md["waveft.seed"] = str(self.seed)
         return adapter_from_trainables(self.trainables, md)

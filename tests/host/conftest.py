@@ -167,19 +167,28 @@ def sd15(checkpoint_state):
     return model, clip, vae
 
 
-@pytest.fixture
-def waveft_dir(tmp_path):
-    """A models/waveft folder for this test, registered first in ComfyUI's search paths."""
+def _model_folder(tmp_path, kind):
+    """A models/<kind> folder for one test, registered first in ComfyUI's search paths."""
     import folder_paths
 
-    d = tmp_path / "waveft"
+    d = tmp_path / kind
     d.mkdir()
-    paths, exts = folder_paths.folder_names_and_paths["waveft"]
-    folder_paths.folder_names_and_paths["waveft"] = ([str(d)] + list(paths), exts)
+    paths, exts = folder_paths.folder_names_and_paths[kind]
+    folder_paths.folder_names_and_paths[kind] = ([str(d)] + list(paths), exts)
     folder_paths.filename_list_cache.clear()
     yield d
-    folder_paths.folder_names_and_paths["waveft"] = (paths, exts)
+    folder_paths.folder_names_and_paths[kind] = (paths, exts)
     folder_paths.filename_list_cache.clear()
+
+
+@pytest.fixture
+def waveft_dir(tmp_path):
+    yield from _model_folder(tmp_path, "waveft")
+
+
+@pytest.fixture
+def loras_dir(tmp_path):
+    yield from _model_folder(tmp_path, "loras")
 
 
 @pytest.fixture(scope="session")

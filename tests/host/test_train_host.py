@@ -91,7 +91,7 @@ def test_saved_file_loads_back_to_the_same_model(pack, sd15, data, waveft_dir):
     assert again == "cats/sks_2.safetensors"  # never overwrites
     md = wft.load(waveft_dir / name).metadata
     assert md["modelspec.title"] == "Sks cat" and md["modelspec.trigger_phrase"] == "sks cat"
-    assert md["ss_base_model_version"] == "sd_v1"
+    assert md["ss_base_model_version"] == "sd_1.5"
     settings = json.loads(md["waveft.training"])
     assert settings["steps_done"] == 8 and settings["lr"] == SETTINGS["learning_rate"]
     loaded, _ = pack.nodes.loader.WaveFTLoader().load(model, clip, name, 1.0, 1.0)["result"]
@@ -195,7 +195,7 @@ def test_captions_become_tag_frequencies(pack, sd15, data, waveft_dir):
     with torch.inference_mode():
         _, adapter, _, _ = pack.nodes.train_nodes.WaveFTTrain().train(
             [model], [latent], [cond], captions=["sks cat, sitting", "sks cat, on grass"], **kw)
-    assert json.loads(adapter.metadata["ss_tag_frequency"]) == {"dataset": {"sks cat": 2, "sitting": 1, "on grass": 1}}
+    assert json.loads(adapter.metadata["ss_tag_frequency"]) == {"img": {"sks cat": 2, "sitting": 1, "on grass": 1}}
 
 
 @pytest.mark.host_feature("dynamic_vram")

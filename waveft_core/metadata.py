@@ -1,0 +1,151 @@
+"""The metadata keys other tools read, filled from what this project knows.
+
+LoRA managers (ComfyUI-Lora-Manager, rgthree's Power Lora Loader), A1111's Lora tab and sharing sites read
+the keys kohya's sd-scripts writes (`ss_*`, `sshs_*`) and the Stability AI model spec (`modelspec.*`); none
+reads this project's own `waveft.training`. So a saved adapter carries, besides its own keys:
+
+- trigger words where managers look for them: `ss_tag_frequency` (Lora-Manager reads the first folder's
+  counts, highest first), `ss_datasets[0].subsets[0].class_tokens`, and `modelspec.trigger_phrase`;
+- the run's settings as kohya names them (`ss_steps`, `ss_learning_rate`, `ss_resolution`...);
+- content hashes as kohya computes them: `sshs_model_hash` is the SHA-256 of the file's tensor data (the
+  bytes after the header: metadata does not change it, so a reader can check it against the file), and
+  `sshs_legacy_hash` the first 8 hex digits of the SHA-256 of bytes 0x100000..0x110000 of the file as it
+  would be written with the `ss_*` keys alone; `modelspec.hash_sha256` is the model spec's hash of the same
+  tensor data, "0x"-prefixed.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Mapping
+
+HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+DEFAULT_DATASET_DIR = "img"  # the folder name kohya's examples use; managers read the counts, not the name
+
+
+def trigger_phrases(text: str) -> list[str]:
+    """'sks dog, photo of sks' -> ['sks dog', 'photo of sks']: comma-separated, trimmed, each once."""
+    out: list[str] = []
+    for part in str(text or "").split(","):
+        part = part.strip()
+        if part and part not in out:
+            out.append(part)
+    return out
+
+
+def _json(metadata: Mapping, key: str, kind: type):
+    try:
+        value = json.loads(metadata.get(key) or "null")
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def tag_frequency(captions) -> str:
+    """kohya's ss_tag_frequency, {folder: {tag: count}} as JSON, from comma-separated captions."""
+    counts: dict = {}
+    for caption in captions if isinstance(captions, list) else [captions]:
+        for tag in str(caption).split(","):
+            tag = tag.strip()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return json.dumps({DEFAULT_DATASET_DIR: counts}, ensure_ascii=False)
+
+
+def with_trigger_words(metadata: Mapping, text: str) -> dict:
+    """`metadata` with the trigger words of `text` written where managers read them; unchanged when empty.
+
+    In the first folder of ss_tag_frequency they come first, counted as often as the most frequent tag, so a
+    manager that lists tags by frequency lists them first; other folders and tags stay as they were."""
+    md = dict(metadata)
+    phrases = trigger_phrases(text)
+    if not phrases:
+        return md
+    md["modelspec.trigger_phrase"] = ", ".join(phrases)
+
+    folders = _json(md, "ss_tag_frequency", dict) or {}
+    first = next(iter(folders), DEFAULT_DATASET_DIR)
+    counts = folders.get(first) if isinstance(folders.get(first), dict) else {}
+    images = _as_int(md.get("ss_num_train_images"))
+    top = max([int(c) for c in counts.values() if isinstance(c, (int, float))] + [images or 1])
+    merged = {p: top for p in phrases}
+    merged.update({tag: c for tag, c in counts.items() if tag not in merged})
+    folders = {first: merged, **{k: v for k, v in folders.items() if k != first}}
+    md["ss_tag_frequency"] = json.dumps(folders, ensure_ascii=False)
+
+    datasets = _json(md, "ss_datasets", list) or []
+    if not datasets or not isinstance(datasets[0], dict):
+        datasets = [{"is_dreambooth": True, **({"num_train_images": images} if images else {})}] + datasets[1:]
+    subsets = datasets[0].get("subsets") if isinstance(datasets[0].get("subsets"), list) else []
+    if not subsets or not isinstance(subsets[0], dict):
+        subsets = [{"image_dir": first, **({"img_count": images} if images else {})}] + subsets[1:]
+    subsets[0] = {**subsets[0], "class_tokens": ", ".join(phrases)}
+    datasets[0] = {**datasets[0], "subsets": subsets}
+    md["ss_datasets"] = json.dumps(datasets, ensure_ascii=False)
+    return md
+
+
+def _as_int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def training_keys(settings: Mapping, steps_done: int) -> dict:
+    """kohya's `ss_*` keys for a run whose settings (the `waveft.training` record) are `settings`."""
+    s = dict(settings)
+    md: dict[str, str] = {"ss_steps": str(int(steps_done))}
+    simple = (("steps_total", "ss_max_train_steps"), ("lr", "ss_learning_rate"), ("lr", "ss_unet_lr"),
+              ("optimizer", "ss_optimizer"), ("lr_schedule", "ss_lr_scheduler"),
+              ("warmup_steps", "ss_lr_warmup_steps"), ("grad_accumulation_steps", "ss_gradient_accumulation_steps"),
+              ("gradient_checkpointing", "ss_gradient_checkpointing"), ("seed", "ss_seed"),
+              ("dataset_size", "ss_num_train_images"), ("batch_size", "ss_batch_size_per_device"),
+              ("started_at", "ss_training_started_at"), ("finished_at", "ss_training_finished_at"),
+              ("base_checkpoint", "ss_sd_model_name"))
+    for source, key in simple:
+        if s.get(source) not in (None, ""):
+            md[key] = str(s[source])
+    if "training_dtype" in s:
+        md["ss_mixed_precision"] = "bf16" if s["training_dtype"] == "bf16" else "no"
+    resolution = s.get("resolution")
+    if isinstance(resolution, (list, tuple)) and len(resolution) == 2:
+        width, height = (int(v) for v in resolution)
+        md["ss_resolution"] = f"({width}, {height})"
+        md["modelspec.resolution"] = f"{width}x{height}"
+    md["ss_network_args"] = json.dumps({k: s[k] for k in ("wavelet", "n_coefficients", "scaling", "targets")
+                                        if k in s}, sort_keys=True)
+    if s.get("dataset_size"):
+        dataset = {"is_dreambooth": True, "num_train_images": int(s["dataset_size"]), "num_reg_images": 0,
+                   "subsets": [{"image_dir": DEFAULT_DATASET_DIR, "img_count": int(s["dataset_size"]),
+                                "num_repeats": 1, "is_reg": False}]}
+        if s.get("batch_size"):
+            dataset["batch_size_per_device"] = int(s["batch_size"])
+        if "ss_resolution" in md:
+            dataset["resolution"] = [width, height]
+        md["ss_datasets"] = json.dumps([dataset])
+        md["ss_num_reg_images"] = "0"
+    return md
+
+
+def tensor_data_sha256(serialized: bytes) -> str:
+    """SHA-256 of a safetensors file's tensor data: everything after the 8-byte length and the header."""
+    header_length = int.from_bytes(serialized[:8], "little")
+    return hashlib.sha256(memoryview(serialized)[8 + header_length:]).hexdigest()
+
+
+def content_hashes(tensors: Mapping, metadata: Mapping) -> dict:
+    """The three hash keys (HASH_KEYS) for a file of `tensors` and `metadata`, as kohya computes them."""
+    from safetensors.torch import save
+
+    training_only = {k: str(v) for k, v in metadata.items() if k.startswith("ss_")}
+    serialized = save(dict(tensors), training_only)
+    data_hash = tensor_data_sha256(serialized)
+    legacy = hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
+    return {"sshs_model_hash": data_hash, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + data_hash}
+
+
+def data_uri(image: bytes, mime: str = "image/png") -> str:
+    """An image as the model spec's `modelspec.thumbnail` holds it."""
+    return f"data:{mime};base64,{base64.b64encode(image).decode('ascii')}"
