@@ -24,7 +24,7 @@ def check_dependencies() -> bool:
 
     if importlib.util.find_spec("pywt") is None:
         log.error("ComfyUI-WaveFT: PyWavelets is not installed, so WaveFT adapters cannot be applied or trained. "
-                  "Install it into ComfyUI's Python: %s -m pip install PyWavelets (or run the pack's install.py)",
+                  "Install it into ComfyUI's Python: %s -m pip install PyWavelets",
                   sys.executable)
         return False
     return True
