@@ -214,24 +214,27 @@ def _hook_networks(networks, network, flavor: Flavor) -> None:
     setattr(networks, MARK, True)
 
 
+def _install_calculator(owner, flavor_name: str, networks, network, missing: str) -> None:
+    """Register the WaveFT patch type in `owner.extra_weight_calculators`, then hook the Lora extension."""
+    calculators = getattr(owner, "extra_weight_calculators", None)
+    if not isinstance(calculators, dict):
+        raise UnsupportedWebui(missing)
+    calculators[PATCH_TYPE] = weight_calculator
+    _hook_networks(networks, network, calculator_flavor(flavor_name))
+
+
 def install(networks, network, lora_backend) -> None:
     """Hook into Forge: its sd_forge_lora `networks`/`network` modules and `backend.patcher.lora`. Idempotent."""
-    calculators = getattr(lora_backend, "extra_weight_calculators", None)
-    if not isinstance(calculators, dict):
-        raise UnsupportedWebui("this Forge (2024-08-02 to 08-12) has no extra_weight_calculators, so WaveFT files "
-                               "cannot be applied; ordinary LoRAs are untouched. Update Forge to use WaveFT")
-    calculators[PATCH_TYPE] = weight_calculator
-    _hook_networks(networks, network, calculator_flavor("forge"))
+    _install_calculator(lora_backend, "forge", networks, network,
+                        "this Forge (2024-08-02 to 08-12) has no extra_weight_calculators, so WaveFT files cannot be "
+                        "applied; ordinary LoRAs are untouched. Update Forge to use WaveFT")
 
 
 def install_forge_classic(networks, network, model_patcher) -> None:
     """Hook into Forge Classic (and Forge before August 2024): `ldm_patched.modules.model_patcher`'s calculators."""
-    calculators = getattr(model_patcher, "extra_weight_calculators", None)
-    if not isinstance(calculators, dict):
-        raise UnsupportedWebui("ldm_patched.modules.model_patcher has no extra_weight_calculators, so WaveFT files "
-                               "cannot be applied; ordinary LoRAs are untouched")
-    calculators[PATCH_TYPE] = weight_calculator
-    _hook_networks(networks, network, calculator_flavor("forge-classic"))
+    _install_calculator(model_patcher, "forge-classic", networks, network,
+                        "ldm_patched.modules.model_patcher has no extra_weight_calculators, so WaveFT files cannot "
+                        "be applied; ordinary LoRAs are untouched")
 
 
 def install_reforge(networks, network, weight_adapter) -> None:
