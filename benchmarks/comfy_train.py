@@ -1,17 +1,25 @@
-"""Train WaveFT against ComfyUI's own Train LoRA node: same model, data, steps and (about) the same number
-of trainable parameters; time per step and peak memory, each run in a fresh process.
+"""Train WaveFT against ComfyUI's own Train LoRA node: same model, data and (about) the same number of trainable
+parameters; time per step and peak memory, each run in a fresh process, repeated, with min/median/max.
 
-    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py      (./dev bench runs it when COMFYUI_PATH is set)
+    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py                 (the tiny UNet, 16x16 latents)
+    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py --size sd15 --latent 64 --steps 2 --repeats 3
 
-Both train every 2-D and conv weight of the tiny SD1.5 UNet (the Train LoRA node has no target choice; it
-also trains norm and bias offsets, which WaveFT does not). LoRA rank 1; WaveFT gets the same parameter
-count spread evenly over the layers. Time per step = (T(25 steps) - T(5 steps)) / 20, which cancels set-up; memory = the highest resident
-memory while the node runs minus what the process held before (model loaded), sampled every 10 ms.
+`--size sd15` builds the real SD1.5 UNet (860M parameters, ComfyUI's layout, random weights: nothing is
+downloaded) and saves it once as a checkpoint every run loads. Both methods train every 2-D and conv weight of the
+UNet (the Train LoRA node has no target choice; it also trains norm and bias offsets, which WaveFT does not): LoRA
+rank 1, WaveFT the same parameter count spread evenly over the layers (db1, scaling 25). `--recipe` adds WaveFT
+with the paper's recipe (attention q/k/v/out, 2592 coefficients per layer), for its own figures.
+
+Time per step = (T(1 + steps) - T(1)) / steps, which cancels set-up; memory = the highest resident memory while
+the node runs minus what the process held before (model loaded), sampled every 10 ms. Batch 1, gradient
+checkpointing on, AdamW.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMFY = os.environ.get("COMFYUI_PATH")
 
 
-def child(method: str, steps: int, dtype: str):
+def child(method: str, steps: int, dtype: str, ckpt: str, latent: int):
     sys.path[:0] = [COMFY, str(ROOT / "tests" / "host")]
     import asyncio
 
@@ -35,11 +43,9 @@ def child(method: str, steps: int, dtype: str):
     import nodes
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    from tiny_models import make_checkpoint_state
-
-    model, clip, _, _ = comfy.sd.load_state_dict_guess_config(make_checkpoint_state())
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(ckpt)
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
-    latents = {"samples": torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.5}
+    latents = {"samples": torch.randn(4, 4, latent, latent, generator=torch.Generator().manual_seed(0)) * 0.5}
     shapes = [tuple(v.shape) for k, v in model.model.state_dict().items()
               if k.startswith("diffusion_model.") and k.endswith(".weight") and v.dim() >= 2]
     lora_params = sum(s[0] + int(torch.Size(s[1:]).numel()) for s in shapes)  # rank 1
@@ -59,14 +65,21 @@ def child(method: str, steps: int, dtype: str):
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     t = time.perf_counter()
+    recipe = method == "waveft-recipe"
     if method == "lora":
         from comfy_extras.nodes_train import TrainLoraNode
 
-        TrainLoraNode.execute(model=[model], latents=[latents], positive=[cond], batch_size=[1],
-                              grad_accumulation_steps=[1], steps=[steps], learning_rate=[1e-4], rank=[1],
-                              optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=[dtype],
-                              lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[True],
-                              existing_lora=["[None]"], bucket_mode=[False])
+        import inspect
+
+        kw = dict(model=[model], latents=[latents], positive=[cond], batch_size=[1], grad_accumulation_steps=[1],
+                  steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+                  training_dtype=[dtype], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[True],
+                  existing_lora=["[None]"], bucket_mode=[False])
+        # inputs newer hosts added, at the node's defaults
+        newer = dict(quantized_backward=[False], checkpoint_depth=[1], offloading=[False], bypass_mode=[False])
+        accepted = inspect.signature(TrainLoraNode.execute).parameters
+        kw.update({k: v for k, v in newer.items() if k in accepted})
+        TrainLoraNode.execute(**kw)
         params = lora_params
     else:
         link = Path(os.environ["WAVEFT_TMP"]) / "ComfyUI-WaveFT"
@@ -74,9 +87,10 @@ def child(method: str, steps: int, dtype: str):
             link.symlink_to(ROOT, target_is_directory=True)
         asyncio.run(nodes.load_custom_node(str(link)))
         pack = sys.modules[str(link).replace(".", "_x_")]
-        per_layer = lora_params // len(shapes)
+        per_layer = 2592 if recipe else lora_params // len(shapes)
         kw = dict(steps=steps, learning_rate=1e-4, batch_size=1, grad_accumulation_steps=1,
-                  n_coefficients=per_layer, scaling=25.0, wavelet="db1", targets="all linear + conv", seed=0,
+                  n_coefficients=per_layer, scaling=25.0, wavelet="db1", seed=0,
+                  targets="attention q/k/v/out" if recipe else "all linear + conv",
                   optimizer="AdamW", lr_schedule="constant", warmup_steps=0, training_dtype=dtype,
                   gradient_checkpointing=True, save_every_n_steps=0, filename_prefix="bench", resume_from="none")
         _, adapter, _, _ = pack.nodes.train_nodes.WaveFTTrain().train([model], [latents], [cond],
@@ -89,13 +103,26 @@ def child(method: str, steps: int, dtype: str):
                       "train_peak_mb": (peak[0] - rss_start) / 2**20}))
 
 
-def run(method, steps, dtype, tmp):
+def run(method, steps, dtype, ckpt, latent, tmp):
     env = dict(os.environ, WAVEFT_TMP=tmp)
-    r = subprocess.run([sys.executable, __file__, "--child", method, str(steps), dtype], capture_output=True,
-                       text=True, env=env, timeout=1800)
+    r = subprocess.run([sys.executable, __file__, "--child", method, str(steps), dtype, ckpt, str(latent)],
+                       capture_output=True, text=True, env=env, timeout=7200)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def make_checkpoint(size: str, path: Path) -> None:
+    """The checkpoint every run loads, built in a child with ComfyUI importable."""
+    code = ("import sys; sys.path[:0] = [%r, %r]; import torch; from comfy.cli_args import args; "
+            "args.cpu = not torch.cuda.is_available(); from safetensors.torch import save_file; import tiny_models as t; "
+            "save_file(t.make_checkpoint_state(unet_config=t.%s), %r)"
+            % (COMFY, str(ROOT / "tests" / "host"), "SD15_UNET_CONFIG" if size == "sd15" else "UNET_CONFIG", str(path)))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=3600)
+
+
+def spread(values, fmt):
+    return f"{fmt(min(values))} / {fmt(statistics.median(values))} / {fmt(max(values))}"
 
 
 def main():
@@ -103,29 +130,47 @@ def main():
 
     if not COMFY:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout (and run with its Python)")
-    print("Training on the tiny SD1.5 UNet, 4 latents of 16x16, batch 1, gradient checkpointing on, one fresh "
-          "process per run\n")
-    print("| dtype | method | trainable params | s/step | peak memory during training (MB over the loaded model) | "
-          "WaveFT / LoRA time | WaveFT / LoRA memory |")
-    print("|---|---|---|---|---|---|---|")
+    ap = argparse.ArgumentParser(description="Train WaveFT against ComfyUI's Train LoRA node")
+    ap.add_argument("--size", choices=("tiny", "sd15"), default="tiny", help="the tiny test UNet or the real SD1.5 one")
+    ap.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px for SD1.5)")
+    ap.add_argument("--steps", type=int, default=20, help="steps measured per run (after one set-up step)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per method, each in a fresh process")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="training dtypes, comma-separated")
+    ap.add_argument("--recipe", action="store_true", help="also WaveFT with the paper's recipe (attention, 2592)")
+    args = ap.parse_args()
+    methods = ["lora", "waveft"] + (["waveft-recipe"] if args.recipe else [])
+    labels = {"lora": "Train LoRA (rank 1, every layer)", "waveft": "Train WaveFT (same count, every layer)",
+              "waveft-recipe": "Train WaveFT (paper: attention q/k/v/out, 2592)"}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "models").mkdir()
-        for dtype in ("bf16", "fp32"):
-            res = {}
-            for method in ("lora", "waveft"):
-                short, long = run(method, 5, dtype, tmp), run(method, 25, dtype, tmp)
-                res[method] = {"step": (long["time"] - short["time"]) / 20, "rss": long["train_peak_mb"],
-                               "params": long["params"]}
-            for method, label in (("lora", "Train LoRA (rank 1)"), ("waveft", "Train WaveFT (db1)")):
+        ckpt = Path(tmp) / f"{args.size}.safetensors"
+        make_checkpoint(args.size, ckpt)
+        print(f"Training the {args.size} UNet on 4 latents of {args.latent}x{args.latent}, batch 1, gradient "
+              f"checkpointing on; {args.repeats} fresh processes per method, min / median / max\n")
+        print("| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time "
+              "(median) | WaveFT / LoRA memory (median) |")
+        print("|---|---|---|---|---|---|---|")
+        for dtype in args.dtypes.split(","):
+            res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
+            for _ in range(args.repeats):
+                for method in methods:  # interleaved, so a busy spell hits every method
+                    short = run(method, 1, dtype, str(ckpt), args.latent, tmp)
+                    long = run(method, 1 + args.steps, dtype, str(ckpt), args.latent, tmp)
+                    res[method]["step"].append((long["time"] - short["time"]) / args.steps)
+                    res[method]["rss"].append(long["train_peak_mb"])
+                    res[method]["params"] = long["params"]
+            base = res["lora"]
+            for method in methods:
                 r = res[method]
                 ratios = ("", "") if method == "lora" else (
-                    f"{r['step'] / res['lora']['step']:.2f}x", f"{r['rss'] / res['lora']['rss']:.2f}x")
-                print(f"| {dtype} | {label} | {r['params']:,} | {r['step']:.3f} | {r['rss']:.0f} | {ratios[0]} | "
-                      f"{ratios[1]} |")
+                    f"{statistics.median(r['step']) / statistics.median(base['step']):.2f}x",
+                    f"{statistics.median(r['rss']) / statistics.median(base['rss']):.2f}x")
+                print(f"| {dtype} | {labels[method]} | {r['params']:,} | {spread(r['step'], lambda v: f'{v:.3f}')} | "
+                      f"{spread(r['rss'], lambda v: f'{v:.0f}')} | {ratios[0]} | {ratios[1]} |", flush=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]))
     else:
         main()

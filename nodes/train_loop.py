@@ -134,20 +134,30 @@ def base_model_version(model) -> str:
 # --- gradient checkpointing ----------------------------------------------------------------------
 
 
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+
+
+def checkpoint_units(module: torch.nn.Module) -> list:
+    """The outermost modules below `module` that are not containers: each ResBlock and transformer of a UNet
+    block (TimestepEmbedSequential is a Sequential), each block of a DiT. Recomputing units this small keeps the
+    backward's peak at one unit's activations; whole UNet blocks held a ResBlock's and a transformer's at once."""
+    units = []
+    for child in module.children():
+        units.extend(checkpoint_units(child) if isinstance(child, _CONTAINERS) else [child])
+    return units
+
+
 def enable_checkpointing(diffusion_model: torch.nn.Module) -> list:
-    """Recompute each top-level block in the backward instead of keeping its activations."""
+    """Recompute each checkpoint unit in the backward instead of keeping its activations."""
     patched = []
-    for child_name, child in diffusion_model.named_children():
-        blocks = list(child) if isinstance(child, torch.nn.ModuleList) else ([child] if child_name == "middle_block"
-                                                                              else [])
-        for block in blocks:
-            original = block.forward
+    for unit in checkpoint_units(diffusion_model):
+        original = unit.forward
 
-            def forward(*args, _original=original, **kwargs):
-                return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        def forward(*args, _original=original, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
 
-            block.forward = forward
-            patched.append(block)
+        unit.forward = forward
+        patched.append(unit)
     return patched
 
 

@@ -182,6 +182,16 @@ def _cmd_merge(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    try:
+        from .accelerate_train import run
+    except ImportError as e:  # the optional extra
+        raise ValueError(f"training from the command line needs accelerate, diffusers and transformers ({e}); "
+                         "pip install 'waveft[train]'") from None
+    run(args)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run
 
@@ -281,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--lenient", action="store_true",
                        help="skip (and list) layers that match no weight instead of refusing")
     merge.set_defaults(func=_cmd_merge)
+
+    from .accelerate_train import add_arguments as train_arguments
+
+    train = sub.add_parser("train", help="train an adapter on a diffusers pipeline folder and a folder of captioned "
+                           "images; one process, or many through 'accelerate launch -m waveft_core train ...'")
+    train_arguments(train)
+    train.set_defaults(func=_cmd_train)
 
     demo = sub.add_parser("demo", help="fit, save, load and apply a WaveFT adapter on a small model made in code")
     demo.add_argument("--out", default="out/demo_waveft.safetensors", help="where the fitted adapter is written")

@@ -228,3 +228,20 @@ def test_a_dynamic_vram_model_trains_on_its_own_copy(pack, checkpoint_state, wav
     assert steps == 3 and wrapped_shared and not any(wrapped_shared)
     assert any(float(layer.spectrum.abs().max()) > 0 for layer in adapter.layers.values())
     assert trained.model is model.model  # the output samples with the input model plus the adapter's patches
+
+
+def test_checkpointing_recomputes_each_resblock_and_transformer_and_changes_nothing(pack, sd15, data, waveft_dir):
+    """Gradient checkpointing wraps the smallest units ComfyUI's own trainer wraps (each ResBlock and
+    SpatialTransformer, not whole UNet blocks: the backward's peak is one unit's activations), and the trained
+    coefficients are the same with it as without it."""
+    model, _, _ = sd15
+    latent, cond = data
+    units = pack.nodes.train_loop.checkpoint_units(model.model.diffusion_model)
+    kinds = {type(u).__name__ for u in units}
+    assert {"ResBlock", "SpatialTransformer"} <= kinds and "TimestepEmbedSequential" not in kinds
+    assert not any(isinstance(u, (torch.nn.Sequential, torch.nn.ModuleList)) for u in units)
+    _, with_ckpt, _, _ = train(pack, model, latent, cond, steps=3, gradient_checkpointing=True)
+    _, without, _, _ = train(pack, model, latent, cond, steps=3, gradient_checkpointing=False)
+    for name, layer in with_ckpt.layers.items():
+        assert torch.allclose(layer.spectrum, without.layers[name].spectrum, rtol=1e-5, atol=1e-7), name
+    assert not any("forward" in u.__dict__ for u in units)  # unpatched afterwards

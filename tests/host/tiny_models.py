@@ -17,6 +17,14 @@ UNET_CONFIG = dict(
 )
 
 
+# The real SD1.5 UNet (860M parameters): 4 levels of 2 res blocks, attention on the first three. For measurements
+# at full size (benchmarks/comfy_train.py --size sd15); the tests use the tiny one.
+SD15_UNET_CONFIG = dict(
+    UNET_CONFIG, image_size=64, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+)
+
+
 def _randomize(module: torch.nn.Module, gen: torch.Generator, gain: float = 1.0) -> dict:
     """Fan-in scaled normal weights, unit norms; returns an fp32 state dict copy."""
     with torch.no_grad():
@@ -43,15 +51,16 @@ def _last_conv(sd: dict, prefix: str) -> tuple[str, str]:
     return last, last[: -len("weight")] + "bias"
 
 
-def make_checkpoint_state(seed: int = 1234) -> dict:
-    """State dict of a whole tiny SD1.5 checkpoint (fp16 weights), as a file on disk would hold."""
+def make_checkpoint_state(seed: int = 1234, unet_config: dict = UNET_CONFIG) -> dict:
+    """State dict of a whole SD1.5-layout checkpoint (fp16 weights), as a file on disk would hold: the tiny UNet,
+    or another UNET_CONFIG-style layout (SD15_UNET_CONFIG)."""
     import comfy.ops
     import comfy.sd1_clip
     import comfy.taesd.taesd
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     gen = torch.Generator().manual_seed(seed)
-    unet = UNetModel(**UNET_CONFIG, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    unet = UNetModel(**unet_config, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
     unet_sd = _randomize(unet, gen)
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
     clip_sd = _randomize(clip.transformer, gen)
