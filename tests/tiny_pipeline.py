@@ -36,13 +36,16 @@ def _clip(vocab_size: int, width: int, projection: bool):
     return cls(config).eval()
 
 
-def make_pipeline(folder, xl: bool = False, seed: int = 0) -> Path:
+def make_pipeline(folder, xl: bool = False, seed: int = 0, comfy_tiny: bool = False) -> Path:
+    """`comfy_tiny`: the UNet of tests/host/tiny_models.py's TWO_RES_UNET_CONFIG in diffusers' layout (320 wide,
+    CLIP 768), so what trains here applies to that ComfyUI model."""
     import diffusers
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    cross = 64 if xl else 32
-    unet_kw = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+    cross = 768 if comfy_tiny else (64 if xl else 32)
+    unet_kw = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                   block_out_channels=(320, 320) if comfy_tiny else (32, 64),
                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross, attention_head_dim=8)
     if xl:
@@ -58,7 +61,7 @@ def make_pipeline(folder, xl: bool = False, seed: int = 0) -> Path:
     from transformers import CLIPTokenizer
 
     vocab = len(CLIPTokenizer.from_pretrained(folder / "tokenizer"))
-    _clip(vocab, 32, False).save_pretrained(folder / "text_encoder")
+    _clip(vocab, 768 if comfy_tiny else 32, False).save_pretrained(folder / "text_encoder")
     index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
              "_diffusers_version": diffusers.__version__, "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDPMScheduler"],
@@ -85,3 +88,15 @@ def make_images(folder, count: int = 4, size: int = 24, seed: int = 0) -> Path:
         if i < count - 1:
             (folder / f"img{i}.txt").write_text(f"a photo of sks toy, number {i}", encoding="utf-8")
     return folder
+
+
+if __name__ == "__main__":  # for tests that run in a Python without diffusers (the ComfyUI hosts' venvs)
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("--comfy-tiny", action="store_true")
+    ap.add_argument("--xl", action="store_true")
+    a = ap.parse_args()
+    make_pipeline(Path(a.folder) / "pipe", xl=a.xl, comfy_tiny=a.comfy_tiny)
+    make_images(Path(a.folder) / "data")

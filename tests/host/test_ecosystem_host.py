@@ -4,7 +4,11 @@ saved into models/loras loads through the stock Load LoRA nodes and a stack of t
 import base64
 import io
 import json
+import os
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 
 import waveft_core as wft
@@ -107,3 +111,47 @@ def test_a_file_saved_into_loras_loads_through_the_stock_lora_loaders(pack, sd15
     stacked, plain = patched_weights(m2, unet), patched_weights(plain_only, unet)
     for k in unet:
         assert torch.allclose(stacked[k], want_m[k] + (plain[k] - base[k]), atol=1e-5), k
+
+
+def test_a_file_from_waveft_train_loads_through_the_node(pack, tmp_path):
+    """`waveft train` (accelerate, diffusers: run with the project's .venv, which has them) on a pipeline whose UNet
+    is the tiny ComfyUI one in diffusers' layout: Load WaveFT applies every layer of its file to the ComfyUI model."""
+    import comfy.sd
+    import folder_paths
+
+    from tiny_models import TWO_RES_UNET_CONFIG, make_checkpoint_state
+
+    root = Path(__file__).resolve().parents[2]
+    python = root / ".venv" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("needs the project's .venv (./dev makes it) for diffusers and accelerate")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(python), str(root / "tests" / "tiny_pipeline.py"), str(tmp_path), "--comfy-tiny"], check=True,
+                   env=env, timeout=600, capture_output=True)
+    out = tmp_path / "waveft" / "trained.safetensors"
+    run = subprocess.run([str(python), "-m", "waveft_core", "train", "--base", str(tmp_path / "pipe"), "--data",
+                          str(tmp_path / "data"), "--output", str(out), "--steps", "2", "--mixed-precision", "no",
+                          "--learning-rate", "1e-3", "--coefficients", "300"], cwd=root, env=env, timeout=900,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    adapter = wft.load(out)
+    assert len(adapter.layers) == 48
+    paths, exts = folder_paths.folder_names_and_paths["waveft"]
+    folder_paths.folder_names_and_paths["waveft"] = ([str(out.parent)] + list(paths), exts)
+    folder_paths.filename_list_cache.clear()
+    try:
+        with torch.inference_mode():
+            model, clip, _, _ = comfy.sd.load_state_dict_guess_config(make_checkpoint_state(
+                unet_config=TWO_RES_UNET_CONFIG))
+        result = pack.nodes.loader.WaveFTLoader().load(model, clip, "trained.safetensors", 1.0, 1.0)
+    finally:
+        folder_paths.folder_names_and_paths["waveft"] = (paths, exts)
+        folder_paths.filename_list_cache.clear()
+    assert "48/48" in result["ui"]["text"][0] or "48 of 48" in result["ui"]["text"][0], result["ui"]["text"][0]
+    patched, _ = result["result"]
+    keys = [f"{name}.weight" for name in adapter.layers]
+    base = patched_weights(model, keys)
+    got = patched_weights(patched, keys)
+    for name in adapter.layers:
+        k = f"{name}.weight"
+        assert torch.allclose(got[k], base[k] + adapter.layers[name].delta(), atol=1e-5), name

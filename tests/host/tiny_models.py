@@ -25,6 +25,12 @@ SD15_UNET_CONFIG = dict(
 )
 
 
+# Two res blocks per level (as SD1.x and SDXL have, so diffusers names map to these): the layout of the tiny
+# pipeline tests/tiny_pipeline.py builds with comfy_tiny=True, for a file `waveft train` writes.
+TWO_RES_UNET_CONFIG = dict(UNET_CONFIG, num_res_blocks=[2, 2], transformer_depth=[1, 1, 0, 0],
+                           transformer_depth_output=[1, 1, 1, 0, 0, 0])
+
+
 def _randomize(module: torch.nn.Module, gen: torch.Generator, gain: float = 1.0) -> dict:
     """Fan-in scaled normal weights, unit norms; returns an fp32 state dict copy."""
     with torch.no_grad():
