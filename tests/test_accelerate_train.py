@@ -75,17 +75,38 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_trains(sd1, t
     assert settings["processes"] == 2 and settings["batch_size"] == 2 and settings["steps_done"] == 3
 
 
-def test_a_run_continued_from_its_checkpoint_retraces_the_whole_run(sd1, tmp_path):
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(sd1, tmp_path):
+    """Two processes, killed (SIGKILL to the whole launch) once the step-2 checkpoint is on disk, then resumed from it:
+    the same coefficients as a run that was never stopped (a constant learning rate: the schedule does not depend
+    on where the run would have ended)."""
+    import signal
+    import time
+
     pipe, data = sd1
+    args = ["--base", pipe, "--data", data, "--batch-size", 1, "--seed", 2, "--mixed-precision", "no",
+            "--learning-rate", 1e-3, "--coefficients", 60]
     whole = tmp_path / "whole.safetensors"
-    args = ("--base", pipe, "--data", data, "--batch-size", 1, "--steps", 4, "--seed", 2, "--mixed-precision", "no",
-            "--learning-rate", 1e-3, "--coefficients", 60)
-    train(*args, "--output", whole, "--save-every", 2, processes=2)
-    checkpoint = tmp_path / "whole_00002.safetensors"
+    train(*args, "--steps", 4, "--output", whole, processes=2)
+    killed = tmp_path / "killed.safetensors"
+    checkpoint = tmp_path / "killed_00002.safetensors"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), "-m", "waveft_core", "train", *map(str, args), "--steps", "100000", "--save-every", "2",
+           "--output", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert checkpoint.exists() and not killed.exists()
     state_keys = [k for k in wft.storage.read_header(checkpoint).tensors if k.startswith("waveft_train.")]
     assert state_keys, "the checkpoint holds the optimizer's moments"
     again = tmp_path / "again.safetensors"
-    train(*args, "--output", again, "--resume", checkpoint, processes=2)
+    train(*args, "--steps", 4, "--output", again, "--resume", checkpoint, processes=2)
     a, b = spectra(whole), spectra(again)
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-8), name
