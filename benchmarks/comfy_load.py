@@ -1,10 +1,12 @@
 """Load-to-first-sample inside a real ComfyUI: WaveFT vs a LoRA of equal parameter count vs neither.
 
     COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_load.py      (./dev bench runs it when COMFYUI_PATH is set)
+    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_load.py --size sd15 --latent 64 --only-first-sample
 
-1. Tiny SD1.5 checkpoint (tests/host/tiny_models.py): apply the adapter through the node / the stock LoRA
-   loader, let ComfyUI load the model (patches merged), sample one 64x64 image (4 steps). Every attention
-   projection and feed-forward layer is adapted.
+1. Tiny SD1.5 checkpoint (tests/host/tiny_models.py; `--size sd15`: the real SD1.5 UNet, random weights): apply
+   the adapter through the node / the stock LoRA loader, let ComfyUI load the model (patches merged), sample one
+   image (4 steps; `--latent` sets its latent side). Every attention projection and feed-forward layer is
+   adapted.
 2. SDXL-sized attention weights (the 560 q/k/v/out projections of SDXL's 70 transformer blocks, fp16): the
    time ComfyUI's ModelPatcher takes to merge all patches on load, WaveFT db1/db4 vs LoRA.
 3. (ComfyUI >= 0.21) One layer's patch as a low-VRAM or dynamic-VRAM forward computes it: the host's own
@@ -81,10 +83,11 @@ def load_pack(tmp):
     return sys.modules[str(link).replace(".", "_x_")]
 
 
-def tiny_model_bench(pack, tmp, wavelet):
-    from tiny_models import make_checkpoint_state
+def tiny_model_bench(pack, tmp, wavelet, size="tiny", latent_side=8):
+    import tiny_models
 
-    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(make_checkpoint_state())
+    config = tiny_models.SD15_UNET_CONFIG if size == "sd15" else tiny_models.UNET_CONFIG
+    model, clip, vae, _ = comfy.sd.load_state_dict_guess_config(tiny_models.make_checkpoint_state(unet_config=config))
     sd = model.model.state_dict()
     g = torch.Generator().manual_seed(0)
     layers, lora = {}, {}
@@ -108,7 +111,7 @@ def tiny_model_bench(pack, tmp, wavelet):
 
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a cat"))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    latent = torch.zeros(1, 4, 8, 8)
+    latent = torch.zeros(1, 4, latent_side, latent_side)
 
     def first_sample(m):
         mm.unload_all_models()
@@ -245,21 +248,31 @@ def lowvram_forward_bench(pack, repeat):
 
 
 def main():
+    import argparse
     import tempfile
 
+    ap = argparse.ArgumentParser(description="WaveFT inside ComfyUI: load to first sample, merge on load, low VRAM")
+    ap.add_argument("--size", choices=("tiny", "sd15"), default="tiny", help="the UNet of the first table")
+    ap.add_argument("--latent", type=int, default=8, help="latent side of the first table's sample")
+    ap.add_argument("--only-first-sample", action="store_true", help="print the first table only")
+    opts = ap.parse_args()
     device = mm.get_torch_device()
     print(f"ComfyUI {getattr(__import__('comfyui_version'), '__version__', '?')}, device {device}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; {P} WaveFT coefficients per layer, LoRA rank "
           "round(p/(m+n)) per layer; times are median (min-max) of 5\n")
     with tempfile.TemporaryDirectory() as tmp:
         pack = load_pack(tmp)
-        print("| tiny SD1.5, load + first sample (s) | none | WaveFT | LoRA | WaveFT overhead | LoRA overhead |")
+        label = "SD1.5 (860M UNet)" if opts.size == "sd15" else "tiny SD1.5"
+        print(f"| {label}, load + first sample at {opts.latent * 8}px (s) | none | WaveFT | LoRA | WaveFT overhead | "
+              "LoRA overhead |")
         print("|---|---|---|---|---|---|")
         for wavelet in ("db1", "db4"):
-            n, t = tiny_model_bench(pack, tmp, wavelet)
+            n, t = tiny_model_bench(pack, tmp, wavelet, opts.size, opts.latent)
             mid = {k: statistics.median(v) for k, v in t.items()}
             print(f"| {n} layers, {wavelet} | {spread(t['none'])} | {spread(t['waveft'])} | {spread(t['lora'])} | "
                   f"{mid['waveft'] - mid['none']:+.3f} | {mid['lora'] - mid['none']:+.3f} |")
+        if opts.only_first_sample:
+            return
         n, t = sdxl_attention_bench(pack, 5)
         print(f"\n| SDXL attention weights ({n} layers, fp16): ModelPatcher merge on load (s) | time | "
               "overhead over no patches (medians) |")

@@ -18,6 +18,7 @@ accelerate, diffusers and transformers are an optional extra (`pip install wavef
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import math
@@ -335,7 +336,7 @@ def run(args) -> Path:
                                               "time_ids": time_ids.expand(len(mine), -1)}
             cond = torch.stack([states[picks[i]] for i in mine])
             sync = micro == args.grad_accumulation_steps - 1
-            with accelerator.autocast(), (accelerator.no_sync(unet) if not sync else _nothing()):
+            with accelerator.autocast(), (accelerator.no_sync(unet) if not sync else contextlib.nullcontext()):
                 pred = unet(noisy, t, encoder_hidden_states=cond, **extra).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float()) / args.grad_accumulation_steps
                 accelerator.backward(loss)
@@ -363,14 +364,6 @@ def _processes_without_accelerator() -> bool:
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     xpu = getattr(torch, "xpu", None)
     return several and not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def checkpoint_path(output: Path, step: int) -> Path:
