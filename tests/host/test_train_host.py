@@ -240,8 +240,20 @@ def test_checkpointing_recomputes_each_resblock_and_transformer_and_changes_noth
     kinds = {type(u).__name__ for u in units}
     assert {"ResBlock", "SpatialTransformer"} <= kinds and "TimestepEmbedSequential" not in kinds
     assert not any(isinstance(u, (torch.nn.Sequential, torch.nn.ModuleList)) for u in units)
-    _, with_ckpt, _, _ = train(pack, model, latent, cond, steps=3, gradient_checkpointing=True)
-    _, without, _, _ = train(pack, model, latent, cond, steps=3, gradient_checkpointing=False)
+    # it really recomputes: every trained weight is rebuilt once more per step, in the backward (wrapping whole
+    # UNet blocks did nothing: ComfyUI's UNet calls the layers of a block, never the block's forward)
+    calls = []
+    wrapper = pack.nodes.train_loop.TrainWrapper
+    original = wrapper.__call__
+    wrapper.__call__ = lambda self, w: (calls.append(1), original(self, w))[1]
+    try:
+        _, with_ckpt, _, _ = train(pack, model, latent, cond, steps=3, gradient_checkpointing=True)
+        with_count = len(calls)
+        calls.clear()
+        _, without, _, _ = train(pack, model, latent, cond, steps=3, gradient_checkpointing=False)
+    finally:
+        wrapper.__call__ = original
+    assert with_count == 2 * len(calls) > 0
     for name, layer in with_ckpt.layers.items():
         assert torch.allclose(layer.spectrum, without.layers[name].spectrum, rtol=1e-5, atol=1e-7), name
     assert not any("forward" in u.__dict__ for u in units)  # unpatched afterwards
