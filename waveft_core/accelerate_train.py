@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", choices=SCHEDULES, default=RECIPE["lr_schedule"])
     p.add_argument("--warmup-steps", type=int, default=RECIPE["warmup_steps"])
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=RECIPE["optimizer"])
-    p.add_argument("--targets", choices=list(TARGET_PRESETS), default=RECIPE["targets"])
+    p.add_argument("--targets", choices=[t for t in TARGET_PRESETS if "conv" not in t], default=RECIPE["targets"],
+                   help="which Linear layers of the UNet train (convolutions: the ComfyUI node)")
     p.add_argument("--coefficients", type=int, default=RECIPE["n_coefficients"], help="coefficients per layer")
     p.add_argument("--scaling", type=float, default=RECIPE["scaling"])
     p.add_argument("--wavelet", choices=list(SUPPORTED_WAVELETS), default=RECIPE["wavelet"])
