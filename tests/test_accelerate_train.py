@@ -79,8 +79,11 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(sd1, tmp_pat
     """Two processes, killed (SIGKILL to the whole launch) once the step-2 checkpoint is on disk, then resumed from it:
     the same coefficients as a run that was never stopped (a constant learning rate: the schedule does not depend
     on where the run would have ended)."""
+    import contextlib
     import signal
     import time
+
+    import psutil
 
     pipe, data = sd1
     args = ["--base", pipe, "--data", data, "--batch-size", 1, "--seed", 2, "--mixed-precision", "no",
@@ -100,8 +103,18 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(sd1, tmp_pat
         while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
     finally:
+        # the launcher and every worker: torchrun starts its workers in sessions of their own, so killing the
+        # launcher's group alone would leave them training (and writing checkpoints) on
+        family = []
+        with contextlib.suppress(psutil.Error):  # a launcher that already exited has no workers left to find
+            family = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGKILL)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
         proc.wait()
+        _, alive = psutil.wait_procs(family, timeout=60)
+    assert not alive, alive
     assert checkpoint.exists() and not killed.exists()
     state_keys = [k for k in wft.storage.read_header(checkpoint).tensors if k.startswith("waveft_train.")]
     assert state_keys, "the checkpoint holds the optimizer's moments"
