@@ -3,16 +3,21 @@ parameters; time per step and peak memory, each run in a fresh process, repeated
 
     COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py                 (the tiny UNet, 16x16 latents)
     COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py --size sd15 --latent 64 --steps 2 --repeats 3
+    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py --size sdxl --latent 64 --steps 2 --repeats 2
 
 `--size sd15` builds the real SD1.5 UNet (860M parameters, ComfyUI's layout, random weights: nothing is
-downloaded) and saves it once as a checkpoint every run loads. Both methods train every 2-D and conv weight of the
-UNet (the Train LoRA node has no target choice; it also trains norm and bias offsets, which WaveFT does not): LoRA
-rank 1, WaveFT the same parameter count spread evenly over the layers (db1, scaling 25). `--recipe` adds WaveFT
-with the paper's recipe (attention q/k/v/out, 2592 coefficients per layer), for its own figures.
+downloaded) and saves it once as a checkpoint every run loads. `--size sdxl` builds the SDXL base UNet (2.6B) the
+same way as a UNet-only file, loaded in bf16 as Load Diffusion Model would, with random text conditioning (2048-wide
+tokens and the 1280-wide pooled vector; no text encoder is needed to train the UNet).
+
+Both methods train every 2-D and conv weight of the UNet (the Train LoRA node has no target choice; it also trains
+norm and bias offsets, which WaveFT does not): LoRA rank 1, WaveFT the same parameter count spread evenly over the
+layers (db1, scaling 25). `--recipe` adds WaveFT with the paper's recipe (attention q/k/v/out, 2592 coefficients
+per layer), for its own figures.
 
 Time per step = (T(1 + steps) - T(1)) / steps, which cancels set-up; memory = the highest resident memory while
-the node runs minus what the process held before (model loaded), sampled every 10 ms. Batch 1, gradient
-checkpointing on, AdamW.
+the node runs minus what the process held before (model loaded, both node packs imported), sampled every 10 ms.
+Batch 1, gradient checkpointing on, AdamW.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMFY = os.environ.get("COMFYUI_PATH")
 
 
-def child(method: str, steps: int, dtype: str, ckpt: str, latent: int):
+def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str):
+    steps, latent = int(steps), int(latent)
     sys.path[:0] = [COMFY, str(ROOT / "tests" / "host")]
     import asyncio
 
@@ -43,16 +49,29 @@ def child(method: str, steps: int, dtype: str, ckpt: str, latent: int):
     import nodes
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(ckpt)
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
+    if size == "sdxl":
+        model = comfy.sd.load_diffusion_model(ckpt, model_options={"dtype": torch.bfloat16})
+        gen = torch.Generator().manual_seed(0)
+        cond = [[torch.randn(1, 77, 2048, generator=gen), {"pooled_output": torch.randn(1, 1280, generator=gen)}]]
+    else:
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(ckpt)
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
     latents = {"samples": torch.randn(4, 4, latent, latent, generator=torch.Generator().manual_seed(0)) * 0.5}
     shapes = [tuple(v.shape) for k, v in model.model.state_dict().items()
               if k.startswith("diffusion_model.") and k.endswith(".weight") and v.dim() >= 2]
     lora_params = sum(s[0] + int(torch.Size(s[1:]).numel()) for s in shapes)  # rank 1
+    import inspect
     import threading
 
     import psutil
+    from comfy_extras.nodes_train import TrainLoraNode
 
+    # Both node packs are imported before the measurement starts, as a running ComfyUI has them.
+    link = Path(os.environ["WAVEFT_TMP"]) / "ComfyUI-WaveFT"
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    asyncio.run(nodes.load_custom_node(str(link)))
+    pack = sys.modules[str(link).replace(".", "_x_")]
     proc = psutil.Process()
     rss_start = proc.memory_info().rss
     peak = [rss_start]
@@ -67,10 +86,6 @@ def child(method: str, steps: int, dtype: str, ckpt: str, latent: int):
     t = time.perf_counter()
     recipe = method == "waveft-recipe"
     if method == "lora":
-        from comfy_extras.nodes_train import TrainLoraNode
-
-        import inspect
-
         kw = dict(model=[model], latents=[latents], positive=[cond], batch_size=[1], grad_accumulation_steps=[1],
                   steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
                   training_dtype=[dtype], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[True],
@@ -82,11 +97,6 @@ def child(method: str, steps: int, dtype: str, ckpt: str, latent: int):
         TrainLoraNode.execute(**kw)
         params = lora_params
     else:
-        link = Path(os.environ["WAVEFT_TMP"]) / "ComfyUI-WaveFT"
-        if not link.exists():
-            link.symlink_to(ROOT, target_is_directory=True)
-        asyncio.run(nodes.load_custom_node(str(link)))
-        pack = sys.modules[str(link).replace(".", "_x_")]
         per_layer = 2592 if recipe else lora_params // len(shapes)
         kw = dict(steps=steps, learning_rate=1e-4, batch_size=1, grad_accumulation_steps=1,
                   n_coefficients=per_layer, scaling=25.0, wavelet="db1", seed=0,
@@ -103,9 +113,9 @@ def child(method: str, steps: int, dtype: str, ckpt: str, latent: int):
                       "train_peak_mb": (peak[0] - rss_start) / 2**20}))
 
 
-def run(method, steps, dtype, ckpt, latent, tmp):
+def run(method, steps, dtype, ckpt, latent, size, tmp):
     env = dict(os.environ, WAVEFT_TMP=tmp)
-    r = subprocess.run([sys.executable, __file__, "--child", method, str(steps), dtype, ckpt, str(latent)],
+    r = subprocess.run([sys.executable, __file__, "--child", method, str(steps), dtype, ckpt, str(latent), size],
                        capture_output=True, text=True, env=env, timeout=7200)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
@@ -114,10 +124,12 @@ def run(method, steps, dtype, ckpt, latent, tmp):
 
 def make_checkpoint(size: str, path: Path) -> None:
     """The checkpoint every run loads, built in a child with ComfyUI importable."""
+    state = {"tiny": "make_checkpoint_state(unet_config=t.UNET_CONFIG)",
+             "sd15": "make_checkpoint_state(unet_config=t.SD15_UNET_CONFIG)",
+             "sdxl": "make_unet_state(unet_config=t.SDXL_UNET_CONFIG)"}[size]
     code = ("import sys; sys.path[:0] = [%r, %r]; import torch; from comfy.cli_args import args; "
-            "args.cpu = not torch.cuda.is_available(); from safetensors.torch import save_file; import tiny_models as t; "
-            "save_file(t.make_checkpoint_state(unet_config=t.%s), %r)"
-            % (COMFY, str(ROOT / "tests" / "host"), "SD15_UNET_CONFIG" if size == "sd15" else "UNET_CONFIG", str(path)))
+            "args.cpu = not torch.cuda.is_available(); from safetensors.torch import save_file; "
+            "import tiny_models as t; save_file(t.%s, %r)" % (COMFY, str(ROOT / "tests" / "host"), state, str(path)))
     subprocess.run([sys.executable, "-c", code], check=True, timeout=3600)
 
 
@@ -131,8 +143,9 @@ def main():
     if not COMFY:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout (and run with its Python)")
     ap = argparse.ArgumentParser(description="Train WaveFT against ComfyUI's Train LoRA node")
-    ap.add_argument("--size", choices=("tiny", "sd15"), default="tiny", help="the tiny test UNet or the real SD1.5 one")
-    ap.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px for SD1.5)")
+    ap.add_argument("--size", choices=("tiny", "sd15", "sdxl"), default="tiny",
+                    help="the tiny test UNet, the real SD1.5 one, or the SDXL base UNet")
+    ap.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px, 128 = 1024 px)")
     ap.add_argument("--steps", type=int, default=20, help="steps measured per run (after one set-up step)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per method, each in a fresh process")
     ap.add_argument("--dtypes", default="bf16,fp32", help="training dtypes, comma-separated")
@@ -154,11 +167,13 @@ def main():
             res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
             for _ in range(args.repeats):
                 for method in methods:  # interleaved, so a busy spell hits every method
-                    short = run(method, 1, dtype, str(ckpt), args.latent, tmp)
-                    long = run(method, 1 + args.steps, dtype, str(ckpt), args.latent, tmp)
+                    short = run(method, 1, dtype, str(ckpt), args.latent, args.size, tmp)
+                    long = run(method, 1 + args.steps, dtype, str(ckpt), args.latent, args.size, tmp)
                     res[method]["step"].append((long["time"] - short["time"]) / args.steps)
                     res[method]["rss"].append(long["train_peak_mb"])
                     res[method]["params"] = long["params"]
+                    print(f"# {dtype} {method}: {res[method]['step'][-1]:.3f} s/step, "
+                          f"{res[method]['rss'][-1]:.0f} MB", file=sys.stderr, flush=True)
             base = res["lora"]
             for method in methods:
                 r = res[method]
@@ -171,6 +186,6 @@ def main():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], int(sys.argv[6]))
+        child(*sys.argv[2:7], sys.argv[7] if len(sys.argv) > 7 else "sd15")
     else:
         main()

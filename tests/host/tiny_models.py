@@ -31,8 +31,17 @@ TWO_RES_UNET_CONFIG = dict(UNET_CONFIG, num_res_blocks=[2, 2], transformer_depth
                            transformer_depth_output=[1, 1, 1, 0, 0, 0])
 
 
-def _randomize(module: torch.nn.Module, gen: torch.Generator, gain: float = 1.0) -> dict:
-    """Fan-in scaled normal weights, unit norms; returns an fp32 state dict copy."""
+# The SDXL base UNet (2.6B parameters) as ComfyUI detects it from a UNet-only file: 3 levels, transformer depth 2 and
+# 10, 2048-wide context, the 2816-wide pooled/size vector. For benchmarks/comfy_train.py --size sdxl only.
+SDXL_UNET_CONFIG = dict(
+    UNET_CONFIG, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
+    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_heads=-1, num_head_channels=64,
+)
+
+
+def _randomize(module: torch.nn.Module, gen: torch.Generator, gain: float = 1.0, copy: bool = True) -> dict | None:
+    """Fan-in scaled normal weights, unit norms; returns an fp32 state dict copy (None when not `copy`)."""
     with torch.no_grad():
         for mod in module.modules():
             w = getattr(mod, "weight", None)
@@ -48,6 +57,8 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator, gain: float = 1.0)
                 mod.weight.copy_(torch.randn(w.shape, generator=gen) * (gain / w[0].numel() ** 0.5))
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.02)
+        if not copy:
+            return None
         return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
 
 
@@ -91,3 +102,14 @@ def make_checkpoint_state(seed: int = 1234, unet_config: dict = UNET_CONFIG) -> 
                  if k != "text_projection.weight"})
     ckpt.update({f"first_stage_model.{k}": v for k, v in half(tae_sd).items()})
     return ckpt
+
+
+def make_unet_state(seed: int = 1234, unet_config: dict = SDXL_UNET_CONFIG, dtype=torch.float16) -> dict:
+    """A UNet-only state dict (what ComfyUI's Load Diffusion Model reads), built and randomized in `dtype`, so that
+    a 2.6B-parameter UNet never needs its fp32 copy in memory."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**unet_config, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+    _randomize(unet, torch.Generator().manual_seed(seed), copy=False)
+    return {k: v.contiguous() for k, v in unet.state_dict().items()}
