@@ -85,13 +85,15 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
     sampler.start()
     t = time.perf_counter()
     recipe = method == "waveft-recipe"
-    if method == "lora":
+    if method.startswith("lora"):
         kw = dict(model=[model], latents=[latents], positive=[cond], batch_size=[1], grad_accumulation_steps=[1],
                   steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
                   training_dtype=[dtype], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[True],
                   existing_lora=["[None]"], bucket_mode=[False])
-        # inputs newer hosts added, at the node's defaults
-        newer = dict(quantized_backward=[False], checkpoint_depth=[1], offloading=[False], bypass_mode=[False])
+        # inputs newer hosts added, at the node's defaults (but for "lora-depth2": checkpoint each ResBlock and
+        # transformer, as 0.8's node did and as Train WaveFT does; depth 1 checkpoints the whole UNet as one piece)
+        newer = dict(quantized_backward=[False], checkpoint_depth=[2 if method == "lora-depth2" else 1],
+                     offloading=[False], bypass_mode=[False])
         accepted = inspect.signature(TrainLoraNode.execute).parameters
         kw.update({k: v for k, v in newer.items() if k in accepted})
         TrainLoraNode.execute(**kw)
@@ -151,8 +153,15 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp32", help="training dtypes, comma-separated")
     ap.add_argument("--recipe", action="store_true", help="also WaveFT with the paper's recipe (attention, 2592)")
     args = ap.parse_args()
-    methods = ["lora", "waveft"] + (["waveft-recipe"] if args.recipe else [])
-    labels = {"lora": "Train LoRA (rank 1, every layer)", "waveft": "Train WaveFT (same count, every layer)",
+    # Hosts whose Train LoRA node has checkpoint_depth (0.33) default to 1: the whole UNet as one checkpoint, which
+    # saves nothing at the peak. The per-block setting runs beside it, so WaveFT meets LoRA at its best too.
+    has_depth = "checkpoint_depth" in (Path(COMFY) / "comfy_extras" / "nodes_train.py").read_text()
+    loras = ["lora"] + (["lora-depth2"] if has_depth else [])
+    methods = loras + ["waveft"] + (["waveft-recipe"] if args.recipe else [])
+    labels = {"lora": "Train LoRA (rank 1, every layer" + (", checkpoint_depth 1: the node's default)" if has_depth
+                                                           else ")"),
+              "lora-depth2": "Train LoRA (rank 1, every layer, checkpoint_depth 2: each block)",
+              "waveft": "Train WaveFT (same count, every layer)",
               "waveft-recipe": "Train WaveFT (paper: attention q/k/v/out, 2592)"}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "models").mkdir()
@@ -160,8 +169,9 @@ def main():
         make_checkpoint(args.size, ckpt)
         print(f"Training the {args.size} UNet on 4 latents of {args.latent}x{args.latent}, batch 1, gradient "
               f"checkpointing on; {args.repeats} fresh processes per method, min / median / max\n")
-        print("| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time "
-              "(median) | WaveFT / LoRA memory (median) |")
+        against = " (median; against each LoRA row)" if len(loras) > 1 else " (median)"
+        print(f"| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time"
+              f"{against} | WaveFT / LoRA memory{against} |")
         print("|---|---|---|---|---|---|---|")
         for dtype in args.dtypes.split(","):
             res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
@@ -174,12 +184,12 @@ def main():
                     res[method]["params"] = long["params"]
                     print(f"# {dtype} {method}: {res[method]['step'][-1]:.3f} s/step, "
                           f"{res[method]['rss'][-1]:.0f} MB", file=sys.stderr, flush=True)
-            base = res["lora"]
+            def ratio(r, key):
+                return ", ".join(f"{statistics.median(r[key]) / statistics.median(res[b][key]):.2f}x" for b in loras)
+
             for method in methods:
                 r = res[method]
-                ratios = ("", "") if method == "lora" else (
-                    f"{statistics.median(r['step']) / statistics.median(base['step']):.2f}x",
-                    f"{statistics.median(r['rss']) / statistics.median(base['rss']):.2f}x")
+                ratios = ("", "") if method in loras else (ratio(r, "step"), ratio(r, "rss"))
                 print(f"| {dtype} | {labels[method]} | {r['params']:,} | {spread(r['step'], lambda v: f'{v:.3f}')} | "
                       f"{spread(r['rss'], lambda v: f'{v:.0f}')} | {ratios[0]} | {ratios[1]} |", flush=True)
 
