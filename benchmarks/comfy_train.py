@@ -3,7 +3,7 @@ parameters; time per step and peak memory, each run in a fresh process, repeated
 
     COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py                 (the tiny UNet, 16x16 latents)
     COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py --size sd15 --latent 64 --steps 2 --repeats 3
-    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py --size sdxl --latent 64 --steps 2 --repeats 2
+    COMFYUI_PATH=<ComfyUI> <its python> benchmarks/comfy_train.py --size sdxl --latent 64 --steps 1 --repeats 2
 
 `--size sd15` builds the real SD1.5 UNet (860M parameters, ComfyUI's layout, random weights: nothing is
 downloaded) and saves it once as a checkpoint every run loads. `--size sdxl` builds the SDXL base UNet (2.6B) the
@@ -184,6 +184,7 @@ def main():
                     res[method]["params"] = long["params"]
                     print(f"# {dtype} {method}: {res[method]['step'][-1]:.3f} s/step, "
                           f"{res[method]['rss'][-1]:.0f} MB", file=sys.stderr, flush=True)
+
             def ratio(r, key):
                 return ", ".join(f"{statistics.median(r[key]) / statistics.median(res[b][key]):.2f}x" for b in loras)
 
@@ -196,6 +197,6 @@ def main():
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:7], sys.argv[7] if len(sys.argv) > 7 else "sd15")
+        child(*sys.argv[2:8])
     else:
         main()
