@@ -163,6 +163,14 @@ def test_refusals_name_the_input_and_write_nothing(sd1, tmp_path):
     existing.write_bytes(b"keep")
     run = train("--base", pipe, "--data", data, "--output", existing, "--steps", 1, check=False)
     assert run.returncode == 1 and "--overwrite" in run.stderr and existing.read_bytes() == b"keep"
+    checkpoint = tmp_path / "run_00002.safetensors"
+    checkpoint.write_bytes(b"checkpoint")
+    run = train("--base", pipe, "--data", data, "--output", checkpoint, "--steps", 4, "--resume", checkpoint,
+                check=False)
+    assert run.returncode == 1 and "is an input" in run.stderr and checkpoint.read_bytes() == b"checkpoint"
+    run = train("--base", pipe, "--data", data, "--output", existing, "--steps", 4, "--resume", checkpoint,
+                check=False)
+    assert run.returncode == 1 and "--overwrite" in run.stderr and existing.read_bytes() == b"keep"
     run = train("--base", pipe, "--data", data, "--output", data, "--steps", 1, check=False)
     assert run.returncode == 1 and ".safetensors" in run.stderr
     assert not list(tmp_path.glob("x*"))

@@ -30,6 +30,7 @@ import torch
 
 from .metadata import tag_frequency
 from .names import UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy
+from .storage import refuse_overwrite
 from .trainable import (OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState, is_target, lr_factor,
                         make_optimizer)
 from .wavelets import SUPPORTED_WAVELETS
@@ -238,11 +239,8 @@ def run(args) -> Path:
     output = Path(args.output)
     if output.suffix.lower() != ".safetensors":
         raise ValueError(f"--output {output}: give a .safetensors file name")
-    inputs = [Path(args.base), Path(args.data)] + ([Path(args.resume)] if args.resume else [])
-    if any(output.resolve() == p.resolve() for p in inputs):
-        raise ValueError(f"--output {output} is an input of this run; write the adapter to another path")
-    if output.exists() and not args.overwrite and not args.resume:
-        raise ValueError(f"--output {output} exists; give another path, or --overwrite to replace it")
+    # resuming too: an existing output is a finished run's result, not the checkpoint's
+    refuse_overwrite(output, args.base, args.data, args.resume, overwrite=args.overwrite, label="--output")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accumulation_steps < 1:
         raise ValueError("--steps, --batch-size and --grad-accumulation-steps must be at least 1")
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .names import ENCODERS
+from .storage import refuse_overwrite
 
 
 def _stores_positions(path: Path) -> bool:
@@ -34,19 +35,6 @@ def _load(args, path, base=None):
     return load(path, base=base if base is not None else getattr(args, "base", None), clip=getattr(args, "clip", None),
                 adapter=getattr(args, "adapter_name", None), overrides=_overrides(args),
                 components=getattr(args, "component", None), spelling=CLI)
-
-
-def _refuse_overwrite(out: Path, *inputs, overwrite: bool = False) -> None:
-    """An output never replaces an input, and replaces an existing file only when asked to."""
-    for given in inputs:
-        if given is None:
-            continue
-        given = Path(given)
-        if out.exists() and given.exists() and (out.resolve() == given.resolve() or
-                                                (out.is_file() and given.is_file() and out.samefile(given))):
-            raise ValueError(f"{out}: that is an input of this command; write the result to another path")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; give another path, or --overwrite to replace it")
 
 
 def _cmd_info(args) -> int:
@@ -77,7 +65,7 @@ def _cmd_convert(args) -> int:
     from . import save, save_peft
 
     src, dst = Path(args.src), Path(args.dst)
-    _refuse_overwrite(dst, src, args.base, overwrite=args.overwrite)
+    refuse_overwrite(dst, src, args.base, overwrite=args.overwrite)
     if not _stores_positions(src):
         if dst.suffix != ".safetensors":
             raise ValueError(f"{dst}: the native file needs a .safetensors name")
@@ -110,7 +98,7 @@ def _cmd_to_lora(args) -> int:
     from .lora import save_lora, to_lora
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    _refuse_overwrite(Path(args.dst), args.src, args.base, overwrite=args.overwrite)
+    refuse_overwrite(Path(args.dst), args.src, args.base, overwrite=args.overwrite)
     ad = _load(args, args.src)
     tensors, metadata, report = to_lora(ad, args.rank, dtype=dtype, method="randomized" if args.fast else "exact")
     save_lora(tensors, metadata, args.dst)
@@ -135,7 +123,7 @@ def _cmd_extract(args) -> int:
     dst = Path(args.dst)
     if dst.suffix.lower() != ".safetensors":
         raise ValueError(f"{dst}: the native file needs a .safetensors name")
-    _refuse_overwrite(dst, args.lora, args.finetuned, args.base, overwrite=args.overwrite)
+    refuse_overwrite(dst, args.lora, args.finetuned, args.base, overwrite=args.overwrite)
     if args.lora:
         if args.finetuned:
             raise ValueError("give either --lora or --finetuned, not both")
@@ -172,7 +160,7 @@ def _cmd_extract(args) -> int:
 def _cmd_merge(args) -> int:
     from .merge import merge_into_checkpoint
 
-    _refuse_overwrite(Path(args.out), args.checkpoint, args.adapter, overwrite=args.overwrite)
+    refuse_overwrite(Path(args.out), args.checkpoint, args.adapter, overwrite=args.overwrite)
     ad = _load(args, args.adapter, base=args.checkpoint)  # the checkpoint is the base of a PEFT/diffusers adapter
     report = merge_into_checkpoint(args.checkpoint, ad, args.strength, args.out, strict=not args.lenient)
     print(f"wrote {args.out}: merged {report['merged']} of {len(ad.layers)} layers at strength {args.strength:g} "

@@ -109,6 +109,22 @@ def peek_header(path) -> Header | None:
         return None
 
 
+def refuse_overwrite(out: Path, *inputs, overwrite: bool = False, label: str = "") -> None:
+    """An output never replaces an input, and replaces an existing file only when asked to. `label` names the
+    option the output came from (`--output`), for the message."""
+    out = Path(out)
+    shown = f"{label} {out}".strip()
+    for given in inputs:
+        if given is None:
+            continue
+        given = Path(given)
+        if out.exists() and given.exists() and (out.resolve() == given.resolve() or
+                                                (out.is_file() and given.is_file() and out.samefile(given))):
+            raise ValueError(f"{shown}: that is an input of this command; write the result to another path")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{shown} exists; give another path, or --overwrite to replace it")
+
+
 def atomic_write(path, write_to: Callable[[str], None]) -> Path:
     """Call write_to(temp_path) for a temporary file beside `path`, then rename it into place."""
     return atomic_writes({path: write_to})[0]
