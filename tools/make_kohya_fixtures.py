@@ -14,7 +14,7 @@ passes. Their `create_network_from_weights` + `merge_to` then merge each file in
 weights are written next to it (`<name>.their_merge.safetensors`), or the error their merge raised is recorded
 in manifest.json. Their `convert_anima_lora_to_comfy.py` turns the float32 file into ComfyUI names.
 
-The MLP is 2051 wide so that positions above 2048 exist: float16 keeps integers exact only up to 2048,
+The MLP is 4099 wide so that many positions lie above 2048: float16 keeps integers exact only up to 2048,
 bfloat16 only up to 256, so those saves lose positions exactly as their trainer does on real-size layers."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-X_DIM, CONTEXT_DIM, MLP_DIM = 10, 7, 2051  # MLP_DIM: odd, and above float16's exact-integer range
+X_DIM, CONTEXT_DIM, MLP_DIM = 6, 7, 4099  # MLP_DIM: odd, and twice float16's exact-integer range
 TE_HIDDEN, TE_INTERMEDIATE = 6, 9
 N_FREQUENCY = 30
 
