@@ -9,6 +9,7 @@ import torch
 
 from .adapter import Adapter, Layer
 from .delta import index_dtype, matrix_shape
+from .kinds import DESCRIPTIONS, KOHYA, file_kind
 from .metadata import content_hashes
 from .names import family_of
 from .storage import DAMAGED as _DAMAGED
@@ -67,6 +68,10 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
             advice="If it is a LoRA, load it with a LoRA loader",
         )
     version_text = metadata.get("waveft.format_version")
+    if version_text is None and file_kind(tensors, metadata) == KOHYA:  # not damaged: another trainer's layout
+        raise WaveFTFileError(path, f"is {DESCRIPTIONS[KOHYA]}, not a native file: it stores no weight shapes",
+                              advice="Load it with 'Load WaveFT' on the model it was trained on, or convert it with "
+                              "'python -m waveft_core convert <file> <out.safetensors> --base <checkpoint>'")
     if version_text is None:
         if not any(k.endswith(".waveft_indices") for k in tensors):
             raise WaveFTFileError(

@@ -33,26 +33,25 @@ import torch
 
 from .adapter import DEFAULT_SEED, Adapter, Layer
 from .delta import matrix_shape
+from .kinds import DESCRIPTIONS, KOHYA, KOHYA_MARKERS
 from .names import TE_PREFIX, UNET_PREFIX
 from .peft_io import peft_positions
 from .storage import WaveFTFileError
 
 SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_scaling", "waveft_random_loc_seed", "waveft_use_idwt",
             "waveft_family_code")
-# Keys a native or PEFT file never has: what marks this layout.
-MARKERS = (".waveft_random_loc_seed", ".waveft_family_code")
 FAMILY_CODES = {1: "db1"}
 # Integers a float type stores exactly and unambiguously: every stored value below this is the saved integer.
 EXACT_BELOW = {torch.float32: 2 ** 24, torch.float16: 2 ** 11, torch.bfloat16: 2 ** 8, torch.float64: 2 ** 53}
 PRECISION_NAMES = {torch.float32: "float", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "float64"}
-TRAINER = "a kohya-style WaveFT file from another trainer (lora-scripts-next's networks.waveft_anima)"
+TRAINER = DESCRIPTIONS[KOHYA]
 RESAVE = ("re-save it from the training state with save_precision float (their GUI: 'save precision' fp32), or "
           "train again")
 
 
 def is_kohya_waveft(keys) -> bool:
     """Keys (or a header's tensor names) of a kohya-style WaveFT file."""
-    return any(k.endswith(MARKERS) for k in keys)
+    return any(k.endswith(KOHYA_MARKERS) for k in keys)
 
 
 @dataclass
@@ -288,7 +287,11 @@ def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], "tuple | None"],
         notes.append(f"saved with save_precision {kfile.precision}: the rounded positions of {len(recovered)} of "
                      f"{len(kfile.layers)} layers were recovered from seed {', '.join(map(str, seeds))} (every stored "
                      "index reproduced)")
-    metadata = {k: v for k, v in kfile.metadata.items() if k != "ss_network_module"}
+    # their ss_network_module and 'anima-preview/lora' architecture describe their container, not this adapter
+    metadata = {k: v for k, v in kfile.metadata.items() if k not in ("ss_network_module", "sshs_model_hash",
+                                                                     "sshs_legacy_hash")}
+    if metadata.get("modelspec.architecture", "").endswith("/lora"):
+        metadata["modelspec.architecture"] = metadata["modelspec.architecture"][: -len("/lora")] + "/waveft"
     metadata["waveft.source"] = "kohya"
     metadata["waveft.import_notes"] = "; ".join(notes)
     metadata.setdefault("waveft.seed", str(kfile.seed_hint if kfile.seed_hint is not None else
@@ -296,25 +299,31 @@ def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], "tuple | None"],
     return Adapter(layers=layers, metadata=metadata, source=kfile.path)
 
 
-def native_name(stored: str, known: Mapping[str, str]) -> str | None:
-    """The ComfyUI-native module name of a stored name, given {underscored module path: native name} of a base."""
-    if stored.startswith((UNET_PREFIX, TE_PREFIX)):
-        return stored
-    for head in ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"):
+def base_name(stored: str, known: Mapping[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(the base model's module name, the ComfyUI-native name) of a stored layer name, given
+    `underscored_names` of the base; None when the base has no such module."""
+    if stored.startswith((UNET_PREFIX, TE_PREFIX)):  # their convert_anima_lora_to_comfy.py output
+        found = known.get("native:" + stored)
+        return found if found else None
+    for head, kind in (("lora_unet_", "unet:"), ("lora_te_", "te:"), ("lora_te1_", "te:"), ("lora_te2_", "te:")):
         if stored.startswith(head):
-            return known.get(("unet:" if head == "lora_unet_" else "te:") + stored[len(head):])
+            return known.get(kind + stored[len(head):])
     return None
 
 
-def underscored_names(native_names) -> dict[str, str]:
-    """{'unet:'/'te:' + underscored path: native name} for every dot-boundary tail of each native name, so a kohya
-    name finds its weight whatever wrapper the base model's keys carry (`net.`, `model.`, …)."""
-    out: dict[str, str] = {}
-    for native in native_names:
-        kind = "te:" if native.startswith(TE_PREFIX) else "unet:"
-        parts = native.split(".")
+def underscored_names(names) -> dict[str, tuple[str, str]]:
+    """{'unet:'/'te:' + underscored module path: (base name, native name)} for every dot-boundary tail of each
+    module name of a base model, so a kohya name finds its weight whatever wrapper the base's keys carry (`net.`,
+    `model.diffusion_model.`, …); and {'native:' + native name: …} for names already native."""
+    out: dict[str, tuple[str, str]] = {}
+    for name in names:
+        is_te = name.startswith(TE_PREFIX)
+        parts = name.split(".")
         for i in range(len(parts)):
-            out.setdefault(kind + "_".join(parts[i:]), native)
+            tail = ".".join(parts[i:])
+            native = name if name.startswith((UNET_PREFIX, TE_PREFIX)) else UNET_PREFIX + tail
+            out.setdefault(("te:" if is_te else "unet:") + tail.replace(".", "_"), (name, native))
+            out.setdefault("native:" + native, (name, native))
     return out
 
 
@@ -342,3 +351,30 @@ def describe(kfile: KohyaFile) -> str:
         lines.append(f"positions: rounded by the save in {len(rounded)} of {len(layers)} layers; they are drawn again "
                      "from the seed and used only when they reproduce every stored index")
     return "\n".join(lines)
+
+
+def load(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path, base,
+         base_advice: str = "base=<single-file checkpoint, diffusers folder or state dict>") -> Adapter:
+    """A kohya-style file as an Adapter with ComfyUI-native names, on the weights of `base` (a checkpoint, a
+    diffusers folder, a state dict or {name: shape}, or a function (name, name) -> shape)."""
+    from . import layouts
+
+    kfile = read(tensors, metadata, path)
+    if base is None:
+        raise WaveFTFileError(path, f"is {TRAINER}, which stores no weight shapes",
+                              advice=f"Give the base model it was trained on ({base_advice}) so each layer's shape "
+                              "is known")
+    shapes = layouts.base_shapes(base)
+    if shapes is None:  # a lookup function
+        return to_adapter(kfile, lambda name: base(name, name), base_advice=f"Give the base model ({base_advice})")
+    known = underscored_names(shapes.shapes)
+
+    def found(name: str) -> tuple[str, str] | None:
+        return base_name(name, known)
+
+    adapter = to_adapter(kfile, lambda name: shapes.shapes.get(found(name)[0]) if found(name) else None,
+                         lambda name: found(name)[1],
+                         base_advice=f"Give the base model it was trained on ({base_advice})")
+    if shapes.family:
+        adapter.metadata.setdefault("ss_base_model_version", shapes.family)
+    return adapter
