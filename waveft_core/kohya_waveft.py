@@ -262,9 +262,11 @@ def layer_for(kfile: KohyaFile, name: str, shape) -> tuple[Layer, int | None]:
 
 
 def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], "tuple | None"],
-               name_of: Callable[[str], str] = lambda name: name, base_advice: str = "") -> Adapter:
+               name_of: Callable[[str], str] = lambda name: name, base_advice: str = "",
+               skip_missing: bool = False) -> Adapter:
     """Every layer on the weights `shape_of(stored name)` gives; `name_of` renames layers (e.g. to native names).
-    A layer without a weight is an error naming the layers (the file was made for another model)."""
+    A layer without a weight is an error naming the layers (the file was made for another model), or with
+    `skip_missing` (a loader that reports what matched) left out and counted in the notes."""
     layers: dict[str, Layer] = {}
     missing, recovered = [], {}
     for name in kfile.layers:
@@ -276,12 +278,14 @@ def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], "tuple | None"],
         layers[name_of(name)] = layer
         if seed is not None:
             recovered[name] = seed
-    if missing:
-        listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    if missing and not skip_missing:
         raise WaveFTFileError(kfile.path, f"the model has no weight for {len(missing)} of its {len(kfile.layers)} "
                               f"layers ({listed})", advice=base_advice or "Apply it to the model it was trained on "
                               "(its base model: " + (kfile.metadata.get("ss_base_model_version") or "not recorded") + ")")
     notes = [TRAINER]
+    if missing:
+        notes.append(f"{len(missing)} of its {len(kfile.layers)} layers have no weight here ({listed})")
     if recovered:
         seeds = sorted(set(recovered.values()))
         notes.append(f"saved with save_precision {kfile.precision}: the rounded positions of {len(recovered)} of "
@@ -378,3 +382,30 @@ def load(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path,
     if shapes.family:
         adapter.metadata.setdefault("ss_base_model_version", shapes.family)
     return adapter
+
+
+class PendingLayer:
+    """A stored layer waiting for its weight's shape: a host's stock LoRA loader hands an adapter the file's
+    tensors but neither the model nor the metadata, and this layout stores no shape. Bound on first use, once
+    per shape (a plain value, so it survives a host rebuilding the adapter around moved tensors)."""
+
+    def __init__(self, stored: StoredLayer, source: str):
+        self.stored = stored
+        self.source = source  # the file, as the host's loader names it, for messages
+        self.scaling = stored.scaling
+        self._bound: dict[tuple, Layer] = {}
+        self.last_shape: tuple | None = None
+
+    def bind(self, shape) -> Layer:
+        """The Layer on a weight of `shape`; ValueError naming the file when the positions cannot be right."""
+        shape = tuple(int(s) for s in shape)
+        layer = self._bound.get(shape)
+        if layer is None:
+            kfile = KohyaFile(self.source, {self.stored.name: self.stored}, {}, None)
+            try:
+                layer = layer_for(kfile, self.stored.name, shape)[0]
+            except WaveFTFileError as e:
+                raise ValueError(f"WaveFT: {e}") from None
+            self._bound[shape] = layer
+        self.last_shape = shape
+        return layer
