@@ -130,7 +130,6 @@ def trainer_metadata(args: dict) -> dict[str, str]:
 def main(sd_scripts: str, out: str, commit: str) -> None:
     sys.path.insert(0, sd_scripts)
     from networks import waveft_anima  # their module, unmodified
-
     from safetensors.torch import save_file
 
     out_dir = Path(out)

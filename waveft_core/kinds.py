@@ -10,7 +10,7 @@ extension. No torch here.
 - other: none of those"""
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 NATIVE, KOHYA, SPECTRA, LORA, OTHER = "native", "kohya", "spectra", "lora", "other"
 SPECTRUM = ".waveft_spectrum"

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
@@ -261,7 +261,7 @@ def layer_for(kfile: KohyaFile, name: str, shape) -> tuple[Layer, int | None]:
     return layer, seed
 
 
-def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], "tuple | None"],
+def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], tuple | None],
                name_of: Callable[[str], str] = lambda name: name, base_advice: str = "",
                skip_missing: bool = False) -> Adapter:
     """Every layer on the weights `shape_of(stored name)` gives; `name_of` renames layers (e.g. to native names).

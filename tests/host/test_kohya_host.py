@@ -9,10 +9,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from host_tools import patched_weights
 from reference import ROOT, reference_delta
+from safetensors.torch import load_file, save_file
 
 FIX = ROOT / "tests" / "fixtures" / "kohya"
 # ComfyUI 0.33's Anima (comfy/ldm/cosmos/predict2.py + anima) at the fixtures' sizes: x 6, context 7, MLP 4099.
@@ -171,6 +170,7 @@ def kohya_layout(shapes, counts, dtype=torch.float32, seed=777, scaling=25.0, us
 
 def test_the_layout_applies_exactly_on_sd15_through_both_loaders(pack, sd15, waveft_dir, loras_dir):
     import comfy.lora
+
     import nodes
 
     model, _, _ = sd15
@@ -199,7 +199,6 @@ def test_stock_loader_fails_on_a_v1_file_without_settings_tensors(pack, sd15, lo
     """A native file written before extension 1 (no 'waveft.wavelet' tensor): the stock loader gets no metadata,
     so it cannot apply it; the node fails naming the file and the node that can, instead of patching nothing."""
     import nodes
-
     import waveft_core as wft
     from waveft_core.peft_io import peft_positions
 
