@@ -88,11 +88,6 @@ def _cmd_convert(args) -> int:
         ad = _load(args, src)
         if args.base_model:
             ad.metadata["ss_base_model_version"] = args.base_model
-        wavelets = {layer.wavelet for layer in ad.layers.values()}
-        if len(wavelets) > 1:
-            raise ValueError(f"{src}: its components use the wavelets {', '.join(sorted(wavelets))}, and a native "
-                             "file holds one; convert one component at a time (--component unet, --component "
-                             "text_encoder, ...)")
         save(ad, dst)
         print(f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients"
               + (f", base model {ad.base_model}" if ad.base_model else ""))

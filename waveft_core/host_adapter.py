@@ -17,13 +17,13 @@ import torch
 from .adapter import Layer
 from .delta import add_into, compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
+from .fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
 from .kohya_waveft import PendingLayer
 from .kohya_waveft import SUFFIXES as KOHYA_SUFFIXES
 from .kohya_waveft import read as read_kohya
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
-LAYER_SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling")
 SPARSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 

@@ -216,3 +216,34 @@ def test_stock_loader_fails_on_a_v1_file_without_settings_tensors(pack, sd15, lo
         nodes.LoraLoaderModelOnly().load_lora_model_only(model, "old.safetensors", 1.0)
     msg = str(e.value)
     assert "old.safetensors" in msg and "Load WaveFT" in msg and "settings tensors" in msg
+
+
+def test_a_format_2_file_with_several_wavelets_applies_per_layer_through_both_loaders(pack, sd15, waveft_dir,
+                                                                                     loras_dir):
+    """Each layer's own wavelet and use_idwt (FORMAT.md format 2) reach the stock loader's adapter too."""
+    import nodes
+
+    import waveft_core as wft
+    from waveft_core.peft_io import peft_positions
+
+    model, _, _ = sd15
+    sd = model.model.state_dict()
+    chosen = {"diffusion_model.middle_block.1.proj_in": ("db1", True),
+              "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q": ("db4", True),
+              "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.2": ("sym3", False)}
+    layers = {}
+    for i, (name, (wavelet, use_idwt)) in enumerate(chosen.items()):
+        shape = tuple(sd[name + ".weight"].shape)
+        layers[name] = wft.Layer(spectrum=torch.randn(40, generator=torch.Generator().manual_seed(i)) * 0.01,
+                                 indices=peft_positions(shape, 40), shape=shape, wavelet=wavelet, use_idwt=use_idwt)
+    wft.save(wft.Adapter(layers), waveft_dir / "mixed.safetensors")
+    shutil.copy(waveft_dir / "mixed.safetensors", loras_dir / "mixed.safetensors")
+    keys = [n + ".weight" for n in chosen]
+    node = patched_weights(pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "mixed.safetensors", 1.0)["result"][0],
+                           keys)
+    stock = patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(model, "mixed.safetensors", 1.0)[0], keys)
+    for name, layer in layers.items():
+        want = sd[name + ".weight"].double() + torch.as_tensor(reference_delta(
+            layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, layer.scaling, layer.use_idwt))
+        assert float((node[name + ".weight"].double() - want).abs().max()) < 1e-6, name
+        assert float((stock[name + ".weight"].double() - want).abs().max()) < 1e-6, name
