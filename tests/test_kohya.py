@@ -202,3 +202,18 @@ def test_cli_info_describes_and_convert_writes_a_native_file(tmp_path):
                            "text_encoders.qwen3_06b.transformer.model." + module[len("te."):])
             assert torch.equal(native.layers[native_name].indices.to(torch.int64), layer.indices.to(torch.int64))
         assert native.metadata["modelspec.architecture"] == "anima-preview/waveft"
+
+
+def test_cli_resaves_a_v1_file_without_settings_tensors(tmp_path):
+    """The way out the stock loader's refusal names: `convert old new.safetensors` writes the settings tensors."""
+    from reference import random_layer
+
+    path = wft.save(wft.Adapter({"diffusion_model.x": random_layer((16, 16), 20, "db2")}), tmp_path / "a.safetensors")
+    tensors, md = read_tensors_and_metadata(path)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("waveft.")}, str(tmp_path / "old.safetensors"), md)
+    r = cli("convert", tmp_path / "old.safetensors", tmp_path / "new.safetensors")
+    assert r.returncode == 0, r.stderr
+    new, _ = read_tensors_and_metadata(tmp_path / "new.safetensors")
+    assert bytes(new["waveft.wavelet"].tolist()) == b"db2"
+    assert torch.equal(wft.load(tmp_path / "new.safetensors").layers["diffusion_model.x"].delta(),
+                       wft.load(path).layers["diffusion_model.x"].delta())

@@ -95,8 +95,10 @@ def _cmd_convert(args) -> int:
             print(f"note: {note}")
         return 0
     ad = _load(args, src)
-    if dst.suffix == ".safetensors":
-        raise ValueError(f"{dst}: a native file converts to a PEFT folder; give a folder name, not a .safetensors file")
+    if dst.suffix == ".safetensors":  # re-saved as this version writes it (the settings tensors included)
+        save(ad, dst)
+        print(f"wrote {dst}: {len(ad.layers)} layers, re-saved with the settings tensors the stock LoRA loader reads")
+        return 0
     folders = save_peft(ad, dst, base_model_name=args.base_model)
     for f in folders:
         print(f"wrote PEFT adapter folder {f}")

@@ -45,7 +45,7 @@ def mirrored_metadata(tensors: dict) -> dict:
         raise KeyError("it is a WaveFT file without the settings tensors ('waveft.wavelet', 'waveft.scaling', "
                        "'waveft.use_idwt'; FORMAT.md extension 1), and a stock LoRA loader is given no metadata, "
                        "so it cannot tell the wavelet. Load it with the 'Load WaveFT' node instead, or re-save it "
-                       "with this version ('python -m waveft_core convert' or the Save WaveFT node)")
+                       "with this version: python -m waveft_core convert <file> <new.safetensors>")
     wavelet = bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii", "replace")
     md = {"waveft.format_version": str(FORMAT_VERSION), "waveft.wavelet": wavelet, "ss_network_module": "waveft"}
     md["waveft.scaling"] = repr(float(tensors["waveft.scaling"])) if "waveft.scaling" in tensors else "25.0"
