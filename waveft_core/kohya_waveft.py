@@ -279,7 +279,7 @@ def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], tuple | None],
         if seed is not None:
             recovered[name] = seed
     listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    if missing and not skip_missing:
+    if missing and (not skip_missing or not layers):
         raise WaveFTFileError(kfile.path, f"the model has no weight for {len(missing)} of its {len(kfile.layers)} "
                               f"layers ({listed})", advice=base_advice or "Apply it to the model it was trained on "
                               "(its base model: " + (kfile.metadata.get("ss_base_model_version") or "not recorded") + ")")

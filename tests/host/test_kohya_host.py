@@ -247,3 +247,39 @@ def test_a_format_2_file_with_several_wavelets_applies_per_layer_through_both_lo
             layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, layer.scaling, layer.use_idwt))
         assert float((node[name + ".weight"].double() - want).abs().max()) < 1e-6, name
         assert float((stock[name + ".weight"].double() - want).abs().max()) < 1e-6, name
+
+
+@pytest.mark.host_feature("anima")
+@pytest.mark.host_feature("adapter_rebuild")
+@pytest.mark.host_feature("bypass")
+def test_their_layer_survives_the_hosts_rebuild_and_bypass(pack, anima):
+    """0.33 rebuilds adapters from moved weights (the shape-less layer travels as a plain value) and its bypass
+    mode calls h(x, base_out): both give their bf16 file's recovered ΔW."""
+    import comfy.lora
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(FIX / "kohya_anima_bf16.safetensors"), safe_load=True)
+    name = "lora_unet_blocks_0_mlp_layer1"
+    adapter = pack.nodes.host.WaveFTAdapter.load(name, sd, None, None, set())
+    key = "diffusion_model.blocks.0.mlp.layer1.weight"
+    w = anima.model.state_dict()[key].float().clone()
+    want = _expected("kohya_anima_bf16")[key]
+    counter = [0]
+    comfy.lora.prefetch_prepared_value(adapter, counter, None, None, False)
+    rebuilt = comfy.lora.prefetch_prepared_value(adapter, [0], torch.zeros(counter[0], dtype=torch.uint8), None, True)
+    out = comfy.lora.calculate_weight([(1.0, rebuilt, 1.0, None, None)], w.clone(), key)
+    assert float((out.double() - want).abs().max()) < 1e-6
+    fresh = pack.nodes.host.WaveFTAdapter.load(name, sd, None, None, set())
+    fresh.multiplier = 0.5
+    x = torch.randn(3, w.shape[1])
+    h = fresh.h(x, torch.zeros(3, w.shape[0]))
+    assert float((h.double() - 0.5 * x.double() @ (want - w.double()).T).abs().max()) < 1e-5
+
+
+def test_their_file_on_a_model_it_does_not_fit_is_refused_by_name(pack, sd15, waveft_dir):
+    model, _, _ = sd15
+    shutil.copy(FIX / "kohya_anima_fp32.safetensors", waveft_dir / "anima.safetensors")
+    with pytest.raises(ValueError) as e:
+        pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "anima.safetensors", 1.0)
+    msg = str(e.value)
+    assert "anima.safetensors" in msg and "no weight for 17 of its 17 layers" in msg and "anima" in msg
