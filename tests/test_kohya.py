@@ -217,3 +217,14 @@ def test_cli_resaves_a_v1_file_without_settings_tensors(tmp_path):
     assert bytes(new["waveft.wavelet"].tolist()) == b"db2"
     assert torch.equal(wft.load(tmp_path / "new.safetensors").layers["diffusion_model.x"].delta(),
                        wft.load(path).layers["diffusion_model.x"].delta())
+
+
+def test_the_webui_extension_says_how_to_use_their_file(tmp_path):
+    """A1111/Forge do not run Anima and their loader takes a file only: the message names the kind of file and
+    the one command that makes a file they can load."""
+    from a1111.common import load_adapter
+
+    with pytest.raises(wft.WaveFTFileError) as e:
+        load_adapter(FIX / "kohya_anima_fp32.safetensors")
+    msg = str(e.value)
+    assert "kohya-style WaveFT file from another trainer" in msg and "waveft_core convert" in msg and "--base" in msg
