@@ -15,6 +15,7 @@ import logging
 import torch
 
 from .adapter import Layer
+from . import kinds
 from .delta import add_into, compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
 from .fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
@@ -115,6 +116,11 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                     raise ValueError(f"WaveFT: {e}") from None
                 loaded_keys.update(k for k in keys if k in lora)
                 return cls(loaded_keys, (stored.spectrum.to(torch.float32), (), PendingLayer(stored, source())))
+            if f"{x}.waveft_indices" not in lora:
+                raise refuse(x, f"it is {kinds.DESCRIPTIONS[kinds.SPECTRA]}, so a LoRA loader cannot place its "
+                             "coefficients. Load it with the 'Load WaveFT' node (it draws the positions for the "
+                             "connected model), or convert it: python -m waveft_core convert <file> "
+                             "<new.safetensors> --base <checkpoint>")
             keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
             tensors = {k: lora[k] for k in keys if k in lora}
             try:

@@ -283,3 +283,17 @@ def test_their_file_on_a_model_it_does_not_fit_is_refused_by_name(pack, sd15, wa
         pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "anima.safetensors", 1.0)
     msg = str(e.value)
     assert "anima.safetensors" in msg and "no weight for 17 of its 17 layers" in msg and "anima" in msg
+
+
+def test_stock_loader_fails_on_spectra_without_positions(pack, sd15, loras_dir):
+    """A file of spectra only (PEFT/diffusers style) whose names the stock loader's key map knows: the node fails,
+    saying what the file is and what to do, instead of patching nothing."""
+    import nodes
+
+    model, _, _ = sd15
+    save_file({"diffusion_model.middle_block.1.proj_in.waveft_spectrum": torch.randn(30)},
+              str(loras_dir / "spectra.safetensors"))
+    with pytest.raises(ValueError) as e:
+        nodes.LoraLoaderModelOnly().load_lora_model_only(model, "spectra.safetensors", 1.0)
+    msg = str(e.value)
+    assert "spectra.safetensors" in msg and "stores no coefficient positions" in msg and "Load WaveFT" in msg
