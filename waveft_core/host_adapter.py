@@ -22,6 +22,7 @@ from .fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer 
 from .kohya_waveft import PendingLayer
 from .kohya_waveft import SUFFIXES as KOHYA_SUFFIXES
 from .kohya_waveft import read as read_kohya
+from .kohya_waveft import seed_hint_of_file
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -68,11 +69,14 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
     names the file the host's stock loader is reading, for messages (the loader does not tell an adapter)."""
     log = log or logging.getLogger("WaveFT")
 
-    def source() -> str:
+    def source_file() -> str | None:
         try:
-            return (source_of() if source_of else None) or "the file given to the LoRA loader"
+            return source_of() if source_of else None
         except Exception:
-            return "the file given to the LoRA loader"
+            return None
+
+    def source() -> str:
+        return source_file() or "the file given to the LoRA loader"
 
     def refuse(layer: str, problem) -> ValueError:
         """No silent no-op: a WaveFT layer the stock loader cannot apply fails the node, naming the file."""
@@ -115,7 +119,9 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                 except WaveFTFileError as e:
                     raise ValueError(f"WaveFT: {e}") from None
                 loaded_keys.update(k for k in keys if k in lora)
-                return cls(loaded_keys, (stored.spectrum.to(torch.float32), (), PendingLayer(stored, source())))
+                # the header's seed spares drawing every seed a bf16-rounded one may stand for (verified all the same)
+                hint = None if stored.positions_exact else seed_hint_of_file(source_file())
+                return cls(loaded_keys, (stored.spectrum.to(torch.float32), (), PendingLayer(stored, source(), hint)))
             if f"{x}.waveft_indices" not in lora:
                 raise refuse(x, f"it is {kinds.DESCRIPTIONS[kinds.SPECTRA]}, so a LoRA loader cannot place its "
                              "coefficients. Load it with the 'Load WaveFT' node (it draws the positions for the "

@@ -107,6 +107,14 @@ def _advice() -> str:
     return f"It is {TRAINER}, and this part of it is damaged; {RESAVE}"
 
 
+def seed_hint_of_file(path) -> int | None:
+    """The seed in a file's ss_network_args, from its header only; None when it cannot be read."""
+    from .storage import peek_header
+
+    header = peek_header(path) if path else None
+    return _seed_hint(header.metadata) if header is not None else None
+
+
 def _seed_hint(metadata: Mapping[str, str]) -> int | None:
     text = metadata.get("ss_network_args")
     if not text:
@@ -389,9 +397,10 @@ class PendingLayer:
     tensors but neither the model nor the metadata, and this layout stores no shape. Bound on first use, once
     per shape (a plain value, so it survives a host rebuilding the adapter around moved tensors)."""
 
-    def __init__(self, stored: StoredLayer, source: str):
+    def __init__(self, stored: StoredLayer, source: str, seed_hint: int | None = None):
         self.stored = stored
         self.source = source  # the file, as the host's loader names it, for messages
+        self.seed_hint = seed_hint  # ss_network_args' seed when the file's header could be read
         self.scaling = stored.scaling
         self._bound: dict[tuple, Layer] = {}
         self.last_shape: tuple | None = None
@@ -401,7 +410,7 @@ class PendingLayer:
         shape = tuple(int(s) for s in shape)
         layer = self._bound.get(shape)
         if layer is None:
-            kfile = KohyaFile(self.source, {self.stored.name: self.stored}, {}, None)
+            kfile = KohyaFile(self.source, {self.stored.name: self.stored}, {}, self.seed_hint)
             try:
                 layer = layer_for(kfile, self.stored.name, shape)[0]
             except WaveFTFileError as e:
