@@ -227,7 +227,8 @@ class WaveFTLoader:
             "model": ("MODEL", {"tooltip": "The diffusion model (UNet or DiT) to patch."}),
             "clip": ("CLIP", {"tooltip": "The text encoder(s) to patch with the adapter's text-encoder layers."}),
             "waveft_name": (list_adapters(), {"tooltip": "WaveFT adapter: a .safetensors file in models/waveft, a "
-                            "PEFT folder there (ends with '/'), or a WaveFT file in models/loras."}),
+                            "PEFT folder there (ends with '/'), or a WaveFT file in models/loras (also those of "
+                            "lora-scripts-next, kohya-style)."}),
             "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the "
                                "diffusion model. 0 leaves it untouched; negative values invert the adapter."}),
             "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the text "
