@@ -5,11 +5,16 @@ import sys
 
 import waveft_core as wft
 from waveft_core.cache import AdapterCache, fingerprint
+from waveft_core.peft_io import Spelling
 
 from . import keymap
 
 TAG = "[WaveFT]"
 _ADAPTERS = AdapterCache(8)
+# A file that stores no positions or shapes (PEFT, diffusers, a kohya-style file from another trainer) needs
+# its base model's shapes; the webui's loader takes a file only, so the way is a native file made beforehand.
+WEBUI = Spelling(base="a webui loads native files only: convert it first, python -m waveft_core convert <file> "
+                 "<new.safetensors> --base <the checkpoint it was trained on>, and put the new file in models/Lora")
 
 
 def log(message: str) -> None:
@@ -19,7 +24,7 @@ def log(message: str) -> None:
 def load_adapter(path) -> "wft.Adapter":
     """wft.load through the adapter cache (keyed by the file's path, size and mtime): the layers keep their
     scatter plans, so a prompt that changes only the weight does not rebuild them. Raises wft.WaveFTFileError."""
-    return _ADAPTERS.get(fingerprint(path), lambda: wft.load(path))
+    return _ADAPTERS.get(fingerprint(path), lambda: wft.load(path, spelling=WEBUI))
 
 
 def short_list(items, n: int = 3) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from waveft_core import kinds
 from waveft_core.names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
 from waveft_core.storage import peek_header
 
@@ -138,15 +139,12 @@ def sd_version(metadata: dict) -> str | None:
 def is_waveft_file(path, metadata: dict | None = None) -> bool:
     """A native or PEFT WaveFT safetensors file (judged from its header), so WaveFT's loader should take it:
     it then says clearly what is wrong with a damaged or PEFT one."""
-    if metadata and str(metadata.get("ss_network_module", "")) == "waveft":
+    if metadata and kinds.is_waveft((), {k: str(v) for k, v in metadata.items()}):
         return True
     if not str(path).lower().endswith(".safetensors"):
         return False
     header = peek_header(path)
-    if header is None:
-        return False
-    return header.metadata.get("ss_network_module") == "waveft" or any(k.endswith(".waveft_spectrum")
-                                                                        for k in header.tensors)
+    return header is not None and kinds.is_waveft(header.tensors, header.metadata)
 
 
 def is_waveft_state_dict(sd) -> bool:

@@ -123,8 +123,26 @@ except Exception:
     class _QuantizedTensor:
         pass
 
+def stock_lora_file() -> str | None:
+    """The file a stock LoRA loader node is reading, for the adapter's messages: ComfyUI hands an adapter the
+    file's tensors only (0.8 and 0.33 alike; 0.33's LoraLoader reads the metadata too, but attaches it to the
+    patched model after loading, never to an adapter), so the path is read from the loader's frame
+    (`LoraLoader.load_lora`'s `lora_path`). Best effort: None when no such frame is on the stack."""
+    import sys
+
+    frame = sys._getframe(1)
+    for _ in range(30):
+        if frame is None:
+            return None
+        path = frame.f_locals.get("lora_path")
+        if isinstance(path, str):
+            return path
+        frame = frame.f_back
+    return None
+
+
 # The adapter's code is host-agnostic (waveft_core/host_adapter.py); here it becomes ComfyUI's class.
-WaveFTAdapter = adapter_class(_AdapterBase, (_QuantizedTensor,), log)
+WaveFTAdapter = adapter_class(_AdapterBase, (_QuantizedTensor,), log, source_of=stock_lora_file)
 
 
 def register_adapter_class() -> bool:

@@ -5,7 +5,7 @@ import logging
 import os
 
 from ..waveft_core import Adapter, WaveFTFileError
-from ..waveft_core import fileformat, peft_io, sources
+from ..waveft_core import fileformat, kinds, kohya_waveft, peft_io, sources
 from ..waveft_core import cache
 from ..waveft_core.names import ENCODERS, TE_PREFIX
 from ..waveft_core.storage import peek_header
@@ -37,8 +37,7 @@ def _is_waveft_file(path: str) -> bool:
     if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
         return cached[2]
     header = peek_header(path)
-    found = header is not None and (header.metadata.get("ss_network_module") == "waveft"
-                                    or fileformat.looks_like_waveft(header.tensors))
+    found = header is not None and kinds.is_waveft(header.tensors, header.metadata)
     _SNIFF[path] = (st.st_size, st.st_mtime_ns, found)
     return found
 
@@ -102,15 +101,21 @@ def fingerprint(name: str) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def stores_positions(path: str) -> bool:
-    """A native file. PEFT folders and diffusers files store spectra only; their positions come from the
-    shapes of the model they are applied to."""
+def file_kind(path: str) -> str:
+    """kinds.NATIVE, KOHYA, SPECTRA, ... of a file, from its header; a folder is a PEFT folder (SPECTRA)."""
     if os.path.isdir(path):
-        return False
+        return kinds.SPECTRA
     header = peek_header(path)
     if header is None:
-        return True  # the native reader names what is wrong with it
-    return "waveft.format_version" in header.metadata or not sources.is_spectra_file(header.tensors)
+        return kinds.NATIVE  # the native reader names what is wrong with it
+    kind = kinds.file_kind(header.tensors, header.metadata)
+    return kinds.NATIVE if kind in (kinds.LORA, kinds.OTHER) else kind  # the native reader says what it is
+
+
+def stores_positions(path: str) -> bool:
+    """A native file. PEFT folders and diffusers files store spectra only, kohya-style files from other trainers
+    no shapes; those come from the model they are applied to."""
+    return file_kind(path) == kinds.NATIVE
 
 
 def load_adapter(path: str, model=None, clip=None) -> Adapter:
@@ -131,6 +136,14 @@ def load_adapter(path: str, model=None, clip=None) -> Adapter:
             return shapes.get(native[len(TE_PREFIX):] + ".weight")
         target = resolve(peft_name, kmap, shapes.get)
         return None if target is None else target.shape
+
+    if file_kind(path) == kinds.KOHYA:
+        def make_kohya():
+            tensors, metadata = fileformat.read_tensors_and_metadata(path)
+            return kohya_waveft.to_adapter(kohya_waveft.read(tensors, metadata, path),
+                                           lambda name: shape_of(name, name), skip_missing=True)
+
+        return _ADAPTERS.get(("kohya", cache.fingerprint(path), tuple(sorted(shapes.items()))), make_kohya)
 
     def make():
         source = sources.read_source(path)
@@ -214,7 +227,8 @@ class WaveFTLoader:
             "model": ("MODEL", {"tooltip": "The diffusion model (UNet or DiT) to patch."}),
             "clip": ("CLIP", {"tooltip": "The text encoder(s) to patch with the adapter's text-encoder layers."}),
             "waveft_name": (list_adapters(), {"tooltip": "WaveFT adapter: a .safetensors file in models/waveft, a "
-                            "PEFT folder there (ends with '/'), or a WaveFT file in models/loras."}),
+                            "PEFT folder there (ends with '/'), or a WaveFT file in models/loras (also those of "
+                            "lora-scripts-next, kohya-style)."}),
             "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the "
                                "diffusion model. 0 leaves it untouched; negative values invert the adapter."}),
             "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the text "
@@ -288,7 +302,11 @@ class WaveFTInfo:
         path = resolve_path(waveft_name)
         if not stores_positions(path) and model is None and clip is None:
             try:
-                text = sources.describe(sources.read_source(path)) + "\n(connect a model to see its layers)"
+                if file_kind(path) == kinds.KOHYA:
+                    text = kohya_waveft.describe(kohya_waveft.read(*fileformat.read_tensors_and_metadata(path), path))
+                else:
+                    text = sources.describe(sources.read_source(path))
+                text += "\n(connect a model to see its layers)"
             except WaveFTFileError as e:
                 raise ValueError(f"WaveFT: {e}") from None
             return {"ui": {"text": [text]}, "result": (text,)}

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import waveft_core as wft
 from waveft_core.fileformat import read_tensors_and_metadata
 
-from reference import random_layer
+from reference import random_layer, reference_delta
 
 NAME = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 
@@ -104,7 +104,7 @@ CASES = {
     "bad shape": (_set(f"{NAME}.waveft_shape", torch.tensor([32, 0])), f"{NAME}.waveft_shape", "below 1"),
     "missing shape": (lambda t, md: t.pop(f"{NAME}.waveft_shape"), f"{NAME}.waveft_shape", "missing"),
     "unknown wavelet": (lambda t, md: md.update({"waveft.wavelet": "bior2.2"}), "waveft.wavelet", "unknown wavelet"),
-    "newer version": (lambda t, md: md.update({"waveft.format_version": "2"}), "waveft.format_version", "newer"),
+    "newer version": (lambda t, md: md.update({"waveft.format_version": "3"}), "waveft.format_version", "newer"),
     "missing scaling": (lambda t, md: md.pop("waveft.scaling"), "waveft.scaling", "missing"),
     "bad scaling": (lambda t, md: md.update({"waveft.scaling": "nan"}), "waveft.scaling", "finite"),
     "bad use_idwt": (lambda t, md: md.update({"waveft.use_idwt": "maybe"}), "waveft.use_idwt", "true or false"),
@@ -198,11 +198,22 @@ def test_write_is_atomic_and_failure_keeps_the_old_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["keep.safetensors"]
 
 
-def test_mixed_wavelets_cannot_share_one_file(tmp_path):
+def test_layers_keep_their_own_wavelet_and_use_idwt_in_format_2(tmp_path):
+    """Per-layer wavelet/use_idwt tensors (FORMAT.md, format 2), written only when layers differ: a reader that
+    knows only format 1 refuses such a file instead of applying those layers with the file's wavelet."""
     a = make_adapter()
-    a.layers[NAME] = random_layer((32, 48), 10, "db4")
-    with pytest.raises(ValueError, match="one wavelet per file"):
-        wft.save(a, tmp_path / "x.safetensors")
+    assert wft.fileformat.to_tensors_and_metadata(a)[1]["waveft.format_version"] == "1"  # uniform: still v1
+    a.layers["diffusion_model.other"] = random_layer((32, 48), 10, "db4", use_idwt=False)
+    a.layers["diffusion_model.third"] = random_layer((20, 9), 12, "sym3")
+    path = wft.save(a, tmp_path / "x.safetensors")
+    back = wft.load(path)
+    assert back.metadata["waveft.format_version"] == "2"
+    for name, layer in a.layers.items():
+        got = back.layers[name]
+        assert (got.wavelet, got.use_idwt) == (layer.wavelet, layer.use_idwt), name
+        want = reference_delta(layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, layer.scaling,
+                               layer.use_idwt)
+        assert float((got.delta(torch.float64) - torch.as_tensor(want)).abs().max()) < 1e-10, name
 
 
 def test_layers_sharing_one_positions_tensor_can_be_saved(tmp_path):

@@ -397,19 +397,21 @@ def test_cli_clip_choice_and_merge_refuses_what_does_not_fit(saved, bases, tmp_p
     assert "is an input" in capsys.readouterr().err
 
 
-def test_cli_components_with_different_wavelets_convert_one_at_a_time(saved, bases, tmp_path, capsys):
-    """The native format keeps one wavelet per file: a pipeline whose parts differ is refused whole, with the way
-    out, and each part converts exactly on its own."""
+def test_cli_components_with_different_wavelets_convert_in_one_command(saved, bases, tmp_path, capsys):
+    """A pipeline whose parts were trained with different wavelets (UNet db2, text encoder sym4) converts in one
+    command: the native file keeps each layer's wavelet (format 2), and every layer equals PEFT's own ΔW."""
     import shutil
 
     parent = tmp_path / "mixed"
     shutil.copytree(saved["peft_te_parent"][0] / "text_encoder", parent / "text_encoder")
     shutil.copytree(saved["peft_unet"][0], parent / "unet")  # db2, the text encoders sym4
     out = tmp_path / "mixed.safetensors"
-    assert _cli("convert", parent, out, "--base", bases["single file"]) == 1
-    assert "--component unet" in capsys.readouterr().err and not out.exists()
-    assert _cli("convert", parent, out, "--base", bases["single file"], "--component", "unet") == 0
-    _assert_equals_peft(wft.load(out), saved["peft_unet"][1])
+    assert _cli("convert", parent, out, "--base", bases["single file"]) == 0, capsys.readouterr().err
+    ad = wft.load(out)
+    clip_l = {k: v for k, v in saved["peft_te_parent"][1].items() if ".clip_l." in k}
+    _assert_equals_peft(ad, {**saved["peft_unet"][1], **clip_l})
+    assert {ad.layers[k].wavelet for k in saved["peft_unet"][1]} == {"db2"}
+    assert {ad.layers[k].wavelet for k in clip_l} == {"sym4"}
 
 
 def test_base_layouts_agree_on_every_weight(bases):

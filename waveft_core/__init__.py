@@ -50,8 +50,9 @@ __version__ = _read_version()
 
 def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str | None = None,
          adapter: str | None = None, overrides: Mapping | None = None, components=None, spelling=None) -> Adapter:
-    """Load a WaveFT adapter: a native v1 file, or one that stores no positions: a PEFT folder (one adapter,
-    several by name, or one sub-folder per pipeline component) or a diffusers .safetensors file. Those need
+    """Load a WaveFT adapter: a native v1 file, or one that stores no positions or shapes: a PEFT folder (one
+    adapter, several by name, or one sub-folder per pipeline component), a diffusers .safetensors file, or a
+    kohya-style file from another trainer (lora-scripts-next; kohya_waveft.py). Those need
     `base`, the model it was trained on (a single-file checkpoint, a diffusers folder, a state dict or
     {name: shape}, or a function (peft_name, native_name) -> shape), to draw each layer's positions.
 
@@ -59,12 +60,14 @@ def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str 
     adapter: the adapter's name in a folder holding several. overrides: wavelet_family, scaling,
     random_loc_seed, use_idwt, for adapters saved without them (PEFT's defaults otherwise). components: only
     these pipeline components ('unet', 'text_encoder', 'text_encoder_2', 'transformer') of a multi-part one."""
-    from . import fileformat, peft_io, sources
+    from . import fileformat, kinds, kohya_waveft, peft_io, sources
 
     spelling = spelling or peft_io.PYTHON
     path = Path(path)
     if path.is_file() and path.name != sources.CONFIG_NAME:
         tensors, metadata = fileformat.read_tensors_and_metadata(path)
+        if kinds.file_kind(tensors, metadata) == kinds.KOHYA:
+            return kohya_waveft.load(tensors, metadata, path, base, spelling.base)
         if not sources.is_spectra_file(tensors) or "waveft.format_version" in metadata:
             return fileformat.adapter_from_tensors(tensors, metadata, path)
     return load_peft(path, base, clip=clip, adapter=adapter, overrides=overrides, components=components,

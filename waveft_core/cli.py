@@ -15,10 +15,29 @@ def _stores_positions(path: Path) -> bool:
     from .fileformat import read_tensors_and_metadata
     from .sources import CONFIG_NAME, is_spectra_file
 
+    from .kinds import KOHYA, file_kind
+
     if not path.is_file() or path.name == CONFIG_NAME:
         return False
     tensors, metadata = read_tensors_and_metadata(path)
+    if file_kind(tensors, metadata) == KOHYA:  # positions, but no shapes: those come from --base
+        return False
     return "waveft.format_version" in metadata or not is_spectra_file(tensors)
+
+
+def _describe_without_base(path: Path, args) -> str:
+    """What a file that needs a base model holds, told without one."""
+    from . import kohya_waveft
+    from .fileformat import read_tensors_and_metadata
+    from .kinds import KOHYA, file_kind
+    from .peft_io import CLI
+    from .sources import describe, read_source
+
+    if path.is_file() and path.suffix == ".safetensors":
+        tensors, metadata = read_tensors_and_metadata(path)
+        if file_kind(tensors, metadata) == KOHYA:
+            return kohya_waveft.describe(kohya_waveft.read(tensors, metadata, path))
+    return describe(read_source(path, args.adapter_name, CLI.adapter), _overrides(args))
 
 
 def _overrides(args) -> dict:
@@ -38,12 +57,9 @@ def _load(args, path, base=None):
 
 
 def _cmd_info(args) -> int:
-    from .peft_io import CLI
-    from .sources import describe, read_source
-
     path = Path(args.file)
     if args.base is None and not _stores_positions(path):
-        print(describe(read_source(path, args.adapter_name, CLI.adapter), _overrides(args)))
+        print(_describe_without_base(path, args))
         print("(give --base <checkpoint or diffusers folder> to see each layer's shape and the native names)")
         return 0
     ad = _load(args, path)
@@ -72,11 +88,6 @@ def _cmd_convert(args) -> int:
         ad = _load(args, src)
         if args.base_model:
             ad.metadata["ss_base_model_version"] = args.base_model
-        wavelets = {layer.wavelet for layer in ad.layers.values()}
-        if len(wavelets) > 1:
-            raise ValueError(f"{src}: its components use the wavelets {', '.join(sorted(wavelets))}, and a native "
-                             "file holds one; convert one component at a time (--component unet, --component "
-                             "text_encoder, ...)")
         save(ad, dst)
         print(f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients"
               + (f", base model {ad.base_model}" if ad.base_model else ""))
@@ -84,8 +95,10 @@ def _cmd_convert(args) -> int:
             print(f"note: {note}")
         return 0
     ad = _load(args, src)
-    if dst.suffix == ".safetensors":
-        raise ValueError(f"{dst}: a native file converts to a PEFT folder; give a folder name, not a .safetensors file")
+    if dst.suffix == ".safetensors":  # re-saved as this version writes it (the settings tensors included)
+        save(ad, dst)
+        print(f"wrote {dst}: {len(ad.layers)} layers, re-saved with the settings tensors the stock LoRA loader reads")
+        return 0
     folders = save_peft(ad, dst, base_model_name=args.base_model)
     for f in folders:
         print(f"wrote PEFT adapter folder {f}")

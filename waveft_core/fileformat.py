@@ -9,14 +9,15 @@ import torch
 
 from .adapter import Adapter, Layer
 from .delta import index_dtype, matrix_shape
+from .kinds import DESCRIPTIONS, KOHYA, file_kind
 from .metadata import content_hashes
 from .names import family_of
 from .storage import DAMAGED as _DAMAGED
 from .storage import WaveFTFileError, atomic_write, read_header
 from .wavelets import UnknownWaveletError, check_wavelet
 
-FORMAT_VERSION = 1
-SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling")
+FORMAT_VERSION = 2  # 2 = 1 + per-layer wavelet/use_idwt tensors (FORMAT.md 3.2); written only when layers differ
+SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling", "waveft_wavelet", "waveft_use_idwt")
 SPECTRUM_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 INDEX_DTYPES = {torch.int32, torch.int64}
 
@@ -67,6 +68,10 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
             advice="If it is a LoRA, load it with a LoRA loader",
         )
     version_text = metadata.get("waveft.format_version")
+    if version_text is None and file_kind(tensors, metadata) == KOHYA:  # not damaged: another trainer's layout
+        raise WaveFTFileError(path, f"is {DESCRIPTIONS[KOHYA]}, not a native file: it stores no weight shapes",
+                              advice="Load it with 'Load WaveFT' on the model it was trained on, or convert it with "
+                              "'python -m waveft_core convert <file> <out.safetensors> --base <checkpoint>'")
     if version_text is None:
         if not any(k.endswith(".waveft_indices") for k in tensors):
             raise WaveFTFileError(
@@ -161,6 +166,7 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
         if dup.numel():
             raise WaveFTFileError(path, f"position {int(s[int(dup[0])])} appears more than once (positions must be "
                                   "unique)", key=k_idx, advice=_DAMAGED)
+    wavelet, use_idwt = _layer_settings(path, module, parts, wavelet, use_idwt)
     layer_scaling = scaling
     if "waveft_scaling" in parts:
         t = parts["waveft_scaling"]
@@ -175,24 +181,44 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
                  use_idwt=use_idwt)
 
 
+def _layer_settings(path, module, parts, wavelet: str, use_idwt: bool) -> tuple[str, bool]:
+    """A layer's own wavelet and use_idwt (format 2) over the file's defaults."""
+    if "waveft_wavelet" in parts:
+        t, key = parts["waveft_wavelet"], f"{module}.waveft_wavelet"
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise WaveFTFileError(path, f"must be a 1-D uint8 tensor (the name in ASCII), got {t.dtype}", key=key,
+                                  advice=_DAMAGED)
+        wavelet = bytes(t.tolist()).decode("ascii", "replace")
+        try:
+            check_wavelet(wavelet)
+        except UnknownWaveletError as e:
+            raise WaveFTFileError(path, str(e), key=key, advice="Update ComfyUI-WaveFT or fix the file") from None
+    if "waveft_use_idwt" in parts:
+        t, key = parts["waveft_use_idwt"], f"{module}.waveft_use_idwt"
+        if t.numel() != 1 or t.dtype.is_floating_point or int(t.reshape(())) not in (0, 1):
+            raise WaveFTFileError(path, "must be a 0 or 1 integer scalar", key=key, advice=_DAMAGED)
+        use_idwt = bool(int(t.reshape(())))
+    return wavelet, use_idwt
+
+
 def read(path) -> Adapter:
     """Read and validate a native v1 file."""
     tensors, metadata = read_tensors_and_metadata(path)
     return adapter_from_tensors(tensors, metadata, path)
 
 
-def _common(values, what: str):
-    values = list(values)
-    if len(set(values)) > 1:
-        raise ValueError(f"the native format stores one {what} per file, but the layers use {sorted(set(values))}")
-    return values[0]
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
 
 
 def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not adapter.layers:
         raise ValueError("the adapter has no layers; nothing to save")
-    wavelet = _common((layer.wavelet for layer in adapter.layers.values()), "wavelet")
-    use_idwt = _common((layer.use_idwt for layer in adapter.layers.values()), "use_idwt setting")
+    # The most common wavelet and use_idwt are the file's defaults; a layer that differs carries its own (format 2,
+    # so a reader that knows only format 1 refuses the file instead of applying those layers with the default).
+    wavelet = _most_common(layer.wavelet for layer in adapter.layers.values())
+    use_idwt = _most_common(bool(layer.use_idwt) for layer in adapter.layers.values())
+    version = 1
     # The most common layer scaling becomes the file's default; others get a per-layer tensor.
     scaling = Counter(float(layer.scaling) for layer in adapter.layers.values()).most_common(1)[0][0]
     tensors: dict[str, torch.Tensor] = {}
@@ -210,6 +236,12 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
         tensors[f"{name}.waveft_shape"] = torch.tensor(layer.shape, dtype=torch.int64)
         if float(layer.scaling) != scaling:
             tensors[f"{name}.waveft_scaling"] = torch.tensor(float(layer.scaling), dtype=torch.float32)
+        if layer.wavelet != wavelet:
+            tensors[f"{name}.waveft_wavelet"] = torch.tensor(list(layer.wavelet.encode("ascii")), dtype=torch.uint8)
+            version = 2
+        if bool(layer.use_idwt) != use_idwt:
+            tensors[f"{name}.waveft_use_idwt"] = torch.tensor(int(bool(layer.use_idwt)), dtype=torch.uint8)
+            version = 2
     # Mirrors of the settings the math needs, for hosts that hand an adapter the tensors without the
     # metadata (ComfyUI's stock LoRA loader). A backward-compatible extension: v1 readers ignore them.
     tensors["waveft.wavelet"] = torch.tensor(list(wavelet.encode("ascii")), dtype=torch.uint8)
@@ -219,7 +251,7 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
         tensors.setdefault(key, t.detach().to("cpu").contiguous())
     metadata = {str(k): str(v) for k, v in adapter.metadata.items()}
     metadata.update({
-        "waveft.format_version": str(FORMAT_VERSION),
+        "waveft.format_version": str(version),
         "waveft.wavelet": wavelet,
         "waveft.scaling": repr(scaling),
         "waveft.use_idwt": "true" if use_idwt else "false",

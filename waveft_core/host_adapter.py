@@ -15,12 +15,17 @@ import logging
 import torch
 
 from .adapter import Layer
+from . import kinds
 from .delta import add_into, compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
+from .fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
+from .kohya_waveft import PendingLayer
+from .kohya_waveft import SUFFIXES as KOHYA_SUFFIXES
+from .kohya_waveft import read as read_kohya
+from .kohya_waveft import seed_hint_of_file
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
-LAYER_SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling")
 SPARSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 
@@ -39,8 +44,10 @@ def mirrored_metadata(tensors: dict) -> dict:
     """The metadata a native file's mirrored settings tensors stand for (a stock LoRA loader hands an adapter
     the tensors only, not the file's metadata). KeyError when the file has no mirrors."""
     if "waveft.wavelet" not in tensors:
-        raise KeyError("this file has no 'waveft.wavelet' tensor, so the stock LoRA loader cannot tell its "
-                       "wavelet; load it with the 'Load WaveFT' node (or re-save it with this version)")
+        raise KeyError("it is a WaveFT file without the settings tensors ('waveft.wavelet', 'waveft.scaling', "
+                       "'waveft.use_idwt'; FORMAT.md extension 1), and a stock LoRA loader is given no metadata, "
+                       "so it cannot tell the wavelet. Load it with the 'Load WaveFT' node instead, or re-save it "
+                       "with this version: python -m waveft_core convert <file> <new.safetensors>")
     wavelet = bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii", "replace")
     md = {"waveft.format_version": str(FORMAT_VERSION), "waveft.wavelet": wavelet, "ss_network_module": "waveft"}
     md["waveft.scaling"] = repr(float(tensors["waveft.scaling"])) if "waveft.scaling" in tensors else "25.0"
@@ -49,10 +56,31 @@ def mirrored_metadata(tensors: dict) -> dict:
     return md
 
 
-def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | None = None, name: str = "WaveFTAdapter"):
+def _is_pending(weights) -> bool:
+    """weights of a layer whose shape is not known yet (kohya_waveft.PendingLayer), duck-typed like check_packed."""
+    return (isinstance(weights, (tuple, list)) and len(weights) == 3 and isinstance(weights[0], torch.Tensor)
+            and callable(getattr(weights[2], "bind", None)))
+
+
+def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | None = None, name: str = "WaveFTAdapter",
+                  source_of=None):
     """The WaveFT adapter as a subclass of a host's WeightAdapterBase (`object` for a host without one).
-    `packed_types` are the host's quantized tensor classes (comfy-kitchen), never written into."""
+    `packed_types` are the host's quantized tensor classes (comfy-kitchen), never written into. `source_of()`
+    names the file the host's stock loader is reading, for messages (the loader does not tell an adapter)."""
     log = log or logging.getLogger("WaveFT")
+
+    def source_file() -> str | None:
+        try:
+            return source_of() if source_of else None
+        except Exception:
+            return None
+
+    def source() -> str:
+        return source_file() or "the file given to the LoRA loader"
+
+    def refuse(layer: str, problem) -> ValueError:
+        """No silent no-op: a WaveFT layer the stock loader cannot apply fails the node, naming the file."""
+        return ValueError(f"WaveFT: {source()}: layer {layer}: {problem}")
 
     def is_packed_weight(weight) -> bool:
         """Quantized storage whose elements are not the weight's values: a scatter would write packed bytes."""
@@ -67,7 +95,8 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
         name = "waveft"
 
         def __init__(self, loaded_keys: set, weights):
-            Layer.check_packed(weights)  # a clear TypeError now, not an AttributeError at the first sampling step
+            if not _is_pending(weights):
+                Layer.check_packed(weights)  # a clear TypeError now, not an AttributeError at the first sampling step
             self.loaded_keys = loaded_keys
             self.weights = weights
 
@@ -80,18 +109,43 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
         def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
             if f"{x}.waveft_spectrum" not in lora:
                 return None
+            if loaded_keys is None:
+                loaded_keys = set()
+            if any(f"{x}.{s}" in lora for s in ("waveft_random_loc_seed", "waveft_family_code")):
+                # a kohya-style file from another trainer: no shape stored; bound to the weight's at first use
+                keys = [f"{x}.{s}" for s in KOHYA_SUFFIXES]
+                try:
+                    stored = read_kohya({k: lora[k] for k in keys if k in lora}, {}, path=source()).layers[x]
+                except WaveFTFileError as e:
+                    raise ValueError(f"WaveFT: {e}") from None
+                loaded_keys.update(k for k in keys if k in lora)
+                # the header's seed spares drawing every seed a bf16-rounded one may stand for (verified all the same)
+                hint = None if stored.positions_exact else seed_hint_of_file(source_file())
+                return cls(loaded_keys, (stored.spectrum.to(torch.float32), (), PendingLayer(stored, source(), hint)))
+            if f"{x}.waveft_indices" not in lora:
+                raise refuse(x, f"it is {kinds.DESCRIPTIONS[kinds.SPECTRA]}, so a LoRA loader cannot place its "
+                             "coefficients. Load it with the 'Load WaveFT' node (it draws the positions for the "
+                             "connected model), or convert it: python -m waveft_core convert <file> "
+                             "<new.safetensors> --base <checkpoint>")
             keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
             tensors = {k: lora[k] for k in keys if k in lora}
             try:
                 layer = adapter_from_tensors(tensors, mirrored_metadata(lora), path=x).layers[x]
-            except (WaveFTFileError, KeyError) as e:
-                log.error("WaveFT: layer %s cannot be used: %s", x, e)
-                return None
-            if loaded_keys is None:
-                loaded_keys = set()
+            except KeyError as e:
+                raise refuse(x, e.args[0]) from None
+            except WaveFTFileError as e:
+                raise refuse(x, e) from None
             loaded_keys.update(k for k in keys if k in lora)
             loaded_keys.update(k for k in MIRROR_KEYS if k in lora)
             return cls.from_layer(layer, loaded_keys)
+
+        def _bound(self, device, shape):
+            """(layer, spectrum, plan) on `device`; a kohya layer is bound to `shape` first (its file has none)."""
+            if not _is_pending(self.weights):
+                return self._unpacked(device)
+            spectrum, _, pending = self.weights
+            layer = pending.bind(shape)  # ValueError naming the file when its positions cannot be right
+            return layer, spectrum, layer.plan(device, torch.float32)
 
         def _unpacked(self, device):
             """Layer.unpack(self.weights, device), remembered for the weights object it was made from (the
@@ -119,7 +173,7 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                               "this layer is left unpatched. Load a non-quantized model, or use 'Load LoRA "
                               "(Bypass)' with the WaveFT file.", key, type(weight).__name__)
                     return weight
-                layer, spectrum, plan = self._unpacked(weight.device)
+                layer, spectrum, plan = self._bound(weight.device, weight.shape)
                 factor = float(layer.scaling) * float(strength)
                 if _is_identity(function) and weight.dtype in SPARSE_DTYPES:
                     add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps the view
@@ -131,6 +185,10 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                     if function is not None:
                         delta = function(delta)
                     weight.copy_((weight.to(compute) + delta).to(weight.dtype))
+            except ValueError as e:
+                if _is_pending(self.weights):  # the file's positions cannot be right here: fail, never apply wrong
+                    raise
+                log.error("WaveFT: could not patch %s: %s", key, e)
             except Exception as e:
                 log.error("WaveFT: could not patch %s: %s", key, e)
             return weight
@@ -139,7 +197,14 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
         # multiplier/is_conv/conv_dim/kw_dict and moved (and cast) the spectrum to the compute device; the plan
         # comes from the bundle or, once per device, from the layer's cache.
         def h(self, x, base_out):
-            layer, spectrum, plan = self._unpacked(x.device)
+            shape = None
+            if _is_pending(self.weights):  # kohya layers are Linear: (out, in) from the output and the input
+                pending = self.weights[2]
+                shape = (base_out.shape[-1], x.shape[-1]) if base_out is not None else pending.last_shape
+                if shape is None:
+                    raise ValueError(f"WaveFT: {pending.source}: layer {pending.stored.name}: its weight shape is "
+                                     "not known in this mode; load it with the 'Load WaveFT' node")
+            layer, spectrum, plan = self._bound(x.device, shape)
             factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
             delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once
             if getattr(self, "is_conv", False):

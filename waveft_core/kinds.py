@@ -1,0 +1,52 @@
+"""What kind of adapter file this is, from its tensor names and metadata alone (a safetensors header is
+enough): the one home of that rule, for the nodes, the stock-loader adapter, the command line and the webui
+extension. No torch here.
+
+- native: this project's format (FORMAT.md section 3): `waveft.format_version`, or stored flat positions and shapes
+- kohya: a kohya sd-scripts WaveFT network's file (lora-scripts-next): (row, col) positions, a seed and a
+  family code per layer, no shapes (kohya_waveft.py)
+- spectra: PEFT's adapter_model.safetensors or a diffusers LoRA file: spectra without positions (sources.py)
+- lora: a LoRA/LyCORIS file (lora_up/lora_down, lora_A/lora_B, hada_, lokr_ …), not WaveFT at all
+- other: none of those"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+NATIVE, KOHYA, SPECTRA, LORA, OTHER = "native", "kohya", "spectra", "lora", "other"
+SPECTRUM = ".waveft_spectrum"
+KOHYA_MARKERS = (".waveft_random_loc_seed", ".waveft_family_code")  # keys only a kohya-style WaveFT file has
+_LORA_MARKERS = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".hada_w1_a",
+                 ".lokr_w1", ".lokr_w1_a", ".oft_blocks", ".diff")
+DESCRIPTIONS = {
+    NATIVE: "a native WaveFT file",
+    KOHYA: "a kohya-style WaveFT file from another trainer (lora-scripts-next's networks.waveft_anima)",
+    SPECTRA: "a PEFT or diffusers WaveFT file, which stores no coefficient positions",
+    LORA: "a LoRA (not a WaveFT adapter)",
+    OTHER: "not an adapter file this pack knows",
+}
+
+
+def file_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
+    keys = [k for k in keys if k != "__metadata__"]
+    metadata = metadata or {}
+    if any(k.endswith(KOHYA_MARKERS) for k in keys):
+        return KOHYA
+    spectra = any(k.endswith(SPECTRUM) for k in keys)
+    if "waveft.format_version" in metadata or (spectra and any(k.endswith(".waveft_indices") for k in keys)):
+        return NATIVE
+    if spectra:
+        return SPECTRA
+    if any(k.endswith(_LORA_MARKERS) for k in keys):
+        return LORA
+    return OTHER
+
+
+def is_waveft(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> bool:
+    """Any WaveFT file, so WaveFT's readers should take it (they say what is wrong with a damaged one)."""
+    metadata = metadata or {}
+    return (metadata.get("ss_network_module") == "waveft" or metadata.get("ss_adapter_algorithm") == "waveft"
+            or file_kind(keys, metadata) in (NATIVE, KOHYA, SPECTRA))
+
+
+def describe_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
+    return DESCRIPTIONS[file_kind(keys, metadata)]
