@@ -10,8 +10,10 @@ import comfy.lora
 import comfy.utils
 import folder_paths
 
+from ..waveft_core.dit_names import Heads, diffusers_key_map
 from ..waveft_core.host_adapter import adapter_class
 from ..waveft_core.matching import match_layers
+from ..waveft_core.names import family_tag_of_comfy
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
@@ -150,9 +152,22 @@ def key_map(model=None, clip=None) -> dict:
     kmap: dict = {}
     if model is not None:
         kmap = comfy.lora.model_lora_keys_unet(model.model, kmap)
+        # diffusers names the host's map lacks or places wrong (Wan, LTXV, Lumina 2's grouped k/v heads)
+        kmap.update(diffusers_key_map(family_tag_of_comfy(model_family(model)), model.model.state_dict().keys(),
+                                      attention_heads(model)))
     if clip is not None:
         kmap = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, kmap)
     return kmap
+
+
+def attention_heads(model) -> Heads | None:
+    """The heads of the diffusion model's fused q/k/v attention, as its own modules hold them (Lumina 2 and Z-Image:
+    `JointAttention.n_local_heads`, `n_local_kv_heads`, `head_dim`); None for a model without one."""
+    diffusion_model = getattr(model.model, "diffusion_model", None)
+    for module in diffusion_model.modules() if diffusion_model is not None else ():
+        if hasattr(module, "qkv") and hasattr(module, "n_local_kv_heads"):
+            return Heads(int(module.n_local_heads), int(module.n_local_kv_heads), int(module.head_dim))
+    return None
 
 
 def weight_shapes(model=None, clip=None):

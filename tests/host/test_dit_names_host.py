@@ -1,0 +1,118 @@
+"""Diffusers/PEFT layer names of every DiT family land on the rows of ComfyUI's weights where diffusers keeps them.
+
+For each family a tiny model is built twice: by ComfyUI from its own `supported_models` class, and by the real
+diffusers from a matching tiny config, loaded with the ComfyUI model's weights through diffusers' own
+single-file converter (the code diffusers uses to read original checkpoints, whose layout ComfyUI's models
+share). The real PEFT puts a WaveFT adapter on every Linear layer of the diffusers model, diffusers saves it
+under its names (`tests/diffusers_reference.py`, run with the project's .venv: ComfyUI's Python has neither
+package). Load WaveFT applies that file to the ComfyUI model; read back through the converter's layout change,
+every weight must equal the diffusers weight with PEFT's ΔW added (float64), fused q/k/v slices, grouped k/v
+heads (Lumina 2: 6 query heads, 2 key/value heads here, as 24/8 in the real model) and swapped scale/shift
+included. Families ComfyUI 0.8 lacks are deselected there (host_feature)."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from host_tools import FLUX, SD3, patched_weights, patcher_for
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE_PYTHON = Path(os.environ.get("WAVEFT_REFERENCE_PYTHON", ROOT / ".venv" / "bin" / "python"))
+
+LUMINA2 = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=96, n_layers=1, n_refiner_layers=1, n_heads=6,
+               n_kv_heads=2, multiple_of=16, ffn_dim_multiplier=4.0, qk_norm=True, cap_feat_dim=32, axes_dims=[4, 6, 6],
+               axes_lens=[300, 512, 512])
+WAN = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=32, ffn_dim=64, freq_dim=16,
+           text_dim=24, out_dim=16, num_heads=2, num_layers=1)
+LTXV = dict(image_model="ltxv", in_channels=16, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
+            caption_channels=24, num_layers=1)
+
+# ComfyUI renames the q/k norms' `scale` of BFL's checkpoints to `weight` on load; diffusers' converter reads `scale`
+FLUX_NORMS = [("_norm.weight", "_norm.scale")]
+# family -> (ComfyUI supported_models class, its unet_config, diffusers class, its config, diffusers converter[, key renames back to the original layout])
+FAMILIES = {
+    "flux": ("Flux", FLUX, "FluxTransformer2DModel",
+             dict(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+                  num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
+                  axes_dims_rope=(8, 12, 12)),
+             "convert_flux_transformer_checkpoint_to_diffusers", FLUX_NORMS),
+    "sd3": ("SD3", dict(SD3, num_patches=SD3["pos_embed_max_size"] ** 2), "SD3Transformer2DModel",
+            dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+                 joint_attention_dim=48, caption_projection_dim=128, pooled_projection_dim=32, out_channels=16,
+                 pos_embed_max_size=16),
+            "convert_sd3_transformer_checkpoint_to_diffusers"),
+    "lumina2": ("Lumina2", LUMINA2, "Lumina2Transformer2DModel",
+                dict(sample_size=8, patch_size=2, in_channels=16, hidden_size=96, num_layers=1, num_refiner_layers=1,
+                     num_attention_heads=6, num_kv_heads=2, multiple_of=16, ffn_dim_multiplier=1.0,
+                     axes_dim_rope=(4, 6, 6), axes_lens=(300, 512, 512), cap_feat_dim=32),
+                "convert_lumina2_to_diffusers"),
+    "wan_2.1": ("WAN21_T2V", WAN, "WanTransformer3DModel",
+                dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+                     text_dim=24, freq_dim=16, ffn_dim=64, num_layers=1),
+                "convert_wan_transformer_to_diffusers"),
+    "wan_2.2": ("WAN22_T2V", dict(WAN, in_dim=48, out_dim=48), "WanTransformer3DModel",
+                dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=48,
+                     out_channels=48, text_dim=24, freq_dim=16, ffn_dim=64, num_layers=1),
+                "convert_wan_transformer_to_diffusers"),
+    "ltxv": ("LTXV", LTXV, "LTXVideoTransformer3DModel",
+             dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32, cross_attention_dim=64,
+                  num_layers=1, caption_channels=24),
+             "convert_ltx_transformer_checkpoint_to_diffusers"),
+}
+
+
+# diffusers' converters that write the full-size widths as constants; the reference runs them with the tiny ones
+CONVERTER_WIDTHS = {
+    "flux": [("inner_dim = 3072", f"inner_dim = {FLUX['hidden_size']}")],
+    "lumina2": [("q_dim = 2304", f"q_dim = {LUMINA2['dim']}"),
+                ("k_dim = v_dim = 768", f"k_dim = v_dim = {LUMINA2['dim'] // LUMINA2['n_heads'] * LUMINA2['n_kv_heads']}")],
+}
+
+
+def diffusers_reference(native: dict, family: str, folder: Path) -> Path:
+    _, _, diffusers_class, diffusers_config, converter = FAMILIES[family][:5]
+    save_file({k: v.contiguous() for k, v in native.items()}, str(folder / "native.safetensors"))
+    spec = dict(diffusers_class=diffusers_class, diffusers_config=diffusers_config, converter=converter,
+                order=sorted(native), to_original=FAMILIES[family][5] if len(FAMILIES[family]) > 5 else [],
+                converter_widths=CONVERTER_WIDTHS.get(family, []))
+    (folder / "spec.json").write_text(json.dumps(spec))
+    assert REFERENCE_PYTHON.exists(), (f"{REFERENCE_PYTHON} is missing: ./dev makes the project's .venv (diffusers, "
+                                       "peft), or set WAVEFT_REFERENCE_PYTHON")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([str(REFERENCE_PYTHON), str(ROOT / "tests" / "diffusers_reference.py"),
+                          str(folder / "spec.json"), str(folder / "native.safetensors"), str(folder)],
+                         env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return folder
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_diffusers_names_land_where_diffusers_keeps_them(pack, tmp_path, family):
+    import comfy.supported_models as sm
+
+    comfy_class, comfy_config = FAMILIES[family][:2]
+    mp = patcher_for(getattr(sm, comfy_class), comfy_config)
+    native = {k[len("diffusion_model."):]: v.detach().float().clone() for k, v in mp.model.state_dict().items()
+              if k.startswith("diffusion_model.")}
+    out = diffusers_reference(native, family, tmp_path)
+    targets = json.loads((out / "targets.json").read_text())
+    merged, index = load_file(str(out / "merged.safetensors")), load_file(str(out / "index.safetensors"))
+
+    adapter = pack.nodes.loader.load_adapter(str(out / "adapter" / "pytorch_lora_weights.safetensors"), mp, None)
+    patched_model, _, summary = pack.nodes.loader.apply_adapter(adapter, mp, None, 1.0, 0.0, family)
+    assert f"{len(targets)} of {len(targets)} layers matched" in summary, summary
+
+    order = sorted(native)
+    patched = patched_weights(patched_model, [f"diffusion_model.{k}" for k in order])
+    flat = torch.cat([patched[f"diffusion_model.{k}"].double().flatten() for k in order])
+    before = torch.cat([native[k].double().flatten() for k in order])
+    changed = set()
+    for key, want in merged.items():
+        got = flat[index[key]]
+        assert torch.allclose(got, want, atol=2e-5, rtol=0), (family, key, float((got - want).abs().max()))
+        if not torch.equal(got, before[index[key]]):
+            changed.add(key[:-len(".weight")])
+    assert changed == set(targets)  # every layer of the file changed its own rows, and nothing else changed
