@@ -76,7 +76,15 @@ def _has_dynamic_vram() -> bool:
         "disable_dynamic" in inspect.signature(mp.ModelPatcher.clone).parameters
 
 
-HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram}
+def _has_anima() -> bool:
+    """ComfyUI's Anima model (supported_models.Anima, 0.3x)."""
+    import comfy.supported_models
+
+    return hasattr(comfy.supported_models, "Anima")
+
+
+HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram,
+                 "anima": _has_anima}
 
 
 def host_version() -> str:

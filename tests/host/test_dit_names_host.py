@@ -116,3 +116,42 @@ def test_diffusers_names_land_where_diffusers_keeps_them(pack, tmp_path, family)
         if not torch.equal(got, before[index[key]]):
             changed.add(key[:-len(".weight")])
     assert changed == set(targets)  # every layer of the file changed its own rows, and nothing else changed
+
+
+# Anima's DiT (a Cosmos-Predict2 MiniTrainDIT) at toy width; its LLM adapter has a fixed size ComfyUI sets itself
+ANIMA = dict(image_model="anima", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16, out_channels=16,
+             patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=1, num_heads=2, crossattn_emb_channels=1024,
+             concat_padding_mask=True, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
+             use_adaln_lora=True, adaln_lora_dim=16)
+
+
+@pytest.mark.host_feature("anima")
+def test_anima_is_a_known_family_and_its_native_files_apply_exactly(pack, waveft_dir):
+    import comfy.supported_models as sm
+
+    import waveft_core as wft
+    from waveft_core.names import family_of
+    from waveft_core.peft_io import peft_positions
+
+    mp = patcher_for(sm.Anima, ANIMA)
+    assert pack.nodes.train_loop.base_model_version(mp) == "anima"  # what Train/Save WaveFT write into the file
+    state = mp.model.state_dict()
+    names = ["diffusion_model.blocks.0.self_attn.q_proj", "diffusion_model.blocks.0.cross_attn.k_proj",
+             "diffusion_model.blocks.0.mlp.layer1", "diffusion_model.llm_adapter.blocks.0.cross_attn.q_proj"]
+    g = torch.Generator().manual_seed(3)
+    layers = {}
+    for name in names:
+        shape = tuple(state[name + ".weight"].shape)
+        layers[name] = wft.Layer(spectrum=torch.randn(50, generator=g), shape=shape, wavelet="db2",
+                                 indices=peft_positions(shape, 50, 4), scaling=2.0)
+    wft.save(wft.Adapter(layers=layers, metadata={"ss_base_model_version": "anima",
+                                                  "modelspec.architecture": "anima-preview/waveft"}),
+             waveft_dir / "anima.safetensors")
+    adapter = pack.nodes.loader.load_adapter(str(waveft_dir / "anima.safetensors"))
+    assert family_of(adapter.metadata).comfy == ("Anima",)
+    out, = pack.nodes.loader.WaveFTLoaderModelOnly().load(mp, "anima.safetensors", 0.7)["result"]
+    keys = [n + ".weight" for n in names]
+    before, after = patched_weights(mp, keys), patched_weights(out, keys)
+    for name in names:
+        want = before[name + ".weight"].double() + 0.7 * layers[name].delta(torch.float64)
+        assert torch.allclose(after[name + ".weight"].double(), want, atol=1e-6, rtol=0), name
