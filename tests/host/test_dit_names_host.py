@@ -27,6 +27,16 @@ LUMINA2 = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=96, n_la
                axes_lens=[300, 512, 512])
 WAN = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=32, ffn_dim=64, freq_dim=16,
            text_dim=24, out_dim=16, num_heads=2, num_layers=1)
+# Z-Image's timestep embedder is min(width, 1024) wide in ComfyUI and 1024 in diffusers: the one 1024-wide tiny model
+ZIMAGE = dict(LUMINA2, dim=1024, n_heads=8, n_kv_heads=8, ffn_dim_multiplier=8.0 / 3.0, rope_theta=256.0,
+              z_image_modulation=True, time_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[64, 64, 64], multiple_of=2,
+              pad_tokens_multiple=32)
+QWEN = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(8, 12, 12))
+HIDREAM = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+               attention_head_dim=32, num_attention_heads=2, caption_channels=[48, 40], text_emb_dim=32,
+               num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(16, 16), max_resolution=(16, 16),
+               llama_layers=[0, 0, 0, 0])
 LTXV = dict(image_model="ltxv", in_channels=16, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
             caption_channels=24, num_layers=1)
 
@@ -49,6 +59,15 @@ FAMILIES = {
                      num_attention_heads=6, num_kv_heads=2, multiple_of=16, ffn_dim_multiplier=1.0,
                      axes_dim_rope=(4, 6, 6), axes_lens=(300, 512, 512), cap_feat_dim=32),
                 "convert_lumina2_to_diffusers"),
+    "zimage": ("ZImage", ZIMAGE, "ZImageTransformer2DModel",
+               dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=1024, n_layers=1, n_refiner_layers=1,
+                    n_heads=8, n_kv_heads=8, qk_norm=True, cap_feat_dim=32, axes_dims=[32, 48, 48],
+                    axes_lens=[64, 64, 64]),
+               "convert_z_image_transformer_checkpoint_to_diffusers"),
+    "qwen_image": ("QwenImage", QWEN, "QwenImageTransformer2DModel",
+                   {k: v for k, v in QWEN.items() if k != "image_model"}, None),
+    "hidream": ("HiDream", HIDREAM, "HiDreamImageTransformer2DModel",
+                {k: v for k, v in HIDREAM.items() if k != "image_model"}, "convert_hidream_transformer_to_diffusers"),
     "wan_2.1": ("WAN21_T2V", WAN, "WanTransformer3DModel",
                 dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
                      text_dim=24, freq_dim=16, ffn_dim=64, num_layers=1),
