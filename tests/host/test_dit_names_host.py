@@ -37,6 +37,9 @@ HIDREAM = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels
                attention_head_dim=32, num_attention_heads=2, caption_channels=[48, 40], text_emb_dim=32,
                num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(16, 16), max_resolution=(16, 16),
                llama_layers=[0, 0, 0, 0])
+CHROMA = dict({k: v for k, v in FLUX.items() if k != "guidance_embed"}, image_model="chroma", in_channels=64, out_channels=64,
+              patch_size=1, in_dim=64, out_dim=64,
+              hidden_dim=32, n_layers=1)
 LTXV = dict(image_model="ltxv", in_channels=16, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
             caption_channels=24, num_layers=1)
 
@@ -49,6 +52,11 @@ FAMILIES = {
                   num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
                   axes_dims_rope=(8, 12, 12)),
              "convert_flux_transformer_checkpoint_to_diffusers", FLUX_NORMS),
+    "chroma": ("Chroma", CHROMA, "ChromaTransformer2DModel",
+               dict(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1,
+                    attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(8, 12, 12),
+                    approximator_num_channels=64, approximator_hidden_dim=32, approximator_layers=1),
+               "convert_chroma_transformer_checkpoint_to_diffusers", FLUX_NORMS + [(".norms.0.weight", ".norms.0.scale")]),
     "sd3": ("SD3", dict(SD3, num_patches=SD3["pos_embed_max_size"] ** 2), "SD3Transformer2DModel",
             dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=2,
                  joint_attention_dim=48, caption_projection_dim=128, pooled_projection_dim=32, out_channels=16,
@@ -86,6 +94,7 @@ FAMILIES = {
 # diffusers' converters that write the full-size widths as constants; the reference runs them with the tiny ones
 CONVERTER_WIDTHS = {
     "flux": [("inner_dim = 3072", f"inner_dim = {FLUX['hidden_size']}")],
+    "chroma": [("inner_dim = 3072", f"inner_dim = {CHROMA['hidden_size']}")],
     "lumina2": [("q_dim = 2304", f"q_dim = {LUMINA2['dim']}"),
                 ("k_dim = v_dim = 768", f"k_dim = v_dim = {LUMINA2['dim'] // LUMINA2['n_heads'] * LUMINA2['n_kv_heads']}")],
 }
