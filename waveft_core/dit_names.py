@@ -1,7 +1,7 @@
 """Diffusers/PEFT names of DiT families whose host key map lacks them or places them wrong (no host import here).
 
 ComfyUI's own key map (`comfy.lora.model_lora_keys_unet`) knows diffusers names for Flux, SD3, Qwen-Image and
-HiDream, but it has none for Wan or (in 0.8) LTXV, nor for Chroma's guidance approximator, it uses Z-Image's
+HiDream, but it has none for Wan or (in 0.8) LTXV, nor for Chroma's guidance approximator or Flux.2's modulations, it uses Z-Image's
 names for Lumina 2, and it slices a fused
 q/k/v weight into three equal blocks, which is wrong where k and v have fewer heads than q (Lumina 2: 24 query,
 8 key/value heads). `diffusers_key_map` gives the entries for those families, in the host map's value forms:
@@ -73,7 +73,15 @@ _CHROMA = (
     (r"distilled_guidance_layer\.layers\.(\d+)\.out_layer", r"distilled_guidance_layer.layers.\1.linear_2"),
     (r"distilled_guidance_layer\.(in_proj|out_proj)", r"distilled_guidance_layer.\1"),
 )
-RENAMES = {"lumina2": _LUMINA2, "wan_2.1": _WAN, "wan_2.2": _WAN, "ltxv": _LTXV, "chroma": _CHROMA}
+# Flux.2: the host gives it Flux.1's names; its shared modulations and time/guidance embedder are named anew
+_FLUX2 = (
+    (r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.lin", r"\1.linear"),
+    (r"time_in\.in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
+    (r"time_in\.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
+    (r"guidance_in\.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
+    (r"guidance_in\.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
+)
+RENAMES = {"lumina2": _LUMINA2, "wan_2.1": _WAN, "wan_2.2": _WAN, "ltxv": _LTXV, "chroma": _CHROMA, "flux2": _FLUX2}
 # Families whose blocks hold one fused q/k/v weight `<block>.attention.qkv`: the names of its q, k and v rows. Lumina 2
 # also answers to Z-Image's spelling, which the host's map gives it (with equal thirds).
 FUSED_QKV = {

@@ -37,6 +37,10 @@ HIDREAM = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels
                attention_head_dim=32, num_attention_heads=2, caption_channels=[48, 40], text_emb_dim=32,
                num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(16, 16), max_resolution=(16, 16),
                llama_layers=[0, 0, 0, 0])
+FLUX2 = dict(image_model="flux2", in_channels=64, out_channels=64, vec_in_dim=None, context_in_dim=48, hidden_size=64,
+             mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1,
+             qkv_bias=False, ops_bias=False, global_modulation=True, mlp_silu_act=True, guidance_embed=True,
+             txt_ids_dims=[3], default_ref_method="index", ref_index_scale=10.0)
 CHROMA = dict({k: v for k, v in FLUX.items() if k != "guidance_embed"}, image_model="chroma", in_channels=64, out_channels=64,
               patch_size=1, in_dim=64, out_dim=64,
               hidden_dim=32, n_layers=1)
@@ -52,6 +56,11 @@ FAMILIES = {
                   num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
                   axes_dims_rope=(8, 12, 12)),
              "convert_flux_transformer_checkpoint_to_diffusers", FLUX_NORMS),
+    "flux2": ("Flux2", FLUX2, "Flux2Transformer2DModel",
+              dict(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1,
+                   attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(8, 8, 8, 8),
+                   guidance_embeds=True),
+              "convert_flux2_transformer_checkpoint_to_diffusers", FLUX_NORMS),
     "chroma": ("Chroma", CHROMA, "ChromaTransformer2DModel",
                dict(patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=1,
                     attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(8, 12, 12),
