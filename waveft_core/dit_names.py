@@ -1,17 +1,20 @@
 """Diffusers/PEFT names of DiT families whose host key map lacks them or places them wrong (no host import here).
 
 ComfyUI's own key map (`comfy.lora.model_lora_keys_unet`) knows diffusers names for Flux, SD3, Qwen-Image and
-HiDream, but it has none for Wan or (in 0.8) LTXV, nor for Chroma's guidance approximator or Flux.2's modulations, it uses Z-Image's
-names for Lumina 2, and it slices a fused
-q/k/v weight into three equal blocks, which is wrong where k and v have fewer heads than q (Lumina 2: 24 query,
-8 key/value heads). `diffusers_key_map` gives the entries for those families, in the host map's value forms:
-a weight key, or `(key, (dim, start, length))` for rows of a fused weight. The caller reads the head counts from
-the model and passes them as plain numbers; an entry here replaces the host's entry of the same name."""
+HiDream. It has none for Wan, HunyuanVideo (only diffusion-pipe's) or, in 0.8, LTXV; none for Chroma's guidance
+approximator or Flux.2's modulations; it gives Lumina 2 Z-Image's names, and it slices a fused q/k/v weight into
+three equal blocks, which is wrong where k and v have fewer heads than q (Lumina 2: 24 query, 8 key/value heads).
+`diffusers_key_map` gives the entries for those families, in the host map's value forms: a weight key,
+`(key, (dim, start, length))` for rows of a fused weight, `(key, None, function)` for a weight whose ΔW the host
+transforms first. The caller reads the head counts from the model and passes them as plain numbers; an entry here
+replaces the host's entry of the same name."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 MODEL_PREFIX = "diffusion_model."
 
@@ -80,41 +83,115 @@ _FLUX2 = (
     (r"time_in\.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
     (r"guidance_in\.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
     (r"guidance_in\.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
+    # in the host's map from 0.3x on (ComfyUI 0.8 lacks them)
+    (r"double_blocks\.(\d+)\.img_mlp\.0", r"transformer_blocks.\1.ff.linear_in"),
+    (r"double_blocks\.(\d+)\.img_mlp\.2", r"transformer_blocks.\1.ff.linear_out"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.0", r"transformer_blocks.\1.ff_context.linear_in"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.2", r"transformer_blocks.\1.ff_context.linear_out"),
+    (r"single_blocks\.(\d+)\.linear1", r"single_transformer_blocks.\1.attn.to_qkv_mlp_proj"),
+    (r"single_blocks\.(\d+)\.linear2", r"single_transformer_blocks.\1.attn.to_out"),
 )
 RENAMES = {"lumina2": _LUMINA2, "wan_2.1": _WAN, "wan_2.2": _WAN, "ltxv": _LTXV, "chroma": _CHROMA, "flux2": _FLUX2}
-# Families whose blocks hold one fused q/k/v weight `<block>.attention.qkv`: the names of its q, k and v rows. Lumina 2
-# also answers to Z-Image's spelling, which the host's map gives it (with equal thirds).
+# HunyuanVideo as diffusers names it (HunyuanVideoTransformer3DModel) <- ComfyUI's modules (Flux-like); its fused
+# q/k/v weights come apart below
+_HUNYUAN_VIDEO = (
+    (r"double_blocks\.(\d+)\.img_attn\.proj", r"transformer_blocks.\1.attn.to_out.0"),
+    (r"double_blocks\.(\d+)\.txt_attn\.proj", r"transformer_blocks.\1.attn.to_add_out"),
+    (r"double_blocks\.(\d+)\.img_mod\.lin", r"transformer_blocks.\1.norm1.linear"),
+    (r"double_blocks\.(\d+)\.txt_mod\.lin", r"transformer_blocks.\1.norm1_context.linear"),
+    (r"double_blocks\.(\d+)\.img_mlp\.0", r"transformer_blocks.\1.ff.net.0.proj"),
+    (r"double_blocks\.(\d+)\.img_mlp\.2", r"transformer_blocks.\1.ff.net.2"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.0", r"transformer_blocks.\1.ff_context.net.0.proj"),
+    (r"double_blocks\.(\d+)\.txt_mlp\.2", r"transformer_blocks.\1.ff_context.net.2"),
+    (r"single_blocks\.(\d+)\.linear2", r"single_transformer_blocks.\1.proj_out"),
+    (r"single_blocks\.(\d+)\.modulation\.lin", r"single_transformer_blocks.\1.norm.linear"),
+    (r"img_in\.proj", "x_embedder.proj"),
+    (r"time_in\.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    (r"time_in\.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    (r"guidance_in\.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    (r"guidance_in\.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    (r"vector_in\.in_layer", "time_text_embed.text_embedder.linear_1"),
+    (r"vector_in\.out_layer", "time_text_embed.text_embedder.linear_2"),
+    (r"txt_in\.input_embedder", "context_embedder.proj_in"),
+    (r"txt_in\.t_embedder\.in_layer", "context_embedder.time_text_embed.timestep_embedder.linear_1"),
+    (r"txt_in\.t_embedder\.out_layer", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
+    (r"txt_in\.c_embedder\.in_layer", "context_embedder.time_text_embed.text_embedder.linear_1"),
+    (r"txt_in\.c_embedder\.out_layer", "context_embedder.time_text_embed.text_embedder.linear_2"),
+    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn\.proj",
+     r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_out.0"),
+    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.mlp\.0",
+     r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.0.proj"),
+    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.mlp\.2",
+     r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.2"),
+    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.adaLN_modulation\.1",
+     r"context_embedder.token_refiner.refiner_blocks.\1.norm_out.linear"),
+    (r"final_layer\.linear", "proj_out"),
+)
+RENAMES = {"lumina2": _LUMINA2, "wan_2.1": _WAN, "wan_2.2": _WAN, "ltxv": _LTXV, "chroma": _CHROMA, "flux2": _FLUX2,
+           "hunyuan_video": _HUNYUAN_VIDEO}
+
+
+def swap_scale_shift(delta: torch.Tensor) -> torch.Tensor:
+    """diffusers' final norm projects to (scale, shift), the original layout ComfyUI keeps to (shift, scale)."""
+    shift, scale = delta.chunk(2, dim=0)
+    return torch.cat((scale, shift), dim=0)
+
+
+# Weights whose diffusers projection differs from the original's by the order of its two halves
+SWAPPED = {"hunyuan_video": ((r"final_layer\.adaLN_modulation\.1", "norm_out.linear"),)}
+
+# Fused q/k/v weights: (native module pattern, diffusers names of q, k, v rows[, of the rows after them]). Each name
+# is a tuple of spellings. Lumina 2 also answers to Z-Image's spelling, which the host's map gives it (in thirds).
+_LUMINA_QKV = ((r"(.+)\.attention\.qkv", ((r"\1.attn.to_q", r"\1.attention.to_q"), (r"\1.attn.to_k", r"\1.attention.to_k"),
+                                          (r"\1.attn.to_v", r"\1.attention.to_v"))),)
 FUSED_QKV = {
-    "lumina2": (".attention.qkv", ((".attn.to_q", ".attention.to_q"), (".attn.to_k", ".attention.to_k"),
-                                   (".attn.to_v", ".attention.to_v"))),
-    "zimage": (".attention.qkv", ((".attention.to_q",), (".attention.to_k",), (".attention.to_v",))),
+    "lumina2": _LUMINA_QKV,
+    "zimage": ((r"(.+)\.attention\.qkv", ((r"\1.attention.to_q",), (r"\1.attention.to_k",), (r"\1.attention.to_v",))),),
+    "hunyuan_video": (
+        (r"double_blocks\.(\d+)\.img_attn\.qkv", ((r"transformer_blocks.\1.attn.to_q",),
+                                                   (r"transformer_blocks.\1.attn.to_k",),
+                                                   (r"transformer_blocks.\1.attn.to_v",))),
+        (r"double_blocks\.(\d+)\.txt_attn\.qkv", ((r"transformer_blocks.\1.attn.add_q_proj",),
+                                                   (r"transformer_blocks.\1.attn.add_k_proj",),
+                                                   (r"transformer_blocks.\1.attn.add_v_proj",))),
+        (r"single_blocks\.(\d+)\.linear1", ((r"single_transformer_blocks.\1.attn.to_q",),
+                                            (r"single_transformer_blocks.\1.attn.to_k",),
+                                            (r"single_transformer_blocks.\1.attn.to_v",),
+                                            (r"single_transformer_blocks.\1.proj_mlp",))),
+        (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn\.qkv",
+         ((r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_q",),
+          (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_k",),
+          (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_v",))),
+    ),
 }
 
 
-def _modules(weight_keys: Iterable[str]) -> list[str]:
-    """The diffusion model's modules that have a weight, by module path."""
-    return [k[len(MODEL_PREFIX):-len(".weight")] for k in weight_keys
-            if k.startswith(MODEL_PREFIX) and k.endswith(".weight")]
-
-
-def diffusers_key_map(family: str, weight_keys: Iterable[str], heads: Heads | None = None) -> dict:
-    """Diffusers module name -> the host map's value, for a model of `family` (a names.Family tag) with these weight
-    keys (`diffusion_model.<module>.weight`). `heads` places the q/k/v rows of a fused weight; without it a fused
-    weight gets no entries (its names stay unmatched rather than land on the wrong rows)."""
+def diffusers_key_map(family: str, weight_shapes: Mapping[str, tuple], heads: Heads | None = None) -> dict:
+    """Diffusers module name -> the host map's value, for a model of `family` (a names.Family tag) whose weights have
+    these shapes (`diffusion_model.<module>.weight` -> shape). `heads` places the rows of a fused q/k/v weight;
+    without it a fused weight gets no entries (its names stay unmatched rather than land on the wrong rows)."""
     out: dict = {}
-    modules = _modules(weight_keys)
+    modules = {k[len(MODEL_PREFIX):-len(".weight")]: tuple(shape) for k, shape in weight_shapes.items()
+               if k.startswith(MODEL_PREFIX) and k.endswith(".weight")}
     for module in modules:
+        key = f"{MODEL_PREFIX}{module}.weight"
         for pattern, replacement in RENAMES.get(family, ()):
             if re.fullmatch(pattern, module):
-                out[re.sub(pattern, replacement, module)] = f"{MODEL_PREFIX}{module}.weight"
+                out[re.sub(pattern, replacement, module)] = key
                 break
-    fused = FUSED_QKV.get(family)
-    if fused is not None and heads is not None:
-        suffix, spellings = fused
-        for module in modules:
-            if module.endswith(suffix):
-                block = module[:-len(suffix)]
-                for names, (start, rows) in zip(spellings, heads.slices()):
-                    for name in names:
-                        out[block + name] = (f"{MODEL_PREFIX}{module}.weight", (0, start, rows))
+        for pattern, name in SWAPPED.get(family, ()):
+            if re.fullmatch(pattern, module):
+                out[name] = (key, None, swap_scale_shift)
+        if heads is None:
+            continue
+        for pattern, parts in FUSED_QKV.get(family, ()):
+            if not re.fullmatch(pattern, module):
+                continue
+            slices = list(heads.slices())
+            used = slices[-1][0] + slices[-1][1]
+            if len(parts) > 3:  # the rows after q/k/v (a single block's MLP input)
+                slices.append((used, modules[module][0] - used))
+            for spellings, (start, rows) in zip(parts, slices):
+                for spelling in spellings:
+                    out[re.sub(pattern, spelling, module)] = (key, (0, start, rows))
     return out

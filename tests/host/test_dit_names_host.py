@@ -44,6 +44,23 @@ FLUX2 = dict(image_model="flux2", in_channels=64, out_channels=64, vec_in_dim=No
 CHROMA = dict({k: v for k, v in FLUX.items() if k != "guidance_embed"}, image_model="chroma", in_channels=64, out_channels=64,
               patch_size=1, in_dim=64, out_dim=64,
               hidden_dim=32, n_layers=1)
+HUNYUAN_VIDEO = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48,
+                     hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+                     theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
+                     use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)
+# ComfyUI's HunyuanVideo modules are spelled as Flux's; the original checkpoint (what diffusers' converter reads)
+# spells them as these, applied in order (`mlp.0` -> `mlp.fc1` before `time_in.in_layer` -> `time_in.mlp.0`)
+HUNYUAN_ORIGINAL = [("_norm.scale", "_norm.weight"),  # ComfyUI 0.8 keeps the RMSNorm weights as `scale`
+                    ("mlp.0.", "mlp.fc1."), ("mlp.2.", "mlp.fc2."), ("_mod.lin.", "_mod.linear."),
+                    ("modulation.lin.", "modulation.linear."), ("_attn.qkv.", "_attn_qkv."),
+                    ("_attn.proj.", "_attn_proj."), ("self_attn.qkv.", "self_attn_qkv."),
+                    ("self_attn.proj.", "self_attn_proj."), ("_attn.norm.query_norm.", "_attn_q_norm."),
+                    ("_attn.norm.key_norm.", "_attn_k_norm."), ("norm.query_norm.", "q_norm."),
+                    ("norm.key_norm.", "k_norm."), ("c_embedder.in_layer.", "c_embedder.linear_1."),
+                    ("c_embedder.out_layer.", "c_embedder.linear_2."), ("t_embedder.in_layer.", "t_embedder.mlp.0."),
+                    ("t_embedder.out_layer.", "t_embedder.mlp.2."), ("time_in.in_layer.", "time_in.mlp.0."),
+                    ("time_in.out_layer.", "time_in.mlp.2."), ("guidance_in.in_layer.", "guidance_in.mlp.0."),
+                    ("guidance_in.out_layer.", "guidance_in.mlp.2.")]
 LTXV = dict(image_model="ltxv", in_channels=16, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
             caption_channels=24, num_layers=1)
 
@@ -85,6 +102,11 @@ FAMILIES = {
                    {k: v for k, v in QWEN.items() if k != "image_model"}, None),
     "hidream": ("HiDream", HIDREAM, "HiDreamImageTransformer2DModel",
                 {k: v for k, v in HIDREAM.items() if k != "image_model"}, "convert_hidream_transformer_to_diffusers"),
+    "hunyuan_video": ("HunyuanVideo", HUNYUAN_VIDEO, "HunyuanVideoTransformer3DModel",
+                      dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32, num_layers=1,
+                           num_single_layers=1, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+                           guidance_embeds=True, text_embed_dim=48, pooled_projection_dim=32, rope_axes_dim=(8, 12, 12)),
+                      "convert_hunyuan_video_transformer_to_diffusers", HUNYUAN_ORIGINAL),
     "wan_2.1": ("WAN21_T2V", WAN, "WanTransformer3DModel",
                 dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
                      text_dim=24, freq_dim=16, ffn_dim=64, num_layers=1),
@@ -103,6 +125,7 @@ FAMILIES = {
 # diffusers' converters that write the full-size widths as constants; the reference runs them with the tiny ones
 CONVERTER_WIDTHS = {
     "flux": [("inner_dim = 3072", f"inner_dim = {FLUX['hidden_size']}")],
+    "hunyuan_video": [("hidden_size = 3072", f"hidden_size = {HUNYUAN_VIDEO['hidden_size']}")],
     "chroma": [("inner_dim = 3072", f"inner_dim = {CHROMA['hidden_size']}")],
     "lumina2": [("q_dim = 2304", f"q_dim = {LUMINA2['dim']}"),
                 ("k_dim = v_dim = 768", f"k_dim = v_dim = {LUMINA2['dim'] // LUMINA2['n_heads'] * LUMINA2['n_kv_heads']}")],
@@ -132,6 +155,9 @@ def test_diffusers_names_land_where_diffusers_keeps_them(pack, tmp_path, family)
 
     comfy_class, comfy_config = FAMILIES[family][:2]
     mp = patcher_for(getattr(sm, comfy_class), comfy_config)
+    with torch.inference_mode():  # buffers ComfyUI leaves uninitialised (SD3's pos_embed on 0.8) compare as numbers
+        for buffer in mp.model.diffusion_model.buffers():
+            buffer.copy_(torch.nan_to_num(buffer, nan=0.0, posinf=0.0, neginf=0.0))
     native = {k[len("diffusion_model."):]: v.detach().float().clone() for k, v in mp.model.state_dict().items()
               if k.startswith("diffusion_model.")}
     out = diffusers_reference(native, family, tmp_path)
