@@ -218,3 +218,23 @@ def test_anima_is_a_known_family_and_its_native_files_apply_exactly(pack, waveft
     for name in names:
         want = before[name + ".weight"].double() + 0.7 * layers[name].delta(torch.float64)
         assert torch.allclose(after[name + ".weight"].double(), want, atol=1e-6, rtol=0), name
+
+
+def test_a_layer_that_does_not_fit_its_rows_is_refused_naming_it_and_nothing_is_applied(pack):
+    """A k projection the size of q (as the host's equal thirds assumed for Lumina 2) cannot be placed: the whole
+    file is refused, naming the layer and both shapes, and the model stays unpatched."""
+    import comfy.supported_models as sm
+
+    import waveft_core as wft
+    from waveft_core.peft_io import peft_positions
+
+    mp = patcher_for(sm.Lumina2, LUMINA2)
+    width, kv_rows = LUMINA2["dim"], LUMINA2["dim"] // LUMINA2["n_heads"] * LUMINA2["n_kv_heads"]
+    shapes = {"transformer.layers.0.attn.to_q": (width, width), "transformer.layers.0.attn.to_k": (width, width)}
+    adapter = wft.Adapter(layers={name: wft.Layer(spectrum=torch.ones(10), shape=shape, wavelet="db1",
+                                                  indices=peft_positions(shape, 10, 1), scaling=1.0)
+                                  for name, shape in shapes.items()})
+    with pytest.raises(ValueError, match=r"transformer\.layers\.0\.attn\.to_k: adapter \[96, 96\], model "
+                                         rf"\[{kv_rows}, {width}\]"):
+        pack.nodes.loader.apply_adapter(adapter, mp, None, 1.0, 0.0, "lumina2 test")
+    assert not mp.patches
