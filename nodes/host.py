@@ -10,7 +10,7 @@ import comfy.lora
 import comfy.utils
 import folder_paths
 
-from ..waveft_core.dit_names import Heads, diffusers_key_map
+from ..waveft_core.dit_names import Heads, diffusers_key_map, merge_into
 from ..waveft_core.host_adapter import adapter_class
 from ..waveft_core.matching import match_layers
 from ..waveft_core.names import family_tag_of_comfy
@@ -153,8 +153,8 @@ def key_map(model=None, clip=None) -> dict:
     if model is not None:
         kmap = comfy.lora.model_lora_keys_unet(model.model, kmap)
         # diffusers names the host's map lacks or places wrong (Wan, LTXV, Lumina 2's grouped k/v heads)
-        kmap.update(diffusers_key_map(family_tag_of_comfy(model_family(model)), weight_shapes(model),
-                                      attention_heads(model)))
+        merge_into(kmap, diffusers_key_map(family_tag_of_comfy(model_family(model)), weight_shapes(model),
+                                           attention_heads(model)))
     if clip is not None:
         kmap = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, kmap)
     return kmap

@@ -69,6 +69,9 @@ def main(spec_path, native_path, out_dir):
     index = {k: v.round().long() for k, v in convert(spec, running_numbers(native, order)).items()
              if v.is_floating_point()}
     torch.manual_seed(0)
+    if not hasattr(diffusers, spec["diffusers_class"]):
+        raise SystemExit(f"diffusers {diffusers.__version__} has no {spec['diffusers_class']}: the family's reference "
+                         "needs a newer diffusers (pip install -U diffusers; tested with 0.42.1)")
     model = getattr(diffusers, spec["diffusers_class"])(**spec["diffusers_config"]).double()
     missing, unexpected = model.load_state_dict(convert(spec, native), strict=False)
     if missing or unexpected:

@@ -1,6 +1,6 @@
 """Diffusers names of the DiT families the host's key map lacks or places wrong (waveft_core/dit_names.py); the
 end-to-end proof against real diffusers models is tests/host/test_dit_names_host.py."""
-from waveft_core.dit_names import Heads, diffusers_key_map
+from waveft_core.dit_names import Heads, diffusers_key_map, merge_into
 
 
 def test_grouped_kv_heads_take_their_own_rows_at_full_lumina2_size():
@@ -38,3 +38,12 @@ def test_hunyuan_video_single_block_rows_after_qkv_are_the_mlp():
     kmap = diffusers_key_map("hunyuan_video", {key: (3072 * 7, 3072)}, Heads(24, 24, 128))
     assert kmap["single_transformer_blocks.4.attn.to_v"] == (key, (0, 6144, 3072))
     assert kmap["single_transformer_blocks.4.proj_mlp"] == (key, (0, 9216, 12288))
+
+
+def test_an_entry_replaces_the_hosts_value_under_every_spelling_the_host_lists():
+    wrong, right = ("w", (0, 2304, 2304)), ("w", (0, 2304, 768))
+    host = {"layers.0.attention.to_k": wrong, "transformer.layers.0.attention.to_k": wrong,
+            "lycoris_layers_0_attention_to_k": wrong, "other": "x"}
+    merged = merge_into(host, {"layers.0.attention.to_k": right})
+    assert merged == {"layers.0.attention.to_k": right, "transformer.layers.0.attention.to_k": right,
+                      "lycoris_layers_0_attention_to_k": right, "other": "x"}

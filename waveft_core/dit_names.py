@@ -229,3 +229,21 @@ def diffusers_key_map(family: str, weight_shapes: Mapping[str, tuple], heads: He
                 for spelling in spellings:
                     out[re.sub(pattern, spelling, module)] = (key, (0, start, rows))
     return out
+
+
+def spellings(name: str) -> tuple[str, ...]:
+    """The forms under which host key maps list a diffusers module name (bare, pipeline, native-prefixed,
+    OneTrainer, LyCORIS)."""
+    under = name.replace(".", "_")
+    return (name, f"transformer.{name}", f"{MODEL_PREFIX}{name}", f"lora_transformer_{under}", f"lycoris_{under}")
+
+
+def merge_into(host_map: dict, entries: dict) -> dict:
+    """The host's map with `entries` added; an entry replaces the host's own value under every spelling of its name
+    the host lists, so that no spelling keeps rows the host placed wrong."""
+    for name, value in entries.items():
+        host_map[name] = value
+        for spelling in spellings(name)[1:]:
+            if spelling in host_map:
+                host_map[spelling] = value
+    return host_map

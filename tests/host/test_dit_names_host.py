@@ -8,7 +8,8 @@ under its names (`tests/diffusers_reference.py`, run with the project's .venv: C
 package). Load WaveFT applies that file to the ComfyUI model; read back through the converter's layout change,
 every weight must equal the diffusers weight with PEFT's ΔW added (float64), fused q/k/v slices, grouped k/v
 heads (Lumina 2: 6 query heads, 2 key/value heads here, as 24/8 in the real model) and swapped scale/shift
-included. Families ComfyUI 0.8 lacks are deselected there (host_feature)."""
+included. Families ComfyUI 0.8 lacks are deselected there (host_feature). Every family's diffusers class and
+converter exists in the diffusers the project's .venv has (0.42.1); an older one fails naming the missing class."""
 import json
 import os
 import subprocess
@@ -246,3 +247,20 @@ def test_a_layer_that_does_not_fit_its_rows_is_refused_naming_it_and_nothing_is_
                                          rf"\[{kv_rows}, {width}\]"):
         pack.nodes.loader.apply_adapter(adapter, mp, None, 1.0, 0.0, "lumina2 test")
     assert not mp.patches
+
+
+def test_every_spelling_of_a_lumina2_name_the_host_lists_gets_the_grouped_rows(pack):
+    """The host lists Z-Image's q/k/v names for Lumina 2 also as `transformer.…`, `diffusion_model.…` and `lycoris_…`,
+    each with rows a third of the fused weight would have if k and v had q's heads: none of them may keep those."""
+    import comfy.supported_models as sm
+
+    from waveft_core.matching import resolve
+
+    mp = patcher_for(sm.Lumina2, LUMINA2)
+    kmap, shapes = pack.nodes.host.key_map(mp), pack.nodes.host.weight_shapes(mp)
+    width, kv_rows = LUMINA2["dim"], LUMINA2["dim"] // LUMINA2["n_heads"] * LUMINA2["n_kv_heads"]
+    key = "diffusion_model.layers.0.attention.qkv.weight"
+    for name, rows in (("layers.0.attention.to_k", (width, kv_rows)), ("layers.0.attention.to_v", (width + kv_rows, kv_rows))):
+        for spelling in (name, f"transformer.{name}", f"diffusion_model.{name}", "lycoris_" + name.replace(".", "_")):
+            assert kmap[spelling] == (key, (0, *rows)), spelling
+            assert resolve(spelling, kmap, shapes.get).shape == (kv_rows, width), spelling  # as PEFT files are read
