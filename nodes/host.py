@@ -10,8 +10,10 @@ import comfy.lora
 import comfy.utils
 import folder_paths
 
+from ..waveft_core.dit_names import Heads, diffusers_key_map, merge_into
 from ..waveft_core.host_adapter import adapter_class
 from ..waveft_core.matching import match_layers
+from ..waveft_core.names import family_tag_of_comfy
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
@@ -168,9 +170,28 @@ def key_map(model=None, clip=None) -> dict:
     kmap: dict = {}
     if model is not None:
         kmap = comfy.lora.model_lora_keys_unet(model.model, kmap)
+        # diffusers names the host's map lacks or places wrong (Wan, LTXV, Lumina 2's grouped k/v heads)
+        merge_into(kmap, diffusers_key_map(family_tag_of_comfy(model_family(model)), weight_shapes(model),
+                                           attention_heads(model)))
     if clip is not None:
         kmap = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, kmap)
     return kmap
+
+
+def attention_heads(model) -> Heads | None:
+    """The heads of the diffusion model's fused q/k/v attention, as the model holds them: Lumina 2 and Z-Image on
+    each `JointAttention` (`n_local_heads`, `n_local_kv_heads`, `head_dim`), Flux-like models (HunyuanVideo) on the
+    model (`num_heads`, `hidden_size`, as many k/v heads as q heads); None for a model without them."""
+    diffusion_model = getattr(model.model, "diffusion_model", None)
+    if diffusion_model is None:
+        return None
+    for module in diffusion_model.modules():
+        if hasattr(module, "qkv") and hasattr(module, "n_local_kv_heads"):
+            return Heads(int(module.n_local_heads), int(module.n_local_kv_heads), int(module.head_dim))
+    heads, width = getattr(diffusion_model, "num_heads", None), getattr(diffusion_model, "hidden_size", None)
+    if isinstance(heads, int) and isinstance(width, int) and heads > 0:
+        return Heads(heads, heads, width // heads)
+    return None
 
 
 def weight_shapes(model=None, clip=None):

@@ -51,6 +51,8 @@ FAMILIES = (
     Family("wan_2.1", "wan2.1", ("WAN21_T2V", "WAN21_I2V"), "", ("wan_2.1", "wan2.1", "wan21"), ("wan2.1",)),
     Family("wan_2.2", "wan2.2", ("WAN22_T2V",), "", ("wan_2.2", "wan2.2", "wan22"), ("wan2.2",)),
     Family("ltxv", "ltx-video", ("LTXV",), "", ("ltxv", "ltx_video", "ltx-video"), ("ltx-video", "ltxv")),
+    # Anima (ComfyUI 0.3x, a Cosmos-Predict2 DiT with an LLM adapter): tag and architecture as lora-scripts-next writes them
+    Family("anima", "anima-preview", ("Anima",), "", ("anima",), ("anima",)),
 )
 
 
