@@ -195,6 +195,7 @@ def _checked_load_lora(load_lora):
         if not any(k.endswith(SPECTRUM) for k in lora):
             return load_lora(lora, to_load, *args, **kwargs)
         missing = stock_loader.unclaimed_layers(lora.keys(), to_load)
+        models = _LOADING_FOR.get()
         if missing:
             path = stock_lora_file()
             header = peek_header(path) if path else None
@@ -202,8 +203,10 @@ def _checked_load_lora(load_lora):
             raise ValueError(stock_loader.unclaimed_message(
                 path or "the file given to the LoRA loader", missing, len(stock_loader.waveft_layers(lora)),
                 metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")))
+        if models is not None and models[1] is None and stock_loader.only_text_encoder_layers(lora):
+            raise ValueError(stock_loader.text_encoder_only_message(
+                stock_lora_file() or "the file given to the LoRA loader", len(stock_loader.waveft_layers(lora))))
         patches = load_lora(lora, to_load, *args, **kwargs)
-        models = _LOADING_FOR.get()
         for key, patch in patches.items() if models is not None else ():
             if callable(getattr(patch, "bind_to_weight", None)):
                 shape = _weight_shape(*models, key)

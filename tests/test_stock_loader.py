@@ -1,5 +1,6 @@
 """The stock LoRA loader's blind spot: WaveFT layers its key map cannot place (waveft_core/stock_loader.py)."""
-from waveft_core.stock_loader import is_text_encoder_layer, unclaimed_layers, unclaimed_message
+from waveft_core.stock_loader import (is_text_encoder_layer, only_text_encoder_layers, unclaimed_layers,
+                                      unclaimed_message)
 
 MODEL_MAP = {"lora_unet_blocks_0_mlp_layer1": "diffusion_model.blocks.0.mlp.layer1.weight",
              "diffusion_model.blocks.0.qkv": ("diffusion_model.blocks.0.qkv.weight", (0, 0, 6))}
@@ -17,6 +18,8 @@ def test_only_the_components_the_map_covers_are_expected():
                                                                 "lora_te_layers_7_mlp_up_proj"]
     assert unclaimed_layers(FILE, {}) == []
     assert unclaimed_layers([k for k in FILE if "lora_up" in k], MODEL_MAP) == []  # a LoRA: none of its business
+    assert not only_text_encoder_layers(FILE) and not only_text_encoder_layers([])
+    assert only_text_encoder_layers([k for k in FILE if k.startswith("lora_te")])
 
 
 def test_text_encoder_spellings():

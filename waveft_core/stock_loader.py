@@ -47,6 +47,18 @@ def unclaimed_layers(keys: Iterable[str], key_map: Mapping) -> list[str]:
             and (has_text_encoder if is_text_encoder_layer(name) else has_model)]
 
 
+def only_text_encoder_layers(keys: Iterable[str]) -> bool:
+    """Every WaveFT layer of the file is a text encoder's: a model-only loader would apply none of them."""
+    layers = waveft_layers(keys)
+    return bool(layers) and all(is_text_encoder_layer(name) for name in layers)
+
+
+def text_encoder_only_message(source: str, total: int) -> str:
+    return (f"WaveFT: {source}: all {total} WaveFT layers of this file are for the text encoder, and this loader "
+            "patches the diffusion model only, so it would change nothing. Use Load LoRA (or Load WaveFT) with the "
+            "CLIP connected.")
+
+
 def unclaimed_message(source: str, missing: list[str], total: int, base_model: str | None = None) -> str:
     listed = ", ".join(missing[:SHOWN]) + (f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else "")
     recorded = f" (it records the base model '{base_model}')" if base_model else ""

@@ -185,10 +185,13 @@ def test_lost_16_bit_positions_are_refused_never_applied(pack, anima, waveft_dir
         pack.nodes.loader.WaveFTLoaderModelOnly().load(anima, "lost.safetensors", 1.0)
     msg = str(e.value)
     assert "lost.safetensors" in msg and "save_precision fp16: positions lost" in msg and "float" in msg
-    # the stock loader node fails too, before anything is patched: its model gives the shape the positions need
-    with pytest.raises(ValueError) as e:
-        nodes.LoraLoaderModelOnly().load_lora_model_only(anima, "lost.safetensors", 1.0)
-    assert "lost.safetensors" in str(e.value) and "positions lost" in str(e.value)
+    # the stock loader nodes fail too, before anything is patched: their model gives the shape the positions need
+    from comfy_extras.nodes_lora_debug import LoraLoaderBypassModelOnly  # 0.33, as Anima
+
+    for loader in (nodes.LoraLoaderModelOnly(), LoraLoaderBypassModelOnly()):
+        with pytest.raises(ValueError) as e:
+            loader.load_lora_model_only(anima, "lost.safetensors", 1.0)
+        assert "lost.safetensors" in str(e.value) and "positions lost" in str(e.value)
 
 
 @pytest.mark.host_feature("anima")
@@ -395,6 +398,16 @@ def test_stock_loaders_fail_on_waveft_layers_the_model_lacks(pack, sd15, loras_d
     # … while a model-only loader leaves text-encoder layers out by choice, and applies the model's layer
     patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "te_missing.safetensors", 1.0)[0]
     assert set(patched.patches) == {name + ".weight"}
+    # a file of text-encoder layers only would change nothing there: that fails, and Load LoRA applies it
+    te_known = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    te_key = pack.nodes.host.key_map(None, clip)[te_known]
+    wft.save(wft.Adapter({te_known: _native_layer(tuple(clip.cond_stage_model.state_dict()[te_key].shape))}),
+             loras_dir / "te_only.safetensors")
+    with pytest.raises(ValueError) as e:
+        nodes.LoraLoaderModelOnly().load_lora_model_only(model, "te_only.safetensors", 1.0)
+    assert "te_only.safetensors" in str(e.value) and "all 1 WaveFT layers" in str(e.value) and "CLIP" in str(e.value)
+    _, te_patched = nodes.LoraLoader().load_lora(model, clip, "te_only.safetensors", 1.0, 1.0)
+    assert set(te_patched.patcher.patches) == {te_key}
 
 
 def test_lora_files_pass_the_guard_untouched(pack, sd15, loras_dir, caplog, monkeypatch):
