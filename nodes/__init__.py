@@ -6,6 +6,7 @@ from .train_nodes import WaveFTApply, WaveFTSave, WaveFTTrain
 
 host.register_folder()
 host.register_adapter_class()
+host.guard_stock_loaders()
 host.check_dependencies()
 
 NODE_CLASS_MAPPINGS = {

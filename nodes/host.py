@@ -3,17 +3,23 @@ class the host's patcher calls, key maps, progress. Host churn is expected; keep
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import logging
 import os
 
 import comfy.lora
+import comfy.sd
 import comfy.utils
 import folder_paths
 
+from ..waveft_core import stock_loader
 from ..waveft_core.dit_names import Heads, diffusers_key_map, merge_into
 from ..waveft_core.host_adapter import adapter_class
+from ..waveft_core.kinds import SPECTRUM
 from ..waveft_core.matching import match_layers
 from ..waveft_core.names import family_tag_of_comfy
+from ..waveft_core.storage import peek_header
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
@@ -160,6 +166,96 @@ def register_adapter_class() -> bool:
     adapters[:] = [a for a in adapters if getattr(a, "name", None) != WaveFTAdapter.name]
     adapters.append(WaveFTAdapter)
     return True
+
+
+# --- the stock LoRA loaders: a WaveFT file is applied, or the node fails ------------------------------
+
+# The caller's model while comfy.sd.load_lora_for_models runs: comfy.lora.load_lora is handed the key map only.
+_LOADING_FOR = contextvars.ContextVar("waveft_loading_for", default=None)
+
+
+def _weight_shape(model, clip, patch_key) -> tuple | None:
+    """The shape a patch key (the weight key, or (key, (dim, start, length)[, function])) patches."""
+    key, offset = (patch_key, None) if isinstance(patch_key, str) else (patch_key[0], patch_key[1])
+    for owner in (getattr(model, "model", None), getattr(clip, "cond_stage_model", None)):
+        try:
+            shape = list(comfy.utils.get_attr(owner, key).shape)
+        except (AttributeError, TypeError):
+            continue
+        if offset is not None:
+            shape[offset[0]] = offset[2]
+        return tuple(shape)
+    return None
+
+
+def _checked_load_lora(load_lora):
+    """comfy.lora.load_lora that fails on WaveFT layers its key map cannot place (stock_loader.py), before anything
+    is patched, and checks kohya layers against their weights when the caller's model is known. A file without
+    WaveFT layers goes straight through: LoRAs load as before, warnings and all."""
+
+    def checked(lora, to_load, *args, **kwargs):
+        if not any(k.endswith(SPECTRUM) for k in lora):
+            return load_lora(lora, to_load, *args, **kwargs)
+        missing = stock_loader.unclaimed_layers(lora.keys(), to_load)
+        models = _LOADING_FOR.get()
+        if missing:
+            path = stock_lora_file()
+            header = peek_header(path) if path else None
+            metadata = header.metadata if header is not None else {}
+            raise ValueError(stock_loader.unclaimed_message(
+                path or "the file given to the LoRA loader", missing, len(stock_loader.waveft_layers(lora)),
+                metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")))
+        if models is not None and models[1] is None and stock_loader.only_text_encoder_layers(lora):
+            raise ValueError(stock_loader.text_encoder_only_message(
+                stock_lora_file() or "the file given to the LoRA loader", len(stock_loader.waveft_layers(lora))))
+        patches = load_lora(lora, to_load, *args, **kwargs)
+        for key, patch in patches.items() if models is not None else ():
+            if callable(getattr(patch, "bind_to_weight", None)):
+                shape = _weight_shape(*models, key)
+                if shape is not None:
+                    patch.bind_to_weight(shape)  # lost 16-bit positions fail this node, not the first sampling step
+        return patches
+
+    return checked
+
+
+def _with_models_known(load_for_models):
+    """comfy.sd.load_lora_for_models (or its bypass twin) telling the load_lora check which model it loads for."""
+
+    def with_models(*args, **kwargs):
+        model = kwargs["model"] if "model" in kwargs else (args[0] if args else None)
+        clip = kwargs["clip"] if "clip" in kwargs else (args[1] if len(args) > 1 else None)
+        token = _LOADING_FOR.set((model, clip))
+        try:
+            return load_for_models(*args, **kwargs)
+        finally:
+            _LOADING_FOR.reset(token)
+
+    return with_models
+
+
+def _wrap_host_function(module, name: str, wrap) -> bool:
+    """Replace module.name by wrap(original), once: a reload of the pack re-wraps the host's original, never its
+    own earlier wrapper. Absent on this host: nothing done."""
+    current = getattr(module, name, None)
+    if not callable(current):
+        return False
+    original = current.__waveft_original__ if getattr(current, "__waveft_wrapper__", None) is current else current
+    wrapper = functools.wraps(original)(wrap(original))
+    wrapper.__waveft_wrapper__ = wrapper
+    wrapper.__waveft_original__ = original
+    setattr(module, name, wrapper)
+    return True
+
+
+def guard_stock_loaders() -> bool:
+    """No silent no-op: every stock LoRA path (Load LoRA, bypass, hooks, the third-party loaders that call
+    comfy.sd.load_lora_for_models) goes through comfy.lora.load_lora, which otherwise only logs 'lora key not
+    loaded' for a WaveFT layer its key map lacks."""
+    guarded = _wrap_host_function(comfy.lora, "load_lora", _checked_load_lora)
+    for name in ("load_lora_for_models", "load_bypass_lora_for_models"):
+        _wrap_host_function(comfy.sd, name, _with_models_known)
+    return guarded
 
 
 # --- key maps and matching -----------------------------------------------------------------------

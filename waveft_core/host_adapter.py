@@ -157,6 +157,13 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             self._memo = (self.weights, device, unpacked)
             return unpacked
 
+        def bind_to_weight(self, shape) -> None:
+            """Check a kohya layer's positions against its weight's shape now: the host edge calls this in the stock
+            loader's node (where the model is known), so a 16-bit save whose positions were lost fails the node
+            instead of the first sampling step. The bound layer is kept for the patch. Native layers: nothing."""
+            if _is_pending(self.weights):
+                self.weights[2].bind(shape)
+
         def calculate_shape(self, key):
             """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
             return None

@@ -53,25 +53,64 @@ def anima(pack):
                                             offload_device=mm.unet_offload_device())
 
 
-def _expected(stem):
+# their text encoder's modules inside ComfyUI 0.33's Anima text encoder (comfy/text_encoders/anima.py)
+TE_IN_CLIP = "qwen3_06b.transformer.model."
+# (base file prefix, weight key prefix, kohya prefix, prefix after their convert_anima_lora_to_comfy.py)
+PARTS = {"unet": ("unet.", "diffusion_model.", "lora_unet_", "diffusion_model."),
+         "te": ("te.", TE_IN_CLIP, "lora_te_", "text_encoders." + TE_IN_CLIP)}
+
+
+def _te_keys():
+    return [TE_IN_CLIP + k[len("te."):] for k in _base() if k.startswith("te.")]
+
+
+def _expected(stem, part="unet"):
     """base + ΔW from the float64 reference, at the positions their fp32 save stored exactly (fp16, bf16 and the
     converted file share its seed and spectra: only the save precision differs) with the file's own spectra."""
     positions_file = "kohya_anima_fp32_noidwt" if stem == "kohya_anima_fp32_noidwt" else "kohya_anima_fp32"
     exact = load_file(str(FIX / f"{positions_file}.safetensors"))
     stored = load_file(str(FIX / f"{stem}.safetensors"))
     base = _base()
+    base_prefix, key_prefix, kohya_prefix, converted_prefix = PARTS[part]
     out = {}
-    for key in _unet_keys():
-        module = key[len("diffusion_model."):-len(".weight")]
-        name = "lora_unet_" + module.replace(".", "_")
-        mine = name if f"{name}.waveft_spectrum" in stored else "diffusion_model." + module
+    for key in (_unet_keys() if part == "unet" else _te_keys()):
+        module = key[len(key_prefix):-len(".weight")]
+        name = kohya_prefix + module.replace(".", "_")
+        mine = name if f"{name}.waveft_spectrum" in stored else converted_prefix + module
         rows, cols = exact[f"{name}.waveft_indices"].to(torch.int64)
-        weight = base["unet." + module + ".weight"].double()
+        weight = base[base_prefix + module + ".weight"].double()
         n = weight.shape[1]
         delta = reference_delta(rows * n + cols, stored[f"{mine}.waveft_spectrum"].double(), tuple(weight.shape),
                                 "db1", float(stored[f"{mine}.waveft_scaling"]), bool(stored[f"{mine}.waveft_use_idwt"]))
         out[key] = weight + torch.as_tensor(delta)
     return out
+
+
+@pytest.fixture(scope="module")
+def anima_clip():
+    """ComfyUI 0.33's own Anima text encoder (a Qwen3 0.6B, comfy/text_encoders/anima.py) built at the fixtures'
+    sizes (6 wide, MLP 9, one layer, two heads of 3), holding the fixtures' base text-encoder weights."""
+    import comfy.sd
+    import comfy.text_encoders.anima
+    import comfy.text_encoders.llama
+    from comfy.supported_models_base import ClipTarget
+
+    config = comfy.text_encoders.llama.Qwen3_06BConfig
+    head_dim = config.head_dim  # a class constant of the config, not one of its fields
+    config.head_dim = 3
+    try:
+        clip = comfy.sd.CLIP(target=ClipTarget(comfy.text_encoders.anima.AnimaTokenizer, comfy.text_encoders.anima.te()),
+                             model_options={"qwen3_06b_model_config": dict(
+                                 hidden_size=6, intermediate_size=9, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=32), "dtype": torch.float32})
+    finally:
+        config.head_dim = head_dim
+    sd = clip.cond_stage_model.state_dict()
+    with torch.no_grad():
+        for key, value in _base().items():
+            if key.startswith("te."):
+                sd[TE_IN_CLIP + key[len("te."):]].copy_(value)
+    return clip
 
 
 def _max_diff(got, want):
@@ -102,6 +141,23 @@ def test_their_files_apply_exactly_through_load_waveft_and_the_stock_loader(pack
         assert _max_diff(node, {k: theirs["unet." + k[len("diffusion_model."):]] for k in keys}) < 1e-6
 
 
+@pytest.mark.host_feature("anima")
+@pytest.mark.parametrize("stem", ["kohya_anima_fp32", "kohya_anima_bf16", "kohya_anima_fp32_comfy"])
+def test_their_text_encoder_layers_apply_exactly_through_load_lora(pack, anima, anima_clip, loras_dir, stem):
+    """ComfyUI 0.33's key map sends their lora_te_* names (and the converted text_encoders.* ones) to Anima's Qwen3
+    text encoder: Load LoRA applies all 17 layers, the 7 text-encoder ones as exactly as the 10 of the DiT."""
+    import nodes
+
+    shutil.copy(FIX / f"{stem}.safetensors", loras_dir / f"{stem}.safetensors")
+    model, clip = nodes.LoraLoader().load_lora(anima, anima_clip, f"{stem}.safetensors", 1.0, 1.0)
+    te = patched_weights(clip.patcher, _te_keys())
+    assert _max_diff(te, _expected(stem, "te")) < 1e-6
+    assert _max_diff(patched_weights(model, _unet_keys()), _expected(stem)) < 1e-6
+    if stem == "kohya_anima_fp32":  # their own merge of the same file
+        theirs = load_file(str(FIX / f"{stem}.their_merge.safetensors"))
+        assert _max_diff(te, {k: theirs["te." + k[len(TE_IN_CLIP):]] for k in te}) < 1e-6
+
+
 def _lost_fp16(path):
     """Their fp16 file with one rounded position changed to another rounded value no seed draws: what a save
     whose positions cannot be recovered looks like."""
@@ -129,11 +185,13 @@ def test_lost_16_bit_positions_are_refused_never_applied(pack, anima, waveft_dir
         pack.nodes.loader.WaveFTLoaderModelOnly().load(anima, "lost.safetensors", 1.0)
     msg = str(e.value)
     assert "lost.safetensors" in msg and "save_precision fp16: positions lost" in msg and "float" in msg
-    # the stock loader cannot know the shape before the model loads: the patch fails then, naming the file
-    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(anima, "lost.safetensors", 1.0)[0]
-    with pytest.raises(ValueError) as e:
-        patched_weights(patched, _unet_keys())
-    assert "lost.safetensors" in str(e.value) and "positions lost" in str(e.value)
+    # the stock loader nodes fail too, before anything is patched: their model gives the shape the positions need
+    from comfy_extras.nodes_lora_debug import LoraLoaderBypassModelOnly  # 0.33, as Anima
+
+    for loader in (nodes.LoraLoaderModelOnly(), LoraLoaderBypassModelOnly()):
+        with pytest.raises(ValueError) as e:
+            loader.load_lora_model_only(anima, "lost.safetensors", 1.0)
+        assert "lost.safetensors" in str(e.value) and "positions lost" in str(e.value)
 
 
 @pytest.mark.host_feature("anima")
@@ -297,3 +355,92 @@ def test_stock_loader_fails_on_spectra_without_positions(pack, sd15, loras_dir):
         nodes.LoraLoaderModelOnly().load_lora_model_only(model, "spectra.safetensors", 1.0)
     msg = str(e.value)
     assert "spectra.safetensors" in msg and "stores no coefficient positions" in msg and "Load WaveFT" in msg
+
+
+# --- both hosts: WaveFT layers the stock loader's key map cannot place fail the node -------------------
+
+def _native_layer(shape, count=20, seed=0):
+    import waveft_core as wft
+    from waveft_core.peft_io import peft_positions
+
+    return wft.Layer(spectrum=torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.01,
+                     indices=peft_positions(shape, count), shape=shape, wavelet="db1")
+
+
+def test_stock_loaders_fail_on_waveft_layers_the_model_lacks(pack, sd15, loras_dir):
+    """The layers no entry of the key map asks for used to be 'lora key not loaded' lines only; now Load LoRA and
+    Load LoRA (model only) fail naming the file, the layers (a shortened list) and what to do."""
+    import nodes
+
+    model, clip, _ = sd15
+    name = "diffusion_model.middle_block.1.proj_in"
+    shape = tuple(model.model.state_dict()[name + ".weight"].shape)
+    kohya = kohya_layout({f"lora_unet_no_such_block_{i}": shape[:2] for i in range(7)},
+                         {f"lora_unet_no_such_block_{i}": 20 for i in range(7)})
+    save_file(kohya, str(loras_dir / "elsewhere.safetensors"), metadata={"ss_base_model_version": "anima"})
+    with pytest.raises(ValueError) as e:
+        nodes.LoraLoaderModelOnly().load_lora_model_only(model, "elsewhere.safetensors", 1.0)
+    msg = str(e.value)
+    assert "elsewhere.safetensors" in msg and "no weight for 7 of its 7 WaveFT layers" in msg
+    assert "lora_unet_no_such_block_0" in msg and "and 2 more" in msg and "lora_unet_no_such_block_6" not in msg
+    assert "Load WaveFT" in msg and "'anima'" in msg
+
+    # one matched native layer beside a text-encoder layer the CLIP's map lacks: fails with the CLIP given …
+    import waveft_core as wft
+
+    te_name = "lora_te_text_model_encoder_layers_99_self_attn_q_proj"
+    wft.save(wft.Adapter({name: _native_layer(shape), te_name: _native_layer((32, 32), seed=1)}),
+             loras_dir / "te_missing.safetensors")
+    with pytest.raises(ValueError) as e:
+        nodes.LoraLoader().load_lora(model, clip, "te_missing.safetensors", 1.0, 1.0)
+    assert "te_missing.safetensors" in str(e.value) and f"no weight for 1 of its 2 WaveFT layers ({te_name})" in \
+        str(e.value)
+    # … while a model-only loader leaves text-encoder layers out by choice, and applies the model's layer
+    patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "te_missing.safetensors", 1.0)[0]
+    assert set(patched.patches) == {name + ".weight"}
+    # a file of text-encoder layers only would change nothing there: that fails, and Load LoRA applies it
+    te_known = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    te_key = pack.nodes.host.key_map(None, clip)[te_known]
+    wft.save(wft.Adapter({te_known: _native_layer(tuple(clip.cond_stage_model.state_dict()[te_key].shape))}),
+             loras_dir / "te_only.safetensors")
+    with pytest.raises(ValueError) as e:
+        nodes.LoraLoaderModelOnly().load_lora_model_only(model, "te_only.safetensors", 1.0)
+    assert "te_only.safetensors" in str(e.value) and "all 1 WaveFT layers" in str(e.value) and "CLIP" in str(e.value)
+    _, te_patched = nodes.LoraLoader().load_lora(model, clip, "te_only.safetensors", 1.0, 1.0)
+    assert set(te_patched.patcher.patches) == {te_key}
+
+
+def test_lora_files_pass_the_guard_untouched(pack, sd15, loras_dir, caplog, monkeypatch):
+    """The guard is installed once (a reload re-wraps the host's function, never its own wrapper), and a LoRA
+    file goes through it as through the host alone: same patches, the same 'lora key not loaded' warning."""
+    import logging
+
+    import comfy.lora
+    import comfy.sd
+
+    import nodes
+
+    pack.nodes.host.guard_stock_loaders()
+    pack.nodes.host.guard_stock_loaders()
+    host_load_lora = comfy.lora.load_lora.__waveft_original__
+    assert host_load_lora.__module__ == "comfy.lora" and not hasattr(host_load_lora, "__waveft_original__")
+    assert comfy.sd.load_lora_for_models.__waveft_original__.__module__ == "comfy.sd"
+
+    model, clip, _ = sd15
+    key = "diffusion_model.middle_block.1.proj_in.weight"
+    out_features, in_features = model.model.state_dict()[key].shape[:2]
+    lora = {"lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(out_features, 2),
+            "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.randn(2, in_features),
+            "lora_unet_no_such_block.lora_up.weight": torch.randn(4, 2),
+            "lora_unet_no_such_block.lora_down.weight": torch.randn(2, 4)}
+    save_file(lora, str(loras_dir / "plain_lora.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        patched = nodes.LoraLoader().load_lora(model, clip, "plain_lora.safetensors", 0.5, 1.0)[0]
+    assert "lora key not loaded: lora_unet_no_such_block.lora_up.weight" in caplog.text
+    kmap = pack.nodes.host.key_map(model, clip)
+    assert set(patched.patches) == set(host_load_lora(lora, kmap, log_missing=False)) == {key}
+    got = patched_weights(patched, [key])[key]
+    monkeypatch.setattr(comfy.lora, "load_lora", host_load_lora)  # the host alone
+    host_only = comfy.sd.load_lora_for_models.__waveft_original__(model, clip, lora, 0.5, 1.0)[0]
+    assert torch.equal(got, patched_weights(host_only, [key])[key])
+    assert not torch.equal(got, model.model.state_dict()[key].float())
