@@ -15,6 +15,7 @@ import logging
 import torch
 
 from .adapter import Layer
+from .bypass import bypass_output, conv_arguments, separable_plan
 from .delta import add_into, compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
 from .storage import WaveFTFileError
@@ -103,6 +104,16 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             self._memo = (self.weights, device, unpacked)
             return unpacked
 
+        def _separable(self, layer, plan, device, dtype):
+            """The layer's SeparablePlan for the bypass in `dtype`, remembered with the plan it was made from."""
+            memo = self.__dict__.get("_separable_memo")
+            if memo is None or memo[0] is not plan:
+                memo = self._separable_memo = (plan, {})
+            if dtype not in memo[1]:
+                wavelet = layer.wavelet if layer.use_idwt else None
+                memo[1][dtype] = separable_plan(plan, wavelet, device, dtype)  # from float64 filters
+            return memo[1][dtype]
+
         def calculate_shape(self, key):
             """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
             return None
@@ -141,6 +152,10 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
         def h(self, x, base_out):
             layer, spectrum, plan = self._unpacked(x.device)
             factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
+            out = bypass_output(x, plan, lambda dtype: self._separable(layer, plan, x.device, dtype), spectrum, factor,
+                                conv_arguments(self, layer.shape))
+            if out is not None:  # the filters and the coefficients, never ΔW: chosen when the shapes make it cheaper
+                return out
             delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once
             if getattr(self, "is_conv", False):
                 kernel = tuple(getattr(self, "kernel_size", ()) or ())  # a conv stored as m x n gets its kernel
