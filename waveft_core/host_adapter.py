@@ -15,8 +15,8 @@ import logging
 import torch
 
 from .adapter import Layer
-from .bypass import bypass_output, conv_arguments, separable_plan
-from .delta import add_into, compute_dtype, dense_delta
+from .separable import add_delta, bypass_output, conv_arguments, separable_plan
+from .delta import compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
 from .storage import WaveFTFileError
 
@@ -133,7 +133,9 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                 layer, spectrum, plan = self._unpacked(weight.device)
                 factor = float(layer.scaling) * float(strength)
                 if _is_identity(function) and weight.dtype in SPARSE_DTYPES:
-                    add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps the view
+                    # in place (with an offset the host keeps the view); fp16/bf16 through the filters where cheaper
+                    add_delta(weight, plan, lambda dtype: self._separable(layer, plan, weight.device, dtype),
+                              spectrum, factor)
                 else:
                     # a function (swap_scale_shift on a DiT's modulation) needs the dense delta; fp8 storage has
                     # no sparse write. Either way: W + ΔW in the compute dtype, rounded once into the weight's.

@@ -1,4 +1,4 @@
-"""The structured bypass (waveft_core/bypass.py): x · ΔWᵀ through the synthesis filters and the sparse
+"""The structured bypass (waveft_core/separable.py): x · ΔWᵀ through the synthesis filters and the sparse
 coefficients, never forming ΔW, against PyWavelets in float64 (tests/reference.py).
 
 The adapter is driven as ComfyUI's bypass hook drives it: multiplier, is_conv, conv_dim, kernel_size and kw_dict
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import waveft_core.bypass as bypass
+import waveft_core.separable as bypass
 from waveft_core.host_adapter import adapter_class
 
 from reference import random_layer, reference_delta, rel_err
@@ -140,3 +140,57 @@ def test_separable_plan_matches_reference_for_every_band_and_edge():
         got = bypass.structured_product(torch.eye(n, dtype=torch.float64), sep, layer.spectrum.double(), 1.0)
         expect = reference_delta(layer.indices, layer.spectrum.double(), (m, n), wavelet, layer.scaling).T
         np.testing.assert_allclose(got.numpy(), expect / layer.scaling, rtol=0, atol=1e-12)
+
+
+# --- the per-forward merge into fp16/bf16 weights -------------------------------------------------------------
+
+def _rounded_once(got, weight, delta, dtype):
+    """Every entry of `got` is W + ΔW (float64) rounded once into `dtype`: within half a unit in the last place,
+    plus float32's own error on the sum."""
+    expect = weight.double() + delta
+    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    bound = 0.5 * ulp * expect.abs() + 1e-6 * delta.abs().max() + 1e-30
+    return bool(((got.double() - expect).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("wavelet", ["db2", "db4", "sym8", "coif3"])
+@pytest.mark.parametrize("shape", [(97, 61), (130, 64), (40, 33, 3, 3)])
+def test_filtered_merge_rounds_w_plus_delta_once(shape, wavelet, dtype, monkeypatch):
+    calls = []
+    real = bypass.add_through_filters
+    monkeypatch.setattr(bypass, "add_through_filters", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(bypass, "filtered_merge_is_cheaper", lambda *shape: True)
+    layer = random_layer(shape, 400, wavelet=wavelet, seed=9)
+    adapter = WaveFTAdapter.from_layer(layer)
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    before = weight.clone()
+    out = adapter.calculate_weight(weight, "k", 0.6, 1.0, None, None)
+    assert calls and out is weight  # in place, through the filters
+    delta = _reference_delta(layer, torch.float32, 0.6).reshape(shape)
+    assert _rounded_once(weight, before, delta, dtype)
+    assert not torch.equal(weight, before)
+
+
+def test_merge_choice_follows_the_shapes():
+    # db4 at SDXL's smallest attention projection: sorting 160k patch values costs more than the filters
+    assert bypass.filtered_merge_is_cheaper(640, 640, 2560, 8)
+    # a Flux MLP weight with a rank-1-sized adapter: the patches cover ~2% of it, the scatter wins
+    assert not bypass.filtered_merge_is_cheaper(3072, 12288, 15360, 8)
+    assert not bypass.filtered_merge_is_cheaper(640, 640, 2560, 2)  # Haar: lone 2x2 patches, no sorting
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_at_a_real_shape_is_exact(dtype):
+    """640 x 640 db4 through the adapter as a low-VRAM forward calls it (no forcing): the result is W + ΔW
+    rounded once (bf16 takes the filters, fp32 the direct scatter)."""
+    layer = random_layer((640, 640), 2560, wavelet="db4", seed=10)
+    adapter = WaveFTAdapter.from_layer(layer)
+    weight = torch.randn(640, 640, generator=torch.Generator().manual_seed(7)).to(dtype)
+    before = weight.clone()
+    adapter.calculate_weight(weight, "k", 1.0, 1.0, None, None)
+    delta = _reference_delta(layer, torch.float32, 1.0)
+    if dtype == torch.float32:
+        assert rel_err(weight.double() - before.double(), delta) < 1e-6
+    else:
+        assert _rounded_once(weight, before, delta, dtype)

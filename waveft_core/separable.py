@@ -1,4 +1,5 @@
-"""The bypass product x · ΔWᵀ of one WaveFT layer without forming ΔW (ComfyUI's bypass mode calls it per forward).
+"""The separable form of one WaveFT layer's ΔW: the bypass product x · ΔWᵀ without forming ΔW (ComfyUI's bypass
+mode calls it per forward), and ΔW added into an fp16/bf16 weight block by block (the per-forward merge).
 
 Derivation. One level of the inverse transform is separable (FORMAT.md section 1, step 3). In 1-D, a coefficient
 at sub-band position i with filter tap k lands at output 2i + k - (L - 2); delta.py shows that the padding puts
@@ -34,13 +35,15 @@ layer's output, so a trainer may call h(x, None).
 """
 from __future__ import annotations
 
+import math
+import threading
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .delta import DeltaPlan, compute_dtype
+from .delta import DeltaPlan, add_into, compute_dtype
 from .wavelets import reconstruction_filters
 
 BLOCK = 16  # filter outputs per block-banded product at least (2·L for longer filters)
@@ -89,6 +92,9 @@ class SeparablePlan:
     source: torch.Tensor  # int64 [p]: CSR column of each value
     analysis: torch.Tensor  # [block, block + red]: U block = analysis @ x window (step 1)
     synthesis: torch.Tensor  # [block, block + red]: yᵀ block = synthesis @ Z window (step 3)
+    filters: torch.Tensor  # [2, L]: (lo, hi); [1, 1] of ones without a transform
+    row_of_coefficient: torch.Tensor  # int64 [p]: the CSR row of each value (the row of M in the merge)
+    crow_host: tuple  # crow as Python ints: the merge slices coefficients per block of rows without a device sync
 
     @property
     def in_blocks(self) -> int:
@@ -103,7 +109,8 @@ class SeparablePlan:
             return self
         return SeparablePlan(self.rows, self.cols, self.patch, self.half_rows, self.half_cols, self.block,
                              self.order.to(device), self.crow.to(device), self.source.to(device),
-                             self.analysis.to(device, dtype), self.synthesis.to(device, dtype))
+                             self.analysis.to(device, dtype), self.synthesis.to(device, dtype),
+                             self.filters.to(device, dtype), self.row_of_coefficient.to(device), self.crow_host)
 
 
 def band_blocks(lo, hi, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +148,7 @@ def separable_plan(plan: DeltaPlan, wavelet: str | None, device=None, dtype=torc
     if wavelet is None:  # ΔW[row, col] = v: y[:, row] += v · x[:, col]
         half_rows, half_cols, block = m, n, 1
         source, target = left, top
-        analysis = synthesis = torch.ones(1, 1, dtype=torch.float64)
+        analysis = synthesis = filters = torch.ones(1, 1, dtype=torch.float64)
         k_rows = m
     else:
         red = size - 2
@@ -150,13 +157,34 @@ def separable_plan(plan: DeltaPlan, wavelet: str | None, device=None, dtype=torc
         i, j = (top + red) // 2, (left + red) // 2  # patch corner 2i - red (delta.patch_corners)
         row_filter, col_filter = band % 2, band // 2  # kernels[b] = filt[b % 2] (rows) x filt[b // 2] (cols)
         source, target = 2 * j + col_filter, 2 * i + row_filter
-        analysis, synthesis = band_blocks(*reconstruction_filters(wavelet), block)
+        lo, hi = reconstruction_filters(wavelet)
+        filters = torch.tensor([list(lo), list(hi)], dtype=torch.float64)
+        analysis, synthesis = band_blocks(lo, hi, block)
         k_rows = -(-m // block) * block + red  # Z as the synthesis windows read it, zero rows past 2·H2
     by_target = torch.argsort(target * (2 * half_cols) + source)
     crow = torch.zeros(k_rows + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(target, minlength=k_rows), 0)
     return SeparablePlan(m, n, size, half_rows, half_cols, block, cpu.order.long()[by_target], crow,
-                         source[by_target], analysis, synthesis).to(device or "cpu", dtype)
+                         source[by_target], analysis, synthesis, filters, target[by_target],
+                         tuple(crow.tolist())).to(device or "cpu", dtype)
+
+
+_workspaces = threading.local()
+
+
+def _workspace(slot: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable flat buffer of at least `numel` entries per thread, device, dtype and slot. On the CPU a fresh
+    buffer of a few hundred KiB is mapped anew by the allocator each time and pays a page fault per 4 KiB on
+    first touch (most of a small layer's time); CUDA's caching allocator has no such cost, so only the CPU keeps
+    them (at most ~1 MiB per slot)."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    store = _workspaces.__dict__.setdefault("buffers", {})
+    key = (slot, dtype)
+    buffer = store.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = store[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def _sparse_matrix(sep: SeparablePlan, spectrum: torch.Tensor, factor: float, dtype) -> torch.Tensor:
@@ -196,7 +224,7 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
         k = chunk.shape[0]
         z = buffers.get(k)
         if z is None:
-            z = buffers[k] = torch.empty(kmat.shape[0], k, dtype=x2d.dtype, device=x2d.device)
+            z = buffers[k] = _workspace(f"z{k}", kmat.shape[0] * k, x2d.dtype, x2d.device).view(-1, k)
         # step 1: [in_blocks, block, k], each block a product with a transposed window of the token-major x
         windows = chunk.as_strided((sep.in_blocks, block + red, k), (block, 1, xp.stride(0)))
         u = torch.matmul(sep.analysis, windows).view(-1, k)
@@ -270,3 +298,72 @@ def conv_arguments(adapter, shape: tuple) -> dict | None:
         return {}
     kernel = tuple(shape[2:]) if len(shape) == 4 else tuple(getattr(adapter, "kernel_size", ()) or ())
     return {"kernel": kernel, **dict(getattr(adapter, "kw_dict", {}) or {})}
+
+
+def add_through_filters(weight: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, factor: float) -> torch.Tensor:
+    """weight += factor · ΔW in place, ΔW formed in float32 through the same factorization, a block of rows at a
+    time, each rounded once into the weight's dtype: ΔW = S_m · M with M = K · (S_n)ᵀ. A coefficient adds L values
+    to one row of M (its CSR row), so the rows of ΔW from `top` to `bottom` need only the coefficients
+    crow[top] .. crow[bottom + red]: a contiguous slice, scattered into a small zeroed buffer, then the block-banded
+    synthesis of step 3 and one add into the weight. O(m·n·(block + red)) multiply-adds at matmul speed plus p·L
+    scattered values and buffers that stay in cache, against the p·L² values that delta.add_into must sort and sum
+    per entry before rounding an fp16/bf16 weight."""
+    m, n, block, size = sep.rows, sep.cols, sep.block, sep.patch
+    red = size - 2
+    device, compute = weight.device, sep.analysis.dtype
+    values = spectrum.to(device, compute)[sep.order] * factor  # CSR order: rows of M ascending
+    # each coefficient's L values land at M[row, 2j - red + k] for column filter b = source % 2, j = source // 2
+    cols = (sep.source - sep.source % 2 - red)[:, None] + torch.arange(size, device=device)  # [p, L]
+    keep = (cols >= 0) & (cols < n)
+    local = sep.row_of_coefficient[:, None] * n + cols.clamp(0, n - 1)  # flat in M; a clipped tap adds 0 in its row
+    spread = torch.where(keep, values[:, None] * sep.filters[sep.source % 2], torch.zeros((), dtype=compute,
+                                                                                          device=device))
+    crow = sep.crow_host
+    matrix = weight.view(m, n)
+    blocks_per_pass = max(1, CHUNK_ENTRIES // (block * n))
+    buffer = _workspace("rows of M", (blocks_per_pass * block + red) * n, compute, device)
+    product = _workspace("rows of ΔW", blocks_per_pass * block * n, compute, device)
+    for first in range(0, sep.out_blocks, blocks_per_pass):
+        last = min(sep.out_blocks, first + blocks_per_pass)
+        top, bottom = first * block, last * block
+        a, b = crow[top], crow[bottom + red]
+        rows_of_m = buffer[: (bottom - top + red) * n].zero_()
+        if b > a:
+            rows_of_m.index_add_(0, (local[a:b] - top * n).reshape(-1), spread[a:b].reshape(-1))
+        windows = rows_of_m.as_strided((last - first, block + red, n), (block * n, n, 1))
+        rows = product[: (last - first) * block * n].view(last - first, block, n)
+        torch.matmul(sep.synthesis, windows, out=rows)  # [blocks, block, n] of ΔW, in cache
+        rows = rows.view(-1, n)
+        bottom = min(m, bottom)
+        matrix[top:bottom].add_(rows[: bottom - top])  # float32 sum, rounded once into the weight's dtype
+    return weight
+
+
+# The merge's op-count model (fp16/bf16 weights, CPU-measured like the bypass's): delta.add_into sorts the p·L²
+# patch values of overlapping patches to sum them per entry (~1.5 per value and sort level); the filtered merge
+# runs m·n·(block + red) multiply-adds at matmul speed (~1/8 each) and two passes over the weight.
+_SORT_COST = 1.5
+_MATMUL_SHARE = 1 / 8
+_PASS_COST = 2.0
+
+
+def filtered_merge_is_cheaper(rows: int, cols: int, coefficients: int, patch: int) -> bool:
+    """True when forming ΔW block by block through the filters beats scattering and coalescing p·L² values."""
+    if patch <= 2:  # Haar's 2x2 patches mostly touch distinct entries: the scatter needs no sort for them
+        return False
+    values = coefficients * patch * patch
+    sparse = values * _SORT_COST * max(1.0, math.log2(values))
+    taps = max(BLOCK, 2 * patch) + patch - 2
+    filtered = rows * cols * (taps * _MATMUL_SHARE + _PASS_COST) + coefficients * patch
+    return filtered < sparse
+
+
+def add_delta(weight: torch.Tensor, plan: DeltaPlan, separable, spectrum: torch.Tensor, factor: float) -> torch.Tensor:
+    """weight += factor · ΔW in place, by the cheaper of delta.add_into and add_through_filters for this shape;
+    the filtered path serves contiguous fp16/bf16 weights (fp32 takes add_into's direct scatter, no sorting).
+    `separable(dtype)` returns the layer's SeparablePlan on the weight's device (only asked for when used)."""
+    if (weight.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous() and factor != 0
+            and weight.numel() == plan.rows * plan.cols and plan.patch > 1
+            and filtered_merge_is_cheaper(plan.rows, plan.cols, spectrum.numel(), plan.patch)):
+        return add_through_filters(weight, separable(torch.float32), spectrum, factor)
+    return add_into(weight, plan, spectrum, factor)
