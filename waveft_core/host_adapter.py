@@ -101,6 +101,8 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             if memo is not None and memo[0] is self.weights and memo[1] == device:
                 return memo[2]
             unpacked = Layer.unpack(self.weights, device)
+            if unpacked[1].device != unpacked[2].order.device:  # GGUF leaves adapters where they were loaded:
+                unpacked = (unpacked[0], unpacked[1].to(unpacked[2].order.device), unpacked[2])  # move once
             self._memo = (self.weights, device, unpacked)
             return unpacked
 
