@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -37,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import per_forward  # noqa: E402
-import waveft_core as wft  # noqa: E402
-from waveft_core.host_adapter import adapter_class  # noqa: E402
+import per_forward
+
+import waveft_core as wft
+from waveft_core.host_adapter import adapter_class
 
 WaveFTAdapter = adapter_class(object)
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 6e-3}
@@ -286,7 +288,7 @@ def dit_training(device, comfy_path: str | None, steps: int, hidden: int = 128) 
     finally:
         mm.in_training = was_training
     moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(params, before))
-    ok = all(map(lambda v: v == v and abs(v) < float("inf"), losses)) and moved > 0
+    ok = all(math.isfinite(v) for v in losses) and moved > 0
     return {"ok": ok, "layers": len(trainables), "coefficients": sum(p.numel() for p in params), "losses": losses,
             "seconds_per_step": seconds, "coefficient_change": moved, "dtype": "bfloat16"}
 
@@ -318,13 +320,14 @@ def _train_steps(blocks, params, img0, txt0, vec, pe, target, steps, device):
 def _section(report, name, fn):
     try:
         report[name] = fn()
-    except Exception as e:  # a section that breaks is reported, the others still run
+    except Exception as e:  # noqa: BLE001 - a section that breaks is reported, the others still run
         report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
 
 
 def text_report(report: dict) -> str:
-    lines = [f"WaveFT GPU check on {report['device']} ({report.get('gpu', report['cpu'])}), torch {report['torch']}, "
-             f"ComfyUI at {report['comfyui'] or 'none'}; {'all checks passed' if report['ok'] else 'FAILED'}", ""]
+    verdict = "all checks passed" if report["ok"] else "FAILED"
+    lines = [(f"WaveFT GPU check on {report['device']} ({report.get('gpu', report['cpu'])}), torch {report['torch']}, "
+              f"ComfyUI at {report['comfyui'] or 'none'}; {verdict}"), ""]
     ex = report["exactness"]
     if isinstance(ex, list):
         lines.append("Exactness against PyWavelets float64 (CPU):")

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import waveft_core as wft  # noqa: E402
-from waveft_core.host_adapter import adapter_class  # noqa: E402
-from waveft_core.separable import filtered_merge_is_cheaper, structured_is_cheaper  # noqa: E402
-from waveft_core.wavelets import reconstruction_filters  # noqa: E402
+import waveft_core as wft
+from waveft_core.host_adapter import adapter_class
+from waveft_core.separable import filtered_merge_is_cheaper, structured_is_cheaper
+from waveft_core.wavelets import reconstruction_filters
 
 SHAPES = [(640, 640), (1280, 1280), (640, 2048), (1280, 2048), (5120, 1280), (3072, 3072), (3072, 12288)]
 WAVELETS = ("db1", "db4")
@@ -101,63 +101,63 @@ def ratio(a, b) -> float | None:
 
 
 def merge_rows(device, repeats, shapes=SHAPES, wavelets=WAVELETS, dtype=torch.bfloat16):
-    rows = []
-    for wavelet in wavelets:
-        for m, n in shapes:
-            rank, p = equal_parameters(m, n)
-            layer = make_layer((m, n), p, wavelet)
-            adapter = WaveFTAdapter.from_layer(layer)
-            g = torch.Generator().manual_seed(1)
-            weight = torch.randn(m, n, generator=g).to(device, dtype)
-            up = (torch.randn(m, rank, generator=g) * 1e-3).to(device)
-            down = (torch.randn(rank, n, generator=g) * 1e-3).to(device)
-            alpha = float(rank)
+    return [merge_row(device, repeats, shape, wavelet, dtype) for wavelet in wavelets for shape in shapes]
 
-            def waveft():
-                adapter.calculate_weight(weight, "w", 1.0, 1.0, None, None)
 
-            def lora():  # comfy.lora's LoRA branch with intermediate_dtype = the weight's (LowVramPatch.__call__)
-                diff = torch.mm(up.to(dtype), down.to(dtype))
-                weight.add_(((1.0 * alpha / rank) * diff).type(weight.dtype))
+def merge_row(device, repeats, shape, wavelet, dtype) -> dict:
+    m, n = shape
+    rank, p = equal_parameters(m, n)
+    adapter = WaveFTAdapter.from_layer(make_layer((m, n), p, wavelet))
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(m, n, generator=g).to(device, dtype)
+    up = (torch.randn(m, rank, generator=g) * 1e-3).to(device)
+    down = (torch.randn(rank, n, generator=g) * 1e-3).to(device)
+    alpha = float(rank)
 
-            times = interleaved({"waveft": waveft, "lora": lora}, device, repeats)
-            w, lo = summary(times["waveft"]), summary(times["lora"])
-            size = reconstruction_filters(wavelet)[0].size
-            path = "filters" if filtered_merge_is_cheaper(m, n, p, size) else "scatter"
-            rows.append({"shape": f"{m}x{n}", "wavelet": wavelet, "rank": rank, "p": p, "path": path,
-                         "waveft": w, "lora": lo, "ratio": ratio(w, lo)})
-    return rows
+    def waveft():
+        adapter.calculate_weight(weight, "w", 1.0, 1.0, None, None)
+
+    def lora():  # comfy.lora's LoRA branch with intermediate_dtype = the weight's (LowVramPatch.__call__)
+        diff = torch.mm(up.to(dtype), down.to(dtype))
+        weight.add_(((1.0 * alpha / rank) * diff).type(weight.dtype))
+
+    times = interleaved({"waveft": waveft, "lora": lora}, device, repeats)
+    w, lo = summary(times["waveft"]), summary(times["lora"])
+    size = reconstruction_filters(wavelet)[0].size
+    path = "filters" if dtype != torch.float32 and filtered_merge_is_cheaper(m, n, p, size) else "scatter"
+    return {"shape": f"{m}x{n}", "wavelet": wavelet, "rank": rank, "p": p, "path": path,
+            "waveft": w, "lora": lo, "ratio": ratio(w, lo)}
 
 
 def bypass_rows(device, repeats, shapes=SHAPES, wavelets=WAVELETS, dtype=torch.bfloat16, tokens=TOKENS):
-    rows = []
-    for wavelet in wavelets:
-        size = reconstruction_filters(wavelet)[0].size
-        for m, n in shapes:
-            rank, p = equal_parameters(m, n)
-            layer = make_layer((m, n), p, wavelet)
-            adapter = WaveFTAdapter.from_layer(layer)
-            spectrum, plan_tensors, kept = adapter.weights
-            adapter.weights = (spectrum.to(device, dtype), plan_tensors, kept)  # what the bypass hook does
-            adapter.multiplier, adapter.is_conv, adapter.kw_dict = 1.0, False, {}
-            g = torch.Generator().manual_seed(2)
-            x = torch.randn(2, tokens // 2, n, generator=g).to(device, dtype)
-            up = (torch.randn(m, rank, generator=g) * 1e-3).to(device, dtype)
-            down = (torch.randn(rank, n, generator=g) * 1e-3).to(device, dtype)
+    return [bypass_row(device, repeats, shape, wavelet, dtype, tokens) for wavelet in wavelets for shape in shapes]
 
-            def waveft():
-                return adapter.h(x, None)
 
-            def lora():  # the host's LoRA adapter h(): up(down(x)) * alpha / rank * multiplier
-                return F.linear(F.linear(x, down), up) * 1.0
+def bypass_row(device, repeats, shape, wavelet, dtype, tokens) -> dict:
+    m, n = shape
+    size = reconstruction_filters(wavelet)[0].size
+    rank, p = equal_parameters(m, n)
+    adapter = WaveFTAdapter.from_layer(make_layer((m, n), p, wavelet))
+    spectrum, plan_tensors, kept = adapter.weights
+    adapter.weights = (spectrum.to(device, dtype), plan_tensors, kept)  # what the bypass hook does
+    adapter.multiplier, adapter.is_conv, adapter.kw_dict = 1.0, False, {}
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, tokens // 2, n, generator=g).to(device, dtype)
+    up = (torch.randn(m, rank, generator=g) * 1e-3).to(device, dtype)
+    down = (torch.randn(rank, n, generator=g) * 1e-3).to(device, dtype)
 
-            times = interleaved({"waveft": waveft, "lora": lora}, device, repeats)
-            w, lo = summary(times["waveft"]), summary(times["lora"])
-            floor = (p + size * (m + n)) / (rank * (m + n))
-            path = "structured" if structured_is_cheaper(tokens, m, n, p, size) else "dense"
-            rows.append({"shape": f"{m}x{n}", "wavelet": wavelet, "rank": rank, "p": p, "path": path,
-                         "waveft": w, "lora": lo, "ratio": ratio(w, lo), "floor": floor})
-    return rows
+    def waveft():
+        return adapter.h(x, None)
+
+    def lora():  # the host's LoRA adapter h(): up(down(x)) * alpha / rank * multiplier
+        return F.linear(F.linear(x, down), up) * 1.0
+
+    times = interleaved({"waveft": waveft, "lora": lora}, device, repeats)
+    w, lo = summary(times["waveft"]), summary(times["lora"])
+    floor = (p + size * (m + n)) / (rank * (m + n))
+    path = "structured" if structured_is_cheaper(tokens, m, n, p, size) else "dense"
+    return {"shape": f"{m}x{n}", "wavelet": wavelet, "rank": rank, "p": p, "path": path,
+            "waveft": w, "lora": lo, "ratio": ratio(w, lo), "floor": floor}
 
 
 def _cell(s) -> str:

@@ -4,7 +4,6 @@ import io
 import itertools
 
 import torch
-
 from conftest import ROOT
 
 

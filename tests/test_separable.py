@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import random_layer, reference_delta, rel_err
 
 import waveft_core.separable as bypass
 from waveft_core.host_adapter import adapter_class
-
-from reference import random_layer, reference_delta, rel_err
 
 WaveFTAdapter = adapter_class(object)
 # Output rounded once into the dtype (and the spectrum cast to it by the hook): about one rounding of each
@@ -79,8 +78,9 @@ def test_linear_bypass_is_exact_without_forming_delta(shape, wavelet, dtype, spy
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("wavelet", ["db1", "db4", "sym8"])
-@pytest.mark.parametrize("conv", [dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1),
-                                  dict(stride=(2, 2), padding=(0, 2), dilation=(2, 1), groups=1)], ids=["s1p1", "s2d2"])
+@pytest.mark.parametrize("conv", [{"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1},
+                                  {"stride": (2, 2), "padding": (0, 2), "dilation": (2, 1), "groups": 1}],
+                         ids=["s1p1", "s2d2"])
 def test_conv_bypass_is_exact_without_forming_delta(conv, wavelet, dtype, spy, structured_always):
     shape = (24, 10, 3, 3)  # out 24, in 10: a 24 x 90 matrix
     layer = random_layer(shape, 200, wavelet=wavelet, seed=4)
@@ -194,3 +194,12 @@ def test_merge_at_a_real_shape_is_exact(dtype):
         assert rel_err(weight.double() - before.double(), delta) < 1e-6
     else:
         assert _rounded_once(weight, before, delta, dtype)
+
+
+def test_strided_inputs_give_the_same_product(structured_always):
+    """x as a transposed view (rows not contiguous): the window views must not read past it."""
+    layer = random_layer((48, 64), 200, wavelet="db1", seed=11)
+    adapter = _hooked(layer, torch.float32, multiplier=1.0)
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(8)).t()  # [300, 64], column-major
+    expect = x.double() @ _reference_delta(layer, torch.float32, 1.0).t()
+    assert rel_err(adapter.h(x, None), expect) < TOLERANCE[torch.float32]

@@ -15,9 +15,9 @@ import logging
 import torch
 
 from .adapter import Layer
-from .separable import add_delta, bypass_output, conv_arguments, separable_plan
 from .delta import compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
+from .separable import add_delta, bypass_output, conv_arguments, separable_plan
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1

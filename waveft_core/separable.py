@@ -104,7 +104,7 @@ class SeparablePlan:
     def out_blocks(self) -> int:
         return -(-self.rows // self.block)
 
-    def to(self, device, dtype) -> "SeparablePlan":
+    def to(self, device, dtype) -> SeparablePlan:
         if self.order.device == torch.device(device) and self.analysis.dtype == dtype:
             return self
         return SeparablePlan(self.rows, self.cols, self.patch, self.half_rows, self.half_cols, self.block,
@@ -217,16 +217,22 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
         return out
     block, red = sep.block, sep.patch - 2
     width = sep.in_blocks * block + red
-    xp = F.pad(x2d, (red, width - red - sep.cols))  # x shifted right by red, zero past both edges
+    padded = red > 0 or width != sep.cols or x2d.stride(1) != 1  # the windows below need unit column steps
     buffers = {}
     for t0 in range(0, tokens, _chunk_tokens(sep)):
-        chunk = xp[t0: t0 + _chunk_tokens(sep)]
+        chunk = x2d[t0: t0 + _chunk_tokens(sep)]
         k = chunk.shape[0]
+        if padded:  # x shifted right by red, zero past both edges: per chunk, in a buffer that stays in cache
+            window = _workspace("x", k * width, x2d.dtype, x2d.device).view(k, width)
+            window[:, :red].zero_()
+            window[:, red + sep.cols:].zero_()
+            window[:, red: red + sep.cols] = chunk
+            chunk = window
         z = buffers.get(k)
         if z is None:
             z = buffers[k] = _workspace(f"z{k}", kmat.shape[0] * k, x2d.dtype, x2d.device).view(-1, k)
         # step 1: [in_blocks, block, k], each block a product with a transposed window of the token-major x
-        windows = chunk.as_strided((sep.in_blocks, block + red, k), (block, 1, xp.stride(0)))
+        windows = chunk.as_strided((sep.in_blocks, block + red, k), (block, 1, chunk.stride(0)))
         u = torch.matmul(sep.analysis, windows).view(-1, k)
         z.zero_().addmm_(kmat, u)  # step 2: [out_blocks·block + red, k], zero rows past 2·H2
         windows = z.as_strided((sep.out_blocks, block + red, k), (block * k, k, 1))

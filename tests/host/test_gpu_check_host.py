@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import COMFY, ROOT
 
 
@@ -15,7 +14,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
                            "--out", str(out)], env={**os.environ, "COMFYUI_PATH": COMFY}, cwd=ROOT,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["ok"] and report["device"] == "cpu"
