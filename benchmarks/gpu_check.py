@@ -356,7 +356,8 @@ def text_report(report: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "gpu_check_report"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "waveft_gpu_check"),
+                    help="folder for gpu_check.json/.txt (default: $OUT, else a folder in the temp directory)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a CPU smoke run)")
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
@@ -389,6 +390,7 @@ def main(argv=None) -> int:
     text = text_report(report)
     (out / "gpu_check.txt").write_text(text)
     print(text)
+    print(f"report: {out / 'gpu_check.json'} and {out / 'gpu_check.txt'}")
     return 0 if report["ok"] else 1
 
 
