@@ -16,13 +16,14 @@ import torch
 
 from .adapter import Layer
 from . import kinds
-from .delta import add_into, compute_dtype, dense_delta
+from .delta import compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
 from .fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
 from .kohya_waveft import PendingLayer
 from .kohya_waveft import SUFFIXES as KOHYA_SUFFIXES
 from .kohya_waveft import read as read_kohya
 from .kohya_waveft import seed_hint_of_file
+from .separable import add_delta, bypass_output, conv_arguments, separable_plan
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -154,6 +155,8 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             if memo is not None and memo[0] is self.weights and memo[1] == device:
                 return memo[2]
             unpacked = Layer.unpack(self.weights, device)
+            if unpacked[1].device != unpacked[2].order.device:  # GGUF leaves adapters where they were loaded:
+                unpacked = (unpacked[0], unpacked[1].to(unpacked[2].order.device), unpacked[2])  # move once
             self._memo = (self.weights, device, unpacked)
             return unpacked
 
@@ -163,6 +166,16 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             instead of the first sampling step. The bound layer is kept for the patch. Native layers: nothing."""
             if _is_pending(self.weights):
                 self.weights[2].bind(shape)
+
+        def _separable(self, layer, plan, device, dtype):
+            """The layer's SeparablePlan for the bypass in `dtype`, remembered with the plan it was made from."""
+            memo = self.__dict__.get("_separable_memo")
+            if memo is None or memo[0] is not plan:
+                memo = self._separable_memo = (plan, {})
+            if dtype not in memo[1]:
+                wavelet = layer.wavelet if layer.use_idwt else None
+                memo[1][dtype] = separable_plan(plan, wavelet, device, dtype)  # from float64 filters
+            return memo[1][dtype]
 
         def calculate_shape(self, key):
             """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
@@ -183,7 +196,9 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                 layer, spectrum, plan = self._bound(weight.device, weight.shape)
                 factor = float(layer.scaling) * float(strength)
                 if _is_identity(function) and weight.dtype in SPARSE_DTYPES:
-                    add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps the view
+                    # in place (with an offset the host keeps the view); fp16/bf16 through the filters where cheaper
+                    add_delta(weight, plan, lambda dtype: self._separable(layer, plan, weight.device, dtype),
+                              spectrum, factor)
                 else:
                     # a function (swap_scale_shift on a DiT's modulation) needs the dense delta; fp8 storage has
                     # no sparse write. Either way: W + ΔW in the compute dtype, rounded once into the weight's.
@@ -213,6 +228,10 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                                      "not known in this mode; load it with the 'Load WaveFT' node")
             layer, spectrum, plan = self._bound(x.device, shape)
             factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
+            out = bypass_output(x, plan, lambda dtype: self._separable(layer, plan, x.device, dtype), spectrum, factor,
+                                conv_arguments(self, layer.shape))
+            if out is not None:  # the filters and the coefficients, never ΔW: chosen when the shapes make it cheaper
+                return out
             delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once
             if getattr(self, "is_conv", False):
                 kernel = tuple(getattr(self, "kernel_size", ()) or ())  # a conv stored as m x n gets its kernel
