@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,19 +23,58 @@ SPECTRUM_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 INDEX_DTYPES = {torch.int32, torch.int64}
 
 
-def read_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file (on the CPU) and its metadata, with errors that name the file."""
-    from safetensors import safe_open
+# safetensors dtype names -> torch dtypes (the ones torch can hold; others are refused by name).
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, **{name: getattr(torch, attr) for name, attr in (
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+        ("U64", "uint64")) if hasattr(torch, attr)},
+}
 
+
+def read_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file (on the CPU) and its metadata, with errors that name the file.
+
+    The tensors are read into memory of their own with plain reads, never mapped: a mapped tensor follows the
+    file, so rewriting the file in place (a re-download, a save over it) while an adapter is loaded would
+    change weights already loaded, and shrinking it would kill the process (SIGBUS) at the next access."""
     path = Path(path)
-    read_header(path)  # refuses pickles, non-safetensors and truncated files by name, before safetensors sees them
+    header = read_header(path)  # refuses pickles, non-safetensors and truncated files by name
+    tensors = {}
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise WaveFTFileError(path, f"cannot be read as safetensors ({e})", advice=_DAMAGED) from e
-    return tensors, metadata
+        with open(path, "rb") as f:
+            data_size = os.fstat(f.fileno()).st_size - header.data_start
+            for key, info in header.tensors.items():
+                tensors[key] = _read_tensor(path, f, header.data_start, data_size, key, info)
+    except OSError as e:
+        raise WaveFTFileError(path, f"cannot be read ({e})") from None
+    return tensors, dict(header.metadata)
+
+
+def _read_tensor(path, f, data_start: int, data_size: int, key: str, info: dict) -> torch.Tensor:
+    dtype = _TORCH_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise WaveFTFileError(path, f"has the unknown tensor type '{info['dtype']}'", key=key, advice=_DAMAGED)
+    try:
+        shape = [int(s) for s in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise WaveFTFileError(path, "has no valid shape or data offsets", key=key, advice=_DAMAGED) from None
+    count = math.prod(shape)
+    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or \
+            end - begin != count * dtype.itemsize:
+        raise WaveFTFileError(path, f"claims {shape} {info['dtype']} at bytes {begin}..{end} of {data_size}: the "
+                              "file is truncated or damaged", key=key, advice=_DAMAGED)
+    buffer = bytearray(end - begin)
+    f.seek(data_start + begin)
+    if f.readinto(buffer) != len(buffer):
+        raise WaveFTFileError(path, "ended while being read (was it rewritten meanwhile?)", key=key,
+                              advice="Wait until the copy or download is complete, then queue again")
+    if not buffer:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return tensor if sys.byteorder == "little" else torch.from_numpy(tensor.numpy().byteswap())
 
 
 def _parse_bool(path, key: str, value: str) -> bool:
