@@ -14,6 +14,7 @@ from .delta import index_dtype, matrix_shape
 from .metadata import content_hashes
 from .names import family_of
 from .storage import DAMAGED as _DAMAGED
+from .limits import MAX_WEIGHT_ENTRIES, check_delta_range, check_setting
 from .storage import WaveFTFileError, atomic_write, read_header
 from .wavelets import UnknownWaveletError, check_wavelet
 
@@ -91,9 +92,7 @@ def _parse_float(path, key: str, value: str) -> float:
         x = float(value)
     except ValueError:
         raise WaveFTFileError(path, f"'{value}' is not a number", key=key, advice=_DAMAGED) from None
-    if not math.isfinite(x):
-        raise WaveFTFileError(path, f"{value} is not a finite number", key=key, advice=_DAMAGED)
-    return x
+    return check_setting(x, path, key)
 
 
 def looks_like_waveft(keys) -> bool:
@@ -143,6 +142,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         raise WaveFTFileError(path, str(e), key="waveft.wavelet", advice="Update ComfyUI-WaveFT or fix the file") from None
     scaling = _parse_float(path, "waveft.scaling", metadata["waveft.scaling"])
     use_idwt = _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true"))
+    _check_mirrors(path, tensors, wavelet, scaling, use_idwt)
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -164,6 +164,31 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     return Adapter(layers=layers, metadata=dict(metadata), source=str(path), extra_tensors=extra)
 
 
+def _check_mirrors(path, tensors, wavelet: str, scaling: float, use_idwt: bool) -> None:
+    """The settings tensors mirrored for metadata-blind hosts (FORMAT.md extension 1) must say what the
+    metadata says: ComfyUI's stock LoRA loader applies the mirrors, every other reader the metadata (the
+    reference), so a disagreement would give one file two different weight changes."""
+    said = {}
+    try:
+        if "waveft.scaling" in tensors:
+            said["waveft.scaling"] = (float(tensors["waveft.scaling"].reshape(-1)[0]), scaling)
+        if "waveft.wavelet" in tensors:
+            said["waveft.wavelet"] = (bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii"), wavelet)
+        if "waveft.use_idwt" in tensors:
+            said["waveft.use_idwt"] = (bool(tensors["waveft.use_idwt"].reshape(-1)[0]), use_idwt)
+    except (RuntimeError, IndexError, UnicodeDecodeError, ValueError):
+        raise WaveFTFileError(path, "is not a valid mirror of the metadata setting", key=next(
+            k for k in ("waveft.scaling", "waveft.wavelet", "waveft.use_idwt") if k in tensors and k not in said),
+            advice=_DAMAGED) from None
+    for key, (mirror, reference) in said.items():
+        same = math.isclose(mirror, reference, rel_tol=1e-6) if key == "waveft.scaling" else mirror == reference
+        if not same:
+            raise WaveFTFileError(path, f"the tensor says {mirror!r} but the metadata says {reference!r} (ComfyUI's "
+                                  "stock LoRA loader would apply the one, every other reader the other)", key=key,
+                                  advice="The file was edited by hand or is damaged; write it again with a WaveFT "
+                                  "tool (the metadata is the reference)")
+
+
 def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
     spectrum, indices, shape_t = parts["waveft_spectrum"], parts["waveft_indices"], parts["waveft_shape"]
     k_spec, k_idx, k_shape = (f"{module}.{s}" for s in ("waveft_spectrum", "waveft_indices", "waveft_shape"))
@@ -180,6 +205,9 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
     if any(s <= 0 for s in shape):
         raise WaveFTFileError(path, f"weight shape {list(shape)} has a dimension below 1", key=k_shape,
                               advice=_DAMAGED)
+    if math.prod(shape) > MAX_WEIGHT_ENTRIES:
+        raise WaveFTFileError(path, f"weight shape {list(shape)} has {math.prod(shape):,} entries, more than any "
+                              "model's weight", key=k_shape, advice=_DAMAGED)
     if spectrum.numel() != indices.numel():
         raise WaveFTFileError(path, f"{spectrum.numel()} coefficients but {indices.numel()} positions in "
                               f"'{k_idx}'; the two must have the same length", key=k_spec, advice=_DAMAGED)
@@ -209,11 +237,11 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
         if not t.dtype.is_floating_point or t.numel() != 1:
             raise WaveFTFileError(path, f"must be a float scalar, got {t.dtype} of shape {list(t.shape)}",
                                   key=k_sc, advice=_DAMAGED)
-        layer_scaling = float(t.reshape(()))
-        if not math.isfinite(layer_scaling):
-            raise WaveFTFileError(path, f"{layer_scaling} is not finite", key=k_sc, advice=_DAMAGED)
-    return Layer(spectrum=spectrum, indices=indices, shape=shape, scaling=layer_scaling, wavelet=wavelet,
-                 use_idwt=use_idwt)
+        layer_scaling = check_setting(float(t.reshape(()).double()), path, k_sc)
+    layer = Layer(spectrum=spectrum, indices=indices, shape=shape, scaling=layer_scaling, wavelet=wavelet,
+                  use_idwt=use_idwt)
+    check_delta_range(layer, path, k_spec, k_sc if "waveft_scaling" in parts else "waveft.scaling")
+    return layer
 
 
 def read(path) -> Adapter:

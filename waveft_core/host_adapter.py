@@ -17,6 +17,7 @@ import torch
 from .adapter import Layer
 from .delta import add_into, compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
+from .matching import same_matrix
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -120,6 +121,10 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                               "(Bypass)' with the WaveFT file.", key, type(weight).__name__)
                     return weight
                 layer, spectrum, plan = self._unpacked(weight.device)
+                if not same_matrix(layer.shape, tuple(weight.shape)):
+                    log.error("WaveFT: %s has shape %s, the adapter's layer was made for %s; left unpatched", key,
+                              list(weight.shape), list(layer.shape))
+                    return weight
                 factor = float(layer.scaling) * float(strength)
                 if _is_identity(function) and weight.dtype in SPARSE_DTYPES:
                     add_into(weight, plan, spectrum, factor)  # in place: with an offset the host keeps the view
