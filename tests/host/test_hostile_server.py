@@ -186,3 +186,53 @@ def test_plain_prefixes_still_write_inside_the_folder(hostile):
     assert {os.path.dirname(p) for p in new} == {"models/loras/hostile_ok", "models/waveft/hostile_ok",
                                                  "models/checkpoints/hostile_ok"}, new
     assert len(new) == 4, new
+
+
+# --- in-process: the host's own key map and loaders ---------------------------------------------------------
+
+Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+
+
+def _layer(shape, seed=0, p=200):
+    from waveft_core.peft_io import peft_positions
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return wft.Layer(spectrum=torch.randn(p, generator=g) * 1e-3, indices=peft_positions(shape, p, 777), shape=shape,
+                     wavelet="db2")
+
+
+def test_one_weight_under_two_spellings_is_refused_naming_both(pack, sd15, waveft_dir):
+    model, clip, _ = sd15
+    shape = tuple(model.model.state_dict()[f"diffusion_model.{Q}.weight"].shape)
+    kohya = "lora_unet_" + Q.replace(".", "_")
+    wft.save(wft.Adapter(layers={f"diffusion_model.{Q}": _layer(shape, 1), kohya: _layer(shape, 2)}),
+             waveft_dir / "twice.safetensors")
+    with pytest.raises(ValueError) as e:
+        pack.nodes.loader.WaveFTLoader().load(model, clip, "twice.safetensors", 1.0, 1.0)
+    msg = str(e.value)
+    assert "twice.safetensors" in msg and f"diffusion_model.{Q}" in msg and kohya in msg, msg
+
+
+def test_a_layer_equal_only_in_entry_count_is_refused(pack, sd15, waveft_dir):
+    """[320, 32, 10] has the 320 x 320 entries of attn1.to_q but is another weight."""
+    model, clip, _ = sd15
+    m, n = model.model.state_dict()[f"diffusion_model.{Q}.weight"].shape
+    assert n % 10 == 0
+    wft.save(wft.Adapter(layers={f"diffusion_model.{Q}": _layer((m, n // 10, 10))}), waveft_dir / "folded.safetensors")
+    with pytest.raises(ValueError, match="another shape"):
+        pack.nodes.loader.WaveFTLoader().load(model, clip, "folded.safetensors", 1.0, 1.0)
+
+
+def test_layer_names_from_a_file_reach_the_log_escaped(pack, sd15, waveft_dir, caplog):
+    import logging
+
+    model, clip, _ = sd15
+    shape = tuple(model.model.state_dict()[f"diffusion_model.{Q}.weight"].shape)
+    evil = "diffusion_model.nowhere\x1b]0;pwned\x07\x1b[2J"
+    wft.save(wft.Adapter(layers={f"diffusion_model.{Q}": _layer(shape), evil: _layer((8, 8), p=4)}),
+             waveft_dir / "evil.safetensors")
+    with caplog.at_level(logging.INFO, logger="ComfyUI-WaveFT"):
+        pack.nodes.loader.WaveFTLoader().load(model, clip, "evil.safetensors", 1.0, 1.0)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "nowhere" in logged and "\x1b" not in logged and "\\x1b]0;pwned\\x07" in logged, repr(logged)
