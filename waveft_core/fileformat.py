@@ -11,10 +11,10 @@ import torch
 
 from .adapter import Adapter, Layer
 from .delta import index_dtype, matrix_shape
+from .limits import MAX_WEIGHT_ENTRIES, check_delta_range, check_setting
 from .metadata import content_hashes
 from .names import family_of
 from .storage import DAMAGED as _DAMAGED
-from .limits import MAX_WEIGHT_ENTRIES, check_delta_range, check_setting
 from .storage import WaveFTFileError, atomic_write, read_header
 from .wavelets import UnknownWaveletError, check_wavelet
 

@@ -18,6 +18,7 @@ from .adapter import Layer
 from .delta import add_into, compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
 from .matching import same_matrix
+from .printable import printable
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -82,11 +83,12 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             if f"{x}.waveft_spectrum" not in lora:
                 return None
             keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
-            tensors = {k: lora[k] for k in keys if k in lora}
+            # copies: the host may hand tensors mapped from the file, which a rewrite in place would change
+            tensors = {k: lora[k].clone() for k in keys if k in lora}
             try:
                 layer = adapter_from_tensors(tensors, mirrored_metadata(lora), path=x).layers[x]
             except (WaveFTFileError, KeyError) as e:
-                log.error("WaveFT: layer %s cannot be used: %s", x, e)
+                log.error("WaveFT: layer %s cannot be used: %s", printable(x), printable(e))
                 return None
             if loaded_keys is None:
                 loaded_keys = set()

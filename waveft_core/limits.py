@@ -47,7 +47,7 @@ def check_setting(value: float, source, key: str) -> float:
     return value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def delta_gain(wavelet: str | None) -> float:
     """An upper bound of |ΔW entry| / (|scaling| * max |coefficient|): one weight entry gets, from each band,
     the coefficients whose filter taps of one parity land on it, so the bound is the sum over bands of the

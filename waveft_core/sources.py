@@ -23,8 +23,8 @@ import torch
 
 from .fileformat import read_tensors_and_metadata
 from .limits import check_setting
-from .storage import PICKLE_SUFFIXES, WaveFTFileError
 from .names import TEXT_COMPONENTS
+from .storage import PICKLE_SUFFIXES, WaveFTFileError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

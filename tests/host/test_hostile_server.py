@@ -9,11 +9,11 @@ import os
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from safetensors.torch import save_file
+from test_server_e2e import txt2img
 
 import waveft_core as wft
-from conftest import ROOT
-from test_server_e2e import txt2img
 
 GATE_PACK = '''
 import os, sys, time
@@ -194,8 +194,9 @@ Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 
 
 def _layer(shape, seed=0, p=200):
-    from waveft_core.peft_io import peft_positions
     import torch
+
+    from waveft_core.peft_io import peft_positions
 
     g = torch.Generator().manual_seed(seed)
     return wft.Layer(spectrum=torch.randn(p, generator=g) * 1e-3, indices=peft_positions(shape, p, 777), shape=shape,
