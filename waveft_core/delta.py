@@ -216,13 +216,18 @@ def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float, split_
     if k:
         if split_lone:
             starts = (0,) + plan.band_ends[:3]
-            spans = [(s, e, True) for s, e in zip(starts, plan.lone_ends)]
-            spans += [(s, e, False) for s, e in zip(plan.lone_ends, plan.band_ends)]
+            groups = [(zip(starts, plan.lone_ends), True), (zip(plan.lone_ends, plan.band_ends), False)]
         else:
-            spans = [(0, k, False)]
-        for s, e, unique in spans:
-            for a in range(s, e, step):
-                yield (*_whole_patches(plan, v, a, min(e, a + step)), unique)
+            groups = [([(0, k)], False)]
+        for spans, unique in groups:
+            spans = [(s, e) for s, e in spans if e > s]
+            if len(spans) > 1 and sum(e - s for s, e in spans) <= step:  # one piece, as few kernels as can be
+                pieces = [_whole_patches(plan, v, s, e) for s, e in spans]
+                yield torch.cat([t for t, _ in pieces]), torch.cat([x for _, x in pieces]), unique
+                continue
+            for s, e in spans:
+                for a in range(s, e, step):
+                    yield (*_whole_patches(plan, v, a, min(e, a + step)), unique)
     for a in range(k, v.numel(), step):
         yield (*_clipped_patches(plan, v, a, min(v.numel(), a + step)), False)
 
