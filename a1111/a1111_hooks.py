@@ -21,6 +21,7 @@ import os
 
 import torch
 import waveft_core as wft
+from waveft_core.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
 from .common import load_adapter, log, patch_version_detection, redetect_versions, short_list
@@ -132,6 +133,7 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
     net.mtime = os.path.getmtime(path)
     skipped: list[str] = []
     attentions: dict[str, set] = {}  # MultiheadAttention key -> parts the file adapts
+    resolved = []
     for native, layer in adapter.layers.items():
         target, module, expected = resolve(native, mapping)
         if target is None:
@@ -140,6 +142,7 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
         if not shape_fits(layer.shape, expected):
             skipped.append(f"{native}: shape {list(layer.shape)}, the model's layer is {list(expected)}")
             continue
+        resolved.append((native, target.module_key))
         w = {
             "waveft_spectrum": layer.spectrum,
             "waveft_indices": layer.indices,
@@ -151,6 +154,11 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
         net.modules[target.module_key] = _create(networks, module_type, net, weights)
         if target.mha_key is not None:
             attentions.setdefault(target.mha_key, set()).add(target.part)
+
+    try:
+        refuse_shared_targets(resolved)
+    except SharedTargetError as e:
+        raise wft.WaveFTFileError(path, str(e)) from None
 
     for mha_key, parts in attentions.items():  # A1111 updates a MultiheadAttention only with all four parts
         mha = mapping.get(mha_key)

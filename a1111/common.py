@@ -6,6 +6,7 @@ import sys
 import waveft_core as wft
 from waveft_core.cache import AdapterCache, fingerprint
 from waveft_core.peft_io import Spelling
+from waveft_core.printable import printable
 
 from . import keymap
 
@@ -18,7 +19,8 @@ WEBUI = Spelling(base="a webui loads native files only: convert it first, python
 
 
 def log(message: str) -> None:
-    print(f"{TAG} {message}", file=sys.stderr, flush=True)
+    """One console line; names and values quoted from a file cannot drive the terminal (printable)."""
+    print(f"{TAG} {printable(message, keep=chr(10))}", file=sys.stderr, flush=True)
 
 
 def load_adapter(path) -> "wft.Adapter":

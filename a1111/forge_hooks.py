@@ -27,6 +27,7 @@ import os
 import traceback
 
 import waveft_core as wft
+from waveft_core.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
 from .common import load_adapter, log, patch_version_detection, redetect_versions, short_list
@@ -99,7 +100,7 @@ def adapter_flavor(adapter_cls) -> Flavor:
 def build_patches(adapter, unet_params: dict, clip_params: dict, source: str = "", flavor: Flavor | None = None):
     """({param_key: patch value} for the UNet, the same for CLIP, [skipped 'name: reason'])."""
     flavor = flavor or calculator_flavor("forge")
-    unet, clip, skipped = {}, {}, []
+    unet, clip, skipped, resolved = {}, {}, [], []
     for native, layer in adapter.layers.items():
         where = keymap.forge_key(native)
         if where is None:
@@ -115,6 +116,11 @@ def build_patches(adapter, unet_params: dict, clip_params: dict, source: str = "
             skipped.append(f"{native}: shape {list(layer.shape)}, the model's is {list(param.shape)}")
             continue
         out[key] = flavor.patch_value(layer, native, source)
+        resolved.append((native, (which, key)))
+    try:
+        refuse_shared_targets(resolved)
+    except SharedTargetError as e:
+        raise wft.WaveFTFileError(source or "the adapter", str(e)) from None
     return unet, clip, skipped
 
 

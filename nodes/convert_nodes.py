@@ -88,7 +88,7 @@ class WaveFTFromLoRA:
             state, _ = fileformat.read_tensors_and_metadata(path)
         except WaveFTFileError as e:
             raise ValueError(f"WaveFT: {e}") from None
-        deltas = lora.lora_deltas(state)
+        deltas = lora.lora_deltas(state, source=path)
         if not deltas:
             raise ValueError(f"WaveFT: {lora_name} holds no LoRA layers this converter understands")
         adapter, report = extract.extract(deltas, n_coefficients, wavelet=wavelet)

@@ -81,20 +81,26 @@ def new_adapter_path(prefix: str, suffix: str = "", kind: str = FOLDER) -> str:
 
 def free_path(folder: str, prefix: str, suffix: str = "", label: str = "") -> str:
     """folder/prefix+suffix.safetensors for a new file: refuses prefixes that leave the folder, and never
-    overwrites an existing file (a counter is appended instead)."""
+    overwrites an existing file (a counter is appended instead). The check is on the final path, not on the
+    prefix: '.', 'sub/..' or 'a/' would otherwise name the folder itself, and '.safetensors' appended to a
+    folder's path is a file beside it, outside."""
     root = os.path.realpath(folder)
     label = label or folder
     prefix = (prefix or "").strip().replace("\\", "/")
     if not prefix or prefix.startswith("/") or os.path.isabs(prefix) or ":" in prefix:
         raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside {label}")
-    path = os.path.realpath(os.path.join(root, prefix + suffix))
-    if os.path.commonpath([path, root]) != root:
+    if any(part.strip() in ("", ".", "..") for part in prefix.split("/")):
+        raise ValueError(f"WaveFT: filename_prefix '{prefix}' leaves {label} or names a folder (it has a '.', "
+                         f"'..' or empty part); use a plain name such as 'my_adapter' or 'sub/my_adapter'")
+    base, n = os.path.join(root, prefix + suffix), 2
+    candidate = base + ".safetensors"
+    while os.path.lexists(candidate):
+        candidate, n = f"{base}_{n}.safetensors", n + 1
+    final = os.path.realpath(candidate)
+    if os.path.commonpath([final, root]) != root or final == root:
         raise ValueError(f"WaveFT: filename_prefix '{prefix}' leaves {label}; use a plain name")
-    candidate, n = path + ".safetensors", 2
-    while os.path.exists(candidate):
-        candidate, n = f"{path}_{n}.safetensors", n + 1
-    os.makedirs(os.path.dirname(candidate), exist_ok=True)
-    return candidate
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    return final
 
 
 def folder_dirs(name: str) -> list[str]:

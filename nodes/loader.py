@@ -7,7 +7,9 @@ import os
 from ..waveft_core import Adapter, WaveFTFileError
 from ..waveft_core import fileformat, kinds, kohya_waveft, peft_io, sources
 from ..waveft_core import cache
+from ..waveft_core.matching import SharedTargetError
 from ..waveft_core.names import ENCODERS, TE_PREFIX
+from ..waveft_core.printable import printable
 from ..waveft_core.storage import peek_header
 from . import host
 
@@ -168,7 +170,10 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
     """Clone MODEL/CLIP and add one WaveFTAdapter patch per matched layer. Returns (model, clip, summary)."""
     use_model = model is not None and strength_model != 0
     use_clip = clip is not None and strength_clip != 0
-    report = host.match(adapter.layers, model, clip)
+    try:
+        report = host.match(adapter.layers, model, clip)
+    except SharedTargetError as e:
+        raise ValueError(f"WaveFT {label}: {e}") from None
     wants = adapter.base_model or "an unknown base model"
     got = host.model_family(model) if model is not None else "a text encoder only"
     if report.wrong_shape:
@@ -198,11 +203,11 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
         summary += f"; read as: {adapter.metadata['waveft.import_notes']}"
     if report.unmatched:
         summary += f"; {len(report.unmatched)} did not match (names in the log)"
-        log.warning("WaveFT %s: %d layer(s) matched nothing in %s: %s", label, len(report.unmatched), got,
-                    ", ".join(report.unmatched[:20]) + (" ..." if len(report.unmatched) > 20 else ""))
+        log.warning("WaveFT %s: %d layer(s) matched nothing in %s: %s", printable(label), len(report.unmatched), got,
+                    printable(", ".join(report.unmatched[:20]) + (" ..." if len(report.unmatched) > 20 else "")))
     if clip is None and clip_patches:
         summary += f"; {len(clip_patches)} text-encoder layers unused (no CLIP connected)"
-    log.info("WaveFT %s", summary)
+    log.info("WaveFT %s", printable(summary))
     return out_model, out_clip, summary
 
 

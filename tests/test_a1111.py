@@ -569,6 +569,10 @@ def write_files(lora_dir: Path):
            UNET_Q + ".waveft_shape": torch.tensor([32, 32])}
     save_file(bad, str(lora_dir / "bad.safetensors"), metadata={
         "waveft.format_version": "1", "waveft.wavelet": "db1", "waveft.scaling": "25.0", "ss_network_module": "waveft"})
+    # one weight under two spellings that A1111's names ('.' -> '_') make the same (issue 22)
+    twin = "diffusion_model." + UNET_Q[len("diffusion_model."):].replace(".", "_")
+    wft.save(wft.Adapter(layers={UNET_Q: make_layer((32, 32), 20, 31), twin: make_layer((32, 32), 20, 32)},
+                         metadata={"ss_base_model_version": "sd_v1"}), lora_dir / "twice.safetensors")
     # an ordinary kohya LoRA for SD1, which must still go to the host's own loader
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file({f"{key}.lora_up.weight": torch.ones(32, 4), f"{key}.lora_down.weight": torch.ones(4, 32),
@@ -768,6 +772,15 @@ class TestA1111:
         assert "[WaveFT] cannot use" in err and "bad.safetensors" in err and "appears more than once" in err
         assert a1111.networks.loaded_networks == []
         assert a1111.networks.extra_network_lora.errors == {"bad": 1}
+
+    def test_one_weight_under_two_names_is_reported_not_applied_twice(self, a1111, capsys):
+        self._use(a1111, a1111_sd1_model())
+        a1111.networks.extra_network_lora.errors.clear()
+        a1111.networks.load_networks(["twice"], [1.0], [1.0], [None])
+        err = capsys.readouterr().err
+        assert "twice.safetensors" in err and "both adapt the weight" in err and UNET_Q in err, err
+        assert a1111.networks.loaded_networks == []
+        assert a1111.networks.extra_network_lora.errors == {"twice": 1}
 
     def test_plain_lora_still_uses_a1111_loader(self, a1111):
         model = self._use(a1111, a1111_sd1_model())

@@ -110,6 +110,21 @@ CASES = {
     "bad use_idwt": (lambda t, md: md.update({"waveft.use_idwt": "maybe"}), "waveft.use_idwt", "true or false"),
     "wrong network module": (lambda t, md: md.update({"ss_network_module": "networks.lora"}), "ss_network_module",
                              "not 'waveft'"),
+    # issue 22: values finite in float64 but not in float32, a ΔW past float16, mirrors that disagree, sizes
+    "scaling past float32": (lambda t, md: md.update({"waveft.scaling": "1e300"}), "waveft.scaling", "float32"),
+    "scaling not a number": (lambda t, md: md.update({"waveft.scaling": "abc"}), "waveft.scaling", "not a number"),
+    "layer scaling past float16": (_set(f"{NAME}.waveft_scaling", torch.tensor(3e38)), f"{NAME}.waveft_spectrum",
+                                   "float16"),
+    "coefficients past float16": (_set(f"{NAME}.waveft_spectrum", lambda t: t * 1e30), f"{NAME}.waveft_spectrum",
+                                  "float16"),
+    "scaling mirror disagrees": (_set("waveft.scaling", torch.tensor(1e4, dtype=torch.float64)), "waveft.scaling",
+                                 "metadata says 25.0"),
+    "wavelet mirror disagrees": (_set("waveft.wavelet", torch.tensor(list(b"db4"), dtype=torch.uint8)),
+                                 "waveft.wavelet", "metadata says 'db2'"),
+    "use_idwt mirror disagrees": (_set("waveft.use_idwt", torch.tensor(0, dtype=torch.uint8)), "waveft.use_idwt",
+                                  "metadata says True"),
+    "shape past any weight": (_set(f"{NAME}.waveft_shape", torch.tensor([2**62, 4])), f"{NAME}.waveft_shape",
+                              "more than any"),
 }
 
 

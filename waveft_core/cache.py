@@ -1,8 +1,9 @@
 """A small cache of loaded adapters, shared by the ComfyUI nodes and the A1111/Forge extension: a prompt that
 only changes a strength must not read the file again, and the layers keep their scatter plans. Entries are
-keyed by the file's fingerprint, so an edited file is read again."""
+keyed by the file's fingerprint (content included), so an edited or replaced file is read again."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from typing import Callable, Hashable
@@ -12,9 +13,17 @@ from .sources import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, WEIGHTS_NAME
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
 
 
+# Files up to this size are hashed whole for the fingerprint (an adapter is a few MB); larger ones by their
+# first and last HASHED_PART bytes (the safetensors header, with its content hashes, is at the start).
+HASH_WHOLE = 16 << 20
+HASHED_PART = 1 << 20
+
+
 def fingerprint(path) -> tuple:
-    """(path, size, mtime) of a file, or of every adapter file in a folder (PEFT folders with adapter or
-    component sub-folders); size -1 for what does not exist. Changes whenever any of them changes."""
+    """(path, size, mtime, inode, ctime, content digest) of a file, or of every adapter file in a folder (PEFT
+    folders with adapter or component sub-folders); size -1 for what does not exist. Changes whenever any of
+    them changes, also for a same-size replacement that keeps the mtime (`cp -p`, `rsync -t`, an unpacked
+    archive, FAT/SMB timestamps): its content digest and, on most file systems, its inode or ctime differ."""
     path = os.path.abspath(str(path))
     if os.path.isdir(path):
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
@@ -25,10 +34,23 @@ def fingerprint(path) -> tuple:
     for f in files:
         try:
             st = os.stat(f)
-            out.append((f, st.st_size, st.st_mtime_ns))
+            out.append((f, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, content_digest(f, st.st_size)))
         except OSError:
             out.append((f, -1, -1))
     return tuple(out)
+
+
+def content_digest(path, size: int) -> str:
+    """A cheap digest of a file's bytes: all of them up to HASH_WHOLE, else the first and last HASHED_PART."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= HASH_WHOLE:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(HASHED_PART))
+            f.seek(max(HASHED_PART, size - HASHED_PART))
+            digest.update(f.read(HASHED_PART))
+    return digest.hexdigest()
 
 
 class AdapterCache:

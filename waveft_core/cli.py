@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .names import ENCODERS
+from .printable import PrintableStream, printable
 from .storage import refuse_overwrite
 
 
@@ -69,7 +70,7 @@ def _cmd_info(args) -> int:
         print("metadata:")
         for k in sorted(extra):
             v = extra[k]
-            print(f"  {k}: {v if len(v) <= 200 else v[:200] + '...'}")
+            print(f"  {printable(k)}: {printable(v if len(v) <= 200 else v[:200] + '...')}")
     if args.layers:
         print("layers:")
         for name, layer in ad.layers.items():
@@ -144,7 +145,7 @@ def _cmd_extract(args) -> int:
 
         tensors, source_md = read_tensors_and_metadata(args.lora)
         known = checkpoint_module_names(args.base) if args.base else None
-        deltas = lora_deltas(tensors, known)
+        deltas = lora_deltas(tensors, known, source=args.lora)
         metadata = {k: v for k, v in source_md.items() if k == "ss_base_model_version" or k.startswith("modelspec.")}
     elif args.finetuned:
         if not args.base:
@@ -311,8 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # Everything printed may quote a file (titles, metadata, layer names, bad values in errors): no terminal
+    # escapes get through.
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(out), PrintableStream(err)
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # WaveFTFileError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        sys.stdout, sys.stderr = out, err

@@ -138,14 +138,7 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
     whole_idx = torch.nonzero(whole).reshape(-1)
     # Patches that share no weight entry with another patch can be written without sorting (the fp16/bf16
     # path then needs no coalescing for them); found once here, by counting every target.
-    crr = top[clipped][:, None] + ar
-    ccc = left[clipped][:, None] + ar
-    ok = ((crr >= 0) & (crr < m))[:, :, None] & ((ccc >= 0) & (ccc < n))[:, None, :]
-    whole_targets = base[whole_idx][:, None, None] + offsets64
-    all_targets = torch.cat([whole_targets.reshape(-1), (crr[:, :, None] * n + ccc[:, None, :])[ok]])
-    uniq, counts = torch.unique(all_targets, return_counts=True)
-    shared = uniq[counts > 1]
-    overlapping = torch.isin(whole_targets.reshape(len(whole_idx), size * size), shared).any(dim=1)
+    overlapping = _overlapping(base[whole_idx], top[clipped], left[clipped], m, n, size, offsets64)
     # Whole patches sorted by band let each band's values be one broadcast multiply (no gather).
     key = band[whole_idx] * 2 + overlapping.to(torch.int64)
     whole_idx = whole_idx[torch.argsort(key, stable=True)]
@@ -160,6 +153,44 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
     )
 
 
+# Patch entries handled at once when a plan is made or applied: bounds the memory a layer needs while it
+# loads or is patched to O(CHUNK + m*n), whatever its p and filter length (a coif17 layer of a few thousand
+# coefficients has tens of millions of patch entries).
+CHUNK = 1 << 21
+
+
+def _clipped_targets(top: torch.Tensor, left: torch.Tensor, m: int, n: int, size: int) -> torch.Tensor:
+    """Flat targets inside the m x n weight of clipped patches with corners (top, left)."""
+    ar = torch.arange(size, dtype=torch.int64)
+    rr, cc = top[:, None] + ar, left[:, None] + ar
+    ok = ((rr >= 0) & (rr < m))[:, :, None] & ((cc >= 0) & (cc < n))[:, None, :]
+    return (rr[:, :, None] * n + cc[:, None, :])[ok]
+
+
+def _overlapping(whole_base, clipped_top, clipped_left, m: int, n: int, size: int, offsets) -> torch.Tensor:
+    """bool [whole]: whether each whole patch shares a weight entry with another patch. Small plans sort all
+    targets; large ones count them in a dense int16 map of the weight (a target has at most L^2 patches, 10404
+    for coif17), a chunk of patches at a time, so memory stays O(m*n + CHUNK) instead of ~33 bytes per entry."""
+    rows = size * size
+    flat_offsets = offsets.reshape(-1)
+    if (whole_base.numel() + clipped_top.numel()) * rows <= CHUNK:
+        whole_targets = whole_base[:, None] + flat_offsets
+        all_targets = torch.cat([whole_targets.reshape(-1), _clipped_targets(clipped_top, clipped_left, m, n, size)])
+        uniq, counts = torch.unique(all_targets, return_counts=True)
+        return torch.isin(whole_targets, uniq[counts > 1]).any(dim=1)
+    step = max(1, CHUNK // rows)
+    counts = torch.zeros(m * n, dtype=torch.int16)
+    for a in range(0, whole_base.numel(), step):
+        t = (whole_base[a:a + step, None] + flat_offsets).reshape(-1)
+        counts.index_add_(0, t, torch.ones(t.numel(), dtype=torch.int16))
+    for a in range(0, clipped_top.numel(), step):
+        t = _clipped_targets(clipped_top[a:a + step], clipped_left[a:a + step], m, n, size)
+        counts.index_add_(0, t, torch.ones(t.numel(), dtype=torch.int16))
+    parts = [(counts[whole_base[a:a + step, None] + flat_offsets] > 1).any(dim=1)
+             for a in range(0, whole_base.numel(), step)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
 def index_dtype(numel: int) -> torch.dtype:
     """Positions and scatter targets of a weight with `numel` entries: int32 halves the index traffic (and a
     layer's plan is ~12 bytes per coefficient); int64 only from 2^31 entries on."""
@@ -172,52 +203,60 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def contributions(plan: DeltaPlan, spectrum: torch.Tensor, factor: float, split_lone: bool = False):
-    """Flat (targets, values, targets_unique) of every non-zero entry of factor * ΔW: the whole patches,
-    then the clipped ones. With `split_lone`, the whole patches come as two parts: lone ones (targets unique
-    and shared with no other part) and overlapping ones.
+    """Flat (targets, values, targets_unique) pieces of every non-zero entry of factor * ΔW: the whole patches,
+    then the clipped ones, at most CHUNK entries a piece (a generator: memory stays bounded). With
+    `split_lone`, the whole patches come as two kinds: lone ones (targets unique and shared with no other
+    piece) and overlapping ones.
 
     `spectrum` is on the plan's device in the compute dtype. Clipped patch entries are redirected to
     target 0 with value 0, so no step depends on data-dependent sizes (no device sync)."""
     v = spectrum[plan.order] * factor
-    parts = []
     k = plan.whole
+    step = max(1, CHUNK // (plan.patch * plan.patch))
     if k:
-        tgts, vals = _whole_patches(plan, v)
         if split_lone:
             starts = (0,) + plan.band_ends[:3]
-            rows = plan.patch * plan.patch
-            lone = [(s * rows, e * rows) for s, e in zip(starts, plan.lone_ends) if e > s]
-            rest = [(s * rows, e * rows) for s, e in zip(plan.lone_ends, plan.band_ends) if e > s]
-            for spans, unique in ((lone, True), (rest, False)):
-                if spans:
-                    parts.append((torch.cat([tgts[a:b] for a, b in spans]), torch.cat([vals[a:b] for a, b in spans]),
-                                  unique))
+            groups = [(zip(starts, plan.lone_ends), True), (zip(plan.lone_ends, plan.band_ends), False)]
         else:
-            parts.append((tgts, vals, False))
-    if k < v.numel():
-        n, size = plan.cols, plan.patch
-        ar = torch.arange(size, device=v.device)
-        rr = plan.clipped_top[:, None] + ar  # [q, L]
-        cc = plan.clipped_left[:, None] + ar
-        ok = ((rr >= 0) & (rr < plan.rows))[:, :, None] & ((cc >= 0) & (cc < n))[:, None, :]
-        tgts = torch.where(ok, rr[:, :, None] * n + cc[:, None, :], 0).to(plan.base.dtype)
-        vals = v[k:, None, None] * plan.kernels[plan.clipped_band]
-        vals = torch.where(ok, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
-        parts.append((tgts.reshape(-1), vals.reshape(-1), False))
-    return parts
+            groups = [([(0, k)], False)]
+        for spans, unique in groups:
+            spans = [(s, e) for s, e in spans if e > s]
+            if len(spans) > 1 and sum(e - s for s, e in spans) <= step:  # one piece, as few kernels as can be
+                pieces = [_whole_patches(plan, v, s, e) for s, e in spans]
+                yield torch.cat([t for t, _ in pieces]), torch.cat([x for _, x in pieces]), unique
+                continue
+            for s, e in spans:
+                for a in range(s, e, step):
+                    yield (*_whole_patches(plan, v, a, min(e, a + step)), unique)
+    for a in range(k, v.numel(), step):
+        yield (*_clipped_patches(plan, v, a, min(v.numel(), a + step)), False)
 
 
-def _whole_patches(plan: DeltaPlan, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat targets and values of all whole patches: one broadcast multiply per band."""
-    size, k = plan.patch, plan.whole
-    bounds = [(b, s, e) for b, (s, e) in enumerate(zip((0,) + plan.band_ends[:3], plan.band_ends)) if e > s]
+def _clipped_patches(plan: DeltaPlan, v: torch.Tensor, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat targets and values of the clipped patches order[a:z] (a >= plan.whole)."""
+    n, size, k = plan.cols, plan.patch, plan.whole
+    ar = torch.arange(size, device=v.device)
+    rr = plan.clipped_top[a - k:z - k, None] + ar  # [q, L]
+    cc = plan.clipped_left[a - k:z - k, None] + ar
+    ok = ((rr >= 0) & (rr < plan.rows))[:, :, None] & ((cc >= 0) & (cc < n))[:, None, :]
+    tgts = torch.where(ok, rr[:, :, None] * n + cc[:, None, :], 0).to(plan.base.dtype)
+    vals = v[a:z, None, None] * plan.kernels[plan.clipped_band[a - k:z - k]]
+    vals = torch.where(ok, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+    return tgts.reshape(-1), vals.reshape(-1)
+
+
+def _whole_patches(plan: DeltaPlan, v: torch.Tensor, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat targets and values of the whole patches order[a:z]: one broadcast multiply per band."""
+    size = plan.patch
+    bounds = [(b, max(s, a), min(e, z)) for b, (s, e) in enumerate(zip((0,) + plan.band_ends[:3], plan.band_ends))
+              if min(e, z) > max(s, a)]
     if v.requires_grad:  # out= is not differentiable
         vals = torch.cat([v[s:e, None, None] * plan.kernels[b] for b, s, e in bounds])
     else:
-        vals = torch.empty(k, size, size, dtype=v.dtype, device=v.device)
+        vals = torch.empty(z - a, size, size, dtype=v.dtype, device=v.device)
         for b, s, e in bounds:
-            torch.mul(v[s:e, None, None], plan.kernels[b], out=vals[s:e])
-    tgts = plan.base[:k, None, None] + plan.offsets
+            torch.mul(v[s:e, None, None], plan.kernels[b], out=vals[s - a:e - a])
+    tgts = plan.base[a:z, None, None] + plan.offsets
     return tgts.reshape(-1), vals.reshape(-1)
 
 
@@ -263,14 +302,28 @@ def add_into(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Tensor, fact
         def write(where, sums):
             where = torch.unravel_index(where.long(), weight.shape)
             weight[where] = (weight[where].to(compute) + sums).to(weight.dtype)
-    # Round once per entry: lone patches touch distinct entries; the rest are summed per entry first.
+    # Round once per entry: lone patches touch distinct entries; the rest are summed per entry first: by a
+    # sort while they are few, in an fp32 map of the weight once they outnumber its entries (memory
+    # O(m*n + CHUNK) then, however many patches there are).
+    rows = plan.patch * plan.patch
+    rest_entries = (sum(e - s for s, e in zip(plan.lone_ends, plan.band_ends)) + plan.order.numel() - plan.whole) * rows
+    dense_sum = rest_entries > min(weight.numel(), CHUNK)
+    if dense_sum:
+        sums = torch.zeros(weight.numel(), dtype=compute, device=weight.device)
+        touched = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
     rest = []
     for tgts, vals, unique in parts:
         if unique:
             write(tgts, vals)
+        elif dense_sum:
+            sums.index_add_(0, tgts, vals)
+            touched[tgts] = True
         else:
             rest.append((tgts, vals))
-    if rest:
+    if dense_sum:
+        where = torch.nonzero(touched).reshape(-1)
+        write(where, sums[where])
+    elif rest:
         tgts = torch.cat([t for t, _ in rest])
         vals = torch.cat([v for _, v in rest])
         uniq, inverse = torch.unique(tgts, return_inverse=True)

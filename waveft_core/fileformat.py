@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 from .adapter import Adapter, Layer
 from .delta import index_dtype, matrix_shape
 from .kinds import DESCRIPTIONS, KOHYA, file_kind
+from .limits import MAX_WEIGHT_ENTRIES, check_delta_range, check_setting
 from .metadata import content_hashes
 from .names import family_of
 from .storage import DAMAGED as _DAMAGED
@@ -22,19 +25,58 @@ SPECTRUM_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 INDEX_DTYPES = {torch.int32, torch.int64}
 
 
-def read_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file (on the CPU) and its metadata, with errors that name the file."""
-    from safetensors import safe_open
+# safetensors dtype names -> torch dtypes (the ones torch can hold; others are refused by name).
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, **{name: getattr(torch, attr) for name, attr in (
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+        ("U64", "uint64")) if hasattr(torch, attr)},
+}
 
+
+def read_tensors_and_metadata(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file (on the CPU) and its metadata, with errors that name the file.
+
+    The tensors are read into memory of their own with plain reads, never mapped: a mapped tensor follows the
+    file, so rewriting the file in place (a re-download, a save over it) while an adapter is loaded would
+    change weights already loaded, and shrinking it would kill the process (SIGBUS) at the next access."""
     path = Path(path)
-    read_header(path)  # refuses pickles, non-safetensors and truncated files by name, before safetensors sees them
+    header = read_header(path)  # refuses pickles, non-safetensors and truncated files by name
+    tensors = {}
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise WaveFTFileError(path, f"cannot be read as safetensors ({e})", advice=_DAMAGED) from e
-    return tensors, metadata
+        with open(path, "rb") as f:
+            data_size = os.fstat(f.fileno()).st_size - header.data_start
+            for key, info in header.tensors.items():
+                tensors[key] = _read_tensor(path, f, header.data_start, data_size, key, info)
+    except OSError as e:
+        raise WaveFTFileError(path, f"cannot be read ({e})") from None
+    return tensors, dict(header.metadata)
+
+
+def _read_tensor(path, f, data_start: int, data_size: int, key: str, info: dict) -> torch.Tensor:
+    dtype = _TORCH_DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise WaveFTFileError(path, f"has the unknown tensor type '{info['dtype']}'", key=key, advice=_DAMAGED)
+    try:
+        shape = [int(s) for s in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise WaveFTFileError(path, "has no valid shape or data offsets", key=key, advice=_DAMAGED) from None
+    count = math.prod(shape)
+    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or \
+            end - begin != count * dtype.itemsize:
+        raise WaveFTFileError(path, f"claims {shape} {info['dtype']} at bytes {begin}..{end} of {data_size}: the "
+                              "file is truncated or damaged", key=key, advice=_DAMAGED)
+    buffer = bytearray(end - begin)
+    f.seek(data_start + begin)
+    if f.readinto(buffer) != len(buffer):
+        raise WaveFTFileError(path, "ended while being read (was it rewritten meanwhile?)", key=key,
+                              advice="Wait until the copy or download is complete, then queue again")
+    if not buffer:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+    return tensor if sys.byteorder == "little" else torch.from_numpy(tensor.numpy().byteswap())
 
 
 def _parse_bool(path, key: str, value: str) -> bool:
@@ -51,9 +93,7 @@ def _parse_float(path, key: str, value: str) -> float:
         x = float(value)
     except ValueError:
         raise WaveFTFileError(path, f"'{value}' is not a number", key=key, advice=_DAMAGED) from None
-    if not math.isfinite(x):
-        raise WaveFTFileError(path, f"{value} is not a finite number", key=key, advice=_DAMAGED)
-    return x
+    return check_setting(x, path, key)
 
 
 def looks_like_waveft(keys) -> bool:
@@ -107,6 +147,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         raise WaveFTFileError(path, str(e), key="waveft.wavelet", advice="Update ComfyUI-WaveFT or fix the file") from None
     scaling = _parse_float(path, "waveft.scaling", metadata["waveft.scaling"])
     use_idwt = _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true"))
+    _check_mirrors(path, tensors, wavelet, scaling, use_idwt)
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
@@ -128,6 +169,31 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     return Adapter(layers=layers, metadata=dict(metadata), source=str(path), extra_tensors=extra)
 
 
+def _check_mirrors(path, tensors, wavelet: str, scaling: float, use_idwt: bool) -> None:
+    """The settings tensors mirrored for metadata-blind hosts (FORMAT.md extension 1) must say what the
+    metadata says: ComfyUI's stock LoRA loader applies the mirrors, every other reader the metadata (the
+    reference), so a disagreement would give one file two different weight changes."""
+    said = {}
+    try:
+        if "waveft.scaling" in tensors:
+            said["waveft.scaling"] = (float(tensors["waveft.scaling"].reshape(-1)[0]), scaling)
+        if "waveft.wavelet" in tensors:
+            said["waveft.wavelet"] = (bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii"), wavelet)
+        if "waveft.use_idwt" in tensors:
+            said["waveft.use_idwt"] = (bool(tensors["waveft.use_idwt"].reshape(-1)[0]), use_idwt)
+    except (RuntimeError, IndexError, UnicodeDecodeError, ValueError):
+        raise WaveFTFileError(path, "is not a valid mirror of the metadata setting", key=next(
+            k for k in ("waveft.scaling", "waveft.wavelet", "waveft.use_idwt") if k in tensors and k not in said),
+            advice=_DAMAGED) from None
+    for key, (mirror, reference) in said.items():
+        same = math.isclose(mirror, reference, rel_tol=1e-6) if key == "waveft.scaling" else mirror == reference
+        if not same:
+            raise WaveFTFileError(path, f"the tensor says {mirror!r} but the metadata says {reference!r} (ComfyUI's "
+                                  "stock LoRA loader would apply the one, every other reader the other)", key=key,
+                                  advice="The file was edited by hand or is damaged; write it again with a WaveFT "
+                                  "tool (the metadata is the reference)")
+
+
 def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
     spectrum, indices, shape_t = parts["waveft_spectrum"], parts["waveft_indices"], parts["waveft_shape"]
     k_spec, k_idx, k_shape = (f"{module}.{s}" for s in ("waveft_spectrum", "waveft_indices", "waveft_shape"))
@@ -144,6 +210,9 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
     if any(s <= 0 for s in shape):
         raise WaveFTFileError(path, f"weight shape {list(shape)} has a dimension below 1", key=k_shape,
                               advice=_DAMAGED)
+    if math.prod(shape) > MAX_WEIGHT_ENTRIES:
+        raise WaveFTFileError(path, f"weight shape {list(shape)} has {math.prod(shape):,} entries, more than any "
+                              "model's weight", key=k_shape, advice=_DAMAGED)
     if spectrum.numel() != indices.numel():
         raise WaveFTFileError(path, f"{spectrum.numel()} coefficients but {indices.numel()} positions in "
                               f"'{k_idx}'; the two must have the same length", key=k_spec, advice=_DAMAGED)
@@ -174,11 +243,11 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
         if not t.dtype.is_floating_point or t.numel() != 1:
             raise WaveFTFileError(path, f"must be a float scalar, got {t.dtype} of shape {list(t.shape)}",
                                   key=k_sc, advice=_DAMAGED)
-        layer_scaling = float(t.reshape(()))
-        if not math.isfinite(layer_scaling):
-            raise WaveFTFileError(path, f"{layer_scaling} is not finite", key=k_sc, advice=_DAMAGED)
-    return Layer(spectrum=spectrum, indices=indices, shape=shape, scaling=layer_scaling, wavelet=wavelet,
-                 use_idwt=use_idwt)
+        layer_scaling = check_setting(float(t.reshape(()).double()), path, k_sc)
+    layer = Layer(spectrum=spectrum, indices=indices, shape=shape, scaling=layer_scaling, wavelet=wavelet,
+                  use_idwt=use_idwt)
+    check_delta_range(layer, path, k_spec, k_sc if "waveft_scaling" in parts else "waveft.scaling")
+    return layer
 
 
 def _layer_settings(path, module, parts, wavelet: str, use_idwt: bool) -> tuple[str, bool]:

@@ -24,6 +24,8 @@ from .kohya_waveft import SUFFIXES as KOHYA_SUFFIXES
 from .kohya_waveft import read as read_kohya
 from .kohya_waveft import seed_hint_of_file
 from .separable import add_delta, bypass_output, conv_arguments, separable_plan
+from .matching import same_matrix
+from .printable import printable
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -81,7 +83,7 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
 
     def refuse(layer: str, problem) -> ValueError:
         """No silent no-op: a WaveFT layer the stock loader cannot apply fails the node, naming the file."""
-        return ValueError(f"WaveFT: {source()}: layer {layer}: {problem}")
+        return ValueError(printable(f"WaveFT: {source()}: layer {layer}: {problem}"))  # names come from the file
 
     def is_packed_weight(weight) -> bool:
         """Quantized storage whose elements are not the weight's values: a scatter would write packed bytes."""
@@ -129,7 +131,8 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                              "connected model), or convert it: python -m waveft_core convert <file> "
                              "<new.safetensors> --base <checkpoint>")
             keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
-            tensors = {k: lora[k] for k in keys if k in lora}
+            # copies: the host may hand tensors mapped from the file, which a rewrite in place would change
+            tensors = {k: lora[k].clone() for k in keys if k in lora}
             try:
                 layer = adapter_from_tensors(tensors, mirrored_metadata(lora), path=x).layers[x]
             except KeyError as e:
@@ -194,6 +197,10 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                               "(Bypass)' with the WaveFT file.", key, type(weight).__name__)
                     return weight
                 layer, spectrum, plan = self._bound(weight.device, weight.shape)
+                if not same_matrix(layer.shape, tuple(weight.shape)):
+                    log.error("WaveFT: %s has shape %s, the adapter's layer was made for %s; left unpatched", key,
+                              list(weight.shape), list(layer.shape))
+                    return weight
                 factor = float(layer.scaling) * float(strength)
                 if _is_identity(function) and weight.dtype in SPARSE_DTYPES:
                     # in place (with an offset the host keeps the view); fp16/bf16 through the filters where cheaper

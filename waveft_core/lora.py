@@ -14,6 +14,7 @@ import torch
 
 from .adapter import Adapter
 from .extract import LazyDeltas
+from .limits import check_dense
 from .metadata import content_hashes
 from .names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_of, to_native
 from .storage import atomic_write
@@ -108,6 +109,7 @@ def to_lora(adapter: Adapter, rank: int, dtype: torch.dtype = torch.float16, dev
         # float64 where it is cheap; big layers in float32 (their SVD is several times faster and the result
         # is stored in 16 bits anyway).
         compute = torch.float64 if m * n <= 1 << 20 else torch.float32
+        check_dense(m, n, adapter.source or "the adapter", f"{name}.waveft_shape")
         delta = layer.delta(compute, device=device).reshape(m, n)
         energy = float(delta.double().square().sum())
         if energy == 0.0:
@@ -239,13 +241,15 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None) -> tor
     return (d * scale).reshape(up.shape[0], *down.shape[1:])
 
 
-def lora_deltas(lora_state_dict: Mapping[str, torch.Tensor], known_modules: Iterable[str] | None = None) -> LazyDeltas:
+def lora_deltas(lora_state_dict: Mapping[str, torch.Tensor], known_modules: Iterable[str] | None = None,
+                source="the LoRA") -> LazyDeltas:
     """native module name -> ΔW = (up @ down) * alpha / rank for every LoRA pair of a state dict, computed on
     access. Keys may be ComfyUI-native (`diffusion_model.X.lora_up.weight`), kohya (`lora_unet_…`, `lora_te_…`,
     `lora_te1_…`, `lora_te2_…`; LDM or diffusers UNet names) or PEFT-style (`….lora_A.weight`/`lora_B.weight`).
     `known_modules` (native names, e.g. `checkpoint_module_names(base)`) settles kohya names exactly and
     rejects names the base model does not have; without it standard SD1/SDXL names are assumed.
-    Unreadable prefixes end up in `.skipped`; LyCORIS/DoRA tensors raise ValueError."""
+    Unreadable prefixes end up in `.skipped`; LyCORIS/DoRA tensors raise ValueError; a product above the dense
+    budget (limits.py) is refused before anything is computed, naming `source` (the file) and the key."""
     keys = set(lora_state_dict)
     for key in keys:
         for suffix, kind in _UNSUPPORTED.items():
@@ -277,6 +281,8 @@ def lora_deltas(lora_state_dict: Mapping[str, torch.Tensor], known_modules: Iter
             elif name in makers:
                 raise ValueError(f"two LoRA entries name the same layer {name} (the second is {prefix})")
             else:
+                up_shape, down_shape = lora_state_dict[key].shape, lora_state_dict[down_key].shape
+                check_dense(up_shape[0] if up_shape else 0, math.prod(down_shape[1:]), source, key, "up @ down")
                 alpha_t = lora_state_dict.get(prefix + ".alpha")
                 alpha = float(alpha_t.reshape(-1)[0]) if alpha_t is not None else None
                 makers[name] = (lambda u=key, d=down_key, a=alpha:

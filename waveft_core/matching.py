@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from .delta import matrix_shape
 from .names import ENCODERS, TE_PREFIX, split_component, to_native
 
 _TE_KOHYA = {
@@ -84,8 +83,17 @@ def _target(value, weight_shape: Callable[[str], tuple | None]) -> Target | None
 
 
 def same_matrix(a: tuple, b: tuple) -> bool:
-    """A layer fits a weight when both view as the same m x n (a Linear (320, 320) fits a 1x1 conv)."""
-    return matrix_shape(tuple(a)) == matrix_shape(tuple(b))
+    """A layer fits a weight when both shapes are equal up to trailing 1s (a Linear (320, 320) fits a 1x1 conv
+    (320, 320, 1, 1)); equal m x n alone is not enough: a layer made for (320, 32, 10) is not one for (320, 320)."""
+    return _without_trailing_ones(a) == _without_trailing_ones(b)
+
+
+def _without_trailing_ones(shape) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    end = len(shape)
+    while end > 1 and shape[end - 1] == 1:
+        end -= 1
+    return shape[:end]
 
 
 def resolve(name: str, key_map: Mapping[str, object], weight_shape, want_shape: tuple | None = None):
@@ -117,4 +125,23 @@ def match_layers(layer_shapes: Mapping[str, tuple], key_map: Mapping[str, object
             report.wrong_shape.append((name, tuple(shape), target.shape))
         else:
             report.targets[name] = target
+    refuse_shared_targets((name, (t.key, t.offset)) for name, t in report.targets.items())
     return report
+
+
+class SharedTargetError(ValueError):
+    """Two layers of one adapter resolve to the same weight (one layer under two spellings: native, kohya,
+    diffusers). Applying both would count the change twice, applying one would drop the other silently."""
+
+
+def refuse_shared_targets(resolved) -> None:
+    """SharedTargetError naming both layers when two (layer name, target) pairs share a target; `target` is
+    anything hashable that identifies one weight (or one slice of a fused weight)."""
+    seen: dict = {}
+    for name, target in resolved:
+        other = seen.setdefault(target, name)
+        if other != name:
+            key = target[0] if isinstance(target, tuple) else target
+            raise SharedTargetError(f"the layers '{other}' and '{name}' both adapt the weight {key} (one layer "
+                                    "under two spellings); a file must hold each weight once. Remove one of "
+                                    "them, or write the file again with a WaveFT tool")

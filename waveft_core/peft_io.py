@@ -16,6 +16,7 @@ import torch
 
 from .adapter import DEFAULT_SEED, Adapter, Layer
 from .delta import index_dtype, matrix_shape
+from .limits import check_delta_range
 from .storage import WaveFTFileError, atomic_writes
 from .names import ENCODERS, TEXT_COMPONENTS, split_component, to_native, to_peft
 from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, carried_metadata, settings
@@ -103,6 +104,7 @@ def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None
             layers[name] = Layer(spectrum=spectrum.float(), indices=peft_positions(shape, spectrum.numel(),
                                                                                    values["random_loc_seed"]),
                                  shape=shape, scaling=values["scaling"], wavelet=wavelet, use_idwt=values["use_idwt"])
+            check_delta_range(layers[name], source.path, peft_name + SPECTRUM_SUFFIX, "scaling")
         if missing:
             listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             where = f" in {encoder}" if encoder else ""

@@ -15,14 +15,16 @@ they came from. Turning a Source into an Adapter needs the base model's shapes (
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .fileformat import read_tensors_and_metadata
-from .storage import PICKLE_SUFFIXES, WaveFTFileError
+from .limits import check_setting
 from .names import TEXT_COMPONENTS
+from .storage import PICKLE_SUFFIXES, WaveFTFileError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,6 +46,7 @@ class Part:
     config: dict | None  # the PEFT config the source stored for it, or None
     origin: str  # where `config` came from, for reports ('' when nothing was stored)
     metadata: dict = field(default_factory=dict)  # title, trigger words, base model tag... stored with it
+    path: Path | None = None  # the file `config` was read from, for messages
 
 
 @dataclass
@@ -135,13 +138,37 @@ def adapter_folders(root, depth: int = 3) -> list[str]:
             folder = config.parent
             if any(part.startswith(".") for part in folder.relative_to(root).parts):
                 continue
-            try:
-                peft_type = json.loads(config.read_text(encoding="utf-8")).get("peft_type", "")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if str(peft_type).upper() == "WAVEFT":
+            if listed_peft_type(config) == "WAVEFT":
                 found.append(folder.relative_to(root).as_posix())
     return sorted(found)
+
+
+_PEFT_TYPES: dict = {}  # config path -> (size, mtime_ns, inode, peft_type): listings read a config once
+_CONFIG_SNIFF = 64 << 10
+_PEFT_TYPE = re.compile(rb'"peft_type"\s*:\s*"([A-Za-z_]+)"')
+
+
+def listed_peft_type(config: Path) -> str:
+    """The upper-cased peft_type of an adapter_config.json for a listing ('' when unreadable): read again only
+    when the file changed, and from its first 64 KiB when it is larger (every listing and every prompt's
+    validation lists the folders; a bloated config must not be read in full each time)."""
+    try:
+        st = config.stat()
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        cached = _PEFT_TYPES.get(str(config))
+        if cached and cached[0] == stamp:
+            return cached[1]
+        with open(config, "rb") as f:
+            head = f.read(_CONFIG_SNIFF + 1)
+        if len(head) <= _CONFIG_SNIFF:
+            peft_type = json.loads(head.decode("utf-8")).get("peft_type", "")
+        else:
+            found = _PEFT_TYPE.search(head)
+            peft_type = found.group(1).decode() if found else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+    _PEFT_TYPES[str(config)] = (stamp, str(peft_type).upper())
+    return str(peft_type).upper()
 
 
 def _peft_part(folder: Path, component: str) -> Part:
@@ -169,7 +196,7 @@ def _peft_part(folder: Path, component: str) -> Part:
             raise WaveFTFileError(weights, "mixes modules of several pipeline components in one PEFT adapter",
                                   advice="Save one adapter per component (unet, text_encoder, ...)")
         component, spectra = next(iter(grouped.items()))
-    return Part(component, spectra, config, CONFIG_NAME, carried_metadata(file_metadata))
+    return Part(component, spectra, config, CONFIG_NAME, carried_metadata(file_metadata), config_path)
 
 
 def _diffusers_file(path: Path) -> Source:
@@ -188,7 +215,7 @@ def _diffusers_file(path: Path) -> Source:
         if config is not None:
             _check_config(path, config, key=METADATA_KEY)
         parts.append(Part(component, group, config, f"the file's {METADATA_KEY}" if config is not None else "",
-                          carried_metadata(metadata)))
+                          carried_metadata(metadata), path))
     return Source(path, "diffusers file", parts)
 
 
@@ -269,11 +296,44 @@ def settings(part: Part, overrides: dict | None = None) -> tuple[dict, list[str]
         else:
             out[name] = PEFT_DEFAULTS[name]
             defaulted.append(name)
-    out["scaling"] = float(out["scaling"])
-    out["random_loc_seed"] = int(out["random_loc_seed"])
-    out["use_idwt"] = out["use_idwt"] if isinstance(out["use_idwt"], bool) else \
-        str(out["use_idwt"]).strip().lower() in ("1", "true", "yes")
+    source = part.path or part.origin or "the adapter"
+    out["scaling"] = check_setting(_number(out["scaling"], source, "scaling"), source, "scaling")
+    out["random_loc_seed"] = _seed(out["random_loc_seed"], source)
+    out["use_idwt"] = _peft_bool(out["use_idwt"], source, "use_idwt")
     return out, defaulted
+
+
+def _number(value, source, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise WaveFTFileError(source, f"{value!r} is not a number", key=key, advice="Set a number such as 25.0")
+    try:
+        return float(value)
+    except ValueError:
+        raise WaveFTFileError(source, f"{value!r} is not a number", key=key,
+                              advice="Set a number such as 25.0") from None
+
+
+def _seed(value, source) -> int:
+    number = _number(value, source, "random_loc_seed")
+    if not number.is_integer() or not 0 <= number < 2**63:
+        raise WaveFTFileError(source, f"{value!r} is not a seed (a whole number from 0)", key="random_loc_seed")
+    return int(number)
+
+
+def _peft_bool(value, source, key: str) -> bool:
+    """A JSON true/false (what PEFT writes), 0/1, or the words for them; anything else is refused: PEFT itself
+    would take any non-empty string, 'false' included, as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    word = str(value).strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise WaveFTFileError(source, f"{value!r} is not true or false", key=key,
+                          advice="Write true or false (JSON booleans, as PEFT saves them)")
 
 
 def describe(source: Source, overrides: dict | None = None) -> str:

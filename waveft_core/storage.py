@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -125,6 +127,38 @@ def refuse_overwrite(out: Path, *inputs, overwrite: bool = False, label: str = "
         raise ValueError(f"{shown} exists; give another path, or --overwrite to replace it")
 
 
+# A temporary file is '.<name>.<12 hex>.tmp' beside its target; one older than this was left by a process that
+# was killed (a finished write renames it, a failed one removes it; a live one keeps writing into it).
+TEMPORARY = re.compile(r"\..*\.[0-9a-f]{12}\.tmp")
+STALE_TEMPORARY_SECONDS = 6 * 3600
+NAME_MAX = 255  # bytes in one file name on every common file system
+
+
+def temporary_name(path: Path) -> Path:
+    """'.<name>.<random>.tmp' beside `path`, the name shortened where it would pass NAME_MAX bytes (a legal
+    240-byte name must not fail because its temporary name is longer)."""
+    room = NAME_MAX - len(".") - len(".") - 12 - len(".tmp")
+    name = path.name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return path.parent / f".{name}.{secrets.token_hex(6)}.tmp"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove this writer's temporary files in `folder` that a killed process left (older than
+    STALE_TEMPORARY_SECONDS); nothing else is touched, and failures are ignored."""
+    now = time.time()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) and \
+                            now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass
+    except OSError:
+        pass
+
+
 def atomic_write(path, write_to: Callable[[str], None]) -> Path:
     """Call write_to(temp_path) for a temporary file beside `path`, then rename it into place."""
     return atomic_writes({path: write_to})[0]
@@ -140,7 +174,8 @@ def atomic_writes(targets: Mapping[object, Callable[[str], None]]) -> list[Path]
         for path, write_to in targets.items():
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+            remove_stale_temporaries(path.parent)
+            tmp = str(temporary_name(path))
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as to any file
             staged.append((path, tmp))
             mode = os.stat(tmp).st_mode & 0o777
