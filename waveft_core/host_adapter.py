@@ -17,6 +17,7 @@ import torch
 from .adapter import Layer
 from .delta import add_into, compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
+from .stock import LAYOUT, SPECTRUM, StockTrainable, stock_layer
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -78,6 +79,8 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
         # Called by the stock LoRA loader for every key-map entry with every adapter class: a dict lookup.
         @classmethod
         def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
+            if f"{x}.{LAYOUT}" in lora:  # saved by the stock Train LoRA node (FORMAT.md extension 4)
+                return cls.load_stock(x, lora, loaded_keys)
             if f"{x}.waveft_spectrum" not in lora:
                 return None
             keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
@@ -92,6 +95,28 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             loaded_keys.update(k for k in keys if k in lora)
             loaded_keys.update(k for k in MIRROR_KEYS if k in lora)
             return cls.from_layer(layer, loaded_keys)
+
+        @classmethod
+        def load_stock(cls, x, lora, loaded_keys=None):
+            try:
+                layer = stock_layer(x, lora)
+            except WaveFTFileError as e:
+                log.error("WaveFT: layer %s cannot be used: %s", x, e)
+                return None
+            if loaded_keys is None:
+                loaded_keys = set()
+            loaded_keys.update((f"{x}.{LAYOUT}", f"{x}.{SPECTRUM}"))
+            return cls.from_layer(layer, loaded_keys)
+
+        # The stock Train LoRA node (algorithm "WaveFT"): a fresh trainable layer per weight, or one that
+        # continues a loaded layer (`existing_lora`). `alpha` has no meaning for WaveFT (scaling is fixed).
+        @classmethod
+        def create_train(cls, weight, rank=1, alpha=1.0):
+            return StockTrainable.create(weight, rank)
+
+        def to_train(self):
+            layer, _, _ = self._unpacked(torch.device("cpu"))
+            return StockTrainable.from_layer(layer)
 
         def _unpacked(self, device):
             """Layer.unpack(self.weights, device), remembered for the weights object it was made from (the
