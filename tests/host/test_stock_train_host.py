@@ -4,6 +4,7 @@ bit for bit, the layers are PEFT-positioned db1 WaveFT (checked against PyWavele
 through `existing_lora` continues the same run."""
 import inspect
 import shutil
+import sys
 
 import pytest
 import torch
@@ -204,3 +205,34 @@ def test_a_damaged_layout_is_refused_naming_the_key(pack, sd15, data, monkeypatc
     with pytest.raises(wft.WaveFTFileError, match=key.replace(".", r"\.") + ".*checksums differ"):
         wft.fileformat.adapter_from_tensors(broken, {}, "x.safetensors")
     assert pack.nodes.host.WaveFTAdapter.load(key[: -len(".waveft_layout")], broken) is None  # logged, not applied
+
+
+@pytest.mark.host_feature("bypass")
+def test_bypass_mode_trains_through_h(pack, sd15, data, monkeypatch, output_dir, loras_dir):
+    """0.33's bypass training adds h(x) to each layer's output instead of wrapping the weight: the same ΔW."""
+    from nodes import LoraLoader
+
+    from host_tools import patched_weights
+
+    model, clip, _ = sd15
+    calls = []
+    cls = type(pack.nodes.host.WaveFTAdapter.create_train(torch.zeros(4, 4), 1))
+    stock = sys.modules[cls.__module__]
+    original_h = cls.h
+
+    def h(self, x, base_out=None):
+        calls.append(self)
+        return original_h(self, x, base_out)
+
+    monkeypatch.setattr(cls, "h", h)
+    lora, steps, _, _ = stock_train(model, data, monkeypatch, steps=2, bypass_mode=True)
+    assert calls and all(isinstance(m, cls) for m in calls)
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    assert lora[key + ".spectrum"].abs().sum() > 0
+    name = save_lora(lora, steps, output_dir, loras_dir)
+    layer = stock.stock_layer(key, lora)
+    w = model.model.state_dict()[key + ".weight"]
+    with torch.inference_mode():
+        (loaded, _) = LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
+    got = patched_weights(loaded, [key + ".weight"])[key + ".weight"]
+    torch.testing.assert_close(got, w.float() + layer.delta(torch.float32), rtol=0, atol=1e-6)
