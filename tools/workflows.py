@@ -145,8 +145,8 @@ def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = (),
             if _is_widget(ispec):
                 opts = ispec[1] if len(ispec) > 1 and isinstance(ispec[1], dict) else {}
                 default = opts.get("default")
-                if default is None and ispec[0] in ("INT", "FLOAT"):  # the frontend's number widget starts at min or 0
-                    default = opts.get("min", 0)
+                if default is None and ispec[0] in ("INT", "FLOAT", "STRING"):  # the frontend's empty widget
+                    default = "" if ispec[0] == "STRING" else opts.get("min", 0)
                 widgets.append(default if is_link or value is None else value)
                 if _has_control(name, ispec):
                     widgets.append("fixed")
