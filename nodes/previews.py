@@ -62,10 +62,9 @@ class Previewer:
     seed: int
     images: list = field(default_factory=list)
     seconds: list = field(default_factory=list)
-    _shown: object = None
 
     @classmethod
-    def from_inputs(cls, kw: dict, seed: int) -> "Previewer | None":
+    def from_inputs(cls, kw: dict, seed: int) -> Previewer | None:
         every = int(kw.get("preview_every_n_steps") or 0)
         if every <= 0:
             return None

@@ -139,12 +139,12 @@ class StockTrainable(TrainableLayer):
         self.waveft_layout = nn.Parameter(encode_layout(self.shape, self.indices), requires_grad=False)
 
     @classmethod
-    def create(cls, weight: torch.Tensor, rank: int) -> "StockTrainable":
+    def create(cls, weight: torch.Tensor, rank: int) -> StockTrainable:
         """A fresh layer (coefficients zero, so training starts from the base model), on the weight's device."""
         return cls(tuple(weight.shape), coefficient_count(weight.shape, rank)).to(weight.device)
 
     @classmethod
-    def from_layer(cls, layer: Layer, seed: int = SEED) -> "StockTrainable":
+    def from_layer(cls, layer: Layer, seed: int = SEED) -> StockTrainable:
         """Continue a layer: only one that follows layout version 1, or its file could not say where it is."""
         rule = peft_positions(layer.shape, layer.n_coefficients, SEED)
         if (layer.wavelet, float(layer.scaling), bool(layer.use_idwt)) != (WAVELET, float(SCALING), True) \

@@ -72,7 +72,7 @@ def test_the_first_preview_is_the_adapter_after_its_steps(pack, sd15, data, wave
     """A preview samples the model as trained so far: the step-2 preview of a 5-step run is the final preview of
     a 2-step run (same seed, same weights), and not the base model's picture."""
     model, _, _ = sd15
-    latent, cond, negative, vae = data
+    latent, cond, _, vae = data
     kw = dict(preview_vae=vae, preview_positive=cond, **PREVIEW)
     *_, five = train(pack, model, latent, cond, **kw)
     *_, two = train(pack, model, latent, cond, steps=2, **kw)

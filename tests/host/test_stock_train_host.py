@@ -105,9 +105,9 @@ def test_waveft_is_an_algorithm_of_the_stock_node(pack):
 
 def test_stock_train_save_and_load_lora_give_the_trained_weights_exactly(pack, sd15, data, monkeypatch, output_dir,
                                                                          loras_dir, waveft_dir):
-    from nodes import LoraLoader
-
     from host_tools import patched_weights
+
+    from nodes import LoraLoader
 
     model, clip, _ = sd15
     lora, steps, wrappers, trained_model = stock_train(model, data, monkeypatch)
@@ -150,9 +150,9 @@ def test_stock_train_save_and_load_lora_give_the_trained_weights_exactly(pack, s
 
 def test_bf16_layout_survives_and_waveft_layers_stay_exact(pack, sd15, data, monkeypatch, output_dir, loras_dir):
     """lora_dtype bf16 (the node's default): every parameter is cast, the layout must still read back."""
-    from nodes import LoraLoader
-
     from host_tools import patched_weights
+
+    from nodes import LoraLoader
 
     model, clip, _ = sd15
     lora, steps, wrappers, _ = stock_train(model, data, monkeypatch, lora_dtype="bf16", steps=2)
@@ -197,7 +197,7 @@ def test_resume_through_existing_lora_continues_the_run(pack, sd15, data, monkey
 
 def test_a_damaged_layout_is_refused_naming_the_key(pack, sd15, data, monkeypatch, output_dir, loras_dir):
     model, _, _ = sd15
-    lora, steps, _, _ = stock_train(model, data, monkeypatch, steps=1)
+    lora, *_ = stock_train(model, data, monkeypatch, steps=1)
     key = next(k for k in lora if k.endswith(".waveft_layout"))
     broken = dict(lora)
     broken[key] = broken[key].clone()
@@ -210,9 +210,9 @@ def test_a_damaged_layout_is_refused_naming_the_key(pack, sd15, data, monkeypatc
 @pytest.mark.host_feature("bypass")
 def test_bypass_mode_trains_through_h(pack, sd15, data, monkeypatch, output_dir, loras_dir):
     """0.33's bypass training adds h(x) to each layer's output instead of wrapping the weight: the same ΔW."""
-    from nodes import LoraLoader
-
     from host_tools import patched_weights
+
+    from nodes import LoraLoader
 
     model, clip, _ = sd15
     calls = []
