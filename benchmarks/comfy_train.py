@@ -105,7 +105,7 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
                   targets="attention q/k/v/out" if recipe else "all linear + conv",
                   optimizer="AdamW", lr_schedule="constant", warmup_steps=0, training_dtype=dtype,
                   gradient_checkpointing=True, save_every_n_steps=0, filename_prefix="bench", resume_from="none")
-        _, adapter, _, _ = pack.nodes.train_nodes.WaveFTTrain().train([model], [latents], [cond],
+        _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train([model], [latents], [cond],
                                                                          **{k: [v] for k, v in kw.items()})
         params = adapter.n_parameters
     elapsed = time.perf_counter() - t

@@ -20,6 +20,7 @@ from ..waveft_core.kinds import SPECTRUM
 from ..waveft_core.matching import match_layers
 from ..waveft_core.names import family_tag_of_comfy
 from ..waveft_core.storage import peek_header
+from ..waveft_core.stock import ALGORITHM as STOCK_ALGORITHM
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
@@ -171,6 +172,7 @@ def register_adapter_class() -> bool:
         return False
     adapters[:] = [a for a in adapters if getattr(a, "name", None) != WaveFTAdapter.name]
     adapters.append(WaveFTAdapter)
+    register_training_algorithm()
     return True
 
 
@@ -262,6 +264,25 @@ def guard_stock_loaders() -> bool:
     for name in ("load_lora_for_models", "load_bypass_lora_for_models"):
         _wrap_host_function(comfy.sd, name, _with_models_known)
     return guarded
+
+
+def register_training_algorithm() -> None:
+    """Put WaveFT in the stock Train LoRA node's `algorithm` list, which it rebuilds from adapter_maps whenever
+    the node list is asked for (FORMAT.md extension 4 is what its Save LoRA Weights then writes)."""
+    import comfy.weight_adapter as wa
+
+    algorithms = getattr(wa, "adapter_maps", None)
+    if isinstance(algorithms, dict) and callable(getattr(WaveFTAdapter, "create_train", None)):
+        algorithms[STOCK_ALGORITHM] = WaveFTAdapter
+
+
+def full_diff_patches(tensors: dict, model=None, clip=None) -> dict:
+    """weight key -> the host's own "diff" patch for the `<module>.diff` / `.diff_b` tensors of a file (the
+    stock Train LoRA node trains every bias and norm as such a full diff), as its LoRA loader makes them."""
+    diffs = {k: v for k, v in tensors.items() if k.endswith((".diff", ".diff_b"))}
+    if not diffs:
+        return {}
+    return comfy.lora.load_lora(diffs, key_map(model, clip), log_missing=False)
 
 
 # --- key maps and matching -----------------------------------------------------------------------

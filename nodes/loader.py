@@ -190,6 +190,8 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
     for name, target in report.targets.items():
         patch = host.WaveFTAdapter.from_layer(adapter.layers[name])
         (model_patches if target.key in model_keys else clip_patches)[host.patch_key(target)] = patch
+    for key, patch in host.full_diff_patches(adapter.extra_tensors, model, clip).items():  # stock Train LoRA files
+        (model_patches if key in model_keys else clip_patches)[key] = patch
     out_model, out_clip = model, clip
     if use_model and model_patches:
         out_model = model.clone()

@@ -177,6 +177,8 @@ class TrainRun:
     """One WaveFTTrain execution: `run()` trains `state` (a waveft_core TrainingState) from its step to
     settings['steps_total'] and returns the adapter; `save_checkpoint` writes the state with its optimizer."""
 
+    after_step = None  # optional callable(run) -> progress preview or None, after each optimizer step (previews.py)
+
     def __init__(self, model, latents, conditionings, state: TrainingState, dtype, save_every=0, save_prefix=""):
         self.model = model
         self.latents = latents
@@ -213,6 +215,7 @@ class TrainRun:
         dtype = self.dtype
         mp = host.training_clone(self.model)
         mp.set_model_compute_dtype(dtype)
+        self.patcher = mp  # the model as trained so far, for after_step
         patched = []
         with torch.inference_mode(False), torch.enable_grad():
             for name, t in self.trainables.items():
@@ -306,7 +309,11 @@ class TrainRun:
                          (time.perf_counter() - t0) / max(1, self.step - self.start_step))
             # The node's progress bar, with the loss curve as its preview; raises when the user presses Cancel
             # (the caller then saves what was learned).
-            bar.update(1, preview=loss_curve(self.losses) if self.step % 5 == 0 or self.step == total else None)
+            if self.after_step is not None:
+                preview = self.after_step(self)
+            else:
+                preview = loss_curve(self.losses) if self.step % 5 == 0 or self.step == total else None
+            bar.update(1, preview=preview)
 
 
 def loss_curve(losses: list[float], width: int = 256, height: int = 128):

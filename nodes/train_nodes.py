@@ -14,7 +14,7 @@ from ..waveft_core import Adapter, WaveFTFileError
 from ..waveft_core import fileformat, metadata
 from ..waveft_core.trainable import OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
-from . import host, loader, train_loop
+from . import host, loader, previews, train_loop
 
 log = logging.getLogger("ComfyUI-WaveFT")
 NONE = "none"
@@ -70,14 +70,16 @@ class WaveFTTrain:
         }, "optional": {
             "captions": ("STRING", {"forceInput": True, "tooltip": "Optional: the captions (e.g. the dataset "
                          "loader's texts), recorded as tag frequencies in the file's metadata."}),
+            **previews.optional_inputs(),
         }}
 
-    RETURN_TYPES = ("MODEL", "WAVEFT", "LOSS_MAP", "INT")
-    RETURN_NAMES = ("model", "waveft", "loss_map", "steps")
+    RETURN_TYPES = ("MODEL", "WAVEFT", "LOSS_MAP", "INT", "IMAGE")
+    RETURN_NAMES = ("model", "waveft", "loss_map", "steps", "previews")
     OUTPUT_TOOLTIPS = ("The input model with the trained adapter applied, ready for a KSampler.",
                        "The trained adapter: connect Save WaveFT or Apply WaveFT.",
                        "Loss per step (ComfyUI's loss graph node shows it).",
-                       "Optimizer steps done in total (a resumed run counts the earlier ones).")
+                       "Optimizer steps done in total (a resumed run counts the earlier ones).",
+                       "Every preview in order, one batch (Save Image shows it as a grid); empty without previews.")
     FUNCTION = "train"
     CATEGORY = "training/waveft"
     DESCRIPTION = ("Fine-tunes a WaveFT adapter: a few thousand wavelet coefficients per layer, trained on your "
@@ -91,6 +93,7 @@ class WaveFTTrain:
 
     def _train(self, model, latents, positive, captions=None, **kw):
         kw = {k: _first(v) for k, v in kw.items()}
+        previewer = previews.Previewer.from_inputs(kw, kw["seed"])
         model = _first(model)
         images = train_loop.flatten_latents(latents)
         if not images:
@@ -130,6 +133,7 @@ class WaveFTTrain:
         if captions:
             state.metadata["ss_tag_frequency"] = metadata.tag_frequency(captions)
         run = train_loop.TrainRun(model, images, conds, state, dtype, kw["save_every_n_steps"], kw["filename_prefix"])
+        run.after_step = previewer
         try:
             adapter = run.run()
         except mm.InterruptProcessingException:
@@ -141,7 +145,8 @@ class WaveFTTrain:
         out_model = model.clone()
         out_model.add_patches({f"{n}.weight": host.WaveFTAdapter.from_layer(layer)
                                for n, layer in adapter.layers.items()}, 1.0)
-        return (out_model, adapter, {"loss": list(run.losses)}, run.step)
+        shown = previewer.batch() if previewer is not None else previews.no_previews()
+        return (out_model, adapter, {"loss": list(run.losses)}, run.step, shown)
 
     @staticmethod
     def _resume(name, shapes) -> TrainingState:

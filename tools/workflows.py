@@ -143,7 +143,10 @@ def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = (),
             value = spec["inputs"].get(name)
             is_link = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
             if _is_widget(ispec):
-                default = ispec[1].get("default") if len(ispec) > 1 and isinstance(ispec[1], dict) else None
+                opts = ispec[1] if len(ispec) > 1 and isinstance(ispec[1], dict) else {}
+                default = opts.get("default")
+                if default is None and ispec[0] in ("INT", "FLOAT", "STRING"):  # the frontend's empty widget
+                    default = "" if ispec[0] == "STRING" else opts.get("min", 0)
                 widgets.append(default if is_link or value is None else value)
                 if _has_control(name, ispec):
                     widgets.append("fixed")
@@ -196,9 +199,12 @@ def _txt2img(model, clip, vae, first_id: int, prompt: str, seed: int = 42, prefi
     }
 
 
-def specs() -> dict:
-    """name -> (api graph, notes)."""
+def specs(object_info: dict | None = None) -> dict:
+    """name -> (api graph, notes). `object_info` places links to outputs that moved between hosts: ComfyUI 0.8's
+    Train LoRA node outputs a MODEL before its LORA_MODEL, 0.33's does not."""
     out = {}
+    train_outputs = (object_info or {}).get("TrainLoraNode", {}).get("output", ["LORA_MODEL"])
+    lora_slot = train_outputs.index("LORA_MODEL") if "LORA_MODEL" in train_outputs else 0
     ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}}
 
     g = dict(ckpt)
@@ -227,16 +233,46 @@ def specs() -> dict:
         "batch_size": 1, "grad_accumulation_steps": 4, "n_coefficients": 2592, "scaling": 25.0, "wavelet": "db1",
         "targets": "attention q/k/v/out", "seed": 0, "optimizer": "AdamW", "lr_schedule": "constant",
         "warmup_steps": 0, "training_dtype": "bf16", "gradient_checkpointing": True, "save_every_n_steps": 100,
-        "filename_prefix": "my_subject_waveft", "resume_from": "none", "captions": ["2", 1]}}
+        "filename_prefix": "my_subject_waveft", "resume_from": "none", "captions": ["2", 1],
+        "preview_vae": ["1", 2], "preview_positive": ["7", 0], "preview_negative": ["8", 0],
+        "preview_every_n_steps": 50, "preview_width": 512, "preview_height": 512, "preview_steps": 20,
+        "preview_cfg": 6.0}}
     g["5"] = {"class_type": "WaveFTSave", "inputs": {"waveft": ["4", 1], "filename_prefix": "my_subject_waveft",
                                                      "title": "my subject", "trigger_words": "sks",
                                                      "description": "trained in ComfyUI with WaveFT"}}
     g["6"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["4", 2], "filename_prefix": "waveft_loss"}}
     g.update(_txt2img(["4", 0], ["1", 1], ["1", 2], 7, "a photo of sks on a mountain", prefix="WaveFT_trained"))
+    g["13"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 4], "filename_prefix": "WaveFT_previews"}}
     out["waveft_train"] = (g, [(
         "1. Put images with captions (photo.png + photo.txt) in ComfyUI/input/my_subject.\n2. Queue. The paper's "
         "SDXL recipe: attention layers, 2592 coefficients, scaling 25, lr 1e-4, 500 steps, batch 1 x accumulation "
-        "4.\n3. The trained model samples at once; the file lands in models/waveft.", (40, 560))])
+        "4.\n3. Every 50 steps a preview is sampled with the adapter so far (the prompt of the sampler below) and "
+        "shown on the node; all previews are saved as one grid at the end.\n4. The trained model samples at once; "
+        "the file lands in models/waveft.", (40, 560))])
+
+    g = dict(ckpt)
+    g["2"] = {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "my_subject"}}
+    g["3"] = {"class_type": "MakeTrainingDataset", "inputs": {"images": ["2", 0], "vae": ["1", 2], "clip": ["1", 1],
+                                                              "texts": ["2", 1]}}
+    g["4"] = {"class_type": "TrainLoraNode", "inputs": {
+        "model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "batch_size": 1, "grad_accumulation_steps": 4,
+        "steps": 500, "learning_rate": 1e-4, "rank": 1, "optimizer": "AdamW", "loss_function": "MSE", "seed": 0,
+        "training_dtype": "bf16", "lora_dtype": "bf16", "algorithm": "WaveFT", "gradient_checkpointing": True,
+        "existing_lora": "[None]"}}
+    g["5"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["4", lora_slot], "prefix": "loras/my_subject_waveft",
+                                                   "steps": ["4", lora_slot + 2]}}
+    g["6"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["4", lora_slot + 1],
+                                                        "filename_prefix": "waveft_stock_loss"}}
+    g["7"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["4", lora_slot],
+                                                          "strength_model": 1.0}}
+    g.update(_txt2img(["7", 0], ["1", 1], ["1", 2], 8, "a photo of sks on a mountain", prefix="WaveFT_stock"))
+    out["waveft_stock_train"] = (g, [(
+        "ComfyUI's own Train LoRA node with algorithm WaveFT: every layer gets rank x (in + out) wavelet "
+        "coefficients (db1, scaling 25), biases and norms full diffs.\n1. Put images with captions in "
+        "ComfyUI/input/my_subject. 2. Queue. 3. Save LoRA Weights writes output/loras/my_subject_waveft_500_steps_"
+        "….safetensors: move it to models/loras for Load LoRA or Load WaveFT. This graph samples it at once (Load "
+        "LoRA Model).\nMade for ComfyUI 0.33; on 0.8 Train LoRA outputs a MODEL first: reconnect lora, loss and "
+        "steps to its next outputs.", (40, 560))])
 
     g = dict(ckpt)
     g["2"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks dog", "clip": ["1", 1]}}
@@ -276,7 +312,7 @@ def made_for(ui: dict) -> str:
 def render(object_info: dict, version: str) -> dict:
     """name -> UI-format workflow, for the host whose /object_info and version these are."""
     out = {}
-    for name, (graph, notes) in specs().items():
+    for name, (graph, notes) in specs(object_info).items():
         ui = api_to_ui(graph, object_info, notes, version)
         ui_to_api(ui, object_info)  # round trip check
         out[name] = ui

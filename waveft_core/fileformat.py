@@ -97,11 +97,15 @@ def _parse_float(path, key: str, value: str) -> float:
 
 
 def looks_like_waveft(keys) -> bool:
-    return any(k.endswith(".waveft_spectrum") for k in keys)
+    return any(k.endswith((".waveft_spectrum", ".waveft_layout")) for k in keys)  # .waveft_layout: extension 4
 
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path="<memory>") -> Adapter:
     """Validate native v1 tensors and metadata (every rule of FORMAT.md section 3) into an Adapter."""
+    from .stock import as_native, is_stock_file  # (stock imports the trainer, which needs this module)
+
+    if is_stock_file(tensors):  # saved by ComfyUI's Train LoRA node: the same layers, in the native form
+        tensors, metadata = as_native(tensors, metadata, path)
     if not looks_like_waveft(tensors):
         raise WaveFTFileError(
             path, "holds no '<module>.waveft_spectrum' tensors, so it is not a WaveFT adapter",

@@ -26,6 +26,7 @@ from .kohya_waveft import seed_hint_of_file
 from .separable import add_delta, bypass_output, conv_arguments, separable_plan
 from .matching import same_matrix
 from .printable import printable
+from .stock import LAYOUT, SPECTRUM, StockTrainable, stock_layer
 from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -110,6 +111,8 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
         # Called by the stock LoRA loader for every key-map entry with every adapter class: a dict lookup.
         @classmethod
         def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
+            if f"{x}.{LAYOUT}" in lora:  # saved by the stock Train LoRA node (FORMAT.md extension 4)
+                return cls.load_stock(x, lora, loaded_keys)
             if f"{x}.waveft_spectrum" not in lora:
                 return None
             if loaded_keys is None:
@@ -150,6 +153,27 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             spectrum, _, pending = self.weights
             layer = pending.bind(shape)  # ValueError naming the file when its positions cannot be right
             return layer, spectrum, layer.plan(device, torch.float32)
+
+        @classmethod
+        def load_stock(cls, x, lora, loaded_keys=None):
+            try:
+                layer = stock_layer(x, lora)
+            except WaveFTFileError as e:
+                raise refuse(x, e) from None
+            if loaded_keys is None:
+                loaded_keys = set()
+            loaded_keys.update((f"{x}.{LAYOUT}", f"{x}.{SPECTRUM}"))
+            return cls.from_layer(layer, loaded_keys)
+
+        # The stock Train LoRA node (algorithm "WaveFT"): a fresh trainable layer per weight, or one that
+        # continues a loaded layer (`existing_lora`). `alpha` has no meaning for WaveFT (scaling is fixed).
+        @classmethod
+        def create_train(cls, weight, rank=1, alpha=1.0):
+            return StockTrainable.create(weight, rank)
+
+        def to_train(self):
+            layer, _, _ = self._unpacked(torch.device("cpu"))
+            return StockTrainable.from_layer(layer)
 
         def _unpacked(self, device):
             """Layer.unpack(self.weights, device), remembered for the weights object it was made from (the

@@ -2,7 +2,9 @@
 enough): the one home of that rule, for the nodes, the stock-loader adapter, the command line and the webui
 extension. No torch here.
 
-- native: this project's format (FORMAT.md section 3): `waveft.format_version`, or stored flat positions and shapes
+- native: this project's format (FORMAT.md section 3): `waveft.format_version`, or stored flat positions and shapes,
+  or a file the stock Train LoRA node saved with algorithm WaveFT (extension 4: `.waveft_layout`; the native reader
+  turns it into the native form)
 - kohya: a kohya sd-scripts WaveFT network's file (lora-scripts-next): (row, col) positions, a seed and a
   family code per layer, no shapes (kohya_waveft.py)
 - spectra: PEFT's adapter_model.safetensors or a diffusers LoRA file: spectra without positions (sources.py)
@@ -14,6 +16,7 @@ from collections.abc import Iterable, Mapping
 
 NATIVE, KOHYA, SPECTRA, LORA, OTHER = "native", "kohya", "spectra", "lora", "other"
 SPECTRUM = ".waveft_spectrum"
+STOCK_LAYOUT = ".waveft_layout"  # FORMAT.md extension 4 (stock.py); such files also hold LoRA-style .diff keys
 KOHYA_MARKERS = (".waveft_random_loc_seed", ".waveft_family_code")  # keys only a kohya-style WaveFT file has
 _LORA_MARKERS = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".hada_w1_a",
                  ".lokr_w1", ".lokr_w1_a", ".oft_blocks", ".diff")
@@ -32,6 +35,8 @@ def file_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) ->
     if any(k.endswith(KOHYA_MARKERS) for k in keys):
         return KOHYA
     spectra = any(k.endswith(SPECTRUM) for k in keys)
+    if any(k.endswith(STOCK_LAYOUT) for k in keys):
+        return NATIVE
     if "waveft.format_version" in metadata or (spectra and any(k.endswith(".waveft_indices") for k in keys)):
         return NATIVE
     if spectra:

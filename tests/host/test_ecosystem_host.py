@@ -37,7 +37,7 @@ def test_a_trained_file_shows_what_lora_managers_read(pack, checkpoint_state, lo
     latents = {"samples": torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(2))}
     kw = {"steps": 4, "filename_prefix": "eco"}
     with torch.inference_mode():
-        _, adapter, _, _ = pack.nodes.train_nodes.WaveFTTrain().train(
+        _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train(
             [model], [latents], [cond], captions=["a cat, sitting"],
             **{k: [v] for k, v in {**SETTINGS, **kw}.items()})
     picture = torch.rand(1, 512, 384, 3, generator=torch.Generator().manual_seed(0))

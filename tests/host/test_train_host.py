@@ -24,7 +24,7 @@ def data(sd15):
 def train(pack, model, latent, cond, **over):
     kw = {k: [v] for k, v in {**SETTINGS, **over}.items()}
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **kw)
+        return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **kw)[:4]  # previews: own tests
 
 
 def eval_loss(pack, model, latent, cond, sigmas=(0.3, 1.0, 3.0, 8.0)):
@@ -183,7 +183,7 @@ def test_train_takes_dataset_lists_and_per_image_captions(pack, sd15, waveft_dir
     lats = [{"samples": torch.randn(1, 4, 8, 8)}, {"samples": torch.randn(1, 4, 8, 12)}]
     conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in ("a cat", "a dog")]
     kw = {k: [v] for k, v in {**SETTINGS, "steps": 3, "batch_size": 2}.items()}
-    _, adapter, loss_map, steps = pack.nodes.train_nodes.WaveFTTrain().train([model], lats, conds, **kw)
+    _, adapter, loss_map, steps, _ = pack.nodes.train_nodes.WaveFTTrain().train([model], lats, conds, **kw)
     assert steps == 3 and all(v == v for v in loss_map["loss"])
     assert json.loads(adapter.metadata["waveft.training"])["dataset_size"] == 2
 
@@ -193,7 +193,7 @@ def test_captions_become_tag_frequencies(pack, sd15, data, waveft_dir):
     latent, cond = data
     kw = {k: [v] for k, v in {**SETTINGS, "steps": 1}.items()}
     with torch.inference_mode():
-        _, adapter, _, _ = pack.nodes.train_nodes.WaveFTTrain().train(
+        _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train(
             [model], [latent], [cond], captions=["sks cat, sitting", "sks cat, on grass"], **kw)
     assert json.loads(adapter.metadata["ss_tag_frequency"]) == {"img": {"sks cat": 2, "sitting": 1, "on grass": 1}}
 
