@@ -14,6 +14,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..waveft_core import Adapter
+from ..waveft_core.checkpointing import checkpointed, saved_tensors_guard
 from ..waveft_core.names import UNET_PREFIX, family_tag_of_comfy
 from ..waveft_core.trainable import TrainableLayer, TrainingState, is_target, lr_factor, make_optimizer
 from . import host
@@ -148,15 +149,12 @@ def checkpoint_units(module: torch.nn.Module) -> list:
 
 
 def enable_checkpointing(diffusion_model: torch.nn.Module) -> list:
-    """Recompute each checkpoint unit in the backward instead of keeping its activations."""
+    """Recompute each checkpoint unit in the backward instead of keeping its activations. Not with
+    torch.utils.checkpoint: DiT blocks write into their inputs in place, which it either refuses or recomputes
+    from (waveft_core/checkpointing.py)."""
     patched = []
     for unit in checkpoint_units(diffusion_model):
-        original = unit.forward
-
-        def forward(*args, _original=original, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
-
-        unit.forward = forward
+        unit.forward = checkpointed(unit.forward)
         patched.append(unit)
     return patched
 
@@ -287,7 +285,8 @@ class TrainRun:
                                           for _ in members], device=device)
                     xt = sampling.noise_scaling(sigma.view(-1, *([1] * (x0.dim() - 1))), noise, x0)
                     model_wrap.conds["positive"] = per_image[members[0]]
-                    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                    # the guard: DiT blocks add into tensors autograd keeps (checkpointing.py)
+                    with torch.autocast(device.type, dtype=dtype, enabled=autocast), saved_tensors_guard():
                         pred = model_wrap(xt, sigma, **extra_args)
                     loss = torch.nn.functional.mse_loss(pred.float(), x0.float())
                     (loss * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])).backward()
