@@ -165,6 +165,28 @@ def disable_checkpointing(patched: list) -> None:
             del block.forward
 
 
+def normal_copies_of_plain_tensors(diffusion_model: torch.nn.Module) -> list:
+    """Tensors a model uses without a weight function (HiDream's MoE gate weights, tables, buffers) are inference
+    tensors, which autograd cannot keep: a plain copy of each serves the run (restore_tensors puts them back)."""
+    swapped = []
+    for module in diffusion_model.modules():
+        if hasattr(module, "weight_function"):
+            continue
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if isinstance(t, torch.Tensor) and t.is_inference():
+                    copy = t.clone()
+                    table[name] = torch.nn.Parameter(copy, requires_grad=False) if table is module._parameters \
+                        else copy
+                    swapped.append((table, name, t))
+    return swapped
+
+
+def restore_tensors(swapped: list) -> None:
+    for table, name, t in swapped:
+        table[name] = t
+
+
 # --- saving --------------------------------------------------------------------------------------
 
 
@@ -228,6 +250,7 @@ class TrainRun:
             mp.model.requires_grad_(False)
             if s["gradient_checkpointing"]:
                 patched = enable_checkpointing(mp.model.diffusion_model)
+            swapped = normal_copies_of_plain_tensors(mp.model.diffusion_model)
             try:
                 mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
                 flat, owners = [], []
@@ -243,6 +266,7 @@ class TrainRun:
                     guider.sample(torch.zeros_like(first), torch.zeros_like(first), LoopSampler(self._loop),
                                   torch.tensor([1.0, 0.0]), seed=s["seed"], disable_pbar=True)
             finally:
+                restore_tensors(swapped)
                 disable_checkpointing(patched)
                 host.unload_patcher(mp)
                 for t in self.trainables.values():

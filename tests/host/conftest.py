@@ -76,7 +76,40 @@ def _has_dynamic_vram() -> bool:
         "disable_dynamic" in inspect.signature(mp.ModelPatcher.clone).parameters
 
 
-HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram}
+def _has_anima() -> bool:
+    """ComfyUI runs Anima (comfy.supported_models.Anima, from about 0.10)."""
+    import comfy.supported_models as sm
+
+    return hasattr(sm, "Anima")
+
+
+def _has_rope_backward() -> bool:
+    """The host's rotary-embedding kernel differentiates on this machine (0.8's comfy_kitchen.apply_rope, which
+    Flux, Lumina, Wan and the other rotary DiTs call, has no CPU backward; 0.3x uses plain torch while training)."""
+    import torch
+
+    import comfy.ldm.flux.math as fm
+    import comfy.model_management as mm
+
+    q = torch.randn(1, 1, 2, 4, requires_grad=True)
+    pe = fm.rope(torch.arange(2.0)[None], 4, 10000)[:, None]
+    before = getattr(mm, "in_training", None)
+    mm.in_training = True  # as the trainer runs it
+    try:
+        out, _ = fm.apply_rope(q, q, pe)
+        out.sum().backward()
+    except Exception:
+        return False
+    finally:
+        if before is None:
+            del mm.in_training
+        else:
+            mm.in_training = before
+    return True
+
+
+HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram,
+                 "anima": _has_anima, "rope_backward": _has_rope_backward}
 
 
 def host_version() -> str:
