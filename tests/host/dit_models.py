@@ -18,7 +18,7 @@ class Family:
     latent: tuple  # one latent's shape, batch included
     context: tuple = (1, 6, 48)  # the text encoder's hidden states
     extra: dict = field(default_factory=dict)  # other conditioning entries (pooled output, guidance...)
-    rope: bool = True  # uses the host's rotary kernel (0.8's has no CPU backward)
+    rope: bool = True  # uses the host's shared rotary kernel (0.8's has no CPU backward)
 
 
 FAMILIES = [
@@ -29,12 +29,12 @@ FAMILIES = [
                                   qkv_bias=False, guidance_embed=False, txt_ids_dims=[3], global_modulation=True,
                                   mlp_silu_act=True, ops_bias=False, default_ref_method="index",
                                   ref_index_scale=10.0),
-           (1, 128, 4, 4)),
+           (1, 128, 4, 4), extra={"pooled_output": (1, 32)}),  # unused by the model; 0.8's conditioning reads it
     Family("chroma", "Chroma", dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=48,
                                     hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
                                     axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, in_dim=64,
                                     out_dim=64, hidden_dim=32, n_layers=2, txt_ids_dims=[], vec_in_dim=None),
-           (1, 16, 8, 8)),
+           (1, 16, 8, 8), extra={"pooled_output": (1, 32)}),
     Family("sd3", "SD3", SD3, (1, 16, 8, 8), context=(1, 6, 48), extra={"pooled_output": (1, 32)}, rope=False),
     Family("lumina2", "Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=48,
                                       n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=16,
@@ -75,7 +75,7 @@ FAMILIES = [
            (1, 48, 1, 8, 8)),
     Family("ltxv", "LTXV", dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32,
                                 num_attention_heads=2, caption_channels=48, num_layers=2),
-           (1, 128, 1, 4, 4), extra={"attention_mask": (1, 6)}),
+           (1, 128, 1, 4, 4), extra={"attention_mask": (1, 6)}, rope=False),  # its own rotary code, plain torch
     Family("anima", "Anima", dict(image_model="anima", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16,
                                   out_channels=16, patch_spatial=2, patch_temporal=1, concat_padding_mask=True,
                                   model_channels=64, num_blocks=2, num_heads=2, crossattn_emb_channels=48,
