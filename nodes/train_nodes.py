@@ -62,9 +62,9 @@ class WaveFTTrain:
             "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Linear warmup steps."}),
             "training_dtype": (["bf16", "fp32"], {"default": "bf16", "tooltip": "Compute dtype of the model's forward "
                                "and backward; the coefficients stay fp32."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute each ResBlock's and "
-                                       "transformer's activations in the backward: much less memory (at 512 px "
-                                       "about half), each layer runs twice."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute each ResBlock's, "
+                                       "transformer's and DiT block's activations in the backward: much less memory "
+                                       "(at 512 px about half), each layer runs twice; the same result as off."}),
             "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Write a checkpoint "
                                    "(with optimizer state, for resuming) every N steps; 0 = never."}),
             "filename_prefix": ("STRING", {"default": "waveft_trained", "tooltip": "Name of checkpoints and of the "
