@@ -16,7 +16,7 @@ layers (db1, scaling 25). `--recipe` adds WaveFT with the paper's recipe (attent
 per layer), for its own figures.
 
 `--size flux-blocks` is a DiT at real width: Flux.1's own blocks (width 3072, 24 heads, the real text and pooled
-widths) built by ComfyUI in each run with random weights, `--double`/`--single` of each (default 1 and 2), every
+widths) built by ComfyUI with random weights, saved once as a bf16 diffusion-model file every run loads, `--double`/`--single` of each (default 1 and 2), every
 linear trained; LoRA at checkpoint depth 1 and 2. Its time per step is timed inside the run: a timestamp at each
 optimizer step (both trainers step once per training step), the first step a warm-up, the spread over the
 remaining steps of all runs.
@@ -56,9 +56,12 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     stamps = []  # one per optimizer step: per-step times measured inside the run (DiT size)
-    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
     if size.startswith("flux-blocks"):
-        model, cond = flux_blocks(size)
+        model = comfy.sd.load_diffusion_model(ckpt, model_options={"dtype": torch.bfloat16})
+        cond = flux_conditioning()
         latents = {"samples": torch.randn(4, 16, latent, latent, generator=torch.Generator().manual_seed(0)) * 0.5}
     elif size == "sdxl":
         model = comfy.sd.load_diffusion_model(ckpt, model_options={"dtype": torch.bfloat16})
@@ -134,21 +137,28 @@ FLUX_BLOCKS = dict(image_model="flux", guidance_embed=True, in_channels=16, out_
                    theta=10000, patch_size=2, qkv_bias=True, txt_ids_dims=[])
 
 
-def flux_blocks(size: str):
-    """Flux.1 at full width with `double` double and `single` single blocks (size 'flux-blocks-D-S'), random
-    weights, and random T5/CLIP-shaped conditioning."""
+def flux_blocks_state(size: str) -> dict:
+    """Flux.1's diffusion model at full width with D double and S single blocks (size 'flux-blocks-D-S'), random
+    weights, as a bf16 state dict that ComfyUI's Load Diffusion Model detects as Flux."""
     import torch
 
     import comfy.supported_models as sm
-    from host_tools import patcher_for
 
     double, single = (int(v) for v in size.split("-")[2:4])
     torch.manual_seed(0)
-    model = patcher_for(sm.Flux, dict(FLUX_BLOCKS, depth=double, depth_single_blocks=single))
+    unet = sm.Flux(dict(FLUX_BLOCKS, depth=double, depth_single_blocks=single)).get_model({})
+    with torch.no_grad():
+        for p in unet.parameters():  # comfy ops leave weights uninitialised; norms scale by 1
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    return {k: v.to(torch.bfloat16).contiguous() for k, v in unet.diffusion_model.state_dict().items()}
+
+
+def flux_conditioning():
+    import torch
+
     gen = torch.Generator().manual_seed(0)
-    cond = [[torch.randn(1, 32, 4096, generator=gen),
+    return [[torch.randn(1, 32, 4096, generator=gen),
              {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": 3.5}]]
-    return model, cond
 
 
 def run(method, steps, dtype, ckpt, latent, size, tmp):
@@ -162,12 +172,13 @@ def run(method, steps, dtype, ckpt, latent, size, tmp):
 
 def make_checkpoint(size: str, path: Path) -> None:
     """The checkpoint every run loads, built in a child with ComfyUI importable."""
-    state = {"tiny": "make_checkpoint_state(unet_config=t.UNET_CONFIG)",
-             "sd15": "make_checkpoint_state(unet_config=t.SD15_UNET_CONFIG)",
-             "sdxl": "make_unet_state(unet_config=t.SDXL_UNET_CONFIG)"}[size]
-    code = ("import sys; sys.path[:0] = [%r, %r]; import torch; from comfy.cli_args import args; "
+    state = {"tiny": "t.make_checkpoint_state(unet_config=t.UNET_CONFIG)",
+             "sd15": "t.make_checkpoint_state(unet_config=t.SD15_UNET_CONFIG)",
+             "sdxl": "t.make_unet_state(unet_config=t.SDXL_UNET_CONFIG)"}.get(size, f"b.flux_blocks_state({size!r})")
+    code = ("import sys; sys.path[:0] = [%r, %r, %r]; import torch; from comfy.cli_args import args; "
             "args.cpu = not torch.cuda.is_available(); from safetensors.torch import save_file; "
-            "import tiny_models as t; save_file(t.%s, %r)" % (COMFY, str(ROOT / "tests" / "host"), state, str(path)))
+            "import tiny_models as t; import comfy_train as b; save_file(%s, %r)"
+            % (COMFY, str(ROOT / "tests" / "host"), str(ROOT / "benchmarks"), state, str(path)))
     subprocess.run([sys.executable, "-c", code], check=True, timeout=3600)
 
 
@@ -241,6 +252,9 @@ def main_dit(args, loras, methods, labels):
 
     size = f"flux-blocks-{args.double}-{args.single}"
     with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "models").mkdir()
+        ckpt = Path(tmp) / f"{size}.safetensors"
+        make_checkpoint(size, ckpt)
         print(f"Training Flux.1 blocks at full width ({args.double} double, {args.single} single; width 3072, 24 heads) "
               f"on 4 latents of {args.latent}x{args.latent}, batch 1, gradient checkpointing on; {args.repeats} "
               f"fresh process(es) per method, {args.steps} timed steps each after a warm-up step; min / median / "
@@ -252,7 +266,7 @@ def main_dit(args, loras, methods, labels):
             res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
             for _ in range(args.repeats):
                 for method in methods:  # interleaved, so a busy spell hits every method
-                    r = run(method, 1 + args.steps, dtype, "", args.latent, size, tmp)
+                    r = run(method, 1 + args.steps, dtype, str(ckpt), args.latent, size, tmp)
                     res[method]["step"] += r["step_times"]
                     res[method]["rss"].append(r["train_peak_mb"])
                     res[method]["params"] = r["params"]

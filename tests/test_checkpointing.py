@@ -145,7 +145,16 @@ def test_only_overwritten_tensors_are_copied():
         torch.Tensor.clone = original
     loss.backward()
     loss2.backward()
-    assert checkpointing._KEPT  # the registry is module state, shared by guard and checkpoint
+    del loss, loss2, out, h, h2
+    assert len(checkpointing._KEPT) == 0  # nothing is left behind once the graphs are freed
+
+
+def test_the_registry_is_empty_after_a_training_step():
+    from waveft_core import checkpointing
+
+    run("checkpointed")
+    run("guarded")
+    assert len(checkpointing._KEPT) == 0
 
 
 def test_a_write_the_guard_cannot_see_is_refused_not_used():

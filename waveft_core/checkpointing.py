@@ -48,7 +48,8 @@ class _KeptTensors:
     """Kept tensors by the memory they live in: a write into that memory copies them first."""
 
     def __init__(self):
-        self._by_storage: dict[int, weakref.WeakSet] = {}
+        # storage address -> {id(kept): weak reference}; an entry leaves when its kept tensor is freed
+        self._by_storage: dict[int, dict[int, weakref.ref]] = {}
 
     @staticmethod
     def _storage_key(t: torch.Tensor):
@@ -59,10 +60,26 @@ class _KeptTensors:
 
     def keep(self, t: torch.Tensor) -> _Kept:
         kept = _Kept(t)
-        key = self._storage_key(kept.tensor)
-        if key is not None:
-            self._by_storage.setdefault(key, weakref.WeakSet()).add(kept)
+        self._register(kept)
         return kept
+
+    def _register(self, kept: _Kept) -> None:
+        key = self._storage_key(kept.tensor)
+        if key is None:
+            return
+        by_storage, kid = self._by_storage, id(kept)
+
+        def forget(_, key=key, kid=kid):
+            group = by_storage.get(key)
+            if group is not None:
+                group.pop(kid, None)
+                if not group:
+                    del by_storage[key]
+
+        by_storage.setdefault(key, {})[kid] = weakref.ref(kept, forget)
+
+    def __len__(self) -> int:
+        return len(self._by_storage)
 
     def before_write(self, t: torch.Tensor) -> None:
         key = self._storage_key(t)
@@ -70,17 +87,16 @@ class _KeptTensors:
         if not group:
             return
         copies: dict = {}  # views with the same layout share one copy
-        for kept in list(group):
-            if kept.tensor._version != kept.version:
+        for ref in list(group.values()):
+            kept = ref()
+            if kept is None or kept.tensor._version != kept.version:
                 continue  # overwritten unseen: value() reports it
             layout = (kept.tensor.storage_offset(), tuple(kept.tensor.shape), kept.tensor.stride(), kept.tensor.dtype)
             if layout not in copies:
                 copies[layout] = kept.tensor.clone()
             kept.tensor = copies[layout]
             kept.version = kept.tensor._version
-            new_key = self._storage_key(kept.tensor)
-            if new_key is not None:  # the copy may be written later too (a recompute writes into its inputs)
-                self._by_storage.setdefault(new_key, weakref.WeakSet()).add(kept)
+            self._register(kept)  # the copy may be written later too (a recompute writes into its inputs)
 
     @staticmethod
     def value(kept: _Kept) -> torch.Tensor:
