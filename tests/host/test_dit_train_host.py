@@ -115,3 +115,63 @@ def test_a_model_the_presets_do_not_know_gets_its_layer_names(pack, monkeypatch)
     with pytest.raises(ValueError, match=r"matches targets 'attention q/k/v/out'\. Its layers are: .*"
                                          r"double_blocks\.N\.img_attn\.qkv.*Choose 'all linear'"):
         train(pack, build(fam), fam)
+
+
+@pytest.mark.host_feature("rope_backward")
+def test_on_real_flux_blocks_torch_checkpoint_is_silently_wrong_and_ours_is_exact(pack):
+    """The host's own Flux blocks, one weight trained: plain autograd refuses their in-place adds; torch.utils.
+    checkpoint around the whole model (Train LoRA's default depth) runs but gives other gradients; the guard, and
+    the pack's per-block checkpoint on it, give the same gradients bit for bit."""
+    import sys
+
+    import comfy.model_management as mm
+    import comfy.supported_models as sm
+
+    from dit_models import BY_NAME
+
+    checkpointing = sys.modules[pack.__name__ + ".waveft_core.checkpointing"]
+    train_loop = pack.nodes.train_loop
+    fam = BY_NAME["flux"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        dm = sm.Flux(dict(fam.unet_config)).get_model({}).diffusion_model
+        for p in dm.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.fill_(1.0)
+    dm.requires_grad_(False)
+    trained = dm.double_blocks[0].img_attn.qkv.weight
+    trained.requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(fam.latent, generator=g)
+    context = torch.randn(fam.context, generator=g)
+    y = torch.randn(fam.extra["pooled_output"], generator=g)
+    inputs = dict(timestep=torch.tensor([0.5]), context=context, y=y, guidance=torch.tensor([3.5]))
+
+    def grad(mode):
+        trained.grad = None
+        if mode == "whole-torch":
+            loss = torch.utils.checkpoint.checkpoint(lambda: dm(x, **inputs), use_reentrant=False).square().mean()
+        elif mode == "plain":
+            loss = dm(x, **inputs).square().mean()
+        else:
+            with checkpointing.saved_tensors_guard():
+                loss = dm(x, **inputs).square().mean()
+        loss.backward()
+        return trained.grad.clone()
+
+    before = getattr(mm, "in_training", False)
+    mm.in_training = True  # the host's plain-torch rotary path, as in training
+    try:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            grad("plain")
+        reference = grad("guarded")
+        patched = train_loop.enable_checkpointing(dm)
+        try:
+            ours = grad("guarded")
+        finally:
+            train_loop.disable_checkpointing(patched)
+        torch_whole = grad("whole-torch")
+    finally:
+        mm.in_training = before
+    assert torch.equal(ours, reference)
+    assert float(reference.abs().max()) > 0
+    assert not torch.allclose(torch_whole, reference, rtol=1e-3, atol=1e-7)
