@@ -77,10 +77,14 @@ def _has_dynamic_vram() -> bool:
 
 
 def _has_anima() -> bool:
-    """ComfyUI runs Anima (comfy.supported_models.Anima, from about 0.10)."""
-    import comfy.supported_models as sm
+    """ComfyUI's Anima model (supported_models.Anima, 0.33; 0.8 has none)."""
+    import comfy.supported_models
 
-    return hasattr(sm, "Anima")
+    return hasattr(comfy.supported_models, "Anima")
+
+
+HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram,
+                 "anima": _has_anima}
 
 
 def _has_rope_backward() -> bool:
@@ -108,8 +112,7 @@ def _has_rope_backward() -> bool:
     return True
 
 
-HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram,
-                 "anima": _has_anima, "rope_backward": _has_rope_backward}
+HOST_FEATURES["rope_backward"] = _has_rope_backward
 
 
 def host_version() -> str:
