@@ -87,6 +87,15 @@ HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass,
                  "anima": _has_anima}
 
 
+def host_version() -> str:
+    try:
+        from comfyui_version import __version__
+
+        return __version__
+    except Exception:
+        return "unknown"
+
+
 def _has_rope_backward() -> bool:
     """The host's rotary-embedding kernel differentiates on this machine (0.8's comfy_kitchen.apply_rope, which
     Flux, Lumina, Wan and the other rotary DiTs call, has no CPU backward; 0.3x uses plain torch while training)."""
@@ -113,15 +122,6 @@ def _has_rope_backward() -> bool:
 
 
 HOST_FEATURES["rope_backward"] = _has_rope_backward
-
-
-def host_version() -> str:
-    try:
-        from comfyui_version import __version__
-
-        return __version__
-    except Exception:
-        return "unknown"
 
 
 def _is_host_test(item) -> bool:
