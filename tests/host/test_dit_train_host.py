@@ -49,6 +49,7 @@ def _params(with_rope_mark=True):
 
 
 def train(pack, model, fam, **over):
+    """The node's first four outputs (model, waveft, loss_map, steps); newer versions add more after them."""
     kw = {k: [v] for k, v in {**SETTINGS, **over}.items()}
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent(fam)], [conditioning(fam)], **kw)
@@ -62,10 +63,10 @@ def test_family_trains_checkpointed_as_uncheckpointed_and_reloads_bitwise(pack, 
     original = wrapper.__call__
     wrapper.__call__ = lambda self, w: (calls.append(1), original(self, w))[1]
     try:
-        trained, with_ckpt, loss_map, steps = train(pack, model, fam, gradient_checkpointing=True)
+        trained, with_ckpt, loss_map, steps = train(pack, model, fam, gradient_checkpointing=True)[:4]
         recomputed = len(calls)
         calls.clear()
-        _, without, _, _ = train(pack, model, fam, gradient_checkpointing=False)
+        _, without, _, _ = train(pack, model, fam, gradient_checkpointing=False)[:4]
     finally:
         wrapper.__call__ = original
     assert steps == 2 and all(v == v for v in loss_map["loss"])
