@@ -433,10 +433,41 @@ def in_training():
         return
     before = mm.in_training
     mm.in_training = True
+    swapped = _differentiable_kernels()
     try:
+        for module, name, kernel in swapped:
+            setattr(module, name, kernel)
         yield
     finally:
         mm.in_training = before
+        for module, name, kernel in swapped:
+            setattr(module, name, getattr(kernel, "_host_original"))
+
+
+# Host kernels that model code calls even while training, though they have no backward: ComfyUI 0.33's
+# Cosmos/Anima attention calls comfy_kitchen's rms_rope_split_half unconditionally (Flux, Lumina and LTXV switch
+# to plain torch under the training flag themselves). comfy_kitchen's eager version of the same function is
+# plain torch, differentiable, and what the kernel runs on a CPU anyway.
+_KERNELS_WITHOUT_BACKWARD = ("rms_rope_split_half",)
+
+
+def _differentiable_kernels() -> list:
+    try:
+        import comfy.quant_ops
+        from comfy_kitchen.backends.eager import rope as eager
+
+        ck = comfy.quant_ops.ck
+    except Exception:  # no comfy_kitchen (older hosts use plain torch there)
+        return []
+    out = []
+    for name in _KERNELS_WITHOUT_BACKWARD:
+        if callable(getattr(ck, name, None)) and callable(getattr(eager, name, None)):
+            def kernel(*args, _eager=getattr(eager, name), **kwargs):
+                return _eager(*args, **kwargs)
+
+            kernel._host_original = getattr(ck, name)
+            out.append((ck, name, kernel))
+    return out
 
 
 class Progress:

@@ -14,6 +14,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..waveft_core import Adapter
+from ..waveft_core.checkpointing import checkpointed, saved_tensors_guard
 from ..waveft_core.names import UNET_PREFIX, family_tag_of_comfy
 from ..waveft_core.trainable import TrainableLayer, TrainingState, is_target, lr_factor, make_optimizer
 from . import host
@@ -148,15 +149,12 @@ def checkpoint_units(module: torch.nn.Module) -> list:
 
 
 def enable_checkpointing(diffusion_model: torch.nn.Module) -> list:
-    """Recompute each checkpoint unit in the backward instead of keeping its activations."""
+    """Recompute each checkpoint unit in the backward instead of keeping its activations. Not with
+    torch.utils.checkpoint: DiT blocks write into their inputs in place, which it either refuses or recomputes
+    from (waveft_core/checkpointing.py)."""
     patched = []
     for unit in checkpoint_units(diffusion_model):
-        original = unit.forward
-
-        def forward(*args, _original=original, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
-
-        unit.forward = forward
+        unit.forward = checkpointed(unit.forward)
         patched.append(unit)
     return patched
 
@@ -165,6 +163,28 @@ def disable_checkpointing(patched: list) -> None:
     for block in patched:
         if "forward" in block.__dict__:
             del block.forward
+
+
+def normal_copies_of_plain_tensors(diffusion_model: torch.nn.Module) -> list:
+    """Tensors a model uses without a weight function (HiDream's MoE gate weights, tables, buffers) are inference
+    tensors, which autograd cannot keep: a plain copy of each serves the run (restore_tensors puts them back)."""
+    swapped = []
+    for module in diffusion_model.modules():
+        if hasattr(module, "weight_function"):
+            continue
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if isinstance(t, torch.Tensor) and t.is_inference():
+                    copy = t.clone()
+                    table[name] = torch.nn.Parameter(copy, requires_grad=False) if table is module._parameters \
+                        else copy
+                    swapped.append((table, name, t))
+    return swapped
+
+
+def restore_tensors(swapped: list) -> None:
+    for table, name, t in swapped:
+        table[name] = t
 
 
 # --- saving --------------------------------------------------------------------------------------
@@ -233,6 +253,7 @@ class TrainRun:
             mp.model.requires_grad_(False)
             if s["gradient_checkpointing"]:
                 patched = enable_checkpointing(mp.model.diffusion_model)
+            swapped = normal_copies_of_plain_tensors(mp.model.diffusion_model)
             try:
                 mm.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
                 flat, owners = [], []
@@ -248,6 +269,7 @@ class TrainRun:
                     guider.sample(torch.zeros_like(first), torch.zeros_like(first), LoopSampler(self._loop),
                                   torch.tensor([1.0, 0.0]), seed=s["seed"], disable_pbar=True)
             finally:
+                restore_tensors(swapped)
                 disable_checkpointing(patched)
                 host.unload_patcher(mp)
                 for t in self.trainables.values():
@@ -290,7 +312,8 @@ class TrainRun:
                                           for _ in members], device=device)
                     xt = sampling.noise_scaling(sigma.view(-1, *([1] * (x0.dim() - 1))), noise, x0)
                     model_wrap.conds["positive"] = per_image[members[0]]
-                    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                    # the guard: DiT blocks add into tensors autograd keeps (checkpointing.py)
+                    with torch.autocast(device.type, dtype=dtype, enabled=autocast), saved_tensors_guard():
                         pred = model_wrap(xt, sigma, **extra_args)
                     loss = torch.nn.functional.mse_loss(pred.float(), x0.float())
                     (loss * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])).backward()

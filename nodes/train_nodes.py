@@ -12,7 +12,8 @@ import torch
 
 from ..waveft_core import Adapter, WaveFTFileError
 from ..waveft_core import fileformat, metadata
-from ..waveft_core.trainable import OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState
+from ..waveft_core.trainable import (OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState,
+                                     layer_patterns)
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader, previews, train_loop
 
@@ -50,7 +51,10 @@ class WaveFTTrain:
             "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet family; db1 (Haar) is "
                         "fastest and the paper's choice."}),
             "targets": (list(TARGET_PRESETS), {"default": "attention q/k/v/out", "tooltip": "Which layers of the "
-                        "diffusion model get coefficients."}),
+                        "diffusion model get coefficients, the same on every model family: every attention "
+                        "projection (q, k, v, out; self and cross; image and text streams; fused qkv weights and "
+                        "Flux-style single blocks' fused linear1/linear2 whole), + the blocks' feed-forward "
+                        "layers, or every linear layer (+ convolutions)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seeds the coefficient positions "
                              "(PEFT's rule, stored in the file), the noise, the timesteps and the batches."}),
             "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "Optimizer of the coefficients."}),
@@ -58,9 +62,9 @@ class WaveFTTrain:
             "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Linear warmup steps."}),
             "training_dtype": (["bf16", "fp32"], {"default": "bf16", "tooltip": "Compute dtype of the model's forward "
                                "and backward; the coefficients stay fp32."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute each ResBlock's and "
-                                       "transformer's activations in the backward: much less memory (at 512 px "
-                                       "about half), each layer runs twice."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute each ResBlock's, "
+                                       "transformer's and DiT block's activations in the backward: much less memory "
+                                       "(at 512 px about half), each layer runs twice; the same result as off."}),
             "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Write a checkpoint "
                                    "(with optimizer state, for resuming) every N steps; 0 = never."}),
             "filename_prefix": ("STRING", {"default": "waveft_trained", "tooltip": "Name of checkpoints and of the "
@@ -104,8 +108,10 @@ class WaveFTTrain:
         dtype = torch.bfloat16 if kw["training_dtype"] == "bf16" else torch.float32
         shapes = train_loop.target_weights(model, kw["targets"])
         if not shapes:
+            found = [n.split(".", 1)[-1] for n in train_loop.target_weights(model, "all linear + conv")]
             raise ValueError(f"WaveFT Train: no layer of this model ({host.model_family(model)}) matches targets "
-                             f"'{kw['targets']}'")
+                             f"'{kw['targets']}'. Its layers are: {layer_patterns(found) or 'none trainable'}. "
+                             "Choose 'all linear', or report the model so the targets learn its layer names")
 
         if kw["resume_from"] != NONE:
             state = self._resume(kw["resume_from"], shapes)

@@ -14,6 +14,7 @@ from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
 from .delta import band_kernels, dense_delta, index_dtype, make_plan, matrix_shape, padded_grid, patch_corners
 from .layouts import Location, checkpoint_layout, detect_base_model, location_shape
 from .storage import checked_safetensors, open_safetensors, read_header
+from .trainable import is_attention
 from .wavelets import check_wavelet
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,12 +233,11 @@ def extract(deltas: Mapping[str, torch.Tensor], n_coefficients: int, wavelet: st
 # Fine-tuned checkpoint minus base -> dense ΔW
 
 TARGETS = ("attention", "linear", "all")
-_ATTENTION = re.compile(r".*\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q|k|v|out)_proj)")
 
 
 def _wanted(name: str, shape: tuple[int, ...], targets: str) -> bool:
     if targets == "attention":
-        return len(shape) == 2 and bool(_ATTENTION.fullmatch(name))
+        return len(shape) == 2 and is_attention(name)  # the trainer's rule, one for every family
     if name.endswith("embedding"):  # token/position embeddings are tables, not projections
         return False
     return len(shape) == 2 or (targets == "all" and len(shape) in (3, 4))

@@ -88,28 +88,82 @@ TARGET_PRESETS = {
     "all linear": "linear",
     "all linear + conv": "linear+conv",
 }
-_ATTN_PARENTS = ("attn", "attn1", "attn2", "self_attn", "img_attn", "txt_attn", "cross_attn")
-_ATTN_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "qkv", "proj", "q_proj", "k_proj", "v_proj", "out_proj")
-_FF_SUFFIXES = ("ff.net.0.proj", "ff.net.2", "mlp.0", "mlp.2", "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2",
-                "linear1", "linear2", "mlp.fc1", "mlp.fc2")
+
+# One rule for "which layers are attention", for every model family, in the host's (native) names and in
+# diffusers' names: a projection (leaf) inside an attention module (parent).
+_ATTENTION_MODULES = frozenset({"attn", "attn1", "attn2", "self_attn", "cross_attn", "img_attn", "txt_attn",
+                                "attention"})
+_ATTENTION_PROJECTIONS = frozenset({
+    "to_q", "to_k", "to_v", "to_out", "to_out.0",             # diffusers, SD UNets, LTXV, HiDream, Qwen-Image
+    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",   # the text stream of joint attention (Qwen, diffusers)
+    "to_q_t", "to_k_t", "to_v_t", "to_out_t",                 # HiDream's text stream
+    "qkv", "proj",                                            # Flux, Chroma, HunyuanVideo, SD3 (fused q/k/v)
+    "q", "k", "v", "o",                                       # Wan
+    "out",                                                    # Lumina 2, Z-Image (grouped q/k/v fused as qkv)
+    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "output_proj"})  # CLIP, Anima
+# Flux-style single blocks fuse the attention with the MLP: linear1 = [q, k, v, MLP in] rows, linear2 =
+# [attention out, MLP out] columns (diffusers splits the first as attn.to_q/k/v + proj_mlp, keeps proj_out
+# fused). WaveFT spreads its coefficients over a whole weight, so a fused weight is trained whole and counts as
+# attention: its MLP part comes with it, as it does for a LoRA on these layers.
+_FUSED_ATTENTION = {"single_blocks": ("linear1", "linear2"), "single_transformer_blocks": ("proj_out",)}
+# Feed-forward modules of a block (an index above them in the path: timestep/text embedder MLPs are not).
+_FEED_FORWARD_MODULES = frozenset({"ff", "ffn", "mlp", "img_mlp", "txt_mlp", "feed_forward", "ff_i", "ff_t",
+                                   "ff_context"})
+_FEED_FORWARD_LEAVES = frozenset({"proj_mlp"})  # diffusers' Flux single block: the MLP rows of linear1
+
+
+def _leaf_and_parent(parts: list[str]) -> tuple[str, str]:
+    if len(parts) >= 3 and parts[-1].isdigit():  # to_out.0
+        return ".".join(parts[-2:]), parts[-3]
+    return parts[-1], parts[-2] if len(parts) >= 2 else ""
+
+
+def is_attention(name: str) -> bool:
+    """Whether the module `name` is an attention projection (q, k, v, out; fused or not; image or text stream;
+    self or cross) in any model family ComfyUI runs, in native or diffusers names."""
+    parts = name.split(".")
+    leaf, parent = _leaf_and_parent(parts)
+    if parent in _ATTENTION_MODULES and leaf in _ATTENTION_PROJECTIONS:
+        return True
+    return any(block in parts[:-1] and leaf in leaves for block, leaves in _FUSED_ATTENTION.items())
+
+
+def is_feed_forward(name: str) -> bool:
+    """Whether the module `name` is a linear of a block's feed-forward (MLP, gated MLP, MoE experts)."""
+    parts = name.split(".")
+    if parts[-1] in _FEED_FORWARD_LEAVES:
+        return True
+    for i, part in enumerate(parts[:-1]):
+        if part in _FEED_FORWARD_MODULES and any(p.isdigit() for p in parts[:i]):
+            return True
+    return False
 
 
 def is_target(name: str, weight_shape, preset: str) -> bool:
     """Whether the module `name` (with a weight of `weight_shape`) is trained under a TARGET_PRESETS value."""
     kind = TARGET_PRESETS.get(preset, preset)
     dims = len(weight_shape)
+    if kind not in TARGET_PRESETS.values():
+        raise ValueError(f"unknown targets {preset!r}: use one of {', '.join(TARGET_PRESETS)}")
     if dims < 2:
         return False
-    is_attn = name.endswith(_ATTN_LEAVES) and any(p in _ATTN_PARENTS for p in name.split(".")[:-1])
     if kind == "attention":
-        return dims == 2 and is_attn
+        return dims == 2 and is_attention(name)
     if kind == "attention+ff":
-        return dims == 2 and (is_attn or name.endswith(_FF_SUFFIXES))
+        return dims == 2 and (is_attention(name) or is_feed_forward(name))
     if kind == "linear":
         return dims == 2
-    if kind == "linear+conv":
-        return dims in (2, 3, 4, 5)
-    raise ValueError(f"unknown targets {preset!r}: use one of {', '.join(TARGET_PRESETS)}")
+    return dims in (2, 3, 4, 5)
+
+
+def layer_patterns(names, limit: int = 16) -> str:
+    """Module names with their block numbers folded (`blocks.N.attn.qkv`), for a message that shows what a
+    model has."""
+    import re
+
+    patterns = sorted({re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", n) for n in names})
+    more = f", and {len(patterns) - limit} more" if len(patterns) > limit else ""
+    return ", ".join(patterns[:limit]) + more
 
 
 # --- optimisation --------------------------------------------------------------------------------

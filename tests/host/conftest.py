@@ -96,6 +96,34 @@ def host_version() -> str:
         return "unknown"
 
 
+def _has_rope_backward() -> bool:
+    """The host's rotary-embedding kernel differentiates on this machine (0.8's comfy_kitchen.apply_rope, which
+    Flux, Lumina, Wan and the other rotary DiTs call, has no CPU backward; 0.3x uses plain torch while training)."""
+    import torch
+
+    import comfy.ldm.flux.math as fm
+    import comfy.model_management as mm
+
+    q = torch.randn(1, 1, 2, 4, requires_grad=True)
+    pe = fm.rope(torch.arange(2.0)[None], 4, 10000)[:, None]
+    before = getattr(mm, "in_training", None)
+    mm.in_training = True  # as the trainer runs it
+    try:
+        out, _ = fm.apply_rope(q, q, pe)
+        out.sum().backward()
+    except Exception:
+        return False
+    finally:
+        if before is None:
+            del mm.in_training
+        else:
+            mm.in_training = before
+    return True
+
+
+HOST_FEATURES["rope_backward"] = _has_rope_backward
+
+
 def _is_host_test(item) -> bool:
     path = Path(str(item.fspath))
     return HERE in path.parents or path.parent == HERE
