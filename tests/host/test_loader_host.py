@@ -124,7 +124,13 @@ def test_lowvram_patch_recomputes_in_compute_dtype(pack, sd15, waveft_dir):
     for dtype in (torch.float16, torch.bfloat16):
         got = LowVramPatch(key, new_model.patches)(w.to(dtype).clone())
         expect = (w.to(dtype).float() + ad.layers[name].delta(torch.float32, strength=1.5)).to(dtype)
-        assert got.dtype == dtype and torch.equal(got, expect)
+        assert got.dtype == dtype
+        # The per-forward merge may form ΔW through the separable filters (waveft_core/separable.py): another fp32
+        # summation order than Layer.delta, so a sum on a rounding boundary of `dtype` may land one step away.
+        # Rounded once all the same: every entry within one step of the reference, nearly all equal to it.
+        step = (torch.nextafter(expect.abs(), torch.tensor(float("inf"), dtype=dtype)) - expect.abs()).float()
+        assert torch.all((got.float() - expect.float()).abs() <= step)
+        assert (got != expect).float().mean() < 0.01
     # and a real partial load attaches it as the layer's weight function, giving the merged result
     import comfy.model_management as mm
 
