@@ -47,7 +47,7 @@ def test_layers_on_one_weight_or_overlapping_slices_are_refused_naming_both():
     qkv = "diffusion_model.blocks.0.qkv.weight"
     kmap = {"a": qkv, "q": (qkv, (0, 0, 6)), "k": (qkv, (0, 6, 6)), "k2": (qkv, (0, 10, 4)),
             "cols": (qkv, (1, 0, 2)), "scaled": (qkv, None, abs), "other": "diffusion_model.x.weight"}
-    spectra = lambda *names: [f"{n}.waveft_spectrum" for n in names]  # noqa: E731
+    spectra = lambda *names: [f"{n}.waveft_spectrum" for n in names]
     refuse_layers_on_one_weight(spectra("q", "k", "other") + ["a.lora_up.weight", "b.waveft_spectrum"], kmap)
     for pair in (("a", "q"), ("k", "k2"), ("q", "cols"), ("scaled", "k"), ("q", "k", "k2")):
         with pytest.raises(SharedTargetError) as e:
@@ -59,8 +59,8 @@ def test_settings_tensors_are_checked_against_the_metadata_they_mirror():
     import pytest
     import torch
 
-    from waveft_core.storage import WaveFTFileError
     from waveft_core.stock_loader import check_mirrors_against_metadata
+    from waveft_core.storage import WaveFTFileError
 
     mirrors = {"waveft.wavelet": torch.tensor(list(b"db2"), dtype=torch.uint8), "waveft.scaling": torch.tensor([25.0]),
                "waveft.use_idwt": torch.tensor([True])}

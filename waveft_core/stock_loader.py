@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from .fileformat import _check_mirrors, _parse_bool, _parse_float
 from .kinds import SPECTRUM
-from .matching import refuse_shared_targets
+from .matching import refuse_overlapping_targets
 from .names import TE_PREFIX, UNET_PREFIX, split_component
 
 # kohya's text-encoder spellings: lora_te_, lora_te1_ … lora_te3_, lora_prior_te_ (Stable Cascade)
@@ -49,30 +49,12 @@ def unclaimed_layers(keys: Iterable[str], key_map: Mapping) -> list[str]:
             and (has_text_encoder if is_text_encoder_layer(name) else has_model)]
 
 
-def _overlap(a, b) -> bool:
-    """Two key-map values of one weight touch the same entries: a whole weight (no offset) overlaps everything,
-    slices along one dimension overlap when their ranges meet, slices along two dimensions always cross."""
-    offset_a = None if isinstance(a, str) else a[1]
-    offset_b = None if isinstance(b, str) else b[1]
-    if offset_a is None or offset_b is None:
-        return True
-    (dim_a, start_a, length_a), (dim_b, start_b, length_b) = offset_a, offset_b
-    return dim_a != dim_b or (start_a < start_b + length_b and start_b < start_a + length_a)
-
-
 def refuse_layers_on_one_weight(keys: Iterable[str], key_map: Mapping) -> None:
     """matching.SharedTargetError naming both layers when the key map sends two WaveFT layers of a file (one layer
     under its native, kohya and diffusers spellings) to one weight or to overlapping slices of a fused one: the
     host's loader would keep only the last of them, silently."""
-    by_weight: dict[str, list] = {}
-    for name in waveft_layers(keys):
-        if name not in key_map:
-            continue
-        target = key_map[name]
-        for other, other_target in by_weight.get(_target_key(target), ()):
-            if _overlap(other_target, target):
-                refuse_shared_targets([(other, _target_key(target)), (name, _target_key(target))])
-        by_weight.setdefault(_target_key(target), []).append((name, target))
+    refuse_overlapping_targets((name, _target_key(key_map[name]), None if isinstance(key_map[name], str)
+                                else key_map[name][1]) for name in waveft_layers(keys) if name in key_map)
 
 
 MIRROR_SETTINGS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 from host_tools import patched_weights
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 NATIVE = "diffusion_model.middle_block.1.proj_in"
 KOHYA = "lora_unet_mid_block_attentions_0_proj_in"  # the same weight, as the host's key map spells it
@@ -24,7 +24,8 @@ def _layer(shape, seed=0, count=30):
 
 def _read(path):
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        metadata = f.metadata()
+    return load_file(str(path)), metadata
 
 
 @pytest.fixture
@@ -121,7 +122,12 @@ def test_overlapping_slices_of_a_fused_weight_fail_the_stock_node_and_disjoint_o
         nodes.LoraLoaderModelOnly().load_lora_model_only(model, "fused.safetensors", 1.0)
     msg = str(e.value)
     assert "fused.safetensors" in msg and f"'{qkv}'" in msg and f"'{to_k}'" in msg and qkv + ".weight" in msg, msg
+    with pytest.raises(ValueError, match="both adapt the weight"):  # Load WaveFT: the same rule (it applied both)
+        pack.nodes.loader.apply_adapter(wft.load(loras_dir / "fused.safetensors"), model, None, 1.0, 0.0, "fused")
 
     wft.save(wft.Adapter({to_q: _layer((h, h)), to_k: _layer((h, h), seed=1)}), loras_dir / "thirds.safetensors")
     patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "thirds.safetensors", 1.0)[0]
     assert len(patched.patches[qkv + ".weight"]) == 2  # one patch per third
+    out, _, summary = pack.nodes.loader.apply_adapter(wft.load(loras_dir / "thirds.safetensors"), model, None, 1.0,
+                                                       0.0, "thirds")
+    assert "2 of 2 layers matched" in summary and len(out.patches[qkv + ".weight"]) == 2
