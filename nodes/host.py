@@ -17,9 +17,10 @@ from ..waveft_core import stock_loader
 from ..waveft_core.dit_names import Heads, diffusers_key_map, merge_into
 from ..waveft_core.host_adapter import adapter_class
 from ..waveft_core.kinds import SPECTRUM
-from ..waveft_core.matching import match_layers
+from ..waveft_core.matching import SharedTargetError, match_layers
 from ..waveft_core.names import family_tag_of_comfy
-from ..waveft_core.storage import peek_header
+from ..waveft_core.printable import printable
+from ..waveft_core.storage import WaveFTFileError, peek_header
 from ..waveft_core.stock import ALGORITHM as STOCK_ALGORITHM
 
 log = logging.getLogger("ComfyUI-WaveFT")
@@ -216,6 +217,7 @@ def _checked_load_lora(load_lora):
         if models is not None and models[1] is None and stock_loader.only_text_encoder_layers(lora):
             raise ValueError(stock_loader.text_encoder_only_message(
                 stock_lora_file() or "the file given to the LoRA loader", len(stock_loader.waveft_layers(lora))))
+        _refuse_what_load_waveft_refuses(lora, to_load)
         patches = load_lora(lora, to_load, *args, **kwargs)
         for key, patch in patches.items() if models is not None else ():
             if callable(getattr(patch, "bind_to_weight", None)):
@@ -225,6 +227,23 @@ def _checked_load_lora(load_lora):
         return patches
 
     return checked
+
+
+def _refuse_what_load_waveft_refuses(lora, to_load) -> None:
+    """One file, one weight change on every path: the stock loader would keep the last of two layers on one weight,
+    and apply the settings tensors where Load WaveFT applies the file's metadata (the reference)."""
+    path = stock_lora_file()
+    source = path or "the file given to the LoRA loader"
+    try:
+        stock_loader.refuse_layers_on_one_weight(lora.keys(), to_load)
+    except SharedTargetError as e:
+        raise ValueError(printable(f"WaveFT: {source}: {e}")) from None
+    header = peek_header(path) if path else None
+    if header is not None:
+        try:
+            stock_loader.check_mirrors_against_metadata(path, lora, header.metadata)
+        except WaveFTFileError as e:
+            raise ValueError(printable(f"WaveFT: {e}")) from None
 
 
 def _with_models_known(load_for_models):

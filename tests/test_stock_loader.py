@@ -36,3 +36,45 @@ def test_message_names_the_file_the_layers_shortened_and_what_to_do():
     assert msg.startswith("WaveFT: /m/loras/x.safetensors: the model has no weight for 8 of its 10 WaveFT layers")
     assert "layer_4 and 3 more" in msg and "layer_5" not in msg
     assert "'Load WaveFT'" in msg and "'anima'" in msg
+
+
+def test_layers_on_one_weight_or_overlapping_slices_are_refused_naming_both():
+    import pytest
+
+    from waveft_core.matching import SharedTargetError
+    from waveft_core.stock_loader import refuse_layers_on_one_weight
+
+    qkv = "diffusion_model.blocks.0.qkv.weight"
+    kmap = {"a": qkv, "q": (qkv, (0, 0, 6)), "k": (qkv, (0, 6, 6)), "k2": (qkv, (0, 10, 4)),
+            "cols": (qkv, (1, 0, 2)), "scaled": (qkv, None, abs), "other": "diffusion_model.x.weight"}
+    spectra = lambda *names: [f"{n}.waveft_spectrum" for n in names]
+    refuse_layers_on_one_weight(spectra("q", "k", "other") + ["a.lora_up.weight", "b.waveft_spectrum"], kmap)
+    for pair in (("a", "q"), ("k", "k2"), ("q", "cols"), ("scaled", "k"), ("q", "k", "k2")):
+        with pytest.raises(SharedTargetError) as e:
+            refuse_layers_on_one_weight(spectra(*pair), kmap)
+        assert f"'{pair[-2]}' and '{pair[-1]}'" in str(e.value) and qkv in str(e.value)
+
+
+def test_settings_tensors_are_checked_against_the_metadata_they_mirror():
+    import pytest
+    import torch
+
+    from waveft_core.stock_loader import check_mirrors_against_metadata
+    from waveft_core.storage import WaveFTFileError
+
+    mirrors = {"waveft.wavelet": torch.tensor(list(b"db2"), dtype=torch.uint8), "waveft.scaling": torch.tensor([25.0]),
+               "waveft.use_idwt": torch.tensor([True])}
+    metadata = {"waveft.wavelet": "db2", "waveft.scaling": "25.0", "waveft.use_idwt": "true"}
+    check_mirrors_against_metadata("f.safetensors", mirrors, metadata)
+    check_mirrors_against_metadata("f.safetensors", mirrors, {})  # stripped metadata: the mirrors are all there is
+    check_mirrors_against_metadata("f.safetensors", {}, metadata)  # a kohya file: no mirrors
+    for key, value in (("waveft.scaling", "10000"), ("waveft.wavelet", "db4"), ("waveft.use_idwt", "false")):
+        with pytest.raises(WaveFTFileError) as e:
+            check_mirrors_against_metadata("f.safetensors", mirrors, {**metadata, key: value})
+        assert "f.safetensors" in str(e.value) and f"'{key}'" in str(e.value)
+    with pytest.raises(WaveFTFileError, match="'waveft.scaling'.*not a number"):
+        check_mirrors_against_metadata("f.safetensors", mirrors, {**metadata, "waveft.scaling": "abc"})
+    # use_idwt left out of the metadata reads as true, as every reader does
+    with pytest.raises(WaveFTFileError, match="waveft.use_idwt"):
+        check_mirrors_against_metadata("f.safetensors", {**mirrors, "waveft.use_idwt": torch.tensor([False])},
+                                       {"waveft.wavelet": "db2", "waveft.scaling": "25"})

@@ -125,7 +125,7 @@ def match_layers(layer_shapes: Mapping[str, tuple], key_map: Mapping[str, object
             report.wrong_shape.append((name, tuple(shape), target.shape))
         else:
             report.targets[name] = target
-    refuse_shared_targets((name, (t.key, t.offset)) for name, t in report.targets.items())
+    refuse_overlapping_targets((name, t.key, t.offset) for name, t in report.targets.items())
     return report
 
 
@@ -145,3 +145,22 @@ def refuse_shared_targets(resolved) -> None:
             raise SharedTargetError(f"the layers '{other}' and '{name}' both adapt the weight {key} (one layer "
                                     "under two spellings); a file must hold each weight once. Remove one of "
                                     "them, or write the file again with a WaveFT tool")
+
+
+def _slices_overlap(a, b) -> bool:
+    """Two (dim, start, length) slices of one weight touch the same entries; None is the whole weight. Slices
+    along two different dimensions always cross."""
+    if a is None or b is None:
+        return True
+    return a[0] != b[0] or (a[1] < b[1] + b[2] and b[1] < a[1] + a[2])
+
+
+def refuse_overlapping_targets(resolved) -> None:
+    """refuse_shared_targets for (layer name, weight key, offset) triples, where a layer on a whole fused weight
+    (Flux's img_attn.qkv) and one on a slice of it (to_k), or two overlapping slices, also share a target."""
+    by_key: dict = {}
+    for name, key, offset in resolved:
+        for other, other_offset in by_key.get(key, ()):
+            if _slices_overlap(other_offset, offset):
+                refuse_shared_targets([(other, key), (name, key)])
+        by_key.setdefault(key, []).append((name, offset))

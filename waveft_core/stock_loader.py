@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from .fileformat import _check_mirrors, _parse_bool, _parse_float
 from .kinds import SPECTRUM
+from .matching import refuse_overlapping_targets
 from .names import TE_PREFIX, UNET_PREFIX, split_component
 
 # kohya's text-encoder spellings: lora_te_, lora_te1_ … lora_te3_, lora_prior_te_ (Stable Cascade)
@@ -45,6 +47,34 @@ def unclaimed_layers(keys: Iterable[str], key_map: Mapping) -> list[str]:
     has_text_encoder = any(not t.startswith(UNET_PREFIX) for t in targets)
     return [name for name in layers if name not in key_map
             and (has_text_encoder if is_text_encoder_layer(name) else has_model)]
+
+
+def refuse_layers_on_one_weight(keys: Iterable[str], key_map: Mapping) -> None:
+    """matching.SharedTargetError naming both layers when the key map sends two WaveFT layers of a file (one layer
+    under its native, kohya and diffusers spellings) to one weight or to overlapping slices of a fused one: the
+    host's loader would keep only the last of them, silently."""
+    refuse_overlapping_targets((name, _target_key(key_map[name]), None if isinstance(key_map[name], str)
+                                else key_map[name][1]) for name in waveft_layers(keys) if name in key_map)
+
+
+MIRROR_SETTINGS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
+
+
+def check_mirrors_against_metadata(path, tensors: Mapping, metadata: Mapping[str, str]) -> None:
+    """WaveFTFileError naming the file and the key when a settings tensor the stock loader applies says another
+    thing than the file's metadata, the reference every other reader applies (fileformat's rule). A file whose
+    metadata states no WaveFT setting (stripped on the way) has nothing to disagree with."""
+    if not any(k in metadata for k in MIRROR_SETTINGS) or not any(k in tensors for k in MIRROR_SETTINGS):
+        return
+    mirrors = {k: tensors[k] for k in MIRROR_SETTINGS if k in tensors}
+    wavelet = metadata.get("waveft.wavelet")
+    scaling = metadata.get("waveft.scaling")
+    if wavelet is None:  # only what the metadata states is compared
+        mirrors.pop("waveft.wavelet", None)
+    if scaling is None:
+        mirrors.pop("waveft.scaling", None)
+    _check_mirrors(path, mirrors, wavelet, None if scaling is None else _parse_float(path, "waveft.scaling", scaling),
+                   _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true")))
 
 
 def only_text_encoder_layers(keys: Iterable[str]) -> bool:
