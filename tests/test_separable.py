@@ -39,17 +39,17 @@ def _reference_delta(layer, dtype, multiplier):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the calls of the structured product, so a test knows which path h() took."""
+    """Counts the calls of the structured products (banded, or Haar's pairs), so a test knows which path h() took."""
     calls = []
-    if not hasattr(bypass, "structured_product"):  # today's main: no structured path to count
-        return calls
-    real = bypass.structured_product
+    for name in ("structured_product", "haar_product"):
+        if not hasattr(bypass, name):  # today's main: no structured path to count
+            continue
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
+        def counting(*args, _real=getattr(bypass, name), **kwargs):
+            calls.append(args[0].shape)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(bypass, "structured_product", counting)
+        monkeypatch.setattr(bypass, name, counting)
     return calls
 
 

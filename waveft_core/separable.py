@@ -239,6 +239,53 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
     return out
 
 
+def _haar_chunk_tokens(sep: SeparablePlan) -> int:
+    """Tokens per pass of the Haar product: its feature-major buffers of one pass stay in L2 (measured best on CPU
+    with benchmarks/per_forward.py: 128 up to 2048 features, 64 above)."""
+    return 128 if max(sep.rows, sep.cols) <= 2048 else 64
+
+
+def haar_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, factor: float,
+                 compute: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """factor · x2d · ΔWᵀ for a db1 (Haar) layer: [T, m] in `out_dtype`, computed in `compute`, ΔW never formed.
+
+    With L = 2 and red = 0 the synthesis is a 2x2 block structure and no band is needed. Both Haar filters are
+    c·(1, ±1) with c² = 1/2, so with c² folded into the coefficients:
+      1. pairs of input features:  U[2j] = x[2j] + x[2j+1], U[2j+1] = x[2j] - x[2j+1]  (x[n] = 0 for odd n);
+      2. the sparse product:       Z = K · U  (K: the plan's CSR, rows 2i + a, columns 2j + b; T·p);
+      3. pairs of output features: y[2i] = Z[2i] + Z[2i+1], y[2i+1] = Z[2i] - Z[2i+1]  (cropped to m rows).
+    Each pass of tokens is turned feature-major once into a buffer that stays in cache (every step is then a
+    contiguous row operation: two elementwise ops, one CSR product, two elementwise ops) and written back once,
+    rounded once into `out_dtype`; x is read in its own dtype (no full-size float32 copy of it)."""
+    tokens, n, m = x2d.shape[0], sep.cols, sep.rows
+    half_rows, half_cols = sep.half_rows, sep.half_cols
+    values = spectrum.to(compute)[sep.order] * (factor * 0.5)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        kmat = torch.sparse_csr_tensor(sep.crow[: 2 * half_rows + 1], sep.source, values,
+                                       (2 * half_rows, 2 * half_cols), check_invariants=False)
+    out = torch.empty(tokens, m, dtype=out_dtype, device=x2d.device)
+    step = _haar_chunk_tokens(sep)
+    for t0 in range(0, tokens, step):
+        k = min(step, tokens - t0)
+        xt = _workspace(f"haar x{k}", 2 * half_cols * k, compute, x2d.device).view(2 * half_cols, k)
+        u = _workspace(f"haar u{k}", 2 * half_cols * k, compute, x2d.device).view(half_cols, 2, k)
+        z = _workspace(f"haar z{k}", 2 * half_rows * k, compute, x2d.device).view(half_rows, 2, k)
+        y = _workspace(f"haar y{k}", 2 * half_rows * k, compute, x2d.device).view(half_rows, 2, k)
+        if n & 1:
+            xt[n].zero_()
+        xt[:n].copy_(x2d[t0: t0 + k].t())  # the one transposition in, converting to the compute dtype
+        pairs = xt.view(half_cols, 2, k)
+        torch.add(pairs[:, 0], pairs[:, 1], out=u[:, 0])
+        torch.sub(pairs[:, 0], pairs[:, 1], out=u[:, 1])
+        z.zero_()
+        z.view(-1, k).addmm_(kmat, u.view(-1, k))
+        torch.add(z[:, 0], z[:, 1], out=y[:, 0])
+        torch.sub(z[:, 0], z[:, 1], out=y[:, 1])
+        out[t0: t0 + k].copy_(y.view(-1, k)[:m].t())  # the one transposition out, rounded once
+    return out
+
+
 def _conv_tokens(x: torch.Tensor, kernel: tuple, kw: dict):
     """im2col of a 2-D conv input: ([B·Ho·Wo, in·kh·kw] rows in the order conv weights flatten, (B, Ho, Wo)),
     or None where unfold cannot express the conv (groups, 'same' padding, other dimensionality)."""
@@ -277,15 +324,19 @@ def bypass_output(x: torch.Tensor, plan: DeltaPlan, separable, spectrum: torch.T
         tokens = x.shape[0] * x.shape[2] * x.shape[3]  # stride 1's count: an upper bound, enough for the choice
     if not structured_is_cheaper(tokens, m, n, spectrum.numel(), plan.patch):
         return None
+    haar = plan.patch == 2  # db1: pairs of features, no band (haar_product reads x in its own dtype)
     if conv is None:
-        x2d = x.reshape(-1, n).to(compute)
+        x2d = x.reshape(-1, n) if haar else x.reshape(-1, n).to(compute)
     else:
-        unfolded = _conv_tokens(x.to(compute), kernel, conv)
+        unfolded = _conv_tokens(x if haar else x.to(compute), kernel, conv)
         if unfolded is None:
             return None
         x2d, frame = unfolded
     sep = separable(compute)
-    y = structured_product(x2d, sep, spectrum, factor).to(x.dtype)
+    if haar:
+        y = haar_product(x2d, sep, spectrum, factor, compute, x.dtype)
+    else:
+        y = structured_product(x2d, sep, spectrum, factor).to(x.dtype)
     if frame is None:
         return y.reshape(*x.shape[:-1], m)
     batch, ho, wo = frame
