@@ -266,14 +266,19 @@ def haar_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, 
                                        (2 * half_rows, 2 * half_cols), check_invariants=False)
     out = torch.empty(tokens, m, dtype=out_dtype, device=x2d.device)
     step = _haar_chunk_tokens(sep)
+    buffers = {}
     for t0 in range(0, tokens, step):
         k = min(step, tokens - t0)
-        xt = _workspace(f"haar x{k}", 2 * half_cols * k, compute, x2d.device).view(2 * half_cols, k)
-        u = _workspace(f"haar u{k}", 2 * half_cols * k, compute, x2d.device).view(half_cols, 2, k)
-        z = _workspace(f"haar z{k}", 2 * half_rows * k, compute, x2d.device).view(half_rows, 2, k)
-        y = _workspace(f"haar y{k}", 2 * half_rows * k, compute, x2d.device).view(half_rows, 2, k)
-        if n & 1:
-            xt[n].zero_()
+        if k not in buffers:  # at most two sizes: a whole pass and the last one
+            xt, u, z, y = buffers[k] = tuple(
+                _workspace(f"haar {slot}{k}", 2 * half * k, compute, x2d.device)
+                for slot, half in (("x", half_cols), ("u", half_cols), ("z", half_rows), ("y", half_rows)))
+            xt, u = xt.view(2 * half_cols, k), u.view(half_cols, 2, k)
+            z, y = z.view(half_rows, 2, k), y.view(half_rows, 2, k)
+            buffers[k] = xt, u, z, y
+            if n & 1:
+                xt[n].zero_()  # x[n] = 0: the last pair of an odd input is (x[n-1], 0)
+        xt, u, z, y = buffers[k]
         xt[:n].copy_(x2d[t0: t0 + k].t())  # the one transposition in, converting to the compute dtype
         pairs = xt.view(half_cols, 2, k)
         torch.add(pairs[:, 0], pairs[:, 1], out=u[:, 0])
