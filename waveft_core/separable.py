@@ -28,6 +28,9 @@ So T·(L·(m + n) + p) operations against T·m·n for x · ΔWᵀ with a dense �
 use_idwt false ΔW is the bare scatter (S = identity) and only step 2 remains. A conv layer is the same product on
 its im2col patches: W viewed as out x (in·kh·kw) times the unfolded input, so tokens are batch x output pixels.
 
+For db1 (L = 2) `haar_product` takes the place of the banded steps 1 and 3: sums and differences of adjacent
+features, with no band and no matmul.
+
 Which path a layer takes is decided by `structured_is_cheaper` from the shapes alone (an operation-count model
 whose constants were measured: benchmarks/per_forward.py), never by a flag. Everything is computed in float32
 (float64 stays float64) and rounded once into x's dtype, as the dense path does; nothing here reads the base
@@ -270,11 +273,10 @@ def haar_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, 
     for t0 in range(0, tokens, step):
         k = min(step, tokens - t0)
         if k not in buffers:  # at most two sizes: a whole pass and the last one
-            xt, u, z, y = buffers[k] = tuple(
-                _workspace(f"haar {slot}{k}", 2 * half * k, compute, x2d.device)
-                for slot, half in (("x", half_cols), ("u", half_cols), ("z", half_rows), ("y", half_rows)))
-            xt, u = xt.view(2 * half_cols, k), u.view(half_cols, 2, k)
-            z, y = z.view(half_rows, 2, k), y.view(half_rows, 2, k)
+            xt = _workspace(f"haar x{k}", 2 * half_cols * k, compute, x2d.device).view(2 * half_cols, k)
+            u = _workspace(f"haar u{k}", 2 * half_cols * k, compute, x2d.device).view(half_cols, 2, k)
+            z = _workspace(f"haar z{k}", 2 * half_rows * k, compute, x2d.device).view(half_rows, 2, k)
+            y = _workspace(f"haar y{k}", 2 * half_rows * k, compute, x2d.device).view(half_rows, 2, k)
             buffers[k] = xt, u, z, y
             if n & 1:
                 xt[n].zero_()  # x[n] = 0: the last pair of an odd input is (x[n-1], 0)
@@ -329,7 +331,9 @@ def bypass_output(x: torch.Tensor, plan: DeltaPlan, separable, spectrum: torch.T
         tokens = x.shape[0] * x.shape[2] * x.shape[3]  # stride 1's count: an upper bound, enough for the choice
     if not structured_is_cheaper(tokens, m, n, spectrum.numel(), plan.patch):
         return None
-    haar = plan.patch == 2  # db1: pairs of features, no band (haar_product reads x in its own dtype)
+    # 2-tap filters are Haar's (db1/haar: the only ones wavelets.py accepts): pairs of features, no band, and x read
+    # in its own dtype
+    haar = plan.patch == 2
     if conv is None:
         x2d = x.reshape(-1, n) if haar else x.reshape(-1, n).to(compute)
     else:
