@@ -248,13 +248,18 @@ def _haar_chunk_tokens(sep: SeparablePlan) -> int:
     return 128 if max(sep.rows, sep.cols) <= 2048 else 64
 
 
+_haar_pairs: dict = {}
+
+
 def haar_pairs(size: int, dtype, device) -> torch.Tensor:
     """The size x size matrix of Haar's pairs, (a, b) -> (a + b, a - b) along its diagonal: both the analysis of
-    adjacent input features and the synthesis of adjacent output features (it is its own transpose)."""
-    pairs = torch.zeros(size, size, dtype=dtype, device=device)
-    even = torch.arange(0, size, 2, device=device)
-    pairs[even, even] = pairs[even, even + 1] = pairs[even + 1, even] = 1
-    pairs[even + 1, even + 1] = -1
+    adjacent input features and the synthesis of adjacent output features (it is its own transpose). Kept per
+    size, dtype and device: building it costs more than a small layer's whole product."""
+    key = (size, dtype, str(device))
+    pairs = _haar_pairs.get(key)
+    if pairs is None:
+        pair = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        pairs = _haar_pairs[key] = torch.block_diag(*[pair] * (size // 2)).to(device, dtype)
     return pairs
 
 
