@@ -244,7 +244,8 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
 
 def _haar_chunk_tokens(sep: SeparablePlan) -> int:
     """Tokens per pass of the Haar product: its feature-major buffers of one pass stay in L2 (measured best on CPU
-    with benchmarks/per_forward.py: 128 up to 2048 features, 64 above)."""
+    with benchmarks/per_forward.py: 128 up to 2048 features, 64 above; the largest buffer, 64 tokens of 12288
+    features in float32, is 3 MiB)."""
     return 128 if max(sep.rows, sep.cols) <= 2048 else 64
 
 
@@ -286,12 +287,12 @@ def haar_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, 
     buffers = {}
     for t0 in range(0, tokens, step):
         k = min(step, tokens - t0)
-        if k not in buffers:  # at most two sizes: a whole pass and the last one
-            xf = _workspace(f"haar x{k}", k * in_blocks * block, compute, x2d.device).view(k, in_blocks * block)
-            u = _workspace(f"haar u{k}", in_blocks * block * k, compute, x2d.device).view(in_blocks, block, k)
-            z = _workspace(f"haar z{k}", out_blocks * block * k, compute, x2d.device).view(out_blocks, block, k)
-            r = _workspace(f"haar r{k}", out_blocks * k * block, compute, x2d.device).view(out_blocks, k, block)
-            yf = _workspace(f"haar y{k}", k * out_blocks * block, compute, x2d.device).view(k, out_blocks, block)
+        if k not in buffers:  # a whole pass and the last one, on the same buffers (one slot each, whatever the T)
+            xf = _workspace("haar x", k * in_blocks * block, compute, x2d.device).view(k, in_blocks * block)
+            u = _workspace("haar u", in_blocks * block * k, compute, x2d.device).view(in_blocks, block, k)
+            z = _workspace("haar z", out_blocks * block * k, compute, x2d.device).view(out_blocks, block, k)
+            r = _workspace("haar r", out_blocks * k * block, compute, x2d.device).view(out_blocks, k, block)
+            yf = _workspace("haar y", k * out_blocks * block, compute, x2d.device).view(k, out_blocks, block)
             xf[:, n:].zero_()  # features past n pair with zeros (odd n) or fill the last block
             buffers[k] = xf, u, z, r, yf
         xf, u, z, r, yf = buffers[k]
