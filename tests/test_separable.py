@@ -39,17 +39,17 @@ def _reference_delta(layer, dtype, multiplier):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Counts the calls of the structured product, so a test knows which path h() took."""
+    """Counts the calls of the structured products (banded, or Haar's pairs), so a test knows which path h() took."""
     calls = []
-    if not hasattr(bypass, "structured_product"):  # today's main: no structured path to count
-        return calls
-    real = bypass.structured_product
+    for name in ("structured_product", "haar_product"):
+        if not hasattr(bypass, name):  # today's main: no structured path to count
+            continue
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
+        def counting(*args, _real=getattr(bypass, name), **kwargs):
+            calls.append(args[0].shape)
+            return _real(*args, **kwargs)
 
-    monkeypatch.setattr(bypass, "structured_product", counting)
+        monkeypatch.setattr(bypass, name, counting)
     return calls
 
 
@@ -203,3 +203,47 @@ def test_strided_inputs_give_the_same_product(structured_always):
     x = torch.randn(64, 300, generator=torch.Generator().manual_seed(8)).t()  # [300, 64], column-major
     expect = x.double() @ _reference_delta(layer, torch.float32, 1.0).t()
     assert rel_err(adapter.h(x, None), expect) < TOLERANCE[torch.float32]
+
+
+# --- the Haar (db1) bypass: pairs of features and one CSR product ----------------------------------------------
+
+@pytest.mark.parametrize("shape", [(13, 11), (12, 9), (7, 14), (2, 3)])
+def test_haar_product_matches_reference_at_every_position(shape):
+    """Every coefficient of an odd or even grid at once (all four bands, the cropped last row and the zero-padded
+    last column): the Haar product applied to the identity is ΔWᵀ itself, in float64."""
+    m, n = shape
+    layer = random_layer(shape, m * n, wavelet="db1", seed=12)
+    sep = bypass.separable_plan(layer.plan(), "db1", dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+    got = bypass.haar_product(eye, sep, layer.spectrum.double(), 1.0, torch.float64, torch.float64)
+    expect = reference_delta(layer.indices, layer.spectrum.double(), shape, "db1", layer.scaling).T
+    np.testing.assert_allclose(got.numpy(), expect / layer.scaling, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("wavelet, path", [("db1", "haar_product"), ("db4", "structured_product"),
+                                           ("off", "structured_product")])
+def test_only_haar_layers_take_the_pairs_path(wavelet, path, monkeypatch, structured_always):
+    """db1 goes through the pairs of features; a longer filter keeps the banded product, and use_idwt false (the
+    bare scatter) is untouched by the Haar path."""
+    taken = []
+    for name in ("haar_product", "structured_product"):
+        monkeypatch.setattr(bypass, name, lambda *a, _n=name, _r=getattr(bypass, name): taken.append(_n) or _r(*a))
+    use_idwt = wavelet != "off"
+    layer = random_layer((30, 22), 90, wavelet=wavelet if use_idwt else "db1", use_idwt=use_idwt, seed=13)
+    adapter = _hooked(layer, torch.float32, multiplier=0.9)
+    x = torch.randn(140, 22, generator=torch.Generator().manual_seed(9))
+    got = adapter.h(x, None)
+    assert taken == [path]
+    assert rel_err(got, x.double() @ _reference_delta(layer, torch.float32, 0.9).t()) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_haar_bypass_at_a_real_shape_is_exact(dtype, spy):
+    """640 x 2048 (an SDXL MLP-sized projection), rank-1-equivalent p = m + n, 2 x 300 tokens (a partial last pass
+    of tokens), no forcing: h() takes the Haar path by itself and stays within one rounding of float64."""
+    layer = random_layer((640, 2048), 640 + 2048, wavelet="db1", seed=14)
+    adapter = _hooked(layer, dtype, multiplier=1.1)
+    x = torch.randn(2, 300, 2048, generator=torch.Generator().manual_seed(10)).to(dtype)
+    got = adapter.h(x, None)
+    assert spy == [(600, 2048)] and got.dtype == dtype
+    assert rel_err(got, x.double() @ _reference_delta(layer, dtype, 1.1).t()) < TOLERANCE[dtype]

@@ -28,6 +28,9 @@ So T·(L·(m + n) + p) operations against T·m·n for x · ΔWᵀ with a dense �
 use_idwt false ΔW is the bare scatter (S = identity) and only step 2 remains. A conv layer is the same product on
 its im2col patches: W viewed as out x (in·kh·kw) times the unfolded input, so tokens are batch x output pixels.
 
+For db1 (L = 2) `haar_product` takes the place of the banded steps 1 and 3: sums and differences of adjacent
+features (a block-diagonal matrix of ±1 pairs, no band).
+
 Which path a layer takes is decided by `structured_is_cheaper` from the shapes alone (an operation-count model
 whose constants were measured: benchmarks/per_forward.py), never by a flag. Everything is computed in float32
 (float64 stays float64) and rounded once into x's dtype, as the dense path does; nothing here reads the base
@@ -239,6 +242,70 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
     return out
 
 
+def _haar_chunk_tokens(sep: SeparablePlan) -> int:
+    """Tokens per pass of the Haar product: its feature-major buffers of one pass stay in L2 (measured best on CPU
+    with benchmarks/per_forward.py: 128 up to 2048 features, 64 above; the largest buffer, 64 tokens of 12288
+    features in float32, is 3 MiB)."""
+    return 128 if max(sep.rows, sep.cols) <= 2048 else 64
+
+
+_haar_pairs: dict = {}
+
+
+def haar_pairs(size: int, dtype, device) -> torch.Tensor:
+    """The size x size matrix of Haar's pairs, (a, b) -> (a + b, a - b) along its diagonal: both the analysis of
+    adjacent input features and the synthesis of adjacent output features (it is its own transpose). Kept per
+    size, dtype and device: building it costs more than a small layer's whole product."""
+    key = (size, dtype, str(device))
+    pairs = _haar_pairs.get(key)
+    if pairs is None:
+        pair = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        pairs = _haar_pairs[key] = torch.block_diag(*[pair] * (size // 2)).to(device, dtype)
+    return pairs
+
+
+def haar_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, factor: float,
+                 compute: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """factor · x2d · ΔWᵀ for a db1 (Haar) layer: [T, m] in `out_dtype`, computed in `compute`, ΔW never formed.
+
+    With L = 2 and red = 0 the synthesis is a 2x2 block structure and no band is needed. Both Haar filters are
+    c·(1, ±1) with c² = 1/2, so with c² folded into the coefficients:
+      1. pairs of input features:  U[2j] = x[2j] + x[2j+1], U[2j+1] = x[2j] - x[2j+1]  (zero past n);
+      2. the sparse product:       Z = K · U  (K: the plan's CSR, rows 2i + a, columns 2j + b; T·p);
+      3. pairs of output features: y[2i] = Z[2i] + Z[2i+1], y[2i+1] = Z[2i] - Z[2i+1]  (cropped to m rows).
+    Steps 1 and 3 turn a pass of tokens feature-major and back as they go: each is one batched matmul of a
+    `block` x `block` pairs matrix with the pass's features in blocks, which BLAS reads and writes transposed
+    (measured 1.3-2x faster on CPU than a transposing copy plus elementwise sums, whose strided copies dominate).
+    Its entries are ±1 and 0, so the sums stay exact. Everything stays in cache-sized buffers; x is read in its
+    own dtype (no full-size float32 copy of it) and the output rounded once into `out_dtype`."""
+    tokens, n, m, block = x2d.shape[0], sep.cols, sep.rows, sep.block
+    in_blocks, out_blocks = sep.in_blocks, sep.out_blocks
+    kmat = _sparse_matrix(sep, spectrum.to(compute), factor * 0.5, compute)  # [out_blocks·block, in_blocks·block]
+    pairs = haar_pairs(block, compute, x2d.device)
+    out = torch.empty(tokens, m, dtype=out_dtype, device=x2d.device)
+    step = _haar_chunk_tokens(sep)
+    buffers = {}
+    for t0 in range(0, tokens, step):
+        k = min(step, tokens - t0)
+        if k not in buffers:  # a whole pass and the last one, on the same buffers (one slot each, whatever the T)
+            xf = _workspace("haar x", k * in_blocks * block, compute, x2d.device).view(k, in_blocks * block)
+            u = _workspace("haar u", in_blocks * block * k, compute, x2d.device).view(in_blocks, block, k)
+            z = _workspace("haar z", out_blocks * block * k, compute, x2d.device).view(out_blocks, block, k)
+            r = _workspace("haar r", out_blocks * k * block, compute, x2d.device).view(out_blocks, k, block)
+            yf = _workspace("haar y", k * out_blocks * block, compute, x2d.device).view(k, out_blocks, block)
+            xf[:, n:].zero_()  # features past n pair with zeros (odd n) or fill the last block
+            buffers[k] = xf, u, z, r, yf
+        xf, u, z, r, yf = buffers[k]
+        xf[:, :n].copy_(x2d[t0: t0 + k])  # token-major, converted to the compute dtype
+        torch.matmul(pairs, xf.view(k, in_blocks, block).permute(1, 2, 0), out=u)  # step 1, feature-major
+        z.zero_()
+        z.view(-1, k).addmm_(kmat, u.view(-1, k))  # step 2
+        torch.matmul(z.transpose(1, 2), pairs, out=r)  # step 3 (pairs is symmetric), token-major per block
+        yf.copy_(r.permute(1, 0, 2))
+        out[t0: t0 + k].copy_(yf.view(k, -1)[:, :m])  # rounded once
+    return out
+
+
 def _conv_tokens(x: torch.Tensor, kernel: tuple, kw: dict):
     """im2col of a 2-D conv input: ([B·Ho·Wo, in·kh·kw] rows in the order conv weights flatten, (B, Ho, Wo)),
     or None where unfold cannot express the conv (groups, 'same' padding, other dimensionality)."""
@@ -277,15 +344,21 @@ def bypass_output(x: torch.Tensor, plan: DeltaPlan, separable, spectrum: torch.T
         tokens = x.shape[0] * x.shape[2] * x.shape[3]  # stride 1's count: an upper bound, enough for the choice
     if not structured_is_cheaper(tokens, m, n, spectrum.numel(), plan.patch):
         return None
+    # 2-tap filters are Haar's (db1/haar: the only ones wavelets.py accepts): pairs of features, no band, and x read
+    # in its own dtype
+    haar = plan.patch == 2
     if conv is None:
-        x2d = x.reshape(-1, n).to(compute)
+        x2d = x.reshape(-1, n) if haar else x.reshape(-1, n).to(compute)
     else:
-        unfolded = _conv_tokens(x.to(compute), kernel, conv)
+        unfolded = _conv_tokens(x if haar else x.to(compute), kernel, conv)
         if unfolded is None:
             return None
         x2d, frame = unfolded
     sep = separable(compute)
-    y = structured_product(x2d, sep, spectrum, factor).to(x.dtype)
+    if haar:
+        y = haar_product(x2d, sep, spectrum, factor, compute, x.dtype)
+    else:
+        y = structured_product(x2d, sep, spectrum, factor).to(x.dtype)
     if frame is None:
         return y.reshape(*x.shape[:-1], m)
     batch, ho, wo = frame
