@@ -2,6 +2,7 @@
 package, so the repository also imports as a plain package (tests, tools, the A1111/Forge extension) and a
 tool that loads this file on its own (pytest collecting the checkout's root, whatever the folder is called)
 gets an empty module instead of a failed relative import."""
+
 try:
     import comfy.utils  # noqa: F401  (present only inside ComfyUI)
 

@@ -4,6 +4,7 @@ Run by ComfyUI-Manager after it clones the pack, and by AUTOMATIC1111 and the Fo
 installed and again at every start (as a script, with the webui's root on PYTHONPATH; they print what it prints).
 Only packages that are missing (or too old) are installed, from requirements.txt; the host's torch stays. Run by a
 webui it says nothing when there is nothing to do, so a normal start prints no line of ours."""
+
 import importlib.metadata
 import os
 import re
@@ -52,8 +53,11 @@ def main(quiet_when_done: bool = False) -> int:
         pass
     result = subprocess.run([sys.executable, "-m", "pip", "install", *todo])
     if result.returncode != 0:
-        print(f"[ComfyUI-WaveFT] pip failed ({result.returncode}); install by hand: "
-              f"{sys.executable} -m pip install {' '.join(todo)}", file=sys.stderr)
+        print(
+            f"[ComfyUI-WaveFT] pip failed ({result.returncode}); install by hand: "
+            f"{sys.executable} -m pip install {' '.join(todo)}",
+            file=sys.stderr,
+        )
     return result.returncode
 
 

@@ -15,11 +15,13 @@ OpenCLIP-G (SDXL) and OpenCLIP-H (SD2) fuse q, k, v into a MultiheadAttention, w
 network has modules for all of `<attn>_q_proj`, `_k_proj`, `_v_proj` and `_out_proj`; parts the file does not
 adapt get a module whose update is zero, so a file adapting only q and v still applies.
 """
+
 from __future__ import annotations
 
 import os
 
 import torch
+
 import waveft_core as wft
 from waveft_core.matching import SharedTargetError, refuse_shared_targets
 
@@ -69,8 +71,15 @@ def make_module_types(network):
             bias = ex_bias.to(device=x.device, dtype=x.dtype) if ex_bias is not None else None
             module = self.sd_module
             if isinstance(module, torch.nn.Conv2d):
-                return y + torch.nn.functional.conv2d(x, weight.reshape(module.weight.shape), bias, module.stride,
-                                                      module.padding, module.dilation, module.groups)
+                return y + torch.nn.functional.conv2d(
+                    x,
+                    weight.reshape(module.weight.shape),
+                    bias,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.groups,
+                )
             return y + torch.nn.functional.linear(x, weight.reshape(module.weight.shape), bias)
 
     class ModuleTypeWaveFT(network.ModuleType):
@@ -87,8 +96,14 @@ def shape_fits(layer_shape, expected) -> bool:
     if layer_shape == expected:
         return True
     # inpainting UNets have 9 input channels where the adapter's base had 4; A1111 zero-pads the update itself
-    return (len(expected) == 4 and len(layer_shape) == 4 and expected[1] == 9 and layer_shape[1] == 4
-            and expected[0] == layer_shape[0] and expected[2:] == layer_shape[2:])
+    return (
+        len(expected) == 4
+        and len(layer_shape) == 4
+        and expected[1] == 9
+        and layer_shape[1] == 4
+        and expected[0] == layer_shape[0]
+        and expected[2:] == layer_shape[2:]
+    )
 
 
 def resolve(native: str, mapping: dict):
@@ -169,17 +184,26 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
                 continue
             key = f"{mha_key}_{part}_proj"
             module = mha.out_proj if part == "out" else mha
-            shape = tuple(mha.out_proj.weight.shape) if part == "out" else \
-                (mha.in_proj_weight.shape[0] // 3, mha.in_proj_weight.shape[1])
-            weights = network.NetworkWeights(network_key=f"{key} (zero)", sd_key=key, sd_module=module,
-                                             w={"waveft_layer": None, "waveft_zero_shape": shape})
+            shape = (
+                tuple(mha.out_proj.weight.shape)
+                if part == "out"
+                else (mha.in_proj_weight.shape[0] // 3, mha.in_proj_weight.shape[1])
+            )
+            weights = network.NetworkWeights(
+                network_key=f"{key} (zero)",
+                sd_key=key,
+                sd_module=module,
+                w={"waveft_layer": None, "waveft_zero_shape": shape},
+            )
             net.modules[key] = _create(networks, module_type, net, weights)
 
     total = len(adapter.layers)
     if skipped and len(skipped) == total:
         base = adapter.base_model or "an unknown base model"
-        log(f"{os.path.basename(path)}: none of its {total} layers fit the loaded model (the file is for {base}): "
-            f"{short_list(skipped)}")
+        log(
+            f"{os.path.basename(path)}: none of its {total} layers fit the loaded model (the file is for {base}): "
+            f"{short_list(skipped)}"
+        )
     elif skipped:
         log(f"{os.path.basename(path)}: {len(skipped)} of {total} layers not applied: {short_list(skipped)}")
     return net

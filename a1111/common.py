@@ -1,4 +1,5 @@
 """Helpers shared by the A1111 and Forge hooks: console messages, a small adapter cache, version detection."""
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,10 @@ TAG = "[WaveFT]"
 _ADAPTERS = AdapterCache(8)
 # A file that stores no positions or shapes (PEFT, diffusers, a kohya-style file from another trainer) needs
 # its base model's shapes; the webui's loader takes a file only, so the way is a native file made beforehand.
-WEBUI = Spelling(base="a webui loads native files only: convert it first, python -m waveft_core convert <file> "
-                 "<new.safetensors> --base <the checkpoint it was trained on>, and put the new file in models/Lora")
+WEBUI = Spelling(
+    base="a webui loads native files only: convert it first, python -m waveft_core convert <file> "
+    "<new.safetensors> --base <the checkpoint it was trained on>, and put the new file in models/Lora"
+)
 
 
 def log(message: str) -> None:

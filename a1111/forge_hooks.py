@@ -19,6 +19,7 @@ Other files go to the host's own function with exactly the arguments it accepts 
 08-29 has no `online_mode`). `networks.load_lora_state_dict` is wrapped too, so that a WaveFT file is read once,
 by waveft_core, and a damaged one is reported instead of failing the generation.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -58,8 +59,10 @@ def weight_calculator(weight, strength, patch):
     if tuple(weight.shape) != layer.shape:
         if (patch.source, patch.name) not in _warned:
             _warned.add((patch.source, patch.name))
-            log(f"{os.path.basename(patch.source)}: layer {patch.name} has shape {list(layer.shape)} but the model's "
-                f"weight is {list(weight.shape)}; not applied")
+            log(
+                f"{os.path.basename(patch.source)}: layer {patch.name} has shape {list(layer.shape)} but the model's "
+                f"weight is {list(weight.shape)}; not applied"
+            )
         return weight
     if strength == 0:
         return weight
@@ -89,8 +92,11 @@ class Flavor:
 
 
 def calculator_flavor(name: str) -> Flavor:
-    return Flavor(name, lambda layer, native, source: (PATCH_TYPE, WaveFTPatch(layer, native, source)), "forge"
-                  if name == "forge" else "comfy")
+    return Flavor(
+        name,
+        lambda layer, native, source: (PATCH_TYPE, WaveFTPatch(layer, native, source)),
+        "forge" if name == "forge" else "comfy",
+    )
 
 
 def adapter_flavor(adapter_cls) -> Flavor:
@@ -144,13 +150,19 @@ def apply_waveft(model, clip, filename, strength_model, strength_clip, online_mo
     adapter = load_adapter(filename)
     clip_patcher = getattr(clip, "patcher", None)
     unet, clip_patches, skipped = build_patches(
-        adapter, _params(model) if model is not None else {}, _params(clip_patcher) if clip is not None else {},
-        source=str(filename), flavor=flavor)
+        adapter,
+        _params(model) if model is not None else {},
+        _params(clip_patcher) if clip is not None else {},
+        source=str(filename),
+        flavor=flavor,
+    )
     name = os.path.basename(str(filename))
     total = len(adapter.layers)
     if skipped and len(skipped) == total:
-        log(f"{name}: none of its {total} layers fit the loaded model (the file is for "
-            f"{adapter.base_model or 'an unknown base model'}): {short_list(skipped)}")
+        log(
+            f"{name}: none of its {total} layers fit the loaded model (the file is for "
+            f"{adapter.base_model or 'an unknown base model'}): {short_list(skipped)}"
+        )
         return model, clip
     if unet:
         model = model.clone()
@@ -159,8 +171,10 @@ def apply_waveft(model, clip, filename, strength_model, strength_clip, online_mo
         clip = clip.clone()
         _add_patches(clip, clip_patches, strength_clip, filename, online_mode, flavor)
     note = f"; {len(skipped)} not applied: {short_list(skipped)}" if skipped else ""
-    log(f"{name}: {len(unet)} UNet layers at weight {strength_model}, {len(clip_patches)} text-encoder layers at "
-        f"weight {strength_clip}{note}")
+    log(
+        f"{name}: {len(unet)} UNet layers at weight {strength_model}, {len(clip_patches)} text-encoder layers at "
+        f"weight {strength_clip}{note}"
+    )
     return model, clip
 
 
@@ -178,8 +192,9 @@ def make_loader(original, flavor: Flavor):
     def load_lora_for_models(model, clip, lora, strength_model, strength_clip, filename="default", online_mode=False):
         if not keymap.is_waveft_state_dict(lora):
             if takes_online_mode:
-                return original(model, clip, lora, strength_model, strength_clip, filename=filename,
-                                online_mode=online_mode)
+                return original(
+                    model, clip, lora, strength_model, strength_clip, filename=filename, online_mode=online_mode
+                )
             return original(model, clip, lora, strength_model, strength_clip, filename)
         path = getattr(lora, "path", filename)
         try:
@@ -231,16 +246,26 @@ def _install_calculator(owner, flavor_name: str, networks, network, missing: str
 
 def install(networks, network, lora_backend) -> None:
     """Hook into Forge: its sd_forge_lora `networks`/`network` modules and `backend.patcher.lora`. Idempotent."""
-    _install_calculator(lora_backend, "forge", networks, network,
-                        "this Forge (2024-08-02 to 08-12) has no extra_weight_calculators, so WaveFT files cannot be "
-                        "applied; ordinary LoRAs are untouched. Update Forge to use WaveFT")
+    _install_calculator(
+        lora_backend,
+        "forge",
+        networks,
+        network,
+        "this Forge (2024-08-02 to 08-12) has no extra_weight_calculators, so WaveFT files cannot be "
+        "applied; ordinary LoRAs are untouched. Update Forge to use WaveFT",
+    )
 
 
 def install_forge_classic(networks, network, model_patcher) -> None:
     """Hook into Forge Classic (and Forge before August 2024): `ldm_patched.modules.model_patcher`'s calculators."""
-    _install_calculator(model_patcher, "forge-classic", networks, network,
-                        "ldm_patched.modules.model_patcher has no extra_weight_calculators, so WaveFT files cannot "
-                        "be applied; ordinary LoRAs are untouched")
+    _install_calculator(
+        model_patcher,
+        "forge-classic",
+        networks,
+        network,
+        "ldm_patched.modules.model_patcher has no extra_weight_calculators, so WaveFT files cannot "
+        "be applied; ordinary LoRAs are untouched",
+    )
 
 
 def install_reforge(networks, network, weight_adapter) -> None:
@@ -251,8 +276,10 @@ def install_reforge(networks, network, weight_adapter) -> None:
     base = getattr(weight_adapter, "WeightAdapterBase", None)
     registry = getattr(weight_adapter, "adapters", None)
     if base is None or not isinstance(registry, list):
-        raise UnsupportedWebui("ldm_patched.modules.weight_adapter has no WeightAdapterBase/adapters registry, so "
-                               "WaveFT files cannot be applied; ordinary LoRAs are untouched")
+        raise UnsupportedWebui(
+            "ldm_patched.modules.weight_adapter has no WeightAdapterBase/adapters registry, so "
+            "WaveFT files cannot be applied; ordinary LoRAs are untouched"
+        )
     cls = next((a for a in registry if getattr(a, "name", None) == "waveft"), None)
     if cls is None:
         cls = adapter_class(base, log=_LOGGER, name="WaveFTAdapterReForge")

@@ -1,6 +1,7 @@
 """ComfyUI-native module names (FORMAT.md section 3) -> the names A1111 and Forge give the same layers.
 
-Pure functions: no webui; the header reader and the names come from waveft_core (storage.py, names.py). The A1111 names are those of `networks.assign_network_names_to_compvis_modules`:
+Pure functions: no webui; the header reader and the names come from waveft_core (storage.py, names.py).
+The A1111 names are those of `networks.assign_network_names_to_compvis_modules`:
 every module path of the loaded model with dots turned into underscores,
 
     UNet (SD1, SD2, SDXL)  sd_model.model.<path>             diffusion_model_input_blocks_4_1_..._attn1_to_q
@@ -16,6 +17,7 @@ MultiheadAttention, and names the MLP `mlp.c_fc` / `mlp.c_proj` (Hugging Face `m
 Forge (its `backend/` since August 2024) keeps ComfyUI's layout: the UNet patcher's parameters are
 `diffusion_model.<ldm path>.weight`, the CLIP patcher's are `clip_l|clip_g.transformer.<hf path>.weight`.
 """
+
 from __future__ import annotations
 
 import re
@@ -123,7 +125,7 @@ def forge_key(native: str) -> tuple[str, str] | None:
     if native.startswith(UNET_PREFIX):
         return "unet", native + ".weight"
     if native.startswith(TE_PREFIX):
-        return "clip", native[len(TE_PREFIX):] + ".weight"
+        return "clip", native[len(TE_PREFIX) :] + ".weight"
     return None
 
 

@@ -1,4 +1,5 @@
 """Entry point called by the repo root's `scripts/waveft_webui.py` when A1111 or Forge loads the extension."""
+
 from __future__ import annotations
 
 import importlib
@@ -52,8 +53,10 @@ def install(defer: bool = True) -> str:
         log(str(e))
         return ""
     except Exception as e:
-        log(f"could not hook into this webui's Lora code ({type(e).__name__}: {e}); WaveFT files will not load. "
-            "Please report this with your webui version.\n" + traceback.format_exc())
+        log(
+            f"could not hook into this webui's Lora code ({type(e).__name__}: {e}); WaveFT files will not load. "
+            "Please report this with your webui version.\n" + traceback.format_exc()
+        )
         return ""
 
 
@@ -73,9 +76,11 @@ def _install_forge_family(networks, network) -> str:
     if model_patcher is not None:
         forge_hooks.install_forge_classic(networks, network, model_patcher)
         return "forge-classic"
-    raise forge_hooks.UnsupportedWebui("this webui's Lora code calls load_lora_for_models but it has neither "
-                                       "backend.patcher.lora (Forge) nor ldm_patched (reForge, Forge Classic); "
-                                       "WaveFT files cannot be applied, ordinary LoRAs are untouched")
+    raise forge_hooks.UnsupportedWebui(
+        "this webui's Lora code calls load_lora_for_models but it has neither "
+        "backend.patcher.lora (Forge) nor ldm_patched (reForge, Forge Classic); "
+        "WaveFT files cannot be applied, ordinary LoRAs are untouched"
+    )
 
 
 def _import(name: str):
@@ -90,8 +95,10 @@ def _import(name: str):
 
 def _check_dependencies():
     if importlib.util.find_spec("pywt") is None:
-        log("PyWavelets is not installed, so WaveFT files cannot be applied. Restart the webui (the extension's "
-            "install.py installs it) or run: <webui python> -m pip install PyWavelets")
+        log(
+            "PyWavelets is not installed, so WaveFT files cannot be applied. Restart the webui (the extension's "
+            "install.py installs it) or run: <webui python> -m pip install PyWavelets"
+        )
 
 
 def _retry():

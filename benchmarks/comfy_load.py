@@ -16,6 +16,7 @@
 
 Times are min / median / max over the repeats, so a noisy machine shows as noisy.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,6 +43,7 @@ import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.weight_adapter  # noqa: E402
 import folder_paths  # noqa: E402
+
 import nodes  # noqa: E402
 
 sys.path.insert(1, str(ROOT))
@@ -96,10 +98,11 @@ def tiny_model_bench(pack, tmp, wavelet, size="tiny", latent_side=8):
         if not key.endswith(".weight") or not name.endswith(TARGETS):
             continue
         shape = tuple(w.shape)
-        layers[name] = wft.Layer(spectrum=torch.randn(P, generator=g) * 1e-3, indices=peft_positions(shape, P),
-                                 shape=shape, wavelet=wavelet)
+        layers[name] = wft.Layer(
+            spectrum=torch.randn(P, generator=g) * 1e-3, indices=peft_positions(shape, P), shape=shape, wavelet=wavelet
+        )
         r = lora_rank(shape)
-        kohya = "lora_unet_" + name[len("diffusion_model."):].replace(".", "_")
+        kohya = "lora_unet_" + name[len("diffusion_model.") :].replace(".", "_")
         lora[kohya + ".lora_up.weight"] = torch.randn(shape[0], r, generator=g) * 1e-3
         lora[kohya + ".lora_down.weight"] = torch.randn(r, shape[1], generator=g) * 1e-3
     folder = Path(tmp) / "waveft"
@@ -124,7 +127,7 @@ def tiny_model_bench(pack, tmp, wavelet, size="tiny", latent_side=8):
         first_sample(model)
 
     def with_waveft():
-        m, = pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "bench.safetensors", 1.0)["result"]
+        (m,) = pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "bench.safetensors", 1.0)["result"]
         first_sample(m)
 
     def with_lora():
@@ -162,8 +165,9 @@ def sdxl_attention_bench(pack, repeat):
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.02)
-    patcher = comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(
+        net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
     keys = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -177,8 +181,9 @@ def sdxl_attention_bench(pack, repeat):
                 down = torch.randn(r, shape[1], generator=g) * 1e-3
                 patches[k] = comfy.weight_adapter.LoRAAdapter(set(), (up, down, None, None, None, None))
             else:
-                layer = wft.Layer(spectrum=spectra[k], indices=peft_positions(shape, P), shape=shape,
-                                  wavelet=label.split()[1])
+                layer = wft.Layer(
+                    spectrum=spectra[k], indices=peft_positions(shape, P), shape=shape, wavelet=label.split()[1]
+                )
                 patches[k] = pack.nodes.host.WaveFTAdapter.from_layer(layer)
         m = patcher.clone()
         m.add_patches(patches, 1.0)
@@ -208,8 +213,7 @@ def lowvram_forward_bench(pack, repeat):
     weight. Returns rows of (shape, label, prepare+call times, call-only times); None on hosts without it."""
     import comfy.lora
 
-    if not hasattr(comfy.lora, "prefetch_prepared_value") or not hasattr(comfy.model_patcher.LowVramPatch,
-                                                                          "prepare"):
+    if not hasattr(comfy.lora, "prefetch_prepared_value") or not hasattr(comfy.model_patcher.LowVramPatch, "prepare"):
         return None
     from waveft_core.delta import make_plan
 
@@ -219,16 +223,34 @@ def lowvram_forward_bench(pack, repeat):
         weight = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
         candidates = {}
         for wavelet in ("db1", "db4"):
-            layer = wft.Layer(spectrum=torch.randn(P, generator=g) * 1e-3, indices=peft_positions(shape, P),
-                              shape=shape, wavelet=wavelet)
+            layer = wft.Layer(
+                spectrum=torch.randn(P, generator=g) * 1e-3,
+                indices=peft_positions(shape, P),
+                shape=shape,
+                wavelet=wavelet,
+            )
             candidates[f"waveft {wavelet}"] = pack.nodes.host.WaveFTAdapter.from_layer(layer)
             indices = layer.indices
-            rows.append((shape, f"plan build, {wavelet} (not paid per forward)",
-                         timings(lambda: make_plan(indices, shape, wavelet), repeat), None))
+            rows.append(
+                (
+                    shape,
+                    f"plan build, {wavelet} (not paid per forward)",
+                    timings(lambda: make_plan(indices, shape, wavelet), repeat),
+                    None,
+                )
+            )
         r = lora_rank(shape)
-        candidates["lora"] = comfy.weight_adapter.LoRAAdapter(set(), (
-            torch.randn(shape[0], r, generator=g) * 1e-3, torch.randn(r, shape[1], generator=g) * 1e-3,
-            None, None, None, None))
+        candidates["lora"] = comfy.weight_adapter.LoRAAdapter(
+            set(),
+            (
+                torch.randn(shape[0], r, generator=g) * 1e-3,
+                torch.randn(r, shape[1], generator=g) * 1e-3,
+                None,
+                None,
+                None,
+                None,
+            ),
+        )
         for label, adapter in candidates.items():
             patch = comfy.model_patcher.LowVramPatch("w", {"w": [(1.0, adapter, 1.0, None, None)]})
             buffer = torch.empty(patch.memory_required(), dtype=torch.uint8, device=mm.get_torch_device())
@@ -257,41 +279,54 @@ def main():
     ap.add_argument("--only-first-sample", action="store_true", help="print the first table only")
     opts = ap.parse_args()
     device = mm.get_torch_device()
-    print(f"ComfyUI {getattr(__import__('comfyui_version'), '__version__', '?')}, device {device}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; {P} WaveFT coefficients per layer, LoRA rank "
-          "round(p/(m+n)) per layer; times are median (min-max) of 5\n")
+    print(
+        f"ComfyUI {getattr(__import__('comfyui_version'), '__version__', '?')}, device {device}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; {P} WaveFT coefficients per layer, LoRA rank "
+        "round(p/(m+n)) per layer; times are median (min-max) of 5\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         pack = load_pack(tmp)
         label = "SD1.5 (860M UNet)" if opts.size == "sd15" else "tiny SD1.5"
-        print(f"| {label}, load + first sample at {opts.latent * 8}px (s) | none | WaveFT | LoRA | WaveFT overhead | "
-              "LoRA overhead |")
+        print(
+            f"| {label}, load + first sample at {opts.latent * 8}px (s) | none | WaveFT | LoRA | WaveFT overhead | "
+            "LoRA overhead |"
+        )
         print("|---|---|---|---|---|---|")
         for wavelet in ("db1", "db4"):
             n, t = tiny_model_bench(pack, tmp, wavelet, opts.size, opts.latent)
             mid = {k: statistics.median(v) for k, v in t.items()}
-            print(f"| {n} layers, {wavelet} | {spread(t['none'])} | {spread(t['waveft'])} | {spread(t['lora'])} | "
-                  f"{mid['waveft'] - mid['none']:+.3f} | {mid['lora'] - mid['none']:+.3f} |")
+            print(
+                f"| {n} layers, {wavelet} | {spread(t['none'])} | {spread(t['waveft'])} | {spread(t['lora'])} | "
+                f"{mid['waveft'] - mid['none']:+.3f} | {mid['lora'] - mid['none']:+.3f} |"
+            )
         if opts.only_first_sample:
             return
         n, t = sdxl_attention_bench(pack, 5)
-        print(f"\n| SDXL attention weights ({n} layers, fp16): ModelPatcher merge on load (s) | time | "
-              "overhead over no patches (medians) |")
+        print(
+            f"\n| SDXL attention weights ({n} layers, fp16): ModelPatcher merge on load (s) | time | "
+            "overhead over no patches (medians) |"
+        )
         print("|---|---|---|")
         for label in ("none", "waveft db1", "waveft db4", "lora"):
-            print(f"| {label} | {spread(t[label])} | "
-                  f"{statistics.median(t[label]) - statistics.median(t['none']):+.3f} |")
+            print(
+                f"| {label} | {spread(t[label])} | {statistics.median(t[label]) - statistics.median(t['none']):+.3f} |"
+            )
         rows = lowvram_forward_bench(pack, 30)
         if rows is None:
             print("\n(no low-VRAM rebuild in this ComfyUI: the per-forward table needs 0.21 or newer)")
             return
-        print("\n| one bf16 layer per low-VRAM / dynamic-VRAM forward (ms, median (min-max) of 30) | "
-              "LowVramPatch prepare + call | call only | prepare + call / LoRA's |")
+        print(
+            "\n| one bf16 layer per low-VRAM / dynamic-VRAM forward (ms, median (min-max) of 30) | "
+            "LowVramPatch prepare + call | call only | prepare + call / LoRA's |"
+        )
         print("|---|---|---|---|")
         lora = {shape: statistics.median(both) for shape, label, both, _ in rows if label == "lora"}
         for shape, label, both, call in rows:
             ratio = "" if call is None or label == "lora" else f"{statistics.median(both) / lora[shape]:.2f}x"
-            print(f"| {shape[0]}x{shape[1]}, {label} | {spread(both, 1e3)} | "
-                  f"{spread(call, 1e3) if call is not None else ''} | {ratio} |")
+            print(
+                f"| {shape[0]}x{shape[1]}, {label} | {spread(both, 1e3)} | "
+                f"{spread(call, 1e3) if call is not None else ''} | {ratio} |"
+            )
 
 
 if __name__ == "__main__":

@@ -16,15 +16,18 @@ layers (db1, scaling 25). `--recipe` adds WaveFT with the paper's recipe (attent
 per layer), for its own figures.
 
 `--size flux-blocks` is a DiT at real width: Flux.1's own blocks (width 3072, 24 heads, the real text and pooled
-widths) built by ComfyUI with random weights, saved once as a bf16 diffusion-model file every run loads, `--double`/`--single` of each (default 1 and 2), every
+widths) built by ComfyUI with random weights, saved once as a bf16 diffusion-model file every run loads,
+`--double`/`--single` of each (default 1 and 2), every
 linear trained; LoRA at checkpoint depth 1 and 2. Its time per step is timed inside the run: a timestamp at each
 optimizer step (both trainers step once per training step), the first step a warm-up, the spread over the
 remaining steps of all runs.
 
-UNet sizes: time per step = (T(1 + steps) - T(1)) / steps, which cancels set-up; memory = the highest resident memory while
+UNet sizes: time per step = (T(1 + steps) - T(1)) / steps, which cancels set-up; memory = the highest resident memory
+while
 the node runs minus what the process held before (model loaded, both node packs imported), sampled every 10 ms.
 Batch 1, gradient checkpointing on, AdamW.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,6 +55,7 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
         args.cpu = True
     import comfy.sd
     import comfy.utils
+
     import nodes
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
@@ -72,8 +76,11 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
         cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
     if not size.startswith("flux-blocks"):
         latents = {"samples": torch.randn(4, 4, latent, latent, generator=torch.Generator().manual_seed(0)) * 0.5}
-    shapes = [tuple(v.shape) for k, v in model.model.state_dict().items()
-              if k.startswith("diffusion_model.") and k.endswith(".weight") and v.dim() >= 2]
+    shapes = [
+        tuple(v.shape)
+        for k, v in model.model.state_dict().items()
+        if k.startswith("diffusion_model.") and k.endswith(".weight") and v.dim() >= 2
+    ]
     lora_params = sum(s[0] + int(torch.Size(s[1:]).numel()) for s in shapes)  # rank 1
     import inspect
     import threading
@@ -101,48 +108,105 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
     t = time.perf_counter()
     recipe = method == "waveft-recipe"
     if method.startswith("lora"):
-        kw = dict(model=[model], latents=[latents], positive=[cond], batch_size=[1], grad_accumulation_steps=[1],
-                  steps=[steps], learning_rate=[1e-4], rank=[1], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
-                  training_dtype=[dtype], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[True],
-                  existing_lora=["[None]"], bucket_mode=[False])
+        kw = dict(
+            model=[model],
+            latents=[latents],
+            positive=[cond],
+            batch_size=[1],
+            grad_accumulation_steps=[1],
+            steps=[steps],
+            learning_rate=[1e-4],
+            rank=[1],
+            optimizer=["AdamW"],
+            loss_function=["MSE"],
+            seed=[0],
+            training_dtype=[dtype],
+            lora_dtype=["fp32"],
+            algorithm=["LoRA"],
+            gradient_checkpointing=[True],
+            existing_lora=["[None]"],
+            bucket_mode=[False],
+        )
         # inputs newer hosts added, at the node's defaults (but for "lora-depth2": checkpoint each ResBlock and
         # transformer, as 0.8's node did and as Train WaveFT does; depth 1 checkpoints the whole UNet as one piece)
-        newer = dict(quantized_backward=[False], checkpoint_depth=[2 if method == "lora-depth2" else 1],
-                     offloading=[False], bypass_mode=[False])
+        newer = dict(
+            quantized_backward=[False],
+            checkpoint_depth=[2 if method == "lora-depth2" else 1],
+            offloading=[False],
+            bypass_mode=[False],
+        )
         accepted = inspect.signature(TrainLoraNode.execute).parameters
         kw.update({k: v for k, v in newer.items() if k in accepted})
         TrainLoraNode.execute(**kw)
         params = lora_params
     else:
         per_layer = 2592 if recipe else lora_params // len(shapes)
-        kw = dict(steps=steps, learning_rate=1e-4, batch_size=1, grad_accumulation_steps=1,
-                  n_coefficients=per_layer, scaling=25.0, wavelet="db1", seed=0,
-                  targets="attention q/k/v/out" if recipe else
-                  "all linear" if size.startswith("flux-blocks") else "all linear + conv",
-                  optimizer="AdamW", lr_schedule="constant", warmup_steps=0, training_dtype=dtype,
-                  gradient_checkpointing=True, save_every_n_steps=0, filename_prefix="bench", resume_from="none")
-        _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train([model], [latents], [cond],
-                                                                         **{k: [v] for k, v in kw.items()})
+        kw = dict(
+            steps=steps,
+            learning_rate=1e-4,
+            batch_size=1,
+            grad_accumulation_steps=1,
+            n_coefficients=per_layer,
+            scaling=25.0,
+            wavelet="db1",
+            seed=0,
+            targets="attention q/k/v/out"
+            if recipe
+            else "all linear"
+            if size.startswith("flux-blocks")
+            else "all linear + conv",
+            optimizer="AdamW",
+            lr_schedule="constant",
+            warmup_steps=0,
+            training_dtype=dtype,
+            gradient_checkpointing=True,
+            save_every_n_steps=0,
+            filename_prefix="bench",
+            resume_from="none",
+        )
+        _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train(
+            [model], [latents], [cond], **{k: [v] for k, v in kw.items()}
+        )
         params = adapter.n_parameters
     elapsed = time.perf_counter() - t
     done.set()
     sampler.join()
-    print(json.dumps({"time": elapsed, "params": params, "layers": len(shapes),
-                      "train_peak_mb": (peak[0] - rss_start) / 2**20,
-                      "step_times": [b - a for a, b in zip(stamps, stamps[1:])]}))
+    print(
+        json.dumps(
+            {
+                "time": elapsed,
+                "params": params,
+                "layers": len(shapes),
+                "train_peak_mb": (peak[0] - rss_start) / 2**20,
+                "step_times": [b - a for a, b in zip(stamps, stamps[1:])],
+            }
+        )
+    )
 
 
-FLUX_BLOCKS = dict(image_model="flux", guidance_embed=True, in_channels=16, out_channels=16, vec_in_dim=768,
-                   context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, axes_dim=[16, 56, 56],
-                   theta=10000, patch_size=2, qkv_bias=True, txt_ids_dims=[])
+FLUX_BLOCKS = dict(
+    image_model="flux",
+    guidance_embed=True,
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    txt_ids_dims=[],
+)
 
 
 def flux_blocks_state(size: str) -> dict:
     """Flux.1's diffusion model at full width with D double and S single blocks (size 'flux-blocks-D-S'), random
     weights, as a bf16 state dict that ComfyUI's Load Diffusion Model detects as Flux."""
-    import torch
-
     import comfy.supported_models as sm
+    import torch
 
     double, single = (int(v) for v in size.split("-")[2:4])
     torch.manual_seed(0)
@@ -157,14 +221,23 @@ def flux_conditioning():
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    return [[torch.randn(1, 32, 4096, generator=gen),
-             {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": 3.5}]]
+    return [
+        [
+            torch.randn(1, 32, 4096, generator=gen),
+            {"pooled_output": torch.randn(1, 768, generator=gen), "guidance": 3.5},
+        ]
+    ]
 
 
 def run(method, steps, dtype, ckpt, latent, size, tmp):
     env = dict(os.environ, WAVEFT_TMP=tmp)
-    r = subprocess.run([sys.executable, __file__, "--child", method, str(steps), dtype, ckpt, str(latent), size],
-                       capture_output=True, text=True, env=env, timeout=7200)
+    r = subprocess.run(
+        [sys.executable, __file__, "--child", method, str(steps), dtype, ckpt, str(latent), size],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=7200,
+    )
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -172,13 +245,17 @@ def run(method, steps, dtype, ckpt, latent, size, tmp):
 
 def make_checkpoint(size: str, path: Path) -> None:
     """The checkpoint every run loads, built in a child with ComfyUI importable."""
-    state = {"tiny": "t.make_checkpoint_state(unet_config=t.UNET_CONFIG)",
-             "sd15": "t.make_checkpoint_state(unet_config=t.SD15_UNET_CONFIG)",
-             "sdxl": "t.make_unet_state(unet_config=t.SDXL_UNET_CONFIG)"}.get(size, f"b.flux_blocks_state({size!r})")
-    code = ("import sys; sys.path[:0] = [%r, %r, %r]; import torch; from comfy.cli_args import args; "
-            "args.cpu = not torch.cuda.is_available(); from safetensors.torch import save_file; "
-            "import tiny_models as t; import comfy_train as b; save_file(%s, %r)"
-            % (COMFY, str(ROOT / "tests" / "host"), str(ROOT / "benchmarks"), state, str(path)))
+    state = {
+        "tiny": "t.make_checkpoint_state(unet_config=t.UNET_CONFIG)",
+        "sd15": "t.make_checkpoint_state(unet_config=t.SD15_UNET_CONFIG)",
+        "sdxl": "t.make_unet_state(unet_config=t.SDXL_UNET_CONFIG)",
+    }.get(size, f"b.flux_blocks_state({size!r})")
+    code = (
+        "import sys; sys.path[:0] = [%r, %r, %r]; import torch; from comfy.cli_args import args; "
+        "args.cpu = not torch.cuda.is_available(); from safetensors.torch import save_file; "
+        "import tiny_models as t; import comfy_train as b; save_file(%s, %r)"
+        % (COMFY, str(ROOT / "tests" / "host"), str(ROOT / "benchmarks"), state, str(path))
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=3600)
 
 
@@ -192,8 +269,12 @@ def main():
     if not COMFY:
         sys.exit("set COMFYUI_PATH to a ComfyUI checkout (and run with its Python)")
     ap = argparse.ArgumentParser(description="Train WaveFT against ComfyUI's Train LoRA node")
-    ap.add_argument("--size", choices=("tiny", "sd15", "sdxl", "flux-blocks"), default="tiny",
-                    help="the tiny test UNet, the real SD1.5 one, the SDXL base UNet, or full-width Flux blocks")
+    ap.add_argument(
+        "--size",
+        choices=("tiny", "sd15", "sdxl", "flux-blocks"),
+        default="tiny",
+        help="the tiny test UNet, the real SD1.5 one, the SDXL base UNet, or full-width Flux blocks",
+    )
     ap.add_argument("--double", type=int, default=1, help="flux-blocks: double blocks")
     ap.add_argument("--single", type=int, default=2, help="flux-blocks: single blocks")
     ap.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px, 128 = 1024 px)")
@@ -207,22 +288,27 @@ def main():
     has_depth = "checkpoint_depth" in (Path(COMFY) / "comfy_extras" / "nodes_train.py").read_text()
     loras = ["lora"] + (["lora-depth2"] if has_depth else [])
     methods = loras + ["waveft"] + (["waveft-recipe"] if args.recipe else [])
-    labels = {"lora": "Train LoRA (rank 1, every layer" + (", checkpoint_depth 1: the node's default)" if has_depth
-                                                           else ")"),
-              "lora-depth2": "Train LoRA (rank 1, every layer, checkpoint_depth 2: each block)",
-              "waveft": "Train WaveFT (same count, every layer)",
-              "waveft-recipe": "Train WaveFT (paper: attention q/k/v/out, 2592)"}
+    labels = {
+        "lora": "Train LoRA (rank 1, every layer" + (", checkpoint_depth 1: the node's default)" if has_depth else ")"),
+        "lora-depth2": "Train LoRA (rank 1, every layer, checkpoint_depth 2: each block)",
+        "waveft": "Train WaveFT (same count, every layer)",
+        "waveft-recipe": "Train WaveFT (paper: attention q/k/v/out, 2592)",
+    }
     if args.size == "flux-blocks":
         return main_dit(args, loras, methods, labels)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "models").mkdir()
         ckpt = Path(tmp) / f"{args.size}.safetensors"
         make_checkpoint(args.size, ckpt)
-        print(f"Training the {args.size} UNet on 4 latents of {args.latent}x{args.latent}, batch 1, gradient "
-              f"checkpointing on; {args.repeats} fresh processes per method, min / median / max\n")
+        print(
+            f"Training the {args.size} UNet on 4 latents of {args.latent}x{args.latent}, batch 1, gradient "
+            f"checkpointing on; {args.repeats} fresh processes per method, min / median / max\n"
+        )
         against = " (median; against each LoRA row)" if len(loras) > 1 else " (median)"
-        print(f"| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time"
-              f"{against} | WaveFT / LoRA memory{against} |")
+        print(
+            f"| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time"
+            f"{against} | WaveFT / LoRA memory{against} |"
+        )
         print("|---|---|---|---|---|---|---|")
         for dtype in args.dtypes.split(","):
             res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
@@ -233,8 +319,11 @@ def main():
                     res[method]["step"].append((long["time"] - short["time"]) / args.steps)
                     res[method]["rss"].append(long["train_peak_mb"])
                     res[method]["params"] = long["params"]
-                    print(f"# {dtype} {method}: {res[method]['step'][-1]:.3f} s/step, "
-                          f"{res[method]['rss'][-1]:.0f} MB", file=sys.stderr, flush=True)
+                    print(
+                        f"# {dtype} {method}: {res[method]['step'][-1]:.3f} s/step, {res[method]['rss'][-1]:.0f} MB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
             def ratio(r, key):
                 return ", ".join(f"{statistics.median(r[key]) / statistics.median(res[b][key]):.2f}x" for b in loras)
@@ -242,8 +331,11 @@ def main():
             for method in methods:
                 r = res[method]
                 ratios = ("", "") if method in loras else (ratio(r, "step"), ratio(r, "rss"))
-                print(f"| {dtype} | {labels[method]} | {r['params']:,} | {spread(r['step'], lambda v: f'{v:.3f}')} | "
-                      f"{spread(r['rss'], lambda v: f'{v:.0f}')} | {ratios[0]} | {ratios[1]} |", flush=True)
+                print(
+                    f"| {dtype} | {labels[method]} | {r['params']:,} | {spread(r['step'], lambda v: f'{v:.3f}')} | "
+                    f"{spread(r['rss'], lambda v: f'{v:.0f}')} | {ratios[0]} | {ratios[1]} |",
+                    flush=True,
+                )
 
 
 def main_dit(args, loras, methods, labels):
@@ -255,12 +347,16 @@ def main_dit(args, loras, methods, labels):
         (Path(tmp) / "models").mkdir()
         ckpt = Path(tmp) / f"{size}.safetensors"
         make_checkpoint(size, ckpt)
-        print(f"Training Flux.1 blocks at full width ({args.double} double, {args.single} single; width 3072, 24 heads) "
-              f"on 4 latents of {args.latent}x{args.latent}, batch 1, gradient checkpointing on; {args.repeats} "
-              f"fresh process(es) per method, {args.steps} timed steps each after a warm-up step; min / median / "
-              "max\n")
-        print("| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time "
-              "(median) | WaveFT / LoRA memory (median) |")
+        print(
+            f"Training Flux.1 blocks at full width ({args.double} double, {args.single} single; width 3072, 24 heads) "
+            f"on 4 latents of {args.latent}x{args.latent}, batch 1, gradient checkpointing on; {args.repeats} "
+            f"fresh process(es) per method, {args.steps} timed steps each after a warm-up step; min / median / "
+            "max\n"
+        )
+        print(
+            "| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time "
+            "(median) | WaveFT / LoRA memory (median) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for dtype in args.dtypes.split(","):
             res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
@@ -270,8 +366,12 @@ def main_dit(args, loras, methods, labels):
                     res[method]["step"] += r["step_times"]
                     res[method]["rss"].append(r["train_peak_mb"])
                     res[method]["params"] = r["params"]
-                    print(f"# {dtype} {method}: steps {', '.join(f'{v:.2f}' for v in r['step_times'])} s, "
-                          f"{r['train_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+                    print(
+                        f"# {dtype} {method}: steps {', '.join(f'{v:.2f}' for v in r['step_times'])} s, "
+                        f"{r['train_peak_mb']:.0f} MB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
             def ratio(r, key):
                 return ", ".join(f"{statistics.median(r[key]) / statistics.median(res[b][key]):.2f}x" for b in loras)
@@ -279,8 +379,11 @@ def main_dit(args, loras, methods, labels):
             for method in methods:
                 r = res[method]
                 ratios = ("", "") if method in loras else (ratio(r, "step"), ratio(r, "rss"))
-                print(f"| {dtype} | {labels[method]} | {r['params']:,} | {spread(r['step'], lambda v: f'{v:.2f}')} | "
-                      f"{spread(r['rss'], lambda v: f'{v:.0f}')} | {ratios[0]} | {ratios[1]} |", flush=True)
+                print(
+                    f"| {dtype} | {labels[method]} | {r['params']:,} | {spread(r['step'], lambda v: f'{v:.2f}')} | "
+                    f"{spread(r['rss'], lambda v: f'{v:.0f}')} | {ratios[0]} | {ratios[1]} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Run it with the Python of the ComfyUI it should check (the venv beside the check
 `--device cpu --quick` runs all of it on a CPU in a few minutes (tests/host/test_gpu_check_host.py does).
 A section that cannot run says why in the report; the exit status is 1 when any check failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,18 @@ TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 6e-3}
 
 # --- 1. exactness on the device -------------------------------------------------------------------------------
 
+
 def _layer(shape, p, wavelet, seed):
     g = torch.Generator().manual_seed(seed)
     m = shape[0]
     n = int(torch.tensor(shape[1:]).prod())
-    return wft.Layer(spectrum=torch.randn(p, generator=g), indices=torch.randperm(m * n, generator=g)[:p],
-                     shape=shape, wavelet=wavelet, scaling=2.0)
+    return wft.Layer(
+        spectrum=torch.randn(p, generator=g),
+        indices=torch.randperm(m * n, generator=g)[:p],
+        shape=shape,
+        wavelet=wavelet,
+        scaling=2.0,
+    )
 
 
 def exactness(device) -> list[dict]:
@@ -65,8 +72,9 @@ def exactness(device) -> list[dict]:
     for wavelet in ("db1", "db4", "sym8"):
         for kind, shape in (("linear", (300, 250)), ("conv3x3", (48, 40, 3, 3))):
             layer = _layer(shape, 1500, wavelet, seed=len(rows))
-            reference = torch.from_numpy(reference_delta(layer.indices, layer.spectrum.double(), shape, wavelet,
-                                                         layer.scaling))  # float64, CPU
+            reference = torch.from_numpy(
+                reference_delta(layer.indices, layer.spectrum.double(), shape, wavelet, layer.scaling)
+            )  # float64, CPU
             for dtype in (torch.float32, torch.bfloat16):
                 adapter = WaveFTAdapter.from_layer(layer)
                 weight = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
@@ -75,8 +83,17 @@ def exactness(device) -> list[dict]:
                 err = rel_err(weight.double().cpu() - before, reference)
                 # bf16: the change is W + ΔW rounded once, so it is exact up to the rounding of W + ΔW
                 tol = TOLERANCE[dtype] if dtype == torch.float32 else 2.0**-8 * float(before.norm() / reference.norm())
-                rows.append({"check": "merge", "wavelet": wavelet, "layer": kind, "dtype": str(dtype)[6:],
-                             "rel_err": err, "tolerance": tol, "ok": err <= tol})
+                rows.append(
+                    {
+                        "check": "merge",
+                        "wavelet": wavelet,
+                        "layer": kind,
+                        "dtype": str(dtype)[6:],
+                        "rel_err": err,
+                        "tolerance": tol,
+                        "ok": err <= tol,
+                    }
+                )
                 hooked = WaveFTAdapter.from_layer(layer)
                 spectrum, plan_tensors, kept = hooked.weights
                 hooked.weights = (spectrum.to(device, dtype), plan_tensors, kept)  # as the bypass hook moves them
@@ -94,12 +111,22 @@ def exactness(device) -> list[dict]:
                 got = hooked.h(x.to(device, dtype), None).double().cpu()
                 err = rel_err(got, expect)
                 tol = TOLERANCE[dtype] + spectrum_error
-                rows.append({"check": "bypass", "wavelet": wavelet, "layer": kind, "dtype": str(dtype)[6:],
-                             "rel_err": err, "tolerance": tol, "ok": err <= tol})
+                rows.append(
+                    {
+                        "check": "bypass",
+                        "wavelet": wavelet,
+                        "layer": kind,
+                        "dtype": str(dtype)[6:],
+                        "rel_err": err,
+                        "tolerance": tol,
+                        "ok": err <= tol,
+                    }
+                )
     return rows
 
 
 # --- 3. txt2img in a real ComfyUI ---------------------------------------------------------------------------
+
 
 def _import_comfy(comfy_path: str, device) -> None:
     """ComfyUI's folder first on sys.path (its nodes.py and the pack's nodes/ share a name); on a CPU run, as
@@ -128,11 +155,16 @@ def _tiny_files(base: Path):
     for key, w in ckpt.items():
         if key.startswith("model.diffusion_model.") and key.endswith(("attn1.to_q.weight", "attn2.to_out.0.weight")):
             shape = tuple(w.shape)
-            layers[key[len("model."): -len(".weight")]] = wft.Layer(
-                spectrum=torch.randn(2592, generator=g) * float(w.float().std()) * 0.3, shape=shape,
-                indices=torch.randperm(shape[0] * shape[1], generator=g)[:2592], wavelet="db4")
-    wft.save(wft.Adapter(layers=layers, metadata={"ss_base_model_version": "sd_v1"}),
-             base / "models" / "waveft" / "check.safetensors")
+            layers[key[len("model.") : -len(".weight")]] = wft.Layer(
+                spectrum=torch.randn(2592, generator=g) * float(w.float().std()) * 0.3,
+                shape=shape,
+                indices=torch.randperm(shape[0] * shape[1], generator=g)[:2592],
+                wavelet="db4",
+            )
+    wft.save(
+        wft.Adapter(layers=layers, metadata={"ss_base_model_version": "sd_v1"}),
+        base / "models" / "waveft" / "check.safetensors",
+    )
     return len(layers)
 
 
@@ -142,15 +174,29 @@ def _graph(waveft: str | None):
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "seed": 42, "steps": 4, "cfg": 5.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 42,
+                "steps": 4,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "plain"}},
     }
     if waveft:
-        g["8"] = {"class_type": "WaveFTLoaderModelOnly", "inputs": {"model": ["1", 0], "waveft_name": waveft,
-                                                                    "strength_model": 1.0}}
+        g["8"] = {
+            "class_type": "WaveFTLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "waveft_name": waveft, "strength_model": 1.0},
+        }
         g["5"]["inputs"]["model"] = ["8", 0]
         g["7"]["inputs"]["filename_prefix"] = "waveft"
     return g
@@ -178,9 +224,25 @@ def txt2img(device, comfy_path: str | None, keep: Path) -> dict:
     flags = ["--cpu"] if device.type == "cpu" else ["--enable-dynamic-vram"]
     log_path = keep / "comfyui.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(port),
-                                 "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-                                 "--disable-auto-launch", *flags], cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "main.py",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--base-directory",
+                str(base),
+                "--database-url",
+                "sqlite:///:memory:",
+                "--disable-auto-launch",
+                *flags,
+            ],
+            cwd=comfy_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + 300
@@ -215,8 +277,13 @@ def txt2img(device, comfy_path: str | None, keep: Path) -> dict:
                 result[f"seconds_{'waveft' if name else 'plain'}"] = round(seconds, 3)
             difference = float(np.abs(images["plain"] - images["check.safetensors"]).mean())
             log_text = log_path.read_text(errors="replace")
-            result.update({"mean_pixel_difference": difference, "import_failed": "IMPORT FAILED" in log_text,
-                           "dynamic_vram_flag": flags[0]})
+            result.update(
+                {
+                    "mean_pixel_difference": difference,
+                    "import_failed": "IMPORT FAILED" in log_text,
+                    "dynamic_vram_flag": flags[0],
+                }
+            )
             result["ok"] = difference > 0.5 and not result["import_failed"]
             return result
         finally:
@@ -229,6 +296,7 @@ def txt2img(device, comfy_path: str | None, keep: Path) -> dict:
 
 
 # --- 4. bf16 training steps on the host's Flux blocks --------------------------------------------------------
+
 
 def dit_training(device, comfy_path: str | None, steps: int, hidden: int = 128) -> dict:
     if not comfy_path or not (Path(comfy_path) / "comfy").is_dir():
@@ -244,7 +312,8 @@ def dit_training(device, comfy_path: str | None, steps: int, hidden: int = 128) 
     ops = comfy.ops.disable_weight_init
     blocks = torch.nn.ModuleList(
         [DoubleStreamBlock(hidden, heads, 2.0, qkv_bias=True, operations=ops) for _ in range(2)]
-        + [SingleStreamBlock(hidden, heads, 2.0, operations=ops) for _ in range(2)])
+        + [SingleStreamBlock(hidden, heads, 2.0, operations=ops) for _ in range(2)]
+    )
     for p in blocks.parameters():
         torch.nn.init.normal_(p, std=0.02)
         p.requires_grad_(False)
@@ -266,8 +335,11 @@ def dit_training(device, comfy_path: str | None, steps: int, hidden: int = 128) 
             module.forward = lambda x, norm=module.forward: norm(x.clone())
     params = [p for t in trainables.values() for p in t.parameters()]
     before = [p.detach().clone() for p in params]
-    rope = EmbedND(dim=hidden // heads, theta=10000, axes_dim=[hidden // heads // 4, hidden // heads // 8 * 3,
-                                                                hidden // heads // 8 * 3])
+    rope = EmbedND(
+        dim=hidden // heads,
+        theta=10000,
+        axes_dim=[hidden // heads // 4, hidden // heads // 8 * 3, hidden // heads // 8 * 3],
+    )
     g = torch.Generator().manual_seed(1)
     img0 = torch.randn(1, 16, hidden, generator=g).to(device, dtype)
     txt0 = torch.randn(1, 8, hidden, generator=g).to(device, dtype)
@@ -289,8 +361,15 @@ def dit_training(device, comfy_path: str | None, steps: int, hidden: int = 128) 
         mm.in_training = was_training
     moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(params, before))
     ok = all(math.isfinite(v) for v in losses) and moved > 0
-    return {"ok": ok, "layers": len(trainables), "coefficients": sum(p.numel() for p in params), "losses": losses,
-            "seconds_per_step": seconds, "coefficient_change": moved, "dtype": "bfloat16"}
+    return {
+        "ok": ok,
+        "layers": len(trainables),
+        "coefficients": sum(p.numel() for p in params),
+        "losses": losses,
+        "seconds_per_step": seconds,
+        "coefficient_change": moved,
+        "dtype": "bfloat16",
+    }
 
 
 def _train_steps(blocks, params, img0, txt0, vec, pe, target, steps, device):
@@ -317,6 +396,7 @@ def _train_steps(blocks, params, img0, txt0, vec, pe, target, steps, device):
 
 # --- the report -------------------------------------------------------------------------------------------------
 
+
 def _section(report, name, fn):
     try:
         report[name] = fn()
@@ -326,13 +406,21 @@ def _section(report, name, fn):
 
 def text_report(report: dict) -> str:
     verdict = "all checks passed" if report["ok"] else "FAILED"
-    lines = [(f"WaveFT GPU check on {report['device']} ({report.get('gpu', report['cpu'])}), torch {report['torch']}, "
-              f"ComfyUI at {report['comfyui'] or 'none'}; {verdict}"), ""]
+    lines = [
+        (
+            f"WaveFT GPU check on {report['device']} ({report.get('gpu', report['cpu'])}), torch {report['torch']}, "
+            f"ComfyUI at {report['comfyui'] or 'none'}; {verdict}"
+        ),
+        "",
+    ]
     ex = report["exactness"]
     if isinstance(ex, list):
         lines.append("Exactness against PyWavelets float64 (CPU):")
-        lines += [f"  {r['check']:6} {r['wavelet']:4} {r['layer']:7} {r['dtype']:8} rel err {r['rel_err']:.2e} "
-                  f"(tolerance {r['tolerance']:.1e}) {'ok' if r['ok'] else 'FAIL'}" for r in ex]
+        lines += [
+            f"  {r['check']:6} {r['wavelet']:4} {r['layer']:7} {r['dtype']:8} rel err {r['rel_err']:.2e} "
+            f"(tolerance {r['tolerance']:.1e}) {'ok' if r['ok'] else 'FAIL'}"
+            for r in ex
+        ]
     else:
         lines.append(f"Exactness: {ex}")
     bench = report["benchmarks"]
@@ -344,8 +432,11 @@ def text_report(report: dict) -> str:
         lines.append(out.getvalue())
         if "merge_on_load" in bench:
             lines.append("Merge on load into an fp32 weight (ms, median):")
-            lines += [f"  {r['shape']} {r['wavelet']}: WaveFT {r['waveft']['median'] if r['waveft'] else 'n/a'}, "
-                      f"LoRA {r['lora']['median'] if r['lora'] else 'n/a'}" for r in bench["merge_on_load"]]
+            lines += [
+                f"  {r['shape']} {r['wavelet']}: WaveFT {r['waveft']['median'] if r['waveft'] else 'n/a'}, "
+                f"LoRA {r['lora']['median'] if r['lora'] else 'n/a'}"
+                for r in bench["merge_on_load"]
+            ]
     else:
         lines.append(f"Benchmarks: {bench}")
     for name in ("txt2img", "dit_training"):
@@ -356,8 +447,11 @@ def text_report(report: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "waveft_gpu_check"),
-                    help="folder for gpu_check.json/.txt (default: $OUT, else a folder in the temp directory)")
+    ap.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "waveft_gpu_check"),
+        help="folder for gpu_check.json/.txt (default: $OUT, else a folder in the temp directory)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (a CPU smoke run)")
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
@@ -365,8 +459,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     comfy_path = os.environ.get("COMFYUI_PATH")
-    report = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-              "comfyui": comfy_path, "quick": args.quick}
+    report = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "comfyui": comfy_path,
+        "quick": args.quick,
+    }
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
     repeats = args.repeats or (2 if args.quick else 9)
@@ -381,11 +480,19 @@ def main(argv=None) -> int:
     _section(report, "exactness", lambda: exactness(device))
     _section(report, "benchmarks", benchmarks)
     _section(report, "txt2img", lambda: txt2img(device, comfy_path, out))
-    _section(report, "dit_training", lambda: dit_training(device, comfy_path, steps=3 if args.quick else 10,
-                                                          hidden=64 if args.quick else 512))
+    _section(
+        report,
+        "dit_training",
+        lambda: dit_training(device, comfy_path, steps=3 if args.quick else 10, hidden=64 if args.quick else 512),
+    )
     ex = report["exactness"]
-    report["ok"] = (isinstance(ex, list) and all(r["ok"] for r in ex) and "runs" in report["benchmarks"]
-                    and report["txt2img"].get("ok") and report["dit_training"].get("ok")) or False
+    report["ok"] = (
+        isinstance(ex, list)
+        and all(r["ok"] for r in ex)
+        and "runs" in report["benchmarks"]
+        and report["txt2img"].get("ok")
+        and report["dit_training"].get("ok")
+    ) or False
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     text = text_report(report)
     (out / "gpu_check.txt").write_text(text)

@@ -15,6 +15,7 @@ parameters. Methods run interleaved (one call of each in turn, the order rotatin
 repeats. A time that is not positive and finite (a broken timer on a loaded machine) is measured again; if it stays
 impossible the cell says so instead of printing a number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def interleaved(methods: dict, device, repeats: int) -> dict:
     names = list(methods)
     times = {name: [] for name in names}
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             for _attempt in range(3):
                 _sync(device)
@@ -90,8 +91,12 @@ def summary(samples) -> dict | None:
     valid = [s for s in samples if s is not None]
     if not valid:
         return None
-    return {"min": min(valid) * 1e3, "median": statistics.median(valid) * 1e3, "max": max(valid) * 1e3,
-            "flagged": len(samples) - len(valid)}
+    return {
+        "min": min(valid) * 1e3,
+        "median": statistics.median(valid) * 1e3,
+        "max": max(valid) * 1e3,
+        "flagged": len(samples) - len(valid),
+    }
 
 
 def ratio(a, b, of="median") -> float | None:
@@ -125,8 +130,17 @@ def merge_row(device, repeats, shape, wavelet, dtype) -> dict:
     w, lo = summary(times["waveft"]), summary(times["lora"])
     size = reconstruction_filters(wavelet)[0].size
     path = "filters" if dtype != torch.float32 and filtered_merge_is_cheaper(m, n, p, size) else "scatter"
-    return {"shape": f"{m}x{n}", "wavelet": wavelet, "rank": rank, "p": p, "path": path,
-            "waveft": w, "lora": lo, "ratio": ratio(w, lo), "ratio_of_mins": ratio(w, lo, "min")}
+    return {
+        "shape": f"{m}x{n}",
+        "wavelet": wavelet,
+        "rank": rank,
+        "p": p,
+        "path": path,
+        "waveft": w,
+        "lora": lo,
+        "ratio": ratio(w, lo),
+        "ratio_of_mins": ratio(w, lo, "min"),
+    }
 
 
 def bypass_rows(device, repeats, shapes=SHAPES, wavelets=WAVELETS, dtype=torch.bfloat16, tokens=TOKENS):
@@ -156,8 +170,18 @@ def bypass_row(device, repeats, shape, wavelet, dtype, tokens) -> dict:
     w, lo = summary(times["waveft"]), summary(times["lora"])
     floor = (p + size * (m + n)) / (rank * (m + n))
     path = "structured" if structured_is_cheaper(tokens, m, n, p, size) else "dense"
-    return {"shape": f"{m}x{n}", "wavelet": wavelet, "rank": rank, "p": p, "path": path,
-            "waveft": w, "lora": lo, "ratio": ratio(w, lo), "ratio_of_mins": ratio(w, lo, "min"), "floor": floor}
+    return {
+        "shape": f"{m}x{n}",
+        "wavelet": wavelet,
+        "rank": rank,
+        "p": p,
+        "path": path,
+        "waveft": w,
+        "lora": lo,
+        "ratio": ratio(w, lo),
+        "ratio_of_mins": ratio(w, lo, "min"),
+        "floor": floor,
+    }
 
 
 def _cell(s) -> str:
@@ -178,45 +202,76 @@ def _ratio_cell(row) -> str:
 def print_tables(results: dict, out=sys.stdout):
     for run in results["runs"]:
         threads = run["threads"]
-        print(f"\nPer-forward merge into a {run['merge_dtype']} weight, {threads} thread(s) (ms, median (min-max) of "
-              f"{results['repeats']}; ratio of medians (of minimums))\n", file=out)
+        print(
+            f"\nPer-forward merge into a {run['merge_dtype']} weight, {threads} thread(s) (ms, median (min-max) of "
+            f"{results['repeats']}; ratio of medians (of minimums))\n",
+            file=out,
+        )
         print("| shape | wavelet | p (LoRA rank) | WaveFT (path) | LoRA | WaveFT / LoRA | goal |", file=out)
         print("|---|---|---|---|---|---|---|", file=out)
         for r in run["merge"]:
             goal = 1.0 if r["wavelet"] == "db1" else 1.5
             met = "-" if r["ratio"] is None else ("met" if r["ratio"] <= goal else "missed")
-            print(f"| {r['shape']} | {r['wavelet']} | {r['p']} (r={r['rank']}) | {_cell(r['waveft'])} {r['path']} | "
-                  f"{_cell(r['lora'])} | {_ratio_cell(r)} | ≤{goal}x {met} |", file=out)
-        print(f"\nBypass h(x), {results['tokens']} tokens in {run['bypass_dtype']}, {threads} thread(s) (ms; ratio of "
-              "medians (of minimums); floor = WaveFT's operation count over LoRA's)\n", file=out)
-        print("| shape | wavelet | p (LoRA rank) | WaveFT (path) | LoRA | WaveFT / LoRA | op-count floor | goal |",
-              file=out)
+            print(
+                f"| {r['shape']} | {r['wavelet']} | {r['p']} (r={r['rank']}) | {_cell(r['waveft'])} {r['path']} | "
+                f"{_cell(r['lora'])} | {_ratio_cell(r)} | ≤{goal}x {met} |",
+                file=out,
+            )
+        print(
+            f"\nBypass h(x), {results['tokens']} tokens in {run['bypass_dtype']}, {threads} thread(s) (ms; ratio of "
+            "medians (of minimums); floor = WaveFT's operation count over LoRA's)\n",
+            file=out,
+        )
+        print(
+            "| shape | wavelet | p (LoRA rank) | WaveFT (path) | LoRA | WaveFT / LoRA | op-count floor | goal |",
+            file=out,
+        )
         print("|---|---|---|---|---|---|---|---|", file=out)
         for r in run["bypass"]:
             goal = 4.0 if r["wavelet"] == "db1" else 12.0
             met = "-" if r["ratio"] is None else ("met" if r["ratio"] <= goal else "missed")
-            print(f"| {r['shape']} | {r['wavelet']} | {r['p']} (r={r['rank']}) | {_cell(r['waveft'])} {r['path']} | "
-                  f"{_cell(r['lora'])} | {_ratio_cell(r)} | {r['floor']:.1f}x | ≤{goal:g}x {met} |", file=out)
+            print(
+                f"| {r['shape']} | {r['wavelet']} | {r['p']} (r={r['rank']}) | {_cell(r['waveft'])} {r['path']} | "
+                f"{_cell(r['lora'])} | {_ratio_cell(r)} | {r['floor']:.1f}x | ≤{goal:g}x {met} |",
+                file=out,
+            )
 
 
-def run(device="cpu", repeats=7, threads=("1", "all"), shapes=SHAPES, wavelets=WAVELETS, tokens=TOKENS,
-        merge_dtype=torch.bfloat16, bypass_dtype=torch.bfloat16) -> dict:
+def run(
+    device="cpu",
+    repeats=7,
+    threads=("1", "all"),
+    shapes=SHAPES,
+    wavelets=WAVELETS,
+    tokens=TOKENS,
+    merge_dtype=torch.bfloat16,
+    bypass_dtype=torch.bfloat16,
+) -> dict:
     device = torch.device(device)
     all_threads = torch.get_num_threads()
-    results = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-               "repeats": repeats, "tokens": tokens, "runs": []}
+    results = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "repeats": repeats,
+        "tokens": tokens,
+        "runs": [],
+    }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for setting in threads:
         count = all_threads if setting == "all" else int(setting)
         torch.set_num_threads(count)
         try:
-            results["runs"].append({
-                "threads": count, "merge_dtype": str(merge_dtype).replace("torch.", ""),
-                "bypass_dtype": str(bypass_dtype).replace("torch.", ""),
-                "merge": merge_rows(device, repeats, shapes, wavelets, merge_dtype),
-                "bypass": bypass_rows(device, repeats, shapes, wavelets, bypass_dtype, tokens),
-            })
+            results["runs"].append(
+                {
+                    "threads": count,
+                    "merge_dtype": str(merge_dtype).replace("torch.", ""),
+                    "bypass_dtype": str(bypass_dtype).replace("torch.", ""),
+                    "merge": merge_rows(device, repeats, shapes, wavelets, merge_dtype),
+                    "bypass": bypass_rows(device, repeats, shapes, wavelets, bypass_dtype, tokens),
+                }
+            )
         finally:
             torch.set_num_threads(all_threads)
     return results
@@ -234,10 +289,19 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    results = run(args.device, args.repeats, args.threads.split(","), shapes, args.wavelets.split(","), args.tokens,
-                  bypass_dtype=getattr(torch, args.bypass_dtype))
-    print(f"device {results['device']}{' (' + results['gpu'] + ')' if 'gpu' in results else ''}, torch "
-          f"{results['torch']}, {results['cpu']}; LoRA rank r = max(1, round(2592/(m+n))), WaveFT p = r·(m+n)")
+    results = run(
+        args.device,
+        args.repeats,
+        args.threads.split(","),
+        shapes,
+        args.wavelets.split(","),
+        args.tokens,
+        bypass_dtype=getattr(torch, args.bypass_dtype),
+    )
+    print(
+        f"device {results['device']}{' (' + results['gpu'] + ')' if 'gpu' in results else ''}, torch "
+        f"{results['torch']}, {results['cpu']}; LoRA rank r = max(1, round(2592/(m+n))), WaveFT p = r·(m+n)"
+    )
     print_tables(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

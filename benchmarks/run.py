@@ -8,6 +8,7 @@
    (d') the same LoRA fused into one addmm_. Ratios are against (d).
 2. Forward + backward of one layer in training: WaveFT's trainable path against LoRA's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def peft_layer(m, n, wavelet, device):
             super().__init__()
             self.proj = torch.nn.Linear(n, m, bias=False)
 
-    model = get_peft_model(One(), WaveFTConfig(n_frequency=P, target_modules=["proj"], wavelet_family=wavelet,
-                                               init_weights=False)).to(device)
+    model = get_peft_model(
+        One(), WaveFTConfig(n_frequency=P, target_modules=["proj"], wavelet_family=wavelet, init_weights=False)
+    ).to(device)
     return model.base_model.model.proj
 
 
@@ -75,8 +77,10 @@ def ptwt_add(weight, idx, values, wavelet, scaling):
     grid[r * wp + c] = values
     grid = grid.view(hp, wp)
     h2, w2 = hp // 2, wp // 2
-    rec = ptwt.waverec2((grid[None, :h2, :w2], (grid[None, :h2, w2:], grid[None, h2:, :w2], grid[None, h2:, w2:])),
-                        pywt.Wavelet(wavelet))
+    rec = ptwt.waverec2(
+        (grid[None, :h2, :w2], (grid[None, :h2, w2:], grid[None, h2:, :w2], grid[None, h2:, w2:])),
+        pywt.Wavelet(wavelet),
+    )
     weight += scaling * rec[0, :m, :n]
 
 
@@ -125,9 +129,14 @@ def bench_low_precision(device, repeat, shape=(1280, 2048)):
             def lora():  # as ComfyUI: the product in fp32, then cast and add
                 w.add_((B @ A).to(dtype))
 
-            rows.append({"wavelet": wavelet, "dtype": str(dtype).replace("torch.", ""),
-                         "waveft": timeit(lambda: layer.add_to_(w, 1.0), device, repeat),
-                         "lora": timeit(lora, device, repeat)})
+            rows.append(
+                {
+                    "wavelet": wavelet,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "waveft": timeit(lambda: layer.add_to_(w, 1.0), device, repeat),
+                    "lora": timeit(lora, device, repeat),
+                }
+            )
     return rows
 
 
@@ -157,10 +166,16 @@ def bench_train(device, repeat, tokens=256):
                 y = torch.nn.functional.linear(x, w + B @ A)
                 y.square().mean().backward()
 
-            rows.append({"shape": f"{m}x{n}", "wavelet": wavelet, "rank": r,
-                         "waveft": timeit(waveft_step, device, repeat),
-                         "lora": timeit(lora_step, device, repeat),
-                         "lora_wrapper": timeit(lora_weight_step, device, repeat)})
+            rows.append(
+                {
+                    "shape": f"{m}x{n}",
+                    "wavelet": wavelet,
+                    "rank": r,
+                    "waveft": timeit(waveft_step, device, repeat),
+                    "lora": timeit(lora_step, device, repeat),
+                    "lora_wrapper": timeit(lora_weight_step, device, repeat),
+                }
+            )
     return rows
 
 
@@ -173,35 +188,45 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     cpu = platform.processor() or platform.machine()
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
-          f"{P} coefficients per layer, median of {args.repeat}\n")
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
+        f"{P} coefficients per layer, median of {args.repeat}\n"
+    )
 
     rows = bench_apply(device, args.repeat, not args.no_peft, not args.no_ptwt)
     print("Add ΔW into an existing fp32 weight (ms; ratio to LoRA as ComfyUI applies it)\n")
-    print("| shape | wavelet | WaveFT (this) | LoRA rank r, B@A + add | LoRA fused addmm_ | PEFT WaveFT | ptwt | "
-          "this / LoRA | PEFT / this |")
+    print(
+        "| shape | wavelet | WaveFT (this) | LoRA rank r, B@A + add | LoRA fused addmm_ | PEFT WaveFT | ptwt | "
+        "this / LoRA | PEFT / this |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peft = f"{r['peft']:.3f}" if "peft" in r else "-"
         pt = f"{r['ptwt']:.3f}" if "ptwt" in r else "-"
         speedup = f"{r['peft'] / r['waveft']:.0f}x" if "peft" in r else "-"
-        print(f"| {r['shape']} | {r['wavelet']} | {r['waveft']:.3f} | r={r['rank']}: {r['lora']:.3f} | "
-              f"{r['lora_fused']:.3f} | {peft} | {pt} | {r['waveft'] / r['lora']:.2f}x | {speedup} |")
+        print(
+            f"| {r['shape']} | {r['wavelet']} | {r['waveft']:.3f} | r={r['rank']}: {r['lora']:.3f} | "
+            f"{r['lora_fused']:.3f} | {peft} | {pt} | {r['waveft'] / r['lora']:.2f}x | {speedup} |"
+        )
 
     rows = bench_low_precision(device, args.repeat)
     print("\nAdd ΔW into an fp16/bf16 1280x2048 weight: summed in fp32, rounded once (ms)\n")
     print("| wavelet | weight dtype | WaveFT (this) | LoRA r=1, B@A + add | this / LoRA |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['wavelet']} | {r['dtype']} | {r['waveft']:.3f} | {r['lora']:.3f} | {r['waveft'] / r['lora']:.2f}x |")
+        print(
+            f"| {r['wavelet']} | {r['dtype']} | {r['waveft']:.3f} | {r['lora']:.3f} | {r['waveft'] / r['lora']:.2f}x |"
+        )
 
     rows = bench_train(device, max(10, args.repeat // 2))
     print("\nTraining: forward + backward of one layer, 256 tokens (ms; ratio to LoRA's branch path)\n")
     print("| shape | wavelet | WaveFT (this) | LoRA branch | LoRA as weight wrapper | this / LoRA branch |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['wavelet']} | {r['waveft']:.3f} | r={r['rank']}: {r['lora']:.3f} | "
-              f"{r['lora_wrapper']:.3f} | {r['waveft'] / r['lora']:.2f}x |")
+        print(
+            f"| {r['shape']} | {r['wavelet']} | {r['waveft']:.3f} | r={r['rank']}: {r['lora']:.3f} | "
+            f"{r['lora_wrapper']:.3f} | {r['waveft'] / r['lora']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the time between previews is the step, the time inside one is the preview.
 these test checkpoints is TAESD, so a real VAE's decode (larger at 512 px) is not in the figure. Training: batch 1,
 grad accumulation 1, bf16, gradient checkpointing on, the paper's targets; previews at cfg 6 with a negative
 prompt (two model calls per sampler step, batched), euler."""
+
 from __future__ import annotations
 
 import argparse
@@ -68,12 +69,33 @@ def main():
         cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
         negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
     side = args.latent * 8
-    kw = dict(steps=args.steps, learning_rate=1e-4, batch_size=1, grad_accumulation_steps=1, n_coefficients=2592,
-              scaling=25.0, wavelet="db1", targets="attention q/k/v/out", seed=0, optimizer="AdamW",
-              lr_schedule="constant", warmup_steps=0, training_dtype="bf16", gradient_checkpointing=True,
-              save_every_n_steps=0, filename_prefix="bench", resume_from="none", preview_vae=vae,
-              preview_positive=cond, preview_negative=negative, preview_every_n_steps=1, preview_width=side,
-              preview_height=side, preview_steps=args.preview_steps, preview_cfg=6.0)
+    kw = dict(
+        steps=args.steps,
+        learning_rate=1e-4,
+        batch_size=1,
+        grad_accumulation_steps=1,
+        n_coefficients=2592,
+        scaling=25.0,
+        wavelet="db1",
+        targets="attention q/k/v/out",
+        seed=0,
+        optimizer="AdamW",
+        lr_schedule="constant",
+        warmup_steps=0,
+        training_dtype="bf16",
+        gradient_checkpointing=True,
+        save_every_n_steps=0,
+        filename_prefix="bench",
+        resume_from="none",
+        preview_vae=vae,
+        preview_positive=cond,
+        preview_negative=negative,
+        preview_every_n_steps=1,
+        preview_width=side,
+        preview_height=side,
+        preview_steps=args.preview_steps,
+        preview_cfg=6.0,
+    )
     latents = {"samples": torch.randn(1, 4, args.latent, args.latent, generator=torch.Generator().manual_seed(0))}
     import folder_paths
 
@@ -83,8 +105,10 @@ def main():
     steps = [b[0] - a[1] for a, b in zip(marks, marks[1:])]  # between the end of one preview and the next
     shown = [b - a for a, b in marks]
     step, preview = statistics.median(steps), statistics.median(shown)
-    print(f"{args.size}, {side}x{side} px, {args.preview_steps} preview steps: training step {step:.2f} s, "
-          f"preview {preview:.2f} s = {preview / step:.1f} steps (medians of {len(steps)} and {len(shown)})")
+    print(
+        f"{args.size}, {side}x{side} px, {args.preview_steps} preview steps: training step {step:.2f} s, "
+        f"preview {preview:.2f} s = {preview / step:.1f} steps (medians of {len(steps)} and {len(shown)})"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """ComfyUI nodes of the pack. The only code that imports comfy.*, folder_paths or comfy_api."""
+
 from . import host
 from .convert_nodes import WaveFTFromLoRA, WaveFTMergeCheckpoint, WaveFTToLoRA
 from .loader import WaveFTInfo, WaveFTLoader, WaveFTLoaderModelOnly

@@ -1,12 +1,12 @@
 """WaveFT to LoRA and LoRA to WaveFT as nodes (the conversions live in waveft_core.convert)."""
+
 from __future__ import annotations
 
 import os
 
 import torch
 
-from ..waveft_core import WaveFTFileError
-from ..waveft_core import extract, fileformat, lora, merge
+from ..waveft_core import WaveFTFileError, extract, fileformat, lora, merge
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader
 
@@ -14,13 +14,28 @@ from . import host, loader
 class WaveFTToLoRA:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "waveft_name": (loader.list_adapters(), {"tooltip": "The WaveFT adapter to export."}),
-            "rank": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": "LoRA rank: higher keeps more of "
-                             "the (high-rank) WaveFT change and makes a bigger file."}),
-            "filename_prefix": ("STRING", {"default": "waveft_as_lora", "tooltip": "File name inside models/loras "
-                                "(never overwrites: a counter is added)."}),
-        }}
+        return {
+            "required": {
+                "waveft_name": (loader.list_adapters(), {"tooltip": "The WaveFT adapter to export."}),
+                "rank": (
+                    "INT",
+                    {
+                        "default": 8,
+                        "min": 1,
+                        "max": 1024,
+                        "tooltip": "LoRA rank: higher keeps more of "
+                        "the (high-rank) WaveFT change and makes a bigger file.",
+                    },
+                ),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "waveft_as_lora",
+                        "tooltip": "File name inside models/loras (never overwrites: a counter is added).",
+                    },
+                ),
+            }
+        }
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("lora_name",)
@@ -37,8 +52,10 @@ class WaveFTToLoRA:
     def export(self, waveft_name, rank, filename_prefix):
         path = loader.resolve_path(waveft_name)
         if os.path.isdir(path):
-            raise ValueError("WaveFT to LoRA: convert the PEFT folder to a native file first (Load WaveFT reads it "
-                             "for a model; 'python -m waveft_core convert' writes a file)")
+            raise ValueError(
+                "WaveFT to LoRA: convert the PEFT folder to a native file first (Load WaveFT reads it "
+                "for a model; 'python -m waveft_core convert' writes a file)"
+            )
         try:
             adapter = fileformat.read(path)
         except WaveFTFileError as e:
@@ -55,17 +72,40 @@ class WaveFTFromLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         loras = [f for f in host.filename_list("loras") if f.lower().endswith(".safetensors")]
-        return {"required": {
-            "lora_name": (loras, {"tooltip": "The LoRA to convert (its layers' up @ down products)."}),
-            "n_coefficients": ("INT", {"default": 2592, "min": 1, "max": 10**7, "tooltip": "Wavelet coefficients "
-                               "kept per layer: the largest ones, then refined by least squares."}),
-            "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet of the new adapter."}),
-            "filename_prefix": ("STRING", {"default": "lora_as_waveft", "tooltip": "File name inside the folder "
-                                "chosen in save_to (never overwrites: a counter is added)."}),
-        }, "optional": {
-            "save_to": (list(host.SAVE_FOLDERS), {"default": host.FOLDER, "tooltip": "models/waveft, or "
-                        "models/loras where the stock LoRA loaders and LoRA managers list files."}),
-        }}
+        return {
+            "required": {
+                "lora_name": (loras, {"tooltip": "The LoRA to convert (its layers' up @ down products)."}),
+                "n_coefficients": (
+                    "INT",
+                    {
+                        "default": 2592,
+                        "min": 1,
+                        "max": 10**7,
+                        "tooltip": "Wavelet coefficients "
+                        "kept per layer: the largest ones, then refined by least squares.",
+                    },
+                ),
+                "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet of the new adapter."}),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "lora_as_waveft",
+                        "tooltip": "File name inside the folder "
+                        "chosen in save_to (never overwrites: a counter is added).",
+                    },
+                ),
+            },
+            "optional": {
+                "save_to": (
+                    list(host.SAVE_FOLDERS),
+                    {
+                        "default": host.FOLDER,
+                        "tooltip": "models/waveft, or "
+                        "models/loras where the stock LoRA loaders and LoRA managers list files.",
+                    },
+                ),
+            },
+        }
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("waveft_name",)
@@ -94,8 +134,9 @@ class WaveFTFromLoRA:
         adapter, report = extract.extract(deltas, n_coefficients, wavelet=wavelet)
         out = str(fileformat.write(adapter, host.new_adapter_path(filename_prefix, kind=save_to)))
         rel = os.path.relpath(out, host.save_folder(save_to)).replace(os.sep, "/")
-        text = (f"saved models/{save_to}/{rel}: {len(adapter.layers)} layers, relative error "
-                f"{report['relative_error']:.3f}")
+        text = (
+            f"saved models/{save_to}/{rel}: {len(adapter.layers)} layers, relative error {report['relative_error']:.3f}"
+        )
         return {"ui": {"text": [text]}, "result": (loader.listed_name(out, save_to),)}
 
 
@@ -103,13 +144,21 @@ class WaveFTMergeCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
         ckpts = [f for f in host.filename_list("checkpoints") if f.lower().endswith(".safetensors")]
-        return {"required": {
-            "ckpt_name": (ckpts, {"tooltip": "The single-file checkpoint (.safetensors) to merge into."}),
-            "waveft_name": (loader.list_adapters(), {"tooltip": "The adapter to bake in."}),
-            "strength": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the weight change."}),
-            "filename_prefix": ("STRING", {"default": "merged_waveft", "tooltip": "New checkpoint's name inside "
-                                "models/checkpoints (never overwrites: a counter is added)."}),
-        }}
+        return {
+            "required": {
+                "ckpt_name": (ckpts, {"tooltip": "The single-file checkpoint (.safetensors) to merge into."}),
+                "waveft_name": (loader.list_adapters(), {"tooltip": "The adapter to bake in."}),
+                "strength": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the weight change."}),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "merged_waveft",
+                        "tooltip": "New checkpoint's name inside "
+                        "models/checkpoints (never overwrites: a counter is added).",
+                    },
+                ),
+            }
+        }
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("ckpt_name",)
@@ -117,8 +166,10 @@ class WaveFTMergeCheckpoint:
     FUNCTION = "merge"
     CATEGORY = "loaders/waveft"
     OUTPUT_NODE = True
-    DESCRIPTION = ("Writes a new checkpoint with the adapter merged in at a strength, tensor by tensor (low memory); "
-                   "everything else is copied unchanged.")
+    DESCRIPTION = (
+        "Writes a new checkpoint with the adapter merged in at a strength, tensor by tensor (low memory); "
+        "everything else is copied unchanged."
+    )
 
     @classmethod
     def IS_CHANGED(cls, ckpt_name, waveft_name, **kwargs):
@@ -131,11 +182,14 @@ class WaveFTMergeCheckpoint:
             raise ValueError(f"WaveFT: checkpoint '{ckpt_name}' not found in models/checkpoints")
         path = loader.resolve_path(waveft_name)
         if os.path.isdir(path):
-            raise ValueError("WaveFT merge: convert the PEFT folder to a native file first "
-                             "('python -m waveft_core convert <folder> <file> --base <checkpoint>')")
+            raise ValueError(
+                "WaveFT merge: convert the PEFT folder to a native file first "
+                "('python -m waveft_core convert <folder> <file> --base <checkpoint>')"
+            )
         folders = host.folder_dirs("checkpoints")
-        out = host.free_path(folders[0] if folders else os.path.dirname(src), filename_prefix,
-                             label="models/checkpoints")
+        out = host.free_path(
+            folders[0] if folders else os.path.dirname(src), filename_prefix, label="models/checkpoints"
+        )
         try:
             report = merge.merge_into_checkpoint(src, fileformat.read(path), strength, out)
         except WaveFTFileError as e:

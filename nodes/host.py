@@ -1,5 +1,6 @@
 """Every touch point with ComfyUI's internals, each small and guarded: model folders, the weight-adapter
 class the host's patcher calls, key maps, progress. Host churn is expected; keep it all here."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,12 +21,13 @@ from ..waveft_core.kinds import SPECTRUM
 from ..waveft_core.matching import SharedTargetError, match_layers
 from ..waveft_core.names import family_tag_of_comfy
 from ..waveft_core.printable import printable
-from ..waveft_core.storage import WaveFTFileError, peek_header
 from ..waveft_core.stock import ALGORITHM as STOCK_ALGORITHM
+from ..waveft_core.storage import WaveFTFileError, peek_header
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
 EXTENSIONS = {".safetensors"}
+
 
 def check_dependencies() -> bool:
     """One clear log line instead of a traceback when PyWavelets (the wavelet filters) is missing."""
@@ -33,9 +35,11 @@ def check_dependencies() -> bool:
     import sys
 
     if importlib.util.find_spec("pywt") is None:
-        log.error("ComfyUI-WaveFT: PyWavelets is not installed, so WaveFT adapters cannot be applied or trained. "
-                  "Install it into ComfyUI's Python: %s -m pip install PyWavelets",
-                  sys.executable)
+        log.error(
+            "ComfyUI-WaveFT: PyWavelets is not installed, so WaveFT adapters cannot be applied or trained. "
+            "Install it into ComfyUI's Python: %s -m pip install PyWavelets",
+            sys.executable,
+        )
         return False
     return True
 
@@ -92,8 +96,10 @@ def free_path(folder: str, prefix: str, suffix: str = "", label: str = "") -> st
     if not prefix or prefix.startswith("/") or os.path.isabs(prefix) or ":" in prefix:
         raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside {label}")
     if any(part.strip() in ("", ".", "..") for part in prefix.split("/")):
-        raise ValueError(f"WaveFT: filename_prefix '{prefix}' leaves {label} or names a folder (it has a '.', "
-                         f"'..' or empty part); use a plain name such as 'my_adapter' or 'sub/my_adapter'")
+        raise ValueError(
+            f"WaveFT: filename_prefix '{prefix}' leaves {label} or names a folder (it has a '.', "
+            f"'..' or empty part); use a plain name such as 'my_adapter' or 'sub/my_adapter'"
+        )
     base, n = os.path.join(root, prefix + suffix), 2
     candidate = base + ".safetensors"
     while os.path.lexists(candidate):
@@ -136,8 +142,10 @@ except Exception:  # a host without the adapter registry: the loader still patch
 try:  # comfy-kitchen's packed formats (fp8/int8/fp4 with scales); a class nothing is an instance of when absent
     from comfy.quant_ops import QuantizedTensor as _QuantizedTensor
 except Exception:
+
     class _QuantizedTensor:
         pass
+
 
 def stock_lora_file() -> str | None:
     """The file a stock LoRA loader node is reading, for the adapter's messages: ComfyUI hands an adapter the
@@ -211,12 +219,20 @@ def _checked_load_lora(load_lora):
             path = stock_lora_file()
             header = peek_header(path) if path else None
             metadata = header.metadata if header is not None else {}
-            raise ValueError(stock_loader.unclaimed_message(
-                path or "the file given to the LoRA loader", missing, len(stock_loader.waveft_layers(lora)),
-                metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")))
+            raise ValueError(
+                stock_loader.unclaimed_message(
+                    path or "the file given to the LoRA loader",
+                    missing,
+                    len(stock_loader.waveft_layers(lora)),
+                    metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture"),
+                )
+            )
         if models is not None and models[1] is None and stock_loader.only_text_encoder_layers(lora):
-            raise ValueError(stock_loader.text_encoder_only_message(
-                stock_lora_file() or "the file given to the LoRA loader", len(stock_loader.waveft_layers(lora))))
+            raise ValueError(
+                stock_loader.text_encoder_only_message(
+                    stock_lora_file() or "the file given to the LoRA loader", len(stock_loader.waveft_layers(lora))
+                )
+            )
         _refuse_what_load_waveft_refuses(lora, to_load)
         patches = load_lora(lora, to_load, *args, **kwargs)
         for key, patch in patches.items() if models is not None else ():
@@ -313,8 +329,10 @@ def key_map(model=None, clip=None) -> dict:
     if model is not None:
         kmap = comfy.lora.model_lora_keys_unet(model.model, kmap)
         # diffusers names the host's map lacks or places wrong (Wan, LTXV, Lumina 2's grouped k/v heads)
-        merge_into(kmap, diffusers_key_map(family_tag_of_comfy(model_family(model)), weight_shapes(model),
-                                           attention_heads(model)))
+        merge_into(
+            kmap,
+            diffusers_key_map(family_tag_of_comfy(model_family(model)), weight_shapes(model), attention_heads(model)),
+        )
     if clip is not None:
         kmap = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, kmap)
     return kmap
@@ -385,8 +403,9 @@ def thumbnail_png(image, max_side: int = 256) -> bytes:
     scale = min(1.0, max_side / max(height, width))
     if scale < 1.0:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        picture = torch.nn.functional.interpolate(picture.movedim(-1, 0)[None].float(), size=size, mode="bilinear",
-                                                  antialias=True, align_corners=False)[0].movedim(0, -1)
+        picture = torch.nn.functional.interpolate(
+            picture.movedim(-1, 0)[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+        )[0].movedim(0, -1)
     pixels = (picture.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     out = io.BytesIO()
     Image.fromarray(pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0]).save(out, format="PNG")
@@ -481,6 +500,7 @@ def _differentiable_kernels() -> list:
     out = []
     for name in _KERNELS_WITHOUT_BACKWARD:
         if callable(getattr(ck, name, None)) and callable(getattr(eager, name, None)):
+
             def kernel(*args, _eager=getattr(eager, name), **kwargs):
                 return _eager(*args, **kwargs)
 

@@ -1,12 +1,11 @@
 """Load WaveFT adapters onto MODEL and CLIP (thin: the math and the file live in waveft_core)."""
+
 from __future__ import annotations
 
 import logging
 import os
 
-from ..waveft_core import Adapter, WaveFTFileError
-from ..waveft_core import fileformat, kinds, kohya_waveft, peft_io, sources
-from ..waveft_core import cache
+from ..waveft_core import Adapter, WaveFTFileError, cache, fileformat, kinds, kohya_waveft, peft_io, sources
 from ..waveft_core.matching import SharedTargetError
 from ..waveft_core.names import ENCODERS, TE_PREFIX
 from ..waveft_core.printable import printable
@@ -21,8 +20,10 @@ _SNIFF: dict = {}  # path -> (size, mtime_ns, is_waveft)
 NODE_SPELLING = peft_io.Spelling(
     base="connect the model and CLIP it was trained on",
     choose_clip="Convert it with 'python -m waveft_core convert … --clip clip_l|clip_g', or save it with its "
-    "component prefix", adapter="the list entry of its sub-folder, ",
-    settings="'python -m waveft_core convert … --wavelet/--scaling/--seed/--use-idwt'")
+    "component prefix",
+    adapter="the list entry of its sub-folder, ",
+    settings="'python -m waveft_core convert … --wavelet/--scaling/--seed/--use-idwt'",
+)
 
 
 # --- listing and resolving names -----------------------------------------------------------------
@@ -82,13 +83,15 @@ def resolve_path(name: str) -> str:
                 return candidate
         raise ValueError(f"WaveFT: no PEFT adapter folder '{rel}' in models/{host.FOLDER}")
     if name.startswith(LORA_PREFIX):
-        path = host.full_path("loras", name[len(LORA_PREFIX):])
+        path = host.full_path("loras", name[len(LORA_PREFIX) :])
         if path:
             return path
     path = host.full_path(host.FOLDER, name)
     if not path:
-        raise ValueError(f"WaveFT: '{name}' is not in models/{host.FOLDER} or models/loras (was it moved or "
-                         "deleted? press R to refresh the list)")
+        raise ValueError(
+            f"WaveFT: '{name}' is not in models/{host.FOLDER} or models/loras (was it moved or "
+            "deleted? press R to refresh the list)"
+        )
     return path
 
 
@@ -135,15 +138,17 @@ def load_adapter(path: str, model=None, clip=None) -> Adapter:
 
     def shape_of(peft_name, native):
         if native.startswith(TE_PREFIX):  # the encoder is decided: that encoder's weight, nothing else
-            return shapes.get(native[len(TE_PREFIX):] + ".weight")
+            return shapes.get(native[len(TE_PREFIX) :] + ".weight")
         target = resolve(peft_name, kmap, shapes.get)
         return None if target is None else target.shape
 
     if file_kind(path) == kinds.KOHYA:
+
         def make_kohya():
             tensors, metadata = fileformat.read_tensors_and_metadata(path)
-            return kohya_waveft.to_adapter(kohya_waveft.read(tensors, metadata, path),
-                                           lambda name: shape_of(name, name), skip_missing=True)
+            return kohya_waveft.to_adapter(
+                kohya_waveft.read(tensors, metadata, path), lambda name: shape_of(name, name), skip_missing=True
+            )
 
         return _ADAPTERS.get(("kohya", cache.fingerprint(path), tuple(sorted(shapes.items()))), make_kohya)
 
@@ -153,8 +158,9 @@ def load_adapter(path: str, model=None, clip=None) -> Adapter:
             text = [p for p in source.parts if peft_io.is_text_part(p)]
             if text and len(text) < len(source.parts):
                 source.parts = [p for p in source.parts if p not in text]
-                source.notes.append(f"{sum(len(p.spectra) for p in text)} text-encoder layers unused (no CLIP "
-                                    "connected)")
+                source.notes.append(
+                    f"{sum(len(p.spectra) for p in text)} text-encoder layers unused (no CLIP connected)"
+                )
         return peft_io.import_source(source, shape_of, native_names=False, encoders=encoders, spelling=NODE_SPELLING)
 
     key = ("peft", cache.fingerprint(path), tuple(sorted(shapes.items())))
@@ -180,11 +186,13 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
         name, mine, theirs = report.wrong_shape[0]
         raise ValueError(
             f"{label}: {len(report.wrong_shape)} layer(s) have another shape than the model's weights, e.g. "
-            f"{name}: adapter {list(mine)}, model {list(theirs)}. The file was made for {wants}; the model is {got}.")
+            f"{name}: adapter {list(mine)}, model {list(theirs)}. The file was made for {wants}; the model is {got}."
+        )
     if not report.targets:
         raise ValueError(
             f"{label}: none of its {len(adapter.layers)} layers match this model. The file was made for {wants}; "
-            f"the model is {got}. Pick the adapter made for this model.")
+            f"the model is {got}. Pick the adapter made for this model."
+        )
     model_keys = set(host.weight_shapes(model)) if model is not None else set()
     model_patches, clip_patches = {}, {}
     for name, target in report.targets.items():
@@ -199,14 +207,21 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
     if use_clip and clip_patches:
         out_clip = clip.clone()
         out_clip.add_patches(clip_patches, strength_clip)
-    summary = (f"{label}: {report.matched} of {len(adapter.layers)} layers matched "
-               f"({len(model_patches)} model, {len(clip_patches)} text encoder)")
+    summary = (
+        f"{label}: {report.matched} of {len(adapter.layers)} layers matched "
+        f"({len(model_patches)} model, {len(clip_patches)} text encoder)"
+    )
     if adapter.metadata.get("waveft.import_notes"):
         summary += f"; read as: {adapter.metadata['waveft.import_notes']}"
     if report.unmatched:
         summary += f"; {len(report.unmatched)} did not match (names in the log)"
-        log.warning("WaveFT %s: %d layer(s) matched nothing in %s: %s", printable(label), len(report.unmatched), got,
-                    printable(", ".join(report.unmatched[:20]) + (" ..." if len(report.unmatched) > 20 else "")))
+        log.warning(
+            "WaveFT %s: %d layer(s) matched nothing in %s: %s",
+            printable(label),
+            len(report.unmatched),
+            got,
+            printable(", ".join(report.unmatched[:20]) + (" ..." if len(report.unmatched) > 20 else "")),
+        )
     if clip is None and clip_patches:
         summary += f"; {len(clip_patches)} text-encoder layers unused (no CLIP connected)"
     log.info("WaveFT %s", printable(summary))
@@ -230,25 +245,44 @@ STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 class WaveFTLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model (UNet or DiT) to patch."}),
-            "clip": ("CLIP", {"tooltip": "The text encoder(s) to patch with the adapter's text-encoder layers."}),
-            "waveft_name": (list_adapters(), {"tooltip": "WaveFT adapter: a .safetensors file in models/waveft, a "
-                            "PEFT folder there (ends with '/'), or a WaveFT file in models/loras (also those of "
-                            "lora-scripts-next, kohya-style)."}),
-            "strength_model": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the "
-                               "diffusion model. 0 leaves it untouched; negative values invert the adapter."}),
-            "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": "Multiplier of the weight change on the text "
-                              "encoder(s)."}),
-        }}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model (UNet or DiT) to patch."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder(s) to patch with the adapter's text-encoder layers."}),
+                "waveft_name": (
+                    list_adapters(),
+                    {
+                        "tooltip": "WaveFT adapter: a .safetensors file in models/waveft, a "
+                        "PEFT folder there (ends with '/'), or a WaveFT file in models/loras (also those of "
+                        "lora-scripts-next, kohya-style)."
+                    },
+                ),
+                "strength_model": (
+                    "FLOAT",
+                    {
+                        **STRENGTH,
+                        "tooltip": "Multiplier of the weight change on the "
+                        "diffusion model. 0 leaves it untouched; negative values invert the adapter.",
+                    },
+                ),
+                "strength_clip": (
+                    "FLOAT",
+                    {**STRENGTH, "tooltip": "Multiplier of the weight change on the text encoder(s)."},
+                ),
+            }
+        }
 
     RETURN_TYPES = ("MODEL", "CLIP")
-    OUTPUT_TOOLTIPS = ("The model with the adapter applied (a patched clone; the input is unchanged).",
-                       "The text encoder with the adapter applied (a patched clone).")
+    OUTPUT_TOOLTIPS = (
+        "The model with the adapter applied (a patched clone; the input is unchanged).",
+        "The text encoder with the adapter applied (a patched clone).",
+    )
     FUNCTION = "load"
     CATEGORY = "loaders/waveft"
-    DESCRIPTION = ("Applies a WaveFT adapter (sparse wavelet fine-tuning) to a model and its text encoder. The "
-                   "weight change is rebuilt on the model's device when it loads, without a dense copy.")
+    DESCRIPTION = (
+        "Applies a WaveFT adapter (sparse wavelet fine-tuning) to a model and its text encoder. The "
+        "weight change is rebuilt on the model's device when it loads, without a dense copy."
+    )
 
     @classmethod
     def IS_CHANGED(cls, waveft_name, **kwargs):
@@ -287,12 +321,18 @@ class WaveFTLoaderModelOnly:
 class WaveFTInfo:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "waveft_name": (list_adapters(), {"tooltip": "The adapter to describe."}),
-        }, "optional": {
-            "model": ("MODEL", {"tooltip": "Optional: also count how many of the adapter's layers match this model."}),
-            "clip": ("CLIP", {"tooltip": "Optional: include the text encoder in the match count."}),
-        }}
+        return {
+            "required": {
+                "waveft_name": (list_adapters(), {"tooltip": "The adapter to describe."}),
+            },
+            "optional": {
+                "model": (
+                    "MODEL",
+                    {"tooltip": "Optional: also count how many of the adapter's layers match this model."},
+                ),
+                "clip": ("CLIP", {"tooltip": "Optional: include the text encoder in the match count."}),
+            },
+        }
 
     RETURN_TYPES = ("STRING",)
     OUTPUT_TOOLTIPS = ("Metadata, layers, parameters, wavelet, scaling, base model, trigger words and match count.",)
@@ -324,10 +364,14 @@ class WaveFTInfo:
         text = adapter.summary()
         if model is not None or clip is not None:
             report = host.match(adapter.layers, model, clip)
-            text += (f"\nmatches this model ({host.model_family(model) if model is not None else 'CLIP'}): "
-                     f"{report.matched} of {len(adapter.layers)} layers")
+            text += (
+                f"\nmatches this model ({host.model_family(model) if model is not None else 'CLIP'}): "
+                f"{report.matched} of {len(adapter.layers)} layers"
+            )
             if report.unmatched:
-                text += f"\nunmatched: {', '.join(report.unmatched[:10])}" + (" ..." if len(report.unmatched) > 10 else "")
+                text += f"\nunmatched: {', '.join(report.unmatched[:10])}" + (
+                    " ..." if len(report.unmatched) > 10 else ""
+                )
             if report.wrong_shape:
                 n, a, b = report.wrong_shape[0]
                 text += f"\nwrong shape: {len(report.wrong_shape)} (e.g. {n}: {list(a)} vs {list(b)})"

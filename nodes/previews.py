@@ -5,16 +5,16 @@ with the loss curve under it, and kept for the node's IMAGE output.
 A preview never changes the run: it samples in eval mode under no_grad, between optimizer steps (no gradient
 is pending), with the random state of every generator put back afterwards (the host's noise seeds the global
 generator), and the training's own randomness comes from its own generator anyway."""
+
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 import comfy.model_management as mm
 import comfy.sample
+import torch
 
 from .train_loop import loss_curve
 
@@ -27,22 +27,61 @@ LOSS_STRIP = 64  # pixels of loss curve under the sample in the progress preview
 def optional_inputs() -> dict:
     """Train WaveFT's optional preview inputs."""
     return {
-        "preview_vae": ("VAE", {"tooltip": "Previews: the VAE that decodes them (the checkpoint's). Connect it and "
-                        "preview_positive to see a sample every preview_every_n_steps."}),
-        "preview_positive": ("CONDITIONING", {"tooltip": "Previews: the prompt to sample, e.g. your trigger word "
-                             "in a new scene."}),
-        "preview_negative": ("CONDITIONING", {"tooltip": "Previews: optional negative prompt (used with "
-                             "preview_cfg; without it the preview samples at cfg 1)."}),
-        "preview_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Sample a preview "
-                                  "every N optimizer steps (and after the last); 0 = no previews."}),
-        "preview_width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Preview width "
-                          "in pixels."}),
-        "preview_height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Preview height "
-                           "in pixels."}),
-        "preview_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Sampler steps of each preview "
-                          "(euler, normal schedule, the run's seed: previews differ only by what was learned)."}),
-        "preview_cfg": ("FLOAT", {"default": 6.0, "min": 1.0, "max": 30.0, "step": 0.5, "tooltip": "Guidance of "
-                        "the previews when a negative prompt is connected."}),
+        "preview_vae": (
+            "VAE",
+            {
+                "tooltip": "Previews: the VAE that decodes them (the checkpoint's). Connect it and "
+                "preview_positive to see a sample every preview_every_n_steps."
+            },
+        ),
+        "preview_positive": (
+            "CONDITIONING",
+            {"tooltip": "Previews: the prompt to sample, e.g. your trigger word in a new scene."},
+        ),
+        "preview_negative": (
+            "CONDITIONING",
+            {
+                "tooltip": "Previews: optional negative prompt (used with "
+                "preview_cfg; without it the preview samples at cfg 1)."
+            },
+        ),
+        "preview_every_n_steps": (
+            "INT",
+            {
+                "default": 0,
+                "min": 0,
+                "max": 100000,
+                "tooltip": "Sample a preview every N optimizer steps (and after the last); 0 = no previews.",
+            },
+        ),
+        "preview_width": (
+            "INT",
+            {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Preview width in pixels."},
+        ),
+        "preview_height": (
+            "INT",
+            {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Preview height in pixels."},
+        ),
+        "preview_steps": (
+            "INT",
+            {
+                "default": 20,
+                "min": 1,
+                "max": 200,
+                "tooltip": "Sampler steps of each preview "
+                "(euler, normal schedule, the run's seed: previews differ only by what was learned).",
+            },
+        ),
+        "preview_cfg": (
+            "FLOAT",
+            {
+                "default": 6.0,
+                "min": 1.0,
+                "max": 30.0,
+                "step": 0.5,
+                "tooltip": "Guidance of the previews when a negative prompt is connected.",
+            },
+        ),
     }
 
 
@@ -69,11 +108,21 @@ class Previewer:
         if every <= 0:
             return None
         if kw.get("preview_vae") is None or kw.get("preview_positive") is None:
-            raise ValueError("WaveFT Train: preview_every_n_steps is set, but previews need preview_vae and "
-                             "preview_positive connected (or set preview_every_n_steps to 0)")
-        return cls(kw["preview_vae"], kw["preview_positive"], kw.get("preview_negative"), every,
-                   int(kw.get("preview_width") or 512), int(kw.get("preview_height") or 512),
-                   int(kw.get("preview_steps") or 20), float(kw.get("preview_cfg") or 6.0), int(seed))
+            raise ValueError(
+                "WaveFT Train: preview_every_n_steps is set, but previews need preview_vae and "
+                "preview_positive connected (or set preview_every_n_steps to 0)"
+            )
+        return cls(
+            kw["preview_vae"],
+            kw["preview_positive"],
+            kw.get("preview_negative"),
+            every,
+            int(kw.get("preview_width") or 512),
+            int(kw.get("preview_height") or 512),
+            int(kw.get("preview_steps") or 20),
+            float(kw.get("preview_cfg") or 6.0),
+            int(seed),
+        )
 
     def __call__(self, run):
         total = run.s["steps_total"]
@@ -102,9 +151,20 @@ class Previewer:
                 latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
                 noise = comfy.sample.prepare_noise(latent, self.seed)
                 negative, cfg = (self.negative, self.cfg) if self.negative is not None else (self.positive, 1.0)
-                samples = comfy.sample.sample(patcher, noise, self.steps, cfg, PREVIEW_SAMPLER, PREVIEW_SCHEDULER,
-                                              self.positive, negative, latent, denoise=1.0, disable_pbar=True,
-                                              seed=self.seed)
+                samples = comfy.sample.sample(
+                    patcher,
+                    noise,
+                    self.steps,
+                    cfg,
+                    PREVIEW_SAMPLER,
+                    PREVIEW_SCHEDULER,
+                    self.positive,
+                    negative,
+                    latent,
+                    denoise=1.0,
+                    disable_pbar=True,
+                    seed=self.seed,
+                )
                 image = self.vae.decode(samples)
             finally:
                 model.train(was_training)

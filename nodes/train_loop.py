@@ -1,17 +1,17 @@
 """Training inside ComfyUI's graph: trainable WaveFT layers become the host's weight wrappers, a guider
 with positive conditioning only turns (latent, sigma) into a denoised prediction for any model family, and
 a sampler whose 'sampling' is the optimisation loop runs inside the host's own loading machinery."""
+
 from __future__ import annotations
 
 import logging
 import math
 import time
 
-import torch
-
 import comfy.model_management as mm
 import comfy.samplers
 import comfy.utils
+import torch
 
 from ..waveft_core import Adapter
 from ..waveft_core.checkpointing import checkpointed, saved_tensors_guard
@@ -25,7 +25,6 @@ try:
     from comfy.weight_adapter.base import WeightAdapterTrainBase as _TrainBase
 except Exception:  # older hosts: a plain module works as a weight wrapper too
     _TrainBase = torch.nn.Module
-
 
 
 class TrainWrapper(_TrainBase):
@@ -58,8 +57,9 @@ class PositiveGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": positive})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        return comfy.samplers.sampling_function(self.inner_model, x, timestep, None, self.conds.get("positive"), 1.0,
-                                                model_options=model_options, seed=seed)
+        return comfy.samplers.sampling_function(
+            self.inner_model, x, timestep, None, self.conds.get("positive"), 1.0, model_options=model_options, seed=seed
+        )
 
 
 class LoopSampler(comfy.samplers.Sampler):
@@ -68,8 +68,9 @@ class LoopSampler(comfy.samplers.Sampler):
     def __init__(self, loop):
         self.loop = loop
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
+    def sample(
+        self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
+    ):
         self.loop(model_wrap, extra_args)
         return torch.zeros_like(latent_image)
 
@@ -95,8 +96,10 @@ def expand_conditioning(positive, n_images: int) -> list:
     if len(items) == 1:
         return items * n_images
     if len(items) != n_images:
-        raise ValueError(f"WaveFT Train: {n_images} latents but {len(items)} conditionings; give one conditioning "
-                         "for all, or exactly one per latent (in the same order)")
+        raise ValueError(
+            f"WaveFT Train: {n_images} latents but {len(items)} conditionings; give one conditioning "
+            "for all, or exactly one per latent (in the same order)"
+        )
     return items
 
 
@@ -123,7 +126,7 @@ def target_weights(diffusion_patcher, preset: str) -> dict:
         w = getattr(module, "weight", None)
         if not hasattr(module, "weight_function") or not isinstance(w, torch.Tensor):
             continue
-        if name.startswith(UNET_PREFIX) and is_target(name[len(UNET_PREFIX):], tuple(w.shape), preset):
+        if name.startswith(UNET_PREFIX) and is_target(name[len(UNET_PREFIX) :], tuple(w.shape), preset):
             out[name] = tuple(w.shape)
     return out
 
@@ -176,8 +179,7 @@ def normal_copies_of_plain_tensors(diffusion_model: torch.nn.Module) -> list:
             for name, t in table.items():
                 if isinstance(t, torch.Tensor) and t.is_inference():
                     copy = t.clone()
-                    table[name] = torch.nn.Parameter(copy, requires_grad=False) if table is module._parameters \
-                        else copy
+                    table[name] = torch.nn.Parameter(copy, requires_grad=False) if table is module._parameters else copy
                     swapped.append((table, name, t))
     return swapped
 
@@ -247,8 +249,9 @@ class TrainRun:
                 if not hasattr(module, "weight_function"):
                     continue
                 for attr in ("weight", "bias"):
-                    if isinstance(getattr(module, attr, None), torch.Tensor) and \
-                            not (attr == "weight" and name in self.trainables):
+                    if isinstance(getattr(module, attr, None), torch.Tensor) and not (
+                        attr == "weight" and name in self.trainables
+                    ):
                         mp.add_weight_wrapper(f"{name}.{attr}", _unchanged)
             mp.model.requires_grad_(False)
             if s["gradient_checkpointing"]:
@@ -266,8 +269,14 @@ class TrainRun:
                 guider.set_positive(flat)
                 first = self.latents[0].unsqueeze(0).float()
                 with host.in_training():
-                    guider.sample(torch.zeros_like(first), torch.zeros_like(first), LoopSampler(self._loop),
-                                  torch.tensor([1.0, 0.0]), seed=s["seed"], disable_pbar=True)
+                    guider.sample(
+                        torch.zeros_like(first),
+                        torch.zeros_like(first),
+                        LoopSampler(self._loop),
+                        torch.tensor([1.0, 0.0]),
+                        seed=s["seed"],
+                        disable_pbar=True,
+                    )
             finally:
                 restore_tensors(swapped)
                 disable_checkpointing(patched)
@@ -308,8 +317,10 @@ class TrainRun:
                 for members in groups.values():
                     x0 = torch.cat([latents[i] for i in members])
                     noise = torch.randn(x0.shape, generator=gen).to(device)
-                    sigma = torch.tensor([float(sampling.percent_to_sigma(float(torch.rand((), generator=gen))))
-                                          for _ in members], device=device)
+                    sigma = torch.tensor(
+                        [float(sampling.percent_to_sigma(float(torch.rand((), generator=gen)))) for _ in members],
+                        device=device,
+                    )
                     xt = sampling.noise_scaling(sigma.view(-1, *([1] * (x0.dim() - 1))), noise, x0)
                     model_wrap.conds["positive"] = per_image[members[0]]
                     # the guard: DiT blocks add into tensors autograd keeps (checkpointing.py)
@@ -319,8 +330,10 @@ class TrainRun:
                     (loss * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])).backward()
                     step_loss += float(loss.detach()) * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])
             if not math.isfinite(step_loss):
-                raise ValueError(f"WaveFT Train: the loss became {step_loss} at step {self.step + 1}; lower the "
-                                 "learning_rate or use fp32")
+                raise ValueError(
+                    f"WaveFT Train: the loss became {step_loss} at step {self.step + 1}; lower the "
+                    "learning_rate or use fp32"
+                )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
@@ -328,8 +341,13 @@ class TrainRun:
             if self.save_every and self.step % self.save_every == 0 and self.step < total:
                 self.save_checkpoint(f"_{self.step:05d}")
             if self.step % 10 == 0 or self.step == total:
-                log.info("WaveFT train step %d/%d loss %.5f (%.2f s/step)", self.step, total, step_loss,
-                         (time.perf_counter() - t0) / max(1, self.step - self.start_step))
+                log.info(
+                    "WaveFT train step %d/%d loss %.5f (%.2f s/step)",
+                    self.step,
+                    total,
+                    step_loss,
+                    (time.perf_counter() - t0) / max(1, self.step - self.start_step),
+                )
             # The node's progress bar, with the loss curve as its preview; raises when the user presses Cancel
             # (the caller then saves what was learned).
             if self.after_step is not None:
@@ -351,8 +369,10 @@ def loss_curve(losses: list[float], width: int = 256, height: int = 128):
     if len(values) >= 2:
         lo, hi = min(values), max(values)
         span = (hi - lo) or 1.0
-        pts = [(4 + (width - 8) * i / (len(values) - 1), height - 14 - (height - 24) * (v - lo) / span)
-               for i, v in enumerate(values)]
+        pts = [
+            (4 + (width - 8) * i / (len(values) - 1), height - 14 - (height - 24) * (v - lo) / span)
+            for i, v in enumerate(values)
+        ]
         draw.line(pts, fill=(90, 200, 250), width=2)
     draw.text((4, height - 12), f"step {len(losses)}  loss {losses[-1]:.4f}" if losses else "", fill=(230, 230, 230))
     return ("PNG", img, width)

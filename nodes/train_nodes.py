@@ -1,5 +1,6 @@
 """Train WaveFT, Save WaveFT, Apply WaveFT (thin: the loop is in train_loop.py, the training state and the math
 in waveft_core)."""
+
 from __future__ import annotations
 
 import datetime
@@ -10,10 +11,8 @@ import time
 import comfy.model_management as mm
 import torch
 
-from ..waveft_core import Adapter, WaveFTFileError
-from ..waveft_core import fileformat, metadata
-from ..waveft_core.trainable import (OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState,
-                                     layer_patterns)
+from ..waveft_core import Adapter, WaveFTFileError, fileformat, metadata
+from ..waveft_core.trainable import OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState, layer_patterns
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader, previews, train_loop
 
@@ -30,64 +29,167 @@ class WaveFTTrain:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model to fine-tune. It is not changed: training works on "
-                                "a clone."}),
-            "latents": ("LATENT", {"tooltip": "Training images as latents: from VAE Encode, or a list from the "
-                                   "dataset nodes (Make Training Dataset, Resolution Bucket)."}),
-            "positive": ("CONDITIONING", {"tooltip": "The caption conditioning: one for all latents, or one per "
-                                          "latent in the same order."}),
-            "steps": ("INT", {"default": 500, "min": 1, "max": 100000, "tooltip": "Optimizer steps (each one sees "
-                              "batch_size x grad_accumulation_steps images)."}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-6,
-                                        "tooltip": "Base learning rate (the paper uses 1e-4 with scaling 25)."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per micro-batch."}),
-            "grad_accumulation_steps": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Micro-batches summed "
-                                                "before each optimizer step."}),
-            "n_coefficients": ("INT", {"default": 2592, "min": 1, "max": 10**7, "tooltip": "Trainable wavelet "
-                                       "coefficients per layer (2592 is about a rank-1 LoRA on SDXL)."}),
-            "scaling": ("FLOAT", {"default": 25.0, "min": 0.001, "max": 10000.0, "step": 0.5,
-                                  "tooltip": "Multiplier of the reconstructed ΔW (PEFT's scaling)."}),
-            "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet family; db1 (Haar) is "
-                        "fastest and the paper's choice."}),
-            "targets": (list(TARGET_PRESETS), {"default": "attention q/k/v/out", "tooltip": "Which layers of the "
+        return {
+            "required": {
+                "model": (
+                    "MODEL",
+                    {"tooltip": "The diffusion model to fine-tune. It is not changed: training works on a clone."},
+                ),
+                "latents": (
+                    "LATENT",
+                    {
+                        "tooltip": "Training images as latents: from VAE Encode, or a list from the "
+                        "dataset nodes (Make Training Dataset, Resolution Bucket)."
+                    },
+                ),
+                "positive": (
+                    "CONDITIONING",
+                    {"tooltip": "The caption conditioning: one for all latents, or one per latent in the same order."},
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": 500,
+                        "min": 1,
+                        "max": 100000,
+                        "tooltip": "Optimizer steps (each one sees batch_size x grad_accumulation_steps images).",
+                    },
+                ),
+                "learning_rate": (
+                    "FLOAT",
+                    {
+                        "default": 1e-4,
+                        "min": 1e-7,
+                        "max": 1.0,
+                        "step": 1e-6,
+                        "tooltip": "Base learning rate (the paper uses 1e-4 with scaling 25).",
+                    },
+                ),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per micro-batch."}),
+                "grad_accumulation_steps": (
+                    "INT",
+                    {"default": 4, "min": 1, "max": 256, "tooltip": "Micro-batches summed before each optimizer step."},
+                ),
+                "n_coefficients": (
+                    "INT",
+                    {
+                        "default": 2592,
+                        "min": 1,
+                        "max": 10**7,
+                        "tooltip": "Trainable wavelet coefficients per layer (2592 is about a rank-1 LoRA on SDXL).",
+                    },
+                ),
+                "scaling": (
+                    "FLOAT",
+                    {
+                        "default": 25.0,
+                        "min": 0.001,
+                        "max": 10000.0,
+                        "step": 0.5,
+                        "tooltip": "Multiplier of the reconstructed ΔW (PEFT's scaling).",
+                    },
+                ),
+                "wavelet": (
+                    list(SUPPORTED_WAVELETS),
+                    {"default": "db1", "tooltip": "Wavelet family; db1 (Haar) is fastest and the paper's choice."},
+                ),
+                "targets": (
+                    list(TARGET_PRESETS),
+                    {
+                        "default": "attention q/k/v/out",
+                        "tooltip": "Which layers of the "
                         "diffusion model get coefficients, the same on every model family: every attention "
                         "projection (q, k, v, out; self and cross; image and text streams; fused qkv weights and "
                         "Flux-style single blocks' fused linear1/linear2 whole), + the blocks' feed-forward "
-                        "layers, or every linear layer (+ convolutions)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seeds the coefficient positions "
-                             "(PEFT's rule, stored in the file), the noise, the timesteps and the batches."}),
-            "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "Optimizer of the coefficients."}),
-            "lr_schedule": (list(SCHEDULES), {"default": "constant", "tooltip": "Learning-rate schedule after warmup."}),
-            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Linear warmup steps."}),
-            "training_dtype": (["bf16", "fp32"], {"default": "bf16", "tooltip": "Compute dtype of the model's forward "
-                               "and backward; the coefficients stay fp32."}),
-            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute each ResBlock's, "
-                                       "transformer's and DiT block's activations in the backward: much less memory "
-                                       "(at 512 px about half), each layer runs twice; the same result as off."}),
-            "save_every_n_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Write a checkpoint "
-                                   "(with optimizer state, for resuming) every N steps; 0 = never."}),
-            "filename_prefix": ("STRING", {"default": "waveft_trained", "tooltip": "Name of checkpoints and of the "
-                                "partial file written on Cancel, inside models/waveft."}),
-            "resume_from": ([NONE] + loader.list_adapters(), {"default": NONE, "tooltip": "Continue a saved run: its "
-                            "coefficients, positions, step count and (when saved) optimizer state."}),
-        }, "optional": {
-            "captions": ("STRING", {"forceInput": True, "tooltip": "Optional: the captions (e.g. the dataset "
-                         "loader's texts), recorded as tag frequencies in the file's metadata."}),
-            **previews.optional_inputs(),
-        }}
+                        "layers, or every linear layer (+ convolutions).",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 0xFFFFFFFF,
+                        "tooltip": "Seeds the coefficient positions "
+                        "(PEFT's rule, stored in the file), the noise, the timesteps and the batches.",
+                    },
+                ),
+                "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "Optimizer of the coefficients."}),
+                "lr_schedule": (
+                    list(SCHEDULES),
+                    {"default": "constant", "tooltip": "Learning-rate schedule after warmup."},
+                ),
+                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Linear warmup steps."}),
+                "training_dtype": (
+                    ["bf16", "fp32"],
+                    {
+                        "default": "bf16",
+                        "tooltip": "Compute dtype of the model's forward and backward; the coefficients stay fp32.",
+                    },
+                ),
+                "gradient_checkpointing": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Recompute each ResBlock's, "
+                        "transformer's and DiT block's activations in the backward: much less memory "
+                        "(at 512 px about half), each layer runs twice; the same result as off.",
+                    },
+                ),
+                "save_every_n_steps": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 100000,
+                        "tooltip": "Write a checkpoint (with optimizer state, for resuming) every N steps; 0 = never.",
+                    },
+                ),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "waveft_trained",
+                        "tooltip": "Name of checkpoints and of the "
+                        "partial file written on Cancel, inside models/waveft.",
+                    },
+                ),
+                "resume_from": (
+                    [NONE] + loader.list_adapters(),
+                    {
+                        "default": NONE,
+                        "tooltip": "Continue a saved run: its "
+                        "coefficients, positions, step count and (when saved) optimizer state.",
+                    },
+                ),
+            },
+            "optional": {
+                "captions": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": "Optional: the captions (e.g. the dataset "
+                        "loader's texts), recorded as tag frequencies in the file's metadata.",
+                    },
+                ),
+                **previews.optional_inputs(),
+            },
+        }
 
     RETURN_TYPES = ("MODEL", "WAVEFT", "LOSS_MAP", "INT", "IMAGE")
     RETURN_NAMES = ("model", "waveft", "loss_map", "steps", "previews")
-    OUTPUT_TOOLTIPS = ("The input model with the trained adapter applied, ready for a KSampler.",
-                       "The trained adapter: connect Save WaveFT or Apply WaveFT.",
-                       "Loss per step (ComfyUI's loss graph node shows it).",
-                       "Optimizer steps done in total (a resumed run counts the earlier ones).",
-                       "Every preview in order, one batch (Save Image shows it as a grid); empty without previews.")
+    OUTPUT_TOOLTIPS = (
+        "The input model with the trained adapter applied, ready for a KSampler.",
+        "The trained adapter: connect Save WaveFT or Apply WaveFT.",
+        "Loss per step (ComfyUI's loss graph node shows it).",
+        "Optimizer steps done in total (a resumed run counts the earlier ones).",
+        "Every preview in order, one batch (Save Image shows it as a grid); empty without previews.",
+    )
     FUNCTION = "train"
     CATEGORY = "training/waveft"
-    DESCRIPTION = ("Fine-tunes a WaveFT adapter: a few thousand wavelet coefficients per layer, trained on your "
-                   "latents and captions. Cancel keeps what was learned in a partial file.")
+    DESCRIPTION = (
+        "Fine-tunes a WaveFT adapter: a few thousand wavelet coefficients per layer, trained on your "
+        "latents and captions. Cancel keeps what was learned in a partial file."
+    )
 
     def train(self, model, latents, positive, **kw):
         # ComfyUI runs nodes in inference mode, whose tensors autograd cannot keep: everything this run
@@ -109,28 +211,48 @@ class WaveFTTrain:
         shapes = train_loop.target_weights(model, kw["targets"])
         if not shapes:
             found = [n.split(".", 1)[-1] for n in train_loop.target_weights(model, "all linear + conv")]
-            raise ValueError(f"WaveFT Train: no layer of this model ({host.model_family(model)}) matches targets "
-                             f"'{kw['targets']}'. Its layers are: {layer_patterns(found) or 'none trainable'}. "
-                             "Choose 'all linear', or report the model so the targets learn its layer names")
+            raise ValueError(
+                f"WaveFT Train: no layer of this model ({host.model_family(model)}) matches targets "
+                f"'{kw['targets']}'. Its layers are: {layer_patterns(found) or 'none trainable'}. "
+                "Choose 'all linear', or report the model so the targets learn its layer names"
+            )
 
         if kw["resume_from"] != NONE:
             state = self._resume(kw["resume_from"], shapes)
         else:
-            trainables = {name: TrainableLayer(shape, min(int(kw["n_coefficients"]), torch.Size(shape).numel()),
-                                               kw["wavelet"], kw["scaling"], seed=kw["seed"])
-                          for name, shape in shapes.items()}
+            trainables = {
+                name: TrainableLayer(
+                    shape,
+                    min(int(kw["n_coefficients"]), torch.Size(shape).numel()),
+                    kw["wavelet"],
+                    kw["scaling"],
+                    seed=kw["seed"],
+                )
+                for name, shape in shapes.items()
+            }
             state = TrainingState(trainables, step=0, seed=kw["seed"])
         start = state.step
         first = next(iter(state.trainables.values()))
         state.settings = {
-            "steps": kw["steps"], "steps_total": start + kw["steps"], "lr": kw["learning_rate"],
-            "optimizer": kw["optimizer"], "batch_size": kw["batch_size"],
-            "grad_accumulation_steps": kw["grad_accumulation_steps"], "targets": kw["targets"],
-            "dataset_size": len(images), "seed": kw["seed"], "lr_schedule": kw["lr_schedule"],
-            "warmup_steps": kw["warmup_steps"], "training_dtype": kw["training_dtype"],
-            "gradient_checkpointing": bool(kw["gradient_checkpointing"]), "wavelet": first.wavelet,
-            "n_coefficients": first.spectrum.numel(), "scaling": first.scaling, "resumed_from_step": start,
-            "started_at": int(time.time()), "resolution": host.image_size(model, images),
+            "steps": kw["steps"],
+            "steps_total": start + kw["steps"],
+            "lr": kw["learning_rate"],
+            "optimizer": kw["optimizer"],
+            "batch_size": kw["batch_size"],
+            "grad_accumulation_steps": kw["grad_accumulation_steps"],
+            "targets": kw["targets"],
+            "dataset_size": len(images),
+            "seed": kw["seed"],
+            "lr_schedule": kw["lr_schedule"],
+            "warmup_steps": kw["warmup_steps"],
+            "training_dtype": kw["training_dtype"],
+            "gradient_checkpointing": bool(kw["gradient_checkpointing"]),
+            "wavelet": first.wavelet,
+            "n_coefficients": first.spectrum.numel(),
+            "scaling": first.scaling,
+            "resumed_from_step": start,
+            "started_at": int(time.time()),
+            "resolution": host.image_size(model, images),
             "base_checkpoint": host.checkpoint_name(model),
         }
         state.metadata["modelspec.date"] = datetime.date.today().isoformat()
@@ -149,8 +271,9 @@ class WaveFTTrain:
             raise
         # Trained layer names are the model's own weight keys: no name matching needed.
         out_model = model.clone()
-        out_model.add_patches({f"{n}.weight": host.WaveFTAdapter.from_layer(layer)
-                               for n, layer in adapter.layers.items()}, 1.0)
+        out_model.add_patches(
+            {f"{n}.weight": host.WaveFTAdapter.from_layer(layer) for n, layer in adapter.layers.items()}, 1.0
+        )
         shown = previewer.batch() if previewer is not None else previews.no_previews()
         return (out_model, adapter, {"loss": list(run.losses)}, run.step, shown)
 
@@ -162,33 +285,72 @@ class WaveFTTrain:
         except WaveFTFileError as e:
             raise ValueError(f"WaveFT Train: cannot resume: {e}") from None
         state.check_fits(shapes, f"WaveFT Train: {name}")
-        log.info("WaveFT Train: resuming %s at step %d (%s optimizer state)", name, state.step,
-                 "with" if state.optimizer_tensors else "no")
+        log.info(
+            "WaveFT Train: resuming %s at step %d (%s optimizer state)",
+            name,
+            state.step,
+            "with" if state.optimizer_tensors else "no",
+        )
         return state
 
 
 class WaveFTSave:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "waveft": ("WAVEFT", {"tooltip": "The adapter from Train WaveFT."}),
-            "filename_prefix": ("STRING", {"default": "my_waveft", "tooltip": "File name inside the folder chosen "
-                                "in save_to (sub-folders allowed; an existing file is never overwritten)."}),
-            "title": ("STRING", {"default": "", "tooltip": "Shown by loaders, LoRA managers and A1111's Lora tab."}),
-            "trigger_words": ("STRING", {"default": "", "tooltip": "Words to put in the prompt, comma-separated "
-                              "(e.g. 'sks dog'). Written where LoRA managers look: ss_tag_frequency, ss_datasets' "
-                              "class_tokens and modelspec.trigger_phrase."}),
-            "description": ("STRING", {"default": "", "multiline": True, "tooltip": "Free text kept in the file."}),
-        }, "optional": {
-            "save_to": (list(host.SAVE_FOLDERS), {"default": host.FOLDER, "tooltip": "models/waveft, or "
+        return {
+            "required": {
+                "waveft": ("WAVEFT", {"tooltip": "The adapter from Train WaveFT."}),
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "my_waveft",
+                        "tooltip": "File name inside the folder chosen "
+                        "in save_to (sub-folders allowed; an existing file is never overwritten).",
+                    },
+                ),
+                "title": (
+                    "STRING",
+                    {"default": "", "tooltip": "Shown by loaders, LoRA managers and A1111's Lora tab."},
+                ),
+                "trigger_words": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Words to put in the prompt, comma-separated "
+                        "(e.g. 'sks dog'). Written where LoRA managers look: ss_tag_frequency, ss_datasets' "
+                        "class_tokens and modelspec.trigger_phrase.",
+                    },
+                ),
+                "description": ("STRING", {"default": "", "multiline": True, "tooltip": "Free text kept in the file."}),
+            },
+            "optional": {
+                "save_to": (
+                    list(host.SAVE_FOLDERS),
+                    {
+                        "default": host.FOLDER,
+                        "tooltip": "models/waveft, or "
                         "models/loras: where the stock Load LoRA node, LoRA stacks and LoRA managers list files "
-                        "(they load WaveFT files through this pack). Load WaveFT lists both."}),
-            "author": ("STRING", {"default": "", "tooltip": "Your name, kept as modelspec.author."}),
-            "license": ("STRING", {"default": "", "tooltip": "The license you publish it under (e.g. "
-                        "'CreativeML Open RAIL-M'), kept as modelspec.license."}),
-            "thumbnail": ("IMAGE", {"tooltip": "Optional preview image, kept (at most 256 pixels a side) as "
-                          "modelspec.thumbnail, which model browsers show."}),
-        }}
+                        "(they load WaveFT files through this pack). Load WaveFT lists both.",
+                    },
+                ),
+                "author": ("STRING", {"default": "", "tooltip": "Your name, kept as modelspec.author."}),
+                "license": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "The license you publish it under (e.g. "
+                        "'CreativeML Open RAIL-M'), kept as modelspec.license.",
+                    },
+                ),
+                "thumbnail": (
+                    "IMAGE",
+                    {
+                        "tooltip": "Optional preview image, kept (at most 256 pixels a side) as "
+                        "modelspec.thumbnail, which model browsers show."
+                    },
+                ),
+            },
+        }
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("filename",)
@@ -196,14 +358,30 @@ class WaveFTSave:
     FUNCTION = "save"
     CATEGORY = "training/waveft"
     OUTPUT_NODE = True
-    DESCRIPTION = ("Saves a WaveFT adapter as a native .safetensors file (format v1) with the metadata LoRA "
-                   "managers read: trigger words, training details, content hash, base model.")
+    DESCRIPTION = (
+        "Saves a WaveFT adapter as a native .safetensors file (format v1) with the metadata LoRA "
+        "managers read: trigger words, training details, content hash, base model."
+    )
 
-    def save(self, waveft: Adapter, filename_prefix, title, trigger_words, description, save_to=host.FOLDER,
-             author="", license="", thumbnail=None):
+    def save(
+        self,
+        waveft: Adapter,
+        filename_prefix,
+        title,
+        trigger_words,
+        description,
+        save_to=host.FOLDER,
+        author="",
+        license="",
+        thumbnail=None,
+    ):
         md = dict(waveft.metadata)
-        for key, value in (("modelspec.title", title), ("modelspec.description", description),
-                           ("modelspec.author", author), ("modelspec.license", license)):
+        for key, value in (
+            ("modelspec.title", title),
+            ("modelspec.description", description),
+            ("modelspec.author", author),
+            ("modelspec.license", license),
+        ):
             if value.strip():
                 md[key] = value.strip()
         md = metadata.with_trigger_words(md, trigger_words)
@@ -222,14 +400,17 @@ class WaveFTSave:
 class WaveFTApply:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch (a clone is returned)."}),
-            "waveft": ("WAVEFT", {"tooltip": "An adapter from Train WaveFT, applied without saving it."}),
-            "strength_model": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the model's weight change."}),
-        }, "optional": {
-            "clip": ("CLIP", {"tooltip": "Optional text encoder, for adapters with text-encoder layers."}),
-            "strength_clip": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the text encoder's change."}),
-        }}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to patch (a clone is returned)."}),
+                "waveft": ("WAVEFT", {"tooltip": "An adapter from Train WaveFT, applied without saving it."}),
+                "strength_model": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the model's weight change."}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "Optional text encoder, for adapters with text-encoder layers."}),
+                "strength_clip": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the text encoder's change."}),
+            },
+        }
 
     RETURN_TYPES = ("MODEL", "CLIP")
     OUTPUT_TOOLTIPS = ("The patched model.", "The patched text encoder (or the input, when none was connected).")
@@ -238,6 +419,7 @@ class WaveFTApply:
     DESCRIPTION = "Applies an in-graph WaveFT adapter to a model (and text encoder) at a chosen strength."
 
     def apply(self, model, waveft, strength_model, clip=None, strength_clip=1.0):
-        out_model, out_clip, summary = loader.apply_adapter(waveft, model, clip, strength_model, strength_clip,
-                                                            "WaveFT")
+        out_model, out_clip, summary = loader.apply_adapter(
+            waveft, model, clip, strength_model, strength_clip, "WaveFT"
+        )
         return {"ui": {"text": [summary]}, "result": (out_model, out_clip)}

@@ -4,6 +4,7 @@ A1111 and Forge import every .py file in <extension>/scripts/ (the extension is 
 extensions/); ComfyUI imports only the repository's __init__.py, so this file is inert there. The code is in a1111/,
 loaded here as the package `waveft_a1111` so that its name cannot clash with another extension's modules.
 """
+
 import importlib
 import importlib.util
 import os
@@ -21,7 +22,8 @@ def _waveft_webui():
 
             folder = os.path.join(root, "a1111")
             spec = importlib.util.spec_from_file_location(
-                "waveft_a1111", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+                "waveft_a1111", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+            )
             package = importlib.util.module_from_spec(spec)
             sys.modules["waveft_a1111"] = package
             try:

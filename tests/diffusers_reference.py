@@ -14,6 +14,7 @@ dict. Written to OUT_DIR:
 - `index.safetensors`: for every diffusers weight, which element of NATIVE each of its elements is, found by
   running the converter on a copy of NATIVE whose elements hold their own running number (float64, exact): the
   converter's layout change (renames, q/k/v splits, scale/shift swaps) as data the host test can apply."""
+
 import json
 import sys
 from pathlib import Path
@@ -66,21 +67,26 @@ def main(spec_path, native_path, out_dir):
     out = Path(out_dir)
     native = {k: v.double() for k, v in load_file(native_path).items()}
     order = spec["order"]
-    index = {k: v.round().long() for k, v in convert(spec, running_numbers(native, order)).items()
-             if v.is_floating_point()}
+    index = {
+        k: v.round().long() for k, v in convert(spec, running_numbers(native, order)).items() if v.is_floating_point()
+    }
     torch.manual_seed(0)
     if not hasattr(diffusers, spec["diffusers_class"]):
-        raise SystemExit(f"diffusers {diffusers.__version__} has no {spec['diffusers_class']}: the family's reference "
-                         "needs a newer diffusers (pip install -U diffusers; tested with 0.42.1)")
+        raise SystemExit(
+            f"diffusers {diffusers.__version__} has no {spec['diffusers_class']}: the family's reference "
+            "needs a newer diffusers (pip install -U diffusers; tested with 0.42.1)"
+        )
     model = getattr(diffusers, spec["diffusers_class"])(**spec["diffusers_config"]).double()
     missing, unexpected = model.load_state_dict(convert(spec, native), strict=False)
     if missing or unexpected:
-        raise SystemExit(f"the tiny config does not match the ComfyUI model: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
+        raise SystemExit(
+            f"the tiny config does not match the ComfyUI model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = [n for n in linear if not any(skip in n for skip in spec.get("skip", []))]
-    model.add_adapter(WaveFTConfig(n_frequency=40, scaling=3.0, wavelet_family="db2", random_loc_seed=11,
-                                   target_modules=targets))
+    model.add_adapter(
+        WaveFTConfig(n_frequency=40, scaling=3.0, wavelet_family="db2", random_loc_seed=11, target_modules=targets)
+    )
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():

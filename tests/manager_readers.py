@@ -10,15 +10,25 @@ ComfyUI packs with servers of their own), so tests can read our files the way th
   of the file written with the ss_* keys only; the model-spec hash the SHA-256 over each tensor saved alone,
   in the file's order, after the header.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import struct
 
-LORA_MANAGER_BASE_MODELS = {"sd_1.5": "SD 1.5", "sd-v1-5": "SD 1.5", "sd-v2-1": "SD 2.1", "sdxl": "SDXL 1.0",
-                            "sd-v2": "SD 2.0", "flux1": "Flux.1 D", "flux.1 d": "Flux.1 D",
-                            "illustrious": "Illustrious", "il": "Illustrious", "pony": "Pony"}
+LORA_MANAGER_BASE_MODELS = {
+    "sd_1.5": "SD 1.5",
+    "sd-v1-5": "SD 1.5",
+    "sd-v2-1": "SD 2.1",
+    "sdxl": "SDXL 1.0",
+    "sd-v2": "SD 2.0",
+    "flux1": "Flux.1 D",
+    "flux.1 d": "Flux.1 D",
+    "illustrious": "Illustrious",
+    "il": "Illustrious",
+    "pony": "Pony",
+}
 
 
 def header(path) -> tuple[dict, int]:
@@ -48,8 +58,12 @@ def lora_manager_view(path) -> dict:
             class_tokens = datasets[0]["subsets"][0].get("class_tokens")
     embedded = md.get("sshs_model_hash") or md.get("modelspec.hash_sha256") or ""
     embedded = embedded.strip().removeprefix("0x")
-    return {"base_model": base, "trained_words": [w for w, _ in words], "class_tokens": class_tokens,
-            "autov3": embedded[:12].lower() if len(embedded) >= 12 else None}
+    return {
+        "base_model": base,
+        "trained_words": [w for w, _ in words],
+        "class_tokens": class_tokens,
+        "autov3": embedded[:12].lower() if len(embedded) >= 12 else None,
+    }
 
 
 def addnet_hash(path) -> str:
@@ -80,5 +94,5 @@ def modelspec_hash(path) -> str:
     for key in order:
         one = save({"tensor": tensors[key]})
         n = struct.unpack("<Q", one[:8])[0]
-        digest.update(one[8 + n:])
+        digest.update(one[8 + n :])
     return "0x" + digest.hexdigest()

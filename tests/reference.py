@@ -1,4 +1,5 @@
 """Independent references and small builders shared by the tests."""
+
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def reference_delta(indices, values, shape, wavelet, scaling=1.0, use_idwt=True)
     h2, w2 = hp // 2, wp // 2
     rec = pywt.idwt2((grid[:h2, :w2], (grid[:h2, w2:], grid[h2:, :w2], grid[h2:, w2:])), wavelet, mode="zero")
     r0, c0 = (rec.shape[0] - m) // 2, (rec.shape[1] - n) // 2
-    return (scaling * rec[r0:r0 + m, c0:c0 + n]).reshape(shape)
+    return (scaling * rec[r0 : r0 + m, c0 : c0 + n]).reshape(shape)
 
 
 def rel_err(a, b) -> float:
@@ -46,5 +47,6 @@ def random_layer(shape, p, wavelet="db1", scaling=2.5, seed=0, use_idwt=True, dt
     n = int(np.prod(shape[1:]))
     idx = torch.randperm(m * n, generator=g)[:p]
     spec = torch.randn(p, generator=g).to(dtype)
-    return wft.Layer(spectrum=spec, indices=idx, shape=tuple(shape), scaling=scaling, wavelet=wavelet,
-                     use_idwt=use_idwt)
+    return wft.Layer(
+        spectrum=spec, indices=idx, shape=tuple(shape), scaling=scaling, wavelet=wavelet, use_idwt=use_idwt
+    )

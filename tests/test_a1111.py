@@ -19,6 +19,7 @@ beside the CPU torch. The models are small torch module trees with each webui's 
 model.diffusion_model, cond_stage_model.wrapped / conditioner.embedders[i].wrapped with CLIP-G in OpenCLIP layout;
 the Forge family: ComfyUI's diffusion_model.* and clip_l/clip_g.transformer.* parameters).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,12 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import waveft_core as wft  # noqa: E402
-from waveft_core import metadata as shared_keys  # noqa: E402
-from waveft_core.names import to_native  # noqa: E402
 from manager_readers import addnet_hash  # noqa: E402  (what the webuis show as a LoRA's hash)
 
+import waveft_core as wft  # noqa: E402
 from a1111 import a1111_hooks, forge_hooks, keymap, webui  # noqa: E402
+from waveft_core import metadata as shared_keys  # noqa: E402
+from waveft_core.names import to_native  # noqa: E402
 
 WAVELET = "db2"  # a 4-tap filter: the deltas are not the Haar special case
 TOL = 1e-6
@@ -59,8 +60,9 @@ def make_layer(shape, p, seed, scaling=2.5):
     g = torch.Generator().manual_seed(seed)
     m, n = shape[0], int(torch.tensor(shape[1:]).prod())
     idx = torch.randperm(m * n, generator=g)[:p]
-    return wft.Layer(spectrum=torch.randn(p, generator=g), indices=idx, shape=tuple(shape), scaling=scaling,
-                     wavelet=WAVELET)
+    return wft.Layer(
+        spectrum=torch.randn(p, generator=g), indices=idx, shape=tuple(shape), scaling=scaling, wavelet=WAVELET
+    )
 
 
 def save_adapter(path, layers: dict, base: str):
@@ -171,13 +173,19 @@ def a1111_mapping(model) -> dict:
 # Without a checkout
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def test_keymap_unet_and_clip_l_names():
     T = keymap.A1111Target
-    assert keymap.a1111_targets(UNET_Q) == [T(
-        "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
-        "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q")]
-    assert keymap.a1111_targets("diffusion_model.output_blocks.2.1.conv")[0].lookup == \
-        "diffusion_model_output_blocks_2_1_conv"
+    assert keymap.a1111_targets(UNET_Q) == [
+        T(
+            "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+            "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        )
+    ]
+    assert (
+        keymap.a1111_targets("diffusion_model.output_blocks.2.1.conv")[0].lookup
+        == "diffusion_model_output_blocks_2_1_conv"
+    )
     assert [t.lookup for t in keymap.a1111_targets(CLIP_L_Q)] == [
         "0_transformer_text_model_encoder_layers_0_self_attn_q_proj",  # SDXL: embedder 0
         "transformer_text_model_encoder_layers_0_self_attn_q_proj",  # SD1
@@ -199,11 +207,11 @@ def test_keymap_openclip_fused_attention():
     assert keymap.a1111_targets(CLIP_G + "mlp.fc1")[0] == T(f"{blk}_mlp_c_fc", f"{blk}_mlp_c_fc")
     assert keymap.a1111_targets(CLIP_G_FC2)[0] == T(f"{blk}_mlp_c_proj", f"{blk}_mlp_c_proj")
     # the SDXL refiner has CLIP-G as embedder 0; SD2's CLIP-H has no prefix
-    assert [t.lookup for t in keymap.a1111_targets(CLIP_G_Q)] == [
-        f"{blk}_attn", "0_model_transformer_resblocks_1_attn"]
+    assert [t.lookup for t in keymap.a1111_targets(CLIP_G_Q)] == [f"{blk}_attn", "0_model_transformer_resblocks_1_attn"]
     h = "text_encoders.clip_h.transformer.text_model.encoder.layers.5.self_attn.v_proj"
     assert keymap.a1111_targets(h) == [
-        T("model_transformer_resblocks_5_attn", "model_transformer_resblocks_5_attn_v_proj", "v")]
+        T("model_transformer_resblocks_5_attn", "model_transformer_resblocks_5_attn_v_proj", "v")
+    ]
     assert keymap.a1111_targets(CLIP_G_PROJ) == []
     assert "text_projection" in keymap.unsupported_reason(CLIP_G_PROJ)
     assert keymap.a1111_targets("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q") == []
@@ -211,8 +219,9 @@ def test_keymap_openclip_fused_attention():
 
 def test_keymap_agrees_with_peft_names():
     """A PEFT/diffusers name, made native by waveft_core, lands where A1111's kohya converter puts the same layer."""
-    assert keymap.a1111_targets(to_native("text_encoder_2.text_model.encoder.layers.3.self_attn.q_proj"))[0] == \
-        keymap.A1111Target("1_model_transformer_resblocks_3_attn", "1_model_transformer_resblocks_3_attn_q_proj", "q")
+    assert keymap.a1111_targets(to_native("text_encoder_2.text_model.encoder.layers.3.self_attn.q_proj"))[
+        0
+    ] == keymap.A1111Target("1_model_transformer_resblocks_3_attn", "1_model_transformer_resblocks_3_attn_q_proj", "q")
     # A1111's convert_diffusers_name_to_compvis: lora_unet_down_blocks_1_attentions_0_..._to_q -> input_blocks_4_1_...
     native = to_native("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
     assert keymap.a1111_targets(native)[0].lookup == "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
@@ -222,22 +231,25 @@ def test_keymap_agrees_with_peft_names():
 
 def test_keymap_forge_keys():
     assert keymap.forge_key(UNET_Q) == ("unet", UNET_Q + ".weight")
-    assert keymap.forge_key(CLIP_G_Q) == ("clip", CLIP_G_Q[len("text_encoders."):] + ".weight")
+    assert keymap.forge_key(CLIP_G_Q) == ("clip", CLIP_G_Q[len("text_encoders.") :] + ".weight")
     assert keymap.forge_key(CLIP_G_PROJ) == ("clip", "clip_g.transformer.text_projection.weight")
     assert keymap.forge_key("lora_unet_x") is None
 
 
-@pytest.mark.parametrize("metadata, expected", [
-    ({"ss_network_module": "waveft", "ss_base_model_version": "sd_v1"}, "SD1"),
-    ({"ss_network_module": "waveft", "ss_base_model_version": "sdxl_base_v1-0"}, "SDXL"),
-    ({"ss_network_module": "waveft", "modelspec.architecture": "stable-diffusion-xl-v1-base/waveft"}, "SDXL"),
-    ({"ss_network_module": "waveft", "modelspec.architecture": "stable-diffusion-v1/waveft"}, "SD1"),
-    ({"ss_network_module": "waveft", "ss_base_model_version": "sd_v2"}, "SD2"),
-    ({"ss_network_module": "waveft", "ss_base_model_version": "flux1"}, "Flux"),
-    ({"ss_network_module": "waveft"}, "Unknown"),
-    ({"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "metadata, expected",
+    [
+        ({"ss_network_module": "waveft", "ss_base_model_version": "sd_v1"}, "SD1"),
+        ({"ss_network_module": "waveft", "ss_base_model_version": "sdxl_base_v1-0"}, "SDXL"),
+        ({"ss_network_module": "waveft", "modelspec.architecture": "stable-diffusion-xl-v1-base/waveft"}, "SDXL"),
+        ({"ss_network_module": "waveft", "modelspec.architecture": "stable-diffusion-v1/waveft"}, "SD1"),
+        ({"ss_network_module": "waveft", "ss_base_model_version": "sd_v2"}, "SD2"),
+        ({"ss_network_module": "waveft", "ss_base_model_version": "flux1"}, "Flux"),
+        ({"ss_network_module": "waveft"}, "Unknown"),
+        ({"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}, None),
+        ({}, None),
+    ],
+)
 def test_sd_version_from_metadata(metadata, expected):
     assert keymap.sd_version(metadata) == expected
 
@@ -250,8 +262,9 @@ def test_is_waveft_file(tmp_path):
     peft = tmp_path / "adapter_model.safetensors"
     save_file({"base_model.model.x.waveft_spectrum": torch.zeros(3)}, str(peft))
     lora = tmp_path / "lora.safetensors"
-    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(lora),
-              metadata={"ss_network_module": "networks.lora"})
+    save_file(
+        {"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(lora), metadata={"ss_network_module": "networks.lora"}
+    )
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file at all")
     ckpt = tmp_path / "x.ckpt"
@@ -293,8 +306,10 @@ def test_forge_calculator_and_patches(capsys):
     layers = sdxl_layers()
     ad = wft.Adapter(layers=layers)
     unet_params = {UNET_K2 + ".weight": torch.zeros(32, 40)}
-    clip_params = {"clip_g.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight": torch.zeros(D_G, D_G),
-                   "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(9, 9)}
+    clip_params = {
+        "clip_g.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight": torch.zeros(D_G, D_G),
+        "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(9, 9),
+    }
     unet, clip, skipped = forge_hooks.build_patches(ad, unet_params, clip_params, "x.safetensors")
     assert list(unet) == [UNET_K2 + ".weight"]
     assert list(clip) == ["clip_g.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight"]
@@ -333,8 +348,9 @@ def test_forge_of_mid_august_2024_keeps_its_loras(tmp_path, capsys):
 
     networks = types.SimpleNamespace(load_lora_for_models=old_loader)
     forge_hooks.install(networks, None, types.SimpleNamespace(extra_weight_calculators={}))
-    assert networks.load_lora_for_models(None, None, {"x.lora_up.weight": 1}, 1.0, 1.0, filename="plain.safetensors") \
-        == ("model", "clip") and calls == ["plain.safetensors"]
+    assert networks.load_lora_for_models(
+        None, None, {"x.lora_up.weight": 1}, 1.0, 1.0, filename="plain.safetensors"
+    ) == ("model", "clip") and calls == ["plain.safetensors"]
     path = str(tmp_path / "w.safetensors")
     save_adapter(path, {"diffusion_model.x": make_layer((4, 6), 5, 0)}, "sd_v1")
     unet = Patcher()
@@ -384,31 +400,46 @@ def _fake_clone(tmp_path):
 def test_root_entry_script_loads_outside_a_webui(tmp_path):
     ext = _fake_clone(tmp_path)
     # as A1111 loads it: by path, as a module named after the file, with no repo root on sys.path
-    code = ("import importlib.util, sys; p = sys.argv[1]; "
-            "s = importlib.util.spec_from_file_location('waveft_webui.py', p); m = importlib.util.module_from_spec(s); "
-            "s.loader.exec_module(m); import waveft_a1111.webui as w; print('loaded', w.__name__); "
-            "assert all(not x.endswith('ComfyUI-WaveFT') for x in sys.path)")
-    r = subprocess.run([sys.executable, "-c", code, str(ext / "scripts" / "waveft_webui.py")], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+    code = (
+        "import importlib.util, sys; p = sys.argv[1]; "
+        "s = importlib.util.spec_from_file_location('waveft_webui.py', p); m = importlib.util.module_from_spec(s); "
+        "s.loader.exec_module(m); import waveft_a1111.webui as w; print('loaded', w.__name__); "
+        "assert all(not x.endswith('ComfyUI-WaveFT') for x in sys.path)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(ext / "scripts" / "waveft_webui.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "loaded waveft_a1111.webui" in r.stdout
     assert "not running inside AUTOMATIC1111 or Forge" in r.stderr
     # install.py with every requirement present: nothing to do, says so, exits cleanly
-    r = subprocess.run([sys.executable, str(ext / "install.py")], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ext / "install.py")], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "nothing installed" in r.stdout, r.stderr
     # run by a webui at every start (its root, launch.py beside modules/, on PYTHONPATH): not a word when done
     webui_root = tmp_path / "webui"
     (webui_root / "modules").mkdir(parents=True)
     (webui_root / "launch.py").write_text("")
-    r = subprocess.run([sys.executable, str(ext / "install.py")], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": str(webui_root)})
+    r = subprocess.run(
+        [sys.executable, str(ext / "install.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(webui_root)},
+    )
     assert r.returncode == 0 and r.stdout == "", r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Host sandbox: stub modules, then import a host's real Lora code; everything is undone afterwards
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def sandbox(paths, argv=None):
@@ -430,8 +461,11 @@ def sandbox(paths, argv=None):
             # the host's code, the stubs (no file) and the extension go; third-party packages imported for the
             # first time stay (torch registers native operators once per process)
             file = getattr(sys.modules[name], "__file__", None)
-            if file is None or name.startswith("waveft_a1111") or \
-                    any(str(Path(file).resolve()).startswith(r) for r in roots):
+            if (
+                file is None
+                or name.startswith("waveft_a1111")
+                or any(str(Path(file).resolve()).startswith(r) for r in roots)
+            ):
                 del sys.modules[name]
         sys.modules.update(saved_modules)
 
@@ -471,8 +505,11 @@ def host_value(source: Path, name: str, namespace: dict):
     import ast
 
     tree = ast.parse(source.read_text(encoding="utf-8"))
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and any(
-        isinstance(t, ast.Name) and t.id == name for t in n.targets))
+    node = next(
+        n
+        for n in tree.body
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)
+    )
     return eval(compile(ast.Expression(node.value), str(source), "eval"), dict(namespace))
 
 
@@ -487,20 +524,46 @@ def stub_host_modules(host_root: Path, lora_dir: Path):
     modules_pkg = stub("modules")
     modules_pkg.__path__ = [str(host_root / "modules")]  # modules.errors, modules.extra_networks: real
     opts = types.SimpleNamespace(
-        lora_preferred_name="Alias from file", lora_in_memory_limit=0, lora_not_found_warning_console=False,
-        lora_not_found_gradio_warning=False, lora_add_hashes_to_infotext=False, lora_functional=False,
-        lora_bundled_ti_to_infotext=False, sd_lora="None", extra_networks_default_multiplier=1.0)
-    shared = stub("modules.shared", opts=opts, sd_model=None, walk_files=_walk_files,
-                  cmd_opts=types.SimpleNamespace(lora_dir=str(lora_dir), lyco_dir_backcompat=str(lora_dir / "lyco"),
-                                                 no_hashing=False))
-    stub("modules.devices", cpu=torch.device("cpu"), device=torch.device("cpu"), dtype=torch.float32,
-         torch_gc=lambda: None, cond_cast_unet=lambda x: x)
+        lora_preferred_name="Alias from file",
+        lora_in_memory_limit=0,
+        lora_not_found_warning_console=False,
+        lora_not_found_gradio_warning=False,
+        lora_add_hashes_to_infotext=False,
+        lora_functional=False,
+        lora_bundled_ti_to_infotext=False,
+        sd_lora="None",
+        extra_networks_default_multiplier=1.0,
+    )
+    shared = stub(
+        "modules.shared",
+        opts=opts,
+        sd_model=None,
+        walk_files=_walk_files,
+        cmd_opts=types.SimpleNamespace(
+            lora_dir=str(lora_dir), lyco_dir_backcompat=str(lora_dir / "lyco"), no_hashing=False
+        ),
+    )
+    stub(
+        "modules.devices",
+        cpu=torch.device("cpu"),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        torch_gc=lambda: None,
+        cond_cast_unet=lambda x: x,
+    )
     from modules import errors  # the host's own
 
-    read_metadata = host_function(host_root / "modules" / "sd_models.py", "read_metadata_from_safetensors",
-                                  {"errors": errors, "json": json, "os": os})
-    stub("modules.sd_models", read_metadata_from_safetensors=read_metadata, read_state_dict=_read_state_dict,
-         model_data=types.SimpleNamespace(get_sd_model=lambda: None))
+    read_metadata = host_function(
+        host_root / "modules" / "sd_models.py",
+        "read_metadata_from_safetensors",
+        {"errors": errors, "json": json, "os": os},
+    )
+    stub(
+        "modules.sd_models",
+        read_metadata_from_safetensors=read_metadata,
+        read_state_dict=_read_state_dict,
+        model_data=types.SimpleNamespace(get_sd_model=lambda: None),
+    )
     # modules.cache and modules.hashes are the host's own, caching into this run's temporary folder
     data = lora_dir.parent / f"{lora_dir.name}_data"
     data.mkdir(exist_ok=True)
@@ -508,8 +571,13 @@ def stub_host_modules(host_root: Path, lora_dir: Path):
     os.environ["SD_WEBUI_CACHE_DIR"] = str(data / "cache")
     stub("modules.paths", data_path=str(data), script_path=str(host_root), models_path=str(data / "models"))
     stub("modules.scripts")
-    db = types.SimpleNamespace(word_embeddings={}, expected_shape=-1, skipped_embeddings={},
-                               register_embedding=lambda *a: None, register_embedding_by_name=lambda *a: None)
+    db = types.SimpleNamespace(
+        word_embeddings={},
+        expected_shape=-1,
+        skipped_embeddings={},
+        register_embedding=lambda *a: None,
+        register_embedding_by_name=lambda *a: None,
+    )
     stub("modules.sd_hijack", model_hijack=types.SimpleNamespace(embedding_db=db, comments=[]))
     stub("modules.textual_inversion")
     stub("modules.textual_inversion.textual_inversion", create_embedding_from_data=lambda *a, **k: None)
@@ -533,8 +601,11 @@ def load_extension(host_root: Path, tmp: Path):
 
     assert Path(script_loading.__file__).resolve().is_relative_to(host_root.resolve())
     script_loading.load_module(str(ext / "scripts" / "waveft_webui.py"))
-    return types.SimpleNamespace(webui=sys.modules["waveft_a1111.webui"], forge_hooks=sys.modules.get(
-        "waveft_a1111.forge_hooks"), a1111_hooks=sys.modules.get("waveft_a1111.a1111_hooks"))
+    return types.SimpleNamespace(
+        webui=sys.modules["waveft_a1111.webui"],
+        forge_hooks=sys.modules.get("waveft_a1111.forge_hooks"),
+        a1111_hooks=sys.modules.get("waveft_a1111.a1111_hooks"),
+    )
 
 
 def stub_torchvision():
@@ -548,8 +619,13 @@ def stub_torchvision():
     import transformers.utils.import_utils as import_utils
 
     import_utils.is_torchvision_available()
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
-                 "torchvision.models"):
+    for name in (
+        "torchvision",
+        "torchvision.transforms",
+        "torchvision.transforms.functional",
+        "torchvision.ops",
+        "torchvision.models",
+    ):
         stub(name).__path__ = []
 
 
@@ -558,33 +634,60 @@ def write_files(lora_dir: Path):
     refs = {
         "wft_sd1": save_adapter(lora_dir / "wft_sd1.safetensors", sd1_layers(), "sd_v1"),
         "wft_sdxl": save_adapter(lora_dir / "wft_sdxl.safetensors", sdxl_layers(), "sdxl_base_v1-0"),
-        "wft_xl_unet": save_adapter(lora_dir / "wft_xl_unet.safetensors", {UNET_K2: make_layer((32, 40), 50, 21)},
-                                    "sdxl_base_v1-0"),
+        "wft_xl_unet": save_adapter(
+            lora_dir / "wft_xl_unet.safetensors", {UNET_K2: make_layer((32, 40), 50, 21)}, "sdxl_base_v1-0"
+        ),
     }
     # a damaged file: a repeated position
     from safetensors.torch import save_file
 
-    bad = {UNET_Q + ".waveft_spectrum": torch.ones(2),
-           UNET_Q + ".waveft_indices": torch.tensor([3, 3], dtype=torch.int32),
-           UNET_Q + ".waveft_shape": torch.tensor([32, 32])}
-    save_file(bad, str(lora_dir / "bad.safetensors"), metadata={
-        "waveft.format_version": "1", "waveft.wavelet": "db1", "waveft.scaling": "25.0", "ss_network_module": "waveft"})
+    bad = {
+        UNET_Q + ".waveft_spectrum": torch.ones(2),
+        UNET_Q + ".waveft_indices": torch.tensor([3, 3], dtype=torch.int32),
+        UNET_Q + ".waveft_shape": torch.tensor([32, 32]),
+    }
+    save_file(
+        bad,
+        str(lora_dir / "bad.safetensors"),
+        metadata={
+            "waveft.format_version": "1",
+            "waveft.wavelet": "db1",
+            "waveft.scaling": "25.0",
+            "ss_network_module": "waveft",
+        },
+    )
     # one weight under two spellings that A1111's names ('.' -> '_') make the same (issue 22)
-    twin = "diffusion_model." + UNET_Q[len("diffusion_model."):].replace(".", "_")
-    wft.save(wft.Adapter(layers={UNET_Q: make_layer((32, 32), 20, 31), twin: make_layer((32, 32), 20, 32)},
-                         metadata={"ss_base_model_version": "sd_v1"}), lora_dir / "twice.safetensors")
+    twin = "diffusion_model." + UNET_Q[len("diffusion_model.") :].replace(".", "_")
+    wft.save(
+        wft.Adapter(
+            layers={UNET_Q: make_layer((32, 32), 20, 31), twin: make_layer((32, 32), 20, 32)},
+            metadata={"ss_base_model_version": "sd_v1"},
+        ),
+        lora_dir / "twice.safetensors",
+    )
     # an ordinary kohya LoRA for SD1, which must still go to the host's own loader
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{key}.lora_up.weight": torch.ones(32, 4), f"{key}.lora_down.weight": torch.ones(4, 32),
-               f"{key}.alpha": torch.tensor(4.0)}, str(lora_dir / "plain_lora.safetensors"),
-              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    save_file(
+        {
+            f"{key}.lora_up.weight": torch.ones(32, 4),
+            f"{key}.lora_down.weight": torch.ones(4, 32),
+            f"{key}.alpha": torch.tensor(4.0),
+        },
+        str(lora_dir / "plain_lora.safetensors"),
+        metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"},
+    )
     # and one on the SDXL UNet layer of the Forge-family models, spelled the LDM way every key map knows
     g = torch.Generator().manual_seed(5)
-    key = "lora_unet_" + UNET_K2[len("diffusion_model."):].replace(".", "_")
-    save_file({f"{key}.lora_up.weight": torch.randn(32, 4, generator=g), f"{key}.lora_down.weight":
-               torch.randn(4, 40, generator=g), f"{key}.alpha": torch.tensor(2.0)},
-              str(lora_dir / "plain_xl_lora.safetensors"),
-              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+    key = "lora_unet_" + UNET_K2[len("diffusion_model.") :].replace(".", "_")
+    save_file(
+        {
+            f"{key}.lora_up.weight": torch.randn(32, 4, generator=g),
+            f"{key}.lora_down.weight": torch.randn(4, 40, generator=g),
+            f"{key}.alpha": torch.tensor(2.0),
+        },
+        str(lora_dir / "plain_xl_lora.safetensors"),
+        metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"},
+    )
     return refs
 
 
@@ -592,13 +695,16 @@ def write_files(lora_dir: Path):
 # AUTOMATIC1111
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _checkout(var, probe):
     """The webui checkout named by `var`; the tests skip without one, or fail under WAVEFT_REQUIRE_WEBUIS (CI)."""
     skip = pytest.fail if os.environ.get("WAVEFT_REQUIRE_WEBUIS", "") not in ("", "0") else pytest.skip
     path = os.environ.get(var)
     if not path:
-        skip(f"{var} is not set: point it at a checkout to test against the real Lora code "
-             "(./dev test unpacks them from ../shared/webui)")
+        skip(
+            f"{var} is not set: point it at a checkout to test against the real Lora code "
+            "(./dev test unpacks them from ../shared/webui)"
+        )
     root = Path(path)
     if not (root / probe).is_file():
         skip(f"{var}={path} has no {probe}")
@@ -620,8 +726,9 @@ def a1111(tmp_path_factory):
         networks.extra_network_lora = extra_networks_lora.ExtraNetworkLora()
         hooks = load_extension(root, tmp_path_factory.mktemp("a1111_clone"))
         assert getattr(networks, "_waveft_hooked", False)
-        yield types.SimpleNamespace(root=root, shared=shared, network=network, networks=networks, refs=refs,
-                                    lora_dir=lora_dir, hooks=hooks)
+        yield types.SimpleNamespace(
+            root=root, shared=shared, network=network, networks=networks, refs=refs, lora_dir=lora_dir, hooks=hooks
+        )
 
 
 def apply_weights(networks, layer):
@@ -662,10 +769,18 @@ class TestA1111:
         cases = [
             (UNET_Q, "model." + UNET_Q, "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 0.8),
             (UNET_CONV, "model." + UNET_CONV, "diffusion_model_input_blocks_0_0", 0.8),
-            (CLIP_L_Q, "cond_stage_model.wrapped.transformer.text_model.encoder.layers.0.self_attn.q_proj",
-             "transformer_text_model_encoder_layers_0_self_attn_q_proj", 0.5),
-            (CLIP_L_FC1, "cond_stage_model.wrapped.transformer.text_model.encoder.layers.0.mlp.fc1",
-             "transformer_text_model_encoder_layers_0_mlp_fc1", 0.5),
+            (
+                CLIP_L_Q,
+                "cond_stage_model.wrapped.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+                "transformer_text_model_encoder_layers_0_self_attn_q_proj",
+                0.5,
+            ),
+            (
+                CLIP_L_FC1,
+                "cond_stage_model.wrapped.transformer.text_model.encoder.layers.0.mlp.fc1",
+                "transformer_text_model_encoder_layers_0_mlp_fc1",
+                0.5,
+            ),
         ]
         assert sorted(net.modules) == sorted(c[2] for c in cases)
         for native, path, key, mult in cases:
@@ -697,8 +812,8 @@ class TestA1111:
         apply_weights(nets, mha)
         w = mha.in_proj_weight.detach()
         assert rel_err(w[:D_G], ref.layers[CLIP_G_Q].delta(strength=0.7)) < TOL
-        assert not w[D_G:2 * D_G].any()  # k: not in the file, zero update
-        assert rel_err(w[2 * D_G:], ref.layers[CLIP_G_V].delta(strength=0.7)) < TOL
+        assert not w[D_G : 2 * D_G].any()  # k: not in the file, zero update
+        assert rel_err(w[2 * D_G :], ref.layers[CLIP_G_V].delta(strength=0.7)) < TOL
         assert not mha.out_proj.weight.any()
         for native, path, mult in [
             (CLIP_G_FC2, "conditioner.embedders.1.wrapped.model.transformer.resblocks.1.mlp.c_proj", 0.7),
@@ -724,8 +839,13 @@ class TestA1111:
         for part in ("q", "k", "v"):
             updown, _ = net.modules[f"{blk}_{part}_proj"].calc_updown(mha.in_proj_weight)
             assert tuple(updown.shape) == (D_G, D_G), part
-        assert rel_err(net.modules[f"{blk}_q_proj"].calc_updown(mha.in_proj_weight)[0],
-                       ref.layers[CLIP_G_Q].delta(strength=0.7)) < TOL
+        assert (
+            rel_err(
+                net.modules[f"{blk}_q_proj"].calc_updown(mha.in_proj_weight)[0],
+                ref.layers[CLIP_G_Q].delta(strength=0.7),
+            )
+            < TOL
+        )
         updown, _ = net.modules[f"{blk}_out_proj"].calc_updown(mha.out_proj.weight)
         assert tuple(updown.shape) == tuple(mha.out_proj.weight.shape) and not updown.any()
         nets.load_networks([], [], [], [])
@@ -827,8 +947,12 @@ class TestA1111:
         scope["is_non_comma_tagset"] = host_function(source, "is_non_comma_tagset", scope)
         build_tags = host_function(source, "build_tags", scope)
         md = shared_keys.with_trigger_words(
-            {"ss_base_model_version": "sd_1.5", "ss_tag_frequency": shared_keys.tag_frequency(
-                ["a cat, sitting", "a cat, on grass", "a cat, sitting"])}, "sks cat, ohwx")
+            {
+                "ss_base_model_version": "sd_1.5",
+                "ss_tag_frequency": shared_keys.tag_frequency(["a cat, sitting", "a cat, on grass", "a cat, sitting"]),
+            },
+            "sks cat, ohwx",
+        )
         wft.save(wft.Adapter(layers=sd1_layers(), metadata=md), a1111.lora_dir / "wft_tags.safetensors")
         a1111.networks.list_available_networks()
         entry = a1111.networks.available_networks["wft_tags"]
@@ -843,8 +967,13 @@ class TestA1111:
 
 # The shape of SDXL's UNet, for the hosts' key maps (their diffusers <-> LDM name tables); the fake models hold
 # only the layers under test.
-SDXL_UNET_CONFIG = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
-                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+SDXL_UNET_CONFIG = dict(
+    num_res_blocks=[2, 2, 2],
+    channel_mult=[1, 2, 4],
+    transformer_depth=[0, 0, 2, 2, 10, 10],
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=10,
+)
 
 
 def plain_xl_delta(_root, strength):
@@ -871,8 +1000,11 @@ def forge(tmp_path_factory):
     lora_dir = tmp_path_factory.mktemp("forge_loras")
     refs = write_files(lora_dir)
     with sandbox([lora_ext, root, root / "packages_3rdparty"], argv=["pytest", "--always-cpu"]):
-        for name, attrs in (("PIL", {}), ("PIL.Image", {}),
-                            ("sentencepiece", {"SentencePieceProcessor": type("SentencePieceProcessor", (), {})})):
+        for name, attrs in (
+            ("PIL", {}),
+            ("PIL.Image", {}),
+            ("sentencepiece", {"SentencePieceProcessor": type("SentencePieceProcessor", (), {})}),
+        ):
             try:
                 importlib.import_module(name)
             except ImportError:
@@ -881,21 +1013,30 @@ def forge(tmp_path_factory):
             importlib.import_module("diffusers.configuration_utils")
         except ImportError:
             stub("diffusers")
-            stub("diffusers.configuration_utils", ConfigMixin=type("ConfigMixin", (), {}),
-                 register_to_config=lambda f: f)
+            stub(
+                "diffusers.configuration_utils", ConfigMixin=type("ConfigMixin", (), {}), register_to_config=lambda f: f
+            )
         shared = stub_host_modules(root, lora_dir)
         import backend.patcher.lora as lora_backend
-        from backend.patcher.base import ModelPatcher
-        from backend.patcher.clip import CLIP
-
         import network
         import networks
+        from backend.patcher.base import ModelPatcher
+        from backend.patcher.clip import CLIP
 
         assert Path(networks.__file__).resolve().is_relative_to(root.resolve())
         hooks = load_extension(root, tmp_path_factory.mktemp("forge_clone"))
         assert hooks.webui.install() == "forge"
-        yield types.SimpleNamespace(root=root, shared=shared, network=network, networks=networks, refs=refs,
-                                    lora_backend=lora_backend, ModelPatcher=ModelPatcher, CLIP=CLIP, hooks=hooks)
+        yield types.SimpleNamespace(
+            root=root,
+            shared=shared,
+            network=network,
+            networks=networks,
+            refs=refs,
+            lora_backend=lora_backend,
+            ModelPatcher=ModelPatcher,
+            CLIP=CLIP,
+            hooks=hooks,
+        )
 
 
 class TestForge:
@@ -919,9 +1060,12 @@ class TestForge:
             models["clip_g"] = zero_(clip_g)
         unet = forge.ModelPatcher(zero_(unet_model).to(dtype), load_device=cpu, offload_device=cpu)
         clip = forge.CLIP(model_dict={k: m.to(dtype) for k, m in models.items()}, tokenizer_dict={})
-        sd = types.SimpleNamespace(forge_objects=_ForgeObjects(unet, clip),
-                                   forge_objects_original=_ForgeObjects(unet, clip),
-                                   current_lora_hash="", forge_objects_after_applying_lora=None)
+        sd = types.SimpleNamespace(
+            forge_objects=_ForgeObjects(unet, clip),
+            forge_objects_original=_ForgeObjects(unet, clip),
+            current_lora_hash="",
+            forge_objects_after_applying_lora=None,
+        )
         sys.modules["modules.sd_models"].model_data = types.SimpleNamespace(get_sd_model=lambda: sd)
         return sd
 
@@ -951,7 +1095,7 @@ class TestForge:
         assert rel_err(params[UNET_K2 + ".weight"], ref.layers[UNET_K2].delta(strength=0.9)) < TOL
         params = dict(clip.patcher.model.named_parameters())
         for native in (CLIP_L_Q, CLIP_G_Q, CLIP_G_V, CLIP_G_FC2, CLIP_G_PROJ):  # text_projection works in Forge
-            key = native[len("text_encoders."):] + ".weight"
+            key = native[len("text_encoders.") :] + ".weight"
             assert rel_err(params[key], ref.layers[native].delta(strength=0.6)) < TOL, native
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -1020,15 +1164,23 @@ def ldm_webui(request, tmp_path_factory):
         args_parser.args.always_cpu = True  # as --always-cpu: model_management must not look for CUDA
         import ldm_patched.modules.model_patcher as model_patcher
         import ldm_patched.modules.sd as sd_module
-
         import network
         import networks
 
         assert Path(networks.__file__).resolve().is_relative_to(root.resolve())
         hooks = load_extension(root, tmp_path_factory.mktemp(f"{kind}_clone"))
         assert hooks.webui.install() == kind
-        yield types.SimpleNamespace(kind=kind, root=root, shared=shared, network=network, networks=networks,
-                                    refs=refs, model_patcher=model_patcher, sd=sd_module, hooks=hooks)
+        yield types.SimpleNamespace(
+            kind=kind,
+            root=root,
+            shared=shared,
+            network=network,
+            networks=networks,
+            refs=refs,
+            model_patcher=model_patcher,
+            sd=sd_module,
+            hooks=hooks,
+        )
 
 
 class TestLdmPatchedWebuis:
@@ -1054,8 +1206,12 @@ class TestLdmPatchedWebuis:
         clip.patcher = env.model_patcher.ModelPatcher(clip.cond_stage_model, load_device=cpu, offload_device=cpu)
         clip.tokenizer, clip.layer_idx = None, None
         clip.tokenizer_options, clip.use_clip_schedule, clip.apply_hooks_to_conds = {}, False, None  # reForge's
-        sd = types.SimpleNamespace(forge_objects=_ForgeObjects(unet, clip), forge_objects_original=_ForgeObjects(unet, clip),
-                                   current_lora_hash="", forge_objects_after_applying_lora=None)
+        sd = types.SimpleNamespace(
+            forge_objects=_ForgeObjects(unet, clip),
+            forge_objects_original=_ForgeObjects(unet, clip),
+            current_lora_hash="",
+            forge_objects_after_applying_lora=None,
+        )
         sys.modules["modules.sd_models"].model_data = types.SimpleNamespace(get_sd_model=lambda: sd)
         return sd
 
@@ -1095,8 +1251,10 @@ class TestLdmPatchedWebuis:
         assert unet is not sd.forge_objects_original.unet  # patched clones, as the webui does for LoRAs
         cases = [(UNET_K2, UNET_K2 + ".weight", 0.9, self._merged(unet))]
         clip_weights = self._merged(clip.patcher)
-        cases += [(n, n[len("text_encoders."):] + ".weight", 0.6, clip_weights)
-                  for n in (CLIP_L_Q, CLIP_G_Q, CLIP_G_V, CLIP_G_FC2, CLIP_G_PROJ)]
+        cases += [
+            (n, n[len("text_encoders.") :] + ".weight", 0.6, clip_weights)
+            for n in (CLIP_L_Q, CLIP_G_Q, CLIP_G_V, CLIP_G_FC2, CLIP_G_PROJ)
+        ]
         for native, key, strength, weights in cases:
             got = weights[key]
             assert got.dtype == dtype
@@ -1113,8 +1271,9 @@ class TestLdmPatchedWebuis:
 
     def test_ordinary_lora_passes_through(self, ldm_webui):
         sd = self._sd(ldm_webui)
-        ldm_webui.networks.load_networks(["plain_xl_lora"], te_multipliers=[1.0], unet_multipliers=[0.5],
-                                         dyn_dims=[None])
+        ldm_webui.networks.load_networks(
+            ["plain_xl_lora"], te_multipliers=[1.0], unet_multipliers=[0.5], dyn_dims=[None]
+        )
         got = self._merged(sd.forge_objects.unet)[UNET_K2 + ".weight"]
         assert rel_err(got, plain_xl_delta(ldm_webui.root, 0.5)) < TOL
 

@@ -1,6 +1,7 @@
 """`waveft train` through the real accelerate, diffusers and transformers on a tiny pipeline folder made in code
 (tests/tiny_pipeline.py): two processes (gloo, on the CPU) train what one process with twice the batch trains, a
 run continued from a checkpoint retraces the uninterrupted one, and the output is the node's native file."""
+
 import json
 import os
 import socket
@@ -14,10 +15,10 @@ import torch
 pytest.importorskip("accelerate", reason="the real accelerate runs the processes")
 pytest.importorskip("diffusers", reason="the real diffusers gives the UNet, VAE and scheduler")
 
+import tiny_pipeline  # noqa: E402
+
 import waveft_core as wft  # noqa: E402
 from waveft_core.peft_io import peft_positions  # noqa: E402
-
-import tiny_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,12 +34,26 @@ def train(*args, processes=1, check=True):
     if processes == 1:
         cmd = [sys.executable, "-m", "waveft_core", "train"]
     else:
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "waveft_core", "train"]
+        cmd = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "waveft_core",
+            "train",
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check:
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
@@ -86,18 +101,59 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(sd1, tmp_pat
     import psutil
 
     pipe, data = sd1
-    args = ["--base", pipe, "--data", data, "--batch-size", 1, "--seed", 2, "--mixed-precision", "no",
-            "--learning-rate", 1e-3, "--coefficients", 60]
+    args = [
+        "--base",
+        pipe,
+        "--data",
+        data,
+        "--batch-size",
+        1,
+        "--seed",
+        2,
+        "--mixed-precision",
+        "no",
+        "--learning-rate",
+        1e-3,
+        "--coefficients",
+        60,
+    ]
     whole = tmp_path / "whole.safetensors"
     train(*args, "--steps", 4, "--output", whole, processes=2)
     killed = tmp_path / "killed.safetensors"
     checkpoint = tmp_path / "killed_00002.safetensors"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), "-m", "waveft_core", "train", *map(str, args), "--steps", "100000", "--save-every", "2",
-           "--output", str(killed)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "waveft_core",
+        "train",
+        *map(str, args),
+        "--steps",
+        "100000",
+        "--save-every",
+        "2",
+        "--output",
+        str(killed),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
@@ -129,8 +185,24 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(sd1, tmp_pat
 def test_the_output_is_the_nodes_file(sd1, tmp_path):
     pipe, data = sd1
     out = tmp_path / "out.safetensors"
-    train("--base", pipe, "--data", data, "--output", out, "--steps", 2, "--seed", 9, "--mixed-precision", "no",
-          "--coefficients", 50, "--caption", "sks toy")
+    train(
+        "--base",
+        pipe,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--steps",
+        2,
+        "--seed",
+        9,
+        "--mixed-precision",
+        "no",
+        "--coefficients",
+        50,
+        "--caption",
+        "sks toy",
+    )
     adapter = wft.load(out)
     assert all(n.startswith("diffusion_model.") for n in adapter.layers)
     name = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"  # down_blocks.0.attentions.0...
@@ -147,8 +219,22 @@ def test_sdxl_pipelines_train_with_both_encoders(tmp_path):
     pipe = tiny_pipeline.make_pipeline(tmp_path / "xl", xl=True)
     data = tiny_pipeline.make_images(tmp_path / "data", count=2)
     out = tmp_path / "xl.safetensors"
-    train("--base", pipe, "--data", data, "--output", out, "--steps", 2, "--mixed-precision", "no",
-          "--learning-rate", 1e-3, "--coefficients", 40)
+    train(
+        "--base",
+        pipe,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--steps",
+        2,
+        "--mixed-precision",
+        "no",
+        "--learning-rate",
+        1e-3,
+        "--coefficients",
+        40,
+    )
     adapter = wft.load(out)
     assert adapter.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert max(float(layer.spectrum.abs().max()) for layer in adapter.layers.values()) > 0
@@ -156,8 +242,17 @@ def test_sdxl_pipelines_train_with_both_encoders(tmp_path):
 
 def test_refusals_name_the_input_and_write_nothing(sd1, tmp_path):
     pipe, data = sd1
-    run = train("--base", "someone/some-model", "--data", data, "--output", tmp_path / "x.safetensors", "--steps", 1,
-                check=False)
+    run = train(
+        "--base",
+        "someone/some-model",
+        "--data",
+        data,
+        "--output",
+        tmp_path / "x.safetensors",
+        "--steps",
+        1,
+        check=False,
+    )
     assert run.returncode == 1 and "someone/some-model" in run.stderr and "huggingface-cli download" in run.stderr
     existing = tmp_path / "exists.safetensors"
     existing.write_bytes(b"keep")
@@ -165,11 +260,11 @@ def test_refusals_name_the_input_and_write_nothing(sd1, tmp_path):
     assert run.returncode == 1 and "--overwrite" in run.stderr and existing.read_bytes() == b"keep"
     checkpoint = tmp_path / "run_00002.safetensors"
     checkpoint.write_bytes(b"checkpoint")
-    run = train("--base", pipe, "--data", data, "--output", checkpoint, "--steps", 4, "--resume", checkpoint,
-                check=False)
+    run = train(
+        "--base", pipe, "--data", data, "--output", checkpoint, "--steps", 4, "--resume", checkpoint, check=False
+    )
     assert run.returncode == 1 and "is an input" in run.stderr and checkpoint.read_bytes() == b"checkpoint"
-    run = train("--base", pipe, "--data", data, "--output", existing, "--steps", 4, "--resume", checkpoint,
-                check=False)
+    run = train("--base", pipe, "--data", data, "--output", existing, "--steps", 4, "--resume", checkpoint, check=False)
     assert run.returncode == 1 and "--overwrite" in run.stderr and existing.read_bytes() == b"keep"
     run = train("--base", pipe, "--data", data, "--output", data, "--steps", 1, check=False)
     assert run.returncode == 1 and ".safetensors" in run.stderr

@@ -1,6 +1,7 @@
 """Backward through blocks that add into their inputs in place (the Flux/LTXV pattern): plain autograd refuses it,
 torch.utils.checkpoint silently differentiates overwritten values; the copy-on-write guard and its checkpoint
 give the gradients of the same block written out of place, bit for bit."""
+
 import pytest
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ def run(mode, out_of_place=False, blocks=3):
                 x, y = torch.utils.checkpoint.checkpoint(f, x, y, scale=scale, use_reentrant=False)
             else:
                 x, y = f(x, y, scale)
-        return (x.square().mean() + y.square().mean())
+        return x.square().mean() + y.square().mean()
 
     if mode in ("plain", "torch", "torch_whole"):
         loss = forward()

@@ -1,20 +1,21 @@
 """The command line (`python -m waveft_core`) and the embedded default job."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from reference import ROOT, random_layer
 
 import waveft_core as wft
 from waveft_core.demo import run
 
-from reference import ROOT, random_layer
-
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "waveft_core", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "waveft_core", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_demo_learns_saves_loads_and_applies(tmp_path):
@@ -28,9 +29,13 @@ def test_demo_learns_saves_loads_and_applies(tmp_path):
 
 def test_info_and_bad_input(tmp_path):
     layer = random_layer((16, 16), 20, "db2", scaling=25.0)
-    path = wft.save(wft.Adapter(layers={"diffusion_model.x": layer},
-                                metadata={"ss_base_model_version": "sdxl_base_v1-0",
-                                          "modelspec.trigger_phrase": "sks dog"}), tmp_path / "a.safetensors")
+    path = wft.save(
+        wft.Adapter(
+            layers={"diffusion_model.x": layer},
+            metadata={"ss_base_model_version": "sdxl_base_v1-0", "modelspec.trigger_phrase": "sks dog"},
+        ),
+        tmp_path / "a.safetensors",
+    )
     r = cli("info", path)
     assert r.returncode == 0
     for words in ("layers: 1", "parameters: 20", "wavelet: db2", "scaling: 25", "sdxl_base_v1-0", "sks dog"):
@@ -47,8 +52,11 @@ def test_convert_native_to_peft_and_back(tmp_path):
     shape = (24, 40)
     name = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
     layer = wft.Layer(spectrum=torch.randn(60), indices=peft_positions(shape, 60, 777), shape=shape, wavelet="db3")
-    described = {"modelspec.title": "My dog", "modelspec.description": "sks dog, 500 steps",
-                 "modelspec.trigger_phrase": "sks dog"}
+    described = {
+        "modelspec.title": "My dog",
+        "modelspec.description": "sks dog, 500 steps",
+        "modelspec.trigger_phrase": "sks dog",
+    }
     src = wft.save(wft.Adapter(layers={name: layer}, metadata=dict(described)), tmp_path / "n.safetensors")
     r = cli("convert", src, tmp_path / "peft")
     assert r.returncode == 0, r.stderr

@@ -2,12 +2,14 @@
 
 References are independent of the code under test where possible: numpy's SVD, the synthesis matrix built
 column by column with PyWavelets (reference.reference_delta), and plain tensor arithmetic."""
+
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from reference import ROOT, random_layer, reference_delta, rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -18,8 +20,6 @@ from waveft_core.layouts import checkpoint_module_names
 from waveft_core.lora import kohya_prefix, lora_deltas, lora_module_name, resolve_underscores, save_lora, to_lora
 from waveft_core.merge import merge_into_checkpoint
 from waveft_core.names import ldm_unet_to_diffusers
-
-from reference import ROOT, random_layer, reference_delta, rel_err
 
 Q = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 CONV = "diffusion_model.input_blocks.1.0.in_layers.2"
@@ -41,11 +41,11 @@ def unclipped_layer(shape, p, wavelet, seed, scaling=2.0):
     whole = torch.nonzero((norms - 1).abs() < 1e-9).reshape(-1)
     g = torch.Generator().manual_seed(seed)
     idx = whole[torch.randperm(whole.numel(), generator=g)[:p]]
-    return wft.Layer(spectrum=torch.randn(p, generator=g), indices=idx, shape=shape, scaling=scaling,
-                     wavelet=wavelet)
+    return wft.Layer(spectrum=torch.randn(p, generator=g), indices=idx, shape=shape, scaling=scaling, wavelet=wavelet)
 
 
 # ---------------------------------------------------------------------------------------------------- adjoint
+
 
 @pytest.mark.parametrize("wavelet", ["db1", "db2", "db4", "sym3", "coif1"])
 @pytest.mark.parametrize("shape", [(6, 10), (7, 9), (12, 5)])
@@ -56,7 +56,7 @@ def test_analysis_is_the_adjoint_of_the_synthesis(wavelet, shape):
     got = analysis(torch.from_numpy(x), wavelet).numpy().reshape(-1)
     np.testing.assert_allclose(got, s.T @ x.reshape(-1), atol=1e-12)
     norms = analysis(torch.ones(m, n, dtype=torch.float64), wavelet, square_kernels=True).numpy().reshape(-1)
-    np.testing.assert_allclose(norms, (s ** 2).sum(axis=0), atol=1e-12)
+    np.testing.assert_allclose(norms, (s**2).sum(axis=0), atol=1e-12)
 
 
 @pytest.mark.parametrize("wavelet", ["db1", "db3"])
@@ -74,6 +74,7 @@ def test_support_operator_matches_the_reference_and_its_adjoint(wavelet):
 
 # ---------------------------------------------------------------------------------------------------- to LoRA
 
+
 def sample_adapter(clip_g=False):
     layers = {
         Q: random_layer((24, 40), 90, "db2", seed=1),
@@ -82,18 +83,26 @@ def sample_adapter(clip_g=False):
     }
     if clip_g:
         layers[CLIP_G + "mlp.fc1"] = random_layer((20, 12), 30, "db2", seed=4)
-    return wft.Adapter(layers=layers, metadata={"ss_base_model_version": "sd_v1",
-                                                "modelspec.architecture": "stable-diffusion-v1/waveft",
-                                                "modelspec.title": "t", "waveft.training": "{}"})
+    return wft.Adapter(
+        layers=layers,
+        metadata={
+            "ss_base_model_version": "sd_v1",
+            "modelspec.architecture": "stable-diffusion-v1/waveft",
+            "modelspec.title": "t",
+            "waveft.training": "{}",
+        },
+    )
 
 
 def test_to_lora_is_the_best_rank_r_approximation():
     ad = sample_adapter()
     rank = 4
     tensors, md, report = to_lora(ad, rank, dtype=torch.float32)
-    for name, prefix in [(Q, "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
-                         (CONV, "lora_unet_input_blocks_1_0_in_layers_2"),
-                         (CLIP_L_Q, "lora_te_text_model_encoder_layers_0_self_attn_q_proj")]:
+    for name, prefix in [
+        (Q, "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"),
+        (CONV, "lora_unet_input_blocks_1_0_in_layers_2"),
+        (CLIP_L_Q, "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
+    ]:
         layer = ad.layers[name]
         d = layer.delta(torch.float64).reshape(layer.matrix_shape).numpy()
         u, s, vt = np.linalg.svd(d)
@@ -105,8 +114,8 @@ def test_to_lora_is_the_best_rank_r_approximation():
         got = (up.reshape(up.shape[0], rank).double() @ down.reshape(rank, -1).double()).numpy()
         assert np.abs(got - best).max() < 1e-5 * np.abs(best).max()
         r = report["layers"][name]
-        assert r["energy_kept"] == pytest.approx((s[:rank] ** 2).sum() / (s ** 2).sum(), rel=1e-6)
-        assert r["relative_error"] == pytest.approx(np.sqrt((s[rank:] ** 2).sum() / (s ** 2).sum()), rel=1e-4)
+        assert r["energy_kept"] == pytest.approx((s[:rank] ** 2).sum() / (s**2).sum(), rel=1e-6)
+        assert r["relative_error"] == pytest.approx(np.sqrt((s[rank:] ** 2).sum() / (s**2).sum()), rel=1e-4)
     assert 0 < report["energy_kept"] < 1 and 0 < report["relative_error"] < 1
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == md["ss_network_alpha"] == "4"
     assert md["ss_base_model_version"] == "sd_v1" and md["modelspec.architecture"] == "stable-diffusion-v1/lora"
@@ -134,8 +143,9 @@ def test_kohya_prefixes():
     assert kohya_prefix(Q, False) == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     assert kohya_prefix(CLIP_L_Q, False) == "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     assert kohya_prefix(CLIP_L_Q, True) == "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
-    assert (kohya_prefix(CLIP_G + "self_attn.out_proj", True)
-            == "lora_te2_text_model_encoder_layers_1_self_attn_out_proj")
+    assert (
+        kohya_prefix(CLIP_G + "self_attn.out_proj", True) == "lora_te2_text_model_encoder_layers_1_self_attn_out_proj"
+    )
     # no kohya spelling that ComfyUI maps: keep the native name, which ComfyUI reads directly
     other = "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding"
     assert kohya_prefix(other, False) == other
@@ -144,8 +154,11 @@ def test_kohya_prefixes():
 
 # ---------------------------------------------------------------------------------------------------- extraction
 
-@pytest.mark.parametrize("wavelet,shape", [("db1", (32, 48)), ("db1", (10, 6, 3, 3)), ("db4", (32, 48)),
-                                           ("db4", (33, 47)), ("db4", (12, 4, 3, 3))])
+
+@pytest.mark.parametrize(
+    "wavelet,shape",
+    [("db1", (32, 48)), ("db1", (10, 6, 3, 3)), ("db4", (32, 48)), ("db4", (33, 47)), ("db4", (12, 4, 3, 3))],
+)
 def test_extraction_recovers_exact_waveft_layers(wavelet, shape):
     for seed in range(3):
         if wavelet == "db1" and shape[0] % 2 == 0 and int(np.prod(shape[1:])) % 2 == 0:
@@ -198,19 +211,38 @@ def test_extract_skips_zero_layers_and_caps_the_budget():
 # ---------------------------------------------------------------------------------------------------- LoRA in
 
 LDM_NAMES = [
-    "input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.1.attn2.to_k",
-    "input_blocks.7.1.transformer_blocks.9.attn2.to_out.0", "input_blocks.4.1.transformer_blocks.0.ff.net.0.proj",
-    "input_blocks.4.1.transformer_blocks.0.ff.net.2", "input_blocks.4.1.proj_in", "input_blocks.8.1.proj_out",
-    "input_blocks.4.0.in_layers.2", "input_blocks.4.0.emb_layers.1", "input_blocks.4.0.out_layers.3",
-    "input_blocks.4.0.skip_connection", "input_blocks.3.0.op", "input_blocks.0.0",
-    "middle_block.1.transformer_blocks.3.attn1.to_v", "middle_block.2.in_layers.2",
-    "output_blocks.2.1.conv", "output_blocks.5.1.transformer_blocks.0.attn2.to_q", "output_blocks.8.0.skip_connection",
-    "time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2", "out.2",
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+    "input_blocks.4.1.transformer_blocks.1.attn2.to_k",
+    "input_blocks.7.1.transformer_blocks.9.attn2.to_out.0",
+    "input_blocks.4.1.transformer_blocks.0.ff.net.0.proj",
+    "input_blocks.4.1.transformer_blocks.0.ff.net.2",
+    "input_blocks.4.1.proj_in",
+    "input_blocks.8.1.proj_out",
+    "input_blocks.4.0.in_layers.2",
+    "input_blocks.4.0.emb_layers.1",
+    "input_blocks.4.0.out_layers.3",
+    "input_blocks.4.0.skip_connection",
+    "input_blocks.3.0.op",
+    "input_blocks.0.0",
+    "middle_block.1.transformer_blocks.3.attn1.to_v",
+    "middle_block.2.in_layers.2",
+    "output_blocks.2.1.conv",
+    "output_blocks.5.1.transformer_blocks.0.attn2.to_q",
+    "output_blocks.8.0.skip_connection",
+    "time_embed.0",
+    "time_embed.2",
+    "label_emb.0.0",
+    "label_emb.0.2",
+    "out.2",
 ]
 CLIP_NAMES = [
-    "text_model.encoder.layers.11.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.out_proj",
-    "text_model.encoder.layers.31.mlp.fc1", "text_model.encoder.layers.5.mlp.fc2", "text_model.final_layer_norm",
-    "text_model.embeddings.token_embedding", "text_model.embeddings.position_embedding",
+    "text_model.encoder.layers.11.self_attn.q_proj",
+    "text_model.encoder.layers.0.self_attn.out_proj",
+    "text_model.encoder.layers.31.mlp.fc1",
+    "text_model.encoder.layers.5.mlp.fc2",
+    "text_model.final_layer_norm",
+    "text_model.embeddings.token_embedding",
+    "text_model.embeddings.position_embedding",
 ]
 
 
@@ -233,7 +265,9 @@ def test_lora_deltas_reads_every_spelling():
     cup, cdown = torch.randn(8, 4, 1, 1, generator=g), torch.randn(4, 6, 3, 3, generator=g)
     sd = {
         # ComfyUI-native, with alpha
-        f"{Q}.lora_up.weight": up, f"{Q}.lora_down.weight": down, f"{Q}.alpha": torch.tensor(2.0),
+        f"{Q}.lora_up.weight": up,
+        f"{Q}.lora_down.weight": down,
+        f"{Q}.alpha": torch.tensor(2.0),
         # kohya LDM (SDXL), conv
         "lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight": cup,
         "lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight": cdown,
@@ -312,7 +346,7 @@ def test_checkpoint_deltas_names_and_targets(tmp_path):
     base = fake_sdxl()
     ft = {k: v.clone() for k, v in base.items()}
     ft["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"] += 0.5
-    ft["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"][D:2 * D] += 1.0  # k only
+    ft["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"][D : 2 * D] += 1.0  # k only
     ft["model.diffusion_model.input_blocks.4.1.proj_in.weight"] += 1.0
     ft["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"] += 1.0
     bp, fp = write(tmp_path / "base.safetensors", base), write(tmp_path / "ft.safetensors", ft)
@@ -320,10 +354,13 @@ def test_checkpoint_deltas_names_and_targets(tmp_path):
     assert set(deltas) == {Q, CLIP_G + "self_attn.k_proj"}  # unchanged q/v and non-attention layers left out
     assert torch.allclose(deltas[Q], torch.full((24, 40), 0.5), atol=1e-3)
     fused = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
-    assert torch.equal(deltas[CLIP_G + "self_attn.k_proj"], (ft[fused].float() - base[fused].float())[D:2 * D])
+    assert torch.equal(deltas[CLIP_G + "self_attn.k_proj"], (ft[fused].float() - base[fused].float())[D : 2 * D])
     assert deltas.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
-    assert set(checkpoint_deltas(fp, bp, targets="linear")) == {Q, CLIP_G + "self_attn.k_proj",
-                                                                 "diffusion_model.input_blocks.4.1.proj_in"}
+    assert set(checkpoint_deltas(fp, bp, targets="linear")) == {
+        Q,
+        CLIP_G + "self_attn.k_proj",
+        "diffusion_model.input_blocks.4.1.proj_in",
+    }
     assert CONV in checkpoint_deltas(fp, bp, targets="all")
     names = checkpoint_module_names(bp)
     assert CLIP_L_Q in names and CLIP_G + "mlp.fc2" in names and CLIP_G + "self_attn.v_proj" in names
@@ -368,24 +405,41 @@ def test_merge_adds_strength_times_delta_and_copies_the_rest(tmp_path):
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
         assert f.metadata() == {"modelspec.title": "base", "x": "y"}
     unet = "model.diffusion_model.input_blocks."
-    assert_close_in_dtype(out[unet + "4.1.transformer_blocks.0.attn1.to_q.weight"],
-                          expected(base[unet + "4.1.transformer_blocks.0.attn1.to_q.weight"], ad.layers[Q], s))
-    assert_close_in_dtype(out[unet + "1.0.in_layers.2.weight"],
-                          expected(base[unet + "1.0.in_layers.2.weight"], ad.layers[CONV], s))
+    assert_close_in_dtype(
+        out[unet + "4.1.transformer_blocks.0.attn1.to_q.weight"],
+        expected(base[unet + "4.1.transformer_blocks.0.attn1.to_q.weight"], ad.layers[Q], s),
+    )
+    assert_close_in_dtype(
+        out[unet + "1.0.in_layers.2.weight"], expected(base[unet + "1.0.in_layers.2.weight"], ad.layers[CONV], s)
+    )
     key = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
     assert_close_in_dtype(out[key], expected(base[key], ad.layers[CLIP_L_Q], s))
     g_pre = "conditioner.embedders.1.model.transformer.resblocks.1."
     fused = base[g_pre + "attn.in_proj_weight"]
-    want = torch.cat([expected(fused[:D], ad.layers[CLIP_G + "self_attn.q_proj"], s), fused[D:2 * D],
-                      expected(fused[2 * D:], ad.layers[CLIP_G + "self_attn.v_proj"], s)])
+    want = torch.cat(
+        [
+            expected(fused[:D], ad.layers[CLIP_G + "self_attn.q_proj"], s),
+            fused[D : 2 * D],
+            expected(fused[2 * D :], ad.layers[CLIP_G + "self_attn.v_proj"], s),
+        ]
+    )
     assert_close_in_dtype(out[g_pre + "attn.in_proj_weight"], want)
-    assert torch.equal(out[g_pre + "attn.in_proj_weight"][D:2 * D], fused[D:2 * D])  # k untouched
-    for part, layer in (("attn.out_proj.weight", "self_attn.out_proj"), ("mlp.c_fc.weight", "mlp.fc1"),
-                        ("mlp.c_proj.weight", "mlp.fc2")):
+    assert torch.equal(out[g_pre + "attn.in_proj_weight"][D : 2 * D], fused[D : 2 * D])  # k untouched
+    for part, layer in (
+        ("attn.out_proj.weight", "self_attn.out_proj"),
+        ("mlp.c_fc.weight", "mlp.fc1"),
+        ("mlp.c_proj.weight", "mlp.fc2"),
+    ):
         assert_close_in_dtype(out[g_pre + part], expected(base[g_pre + part], ad.layers[CLIP_G + layer], s))
-    changed = {unet + "4.1.transformer_blocks.0.attn1.to_q.weight", unet + "1.0.in_layers.2.weight", key,
-               g_pre + "attn.in_proj_weight", g_pre + "attn.out_proj.weight", g_pre + "mlp.c_fc.weight",
-               g_pre + "mlp.c_proj.weight"}
+    changed = {
+        unet + "4.1.transformer_blocks.0.attn1.to_q.weight",
+        unet + "1.0.in_layers.2.weight",
+        key,
+        g_pre + "attn.in_proj_weight",
+        g_pre + "attn.out_proj.weight",
+        g_pre + "mlp.c_fc.weight",
+        g_pre + "mlp.c_proj.weight",
+    }
     assert set(out) == set(base)
     for k in set(base) - changed:  # bit-identical
         assert torch.equal(out[k].view(torch.uint8), base[k].view(torch.uint8)), k
@@ -418,6 +472,7 @@ def test_merge_refuses_layers_that_do_not_fit(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
+
 def run_cli(capsys, *args):
     code = cli.main([str(a) for a in args])
     out = capsys.readouterr()
@@ -431,8 +486,17 @@ def test_cli_to_lora_extract_merge(tmp_path, capsys):
     code, out, err = run_cli(capsys, "to-lora", src, tmp_path / "l.safetensors", "--rank", "4")
     assert code == 0, err
     assert "energy kept" in out and "relative error" in out and len(out.splitlines()) <= 4
-    code, out, err = run_cli(capsys, "extract", tmp_path / "e.safetensors", "--lora", tmp_path / "l.safetensors",
-                             "--coefficients", "40", "--wavelet", "db2")
+    code, out, err = run_cli(
+        capsys,
+        "extract",
+        tmp_path / "e.safetensors",
+        "--lora",
+        tmp_path / "l.safetensors",
+        "--coefficients",
+        "40",
+        "--wavelet",
+        "db2",
+    )
     assert code == 0, err
     assert "relative error" in out
     back = wft.load(tmp_path / "e.safetensors")
@@ -442,8 +506,19 @@ def test_cli_to_lora_extract_merge(tmp_path, capsys):
     code, out, err = run_cli(capsys, "merge", ckpt, src, tmp_path / "m.safetensors", "--strength", "0.5")
     assert code == 0, err
     assert f"merged {len(ad.layers)} of {len(ad.layers)} layers" in out
-    code, out, err = run_cli(capsys, "extract", tmp_path / "f.safetensors", "--finetuned", tmp_path / "m.safetensors",
-                             "--base", ckpt, "--coefficients", "30", "--targets", "all")
+    code, out, err = run_cli(
+        capsys,
+        "extract",
+        tmp_path / "f.safetensors",
+        "--finetuned",
+        tmp_path / "m.safetensors",
+        "--base",
+        ckpt,
+        "--coefficients",
+        "30",
+        "--targets",
+        "all",
+    )
     assert code == 0, err
     assert set(wft.load(tmp_path / "f.safetensors").layers) == set(ad.layers)
 
@@ -453,10 +528,12 @@ def test_cli_bad_input_fails_cleanly(tmp_path, capsys):
     wrong = wft.save(wft.Adapter(layers={Q: random_layer((24, 41), 3, "db2")}), tmp_path / "w.safetensors")
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x02}q\x00.")
     before = sorted(p.name for p in tmp_path.iterdir())
-    for args in (["merge", ckpt, wrong, tmp_path / "o.safetensors"],
-                 ["extract", tmp_path / "o.safetensors", "--finetuned", tmp_path / "model.ckpt", "--base", ckpt],
-                 ["extract", tmp_path / "o.safetensors", "--finetuned", ckpt],
-                 ["to-lora", ckpt, tmp_path / "o.safetensors"]):
+    for args in (
+        ["merge", ckpt, wrong, tmp_path / "o.safetensors"],
+        ["extract", tmp_path / "o.safetensors", "--finetuned", tmp_path / "model.ckpt", "--base", ckpt],
+        ["extract", tmp_path / "o.safetensors", "--finetuned", ckpt],
+        ["to-lora", ckpt, tmp_path / "o.safetensors"],
+    ):
         code, out, err = run_cli(capsys, *args)
         assert code == 1 and out == "", args
         assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), (args, err)
@@ -464,6 +541,11 @@ def test_cli_bad_input_fails_cleanly(tmp_path, capsys):
 
 
 def test_module_entry_point(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "waveft_core", "to-lora", tmp_path / "missing.safetensors",
-                        tmp_path / "o.safetensors"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "waveft_core", "to-lora", tmp_path / "missing.safetensors", tmp_path / "o.safetensors"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and "missing.safetensors" in r.stderr and not (tmp_path / "o.safetensors").exists()

@@ -1,5 +1,6 @@
 """`./dev`, the README's entry point, leaves a fresh checkout clean: whatever it writes (venv, host build logs)
 lands in ignored places, so `git status` shows nothing new and the Registry package ships nothing stray."""
+
 import os
 import shutil
 import subprocess

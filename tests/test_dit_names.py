@@ -1,5 +1,6 @@
 """Diffusers names of the DiT families the host's key map lacks or places wrong (waveft_core/dit_names.py); the
 end-to-end proof against real diffusers models is tests/host/test_dit_names_host.py."""
+
 from waveft_core.dit_names import Heads, diffusers_key_map, merge_into
 
 
@@ -18,14 +19,28 @@ def test_a_fused_weight_without_head_counts_gets_no_rows():
 
 
 def test_wan_and_ltxv_names():
-    wan = diffusers_key_map("wan_2.2", {"diffusion_model.blocks.7.cross_attn.o.weight": (5120, 5120),
-                                        "diffusion_model.blocks.0.ffn.0.weight": (13824, 5120)})
-    assert wan == {"blocks.7.attn2.to_out.0": "diffusion_model.blocks.7.cross_attn.o.weight",
-                   "blocks.0.ffn.net.0.proj": "diffusion_model.blocks.0.ffn.0.weight"}
-    ltxv = diffusers_key_map("ltxv", {"diffusion_model.patchify_proj.weight": (2048, 128),
-                                      "diffusion_model.transformer_blocks.2.attn1.to_q.weight": (2048, 2048)})
-    assert ltxv == {"proj_in": "diffusion_model.patchify_proj.weight",
-                    "transformer_blocks.2.attn1.to_q": "diffusion_model.transformer_blocks.2.attn1.to_q.weight"}
+    wan = diffusers_key_map(
+        "wan_2.2",
+        {
+            "diffusion_model.blocks.7.cross_attn.o.weight": (5120, 5120),
+            "diffusion_model.blocks.0.ffn.0.weight": (13824, 5120),
+        },
+    )
+    assert wan == {
+        "blocks.7.attn2.to_out.0": "diffusion_model.blocks.7.cross_attn.o.weight",
+        "blocks.0.ffn.net.0.proj": "diffusion_model.blocks.0.ffn.0.weight",
+    }
+    ltxv = diffusers_key_map(
+        "ltxv",
+        {
+            "diffusion_model.patchify_proj.weight": (2048, 128),
+            "diffusion_model.transformer_blocks.2.attn1.to_q.weight": (2048, 2048),
+        },
+    )
+    assert ltxv == {
+        "proj_in": "diffusion_model.patchify_proj.weight",
+        "transformer_blocks.2.attn1.to_q": "diffusion_model.transformer_blocks.2.attn1.to_q.weight",
+    }
 
 
 def test_families_with_a_right_host_map_get_nothing():
@@ -42,8 +57,16 @@ def test_hunyuan_video_single_block_rows_after_qkv_are_the_mlp():
 
 def test_an_entry_replaces_the_hosts_value_under_every_spelling_the_host_lists():
     wrong, right = ("w", (0, 2304, 2304)), ("w", (0, 2304, 768))
-    host = {"layers.0.attention.to_k": wrong, "transformer.layers.0.attention.to_k": wrong,
-            "lycoris_layers_0_attention_to_k": wrong, "other": "x"}
+    host = {
+        "layers.0.attention.to_k": wrong,
+        "transformer.layers.0.attention.to_k": wrong,
+        "lycoris_layers_0_attention_to_k": wrong,
+        "other": "x",
+    }
     merged = merge_into(host, {"layers.0.attention.to_k": right})
-    assert merged == {"layers.0.attention.to_k": right, "transformer.layers.0.attention.to_k": right,
-                      "lycoris_layers_0_attention_to_k": right, "other": "x"}
+    assert merged == {
+        "layers.0.attention.to_k": right,
+        "transformer.layers.0.attention.to_k": right,
+        "lycoris_layers_0_attention_to_k": right,
+        "other": "x",
+    }

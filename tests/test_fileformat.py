@@ -1,26 +1,30 @@
 """The native file v1: round trip, every refusal rule of FORMAT.md section 3, atomic writes, no pickles."""
+
 import os
 import pickle
 import struct
 
 import pytest
 import torch
+from reference import random_layer, reference_delta
 from safetensors.torch import load_file, save_file
 
 import waveft_core as wft
 from waveft_core.fileformat import read_tensors_and_metadata
 
-from reference import random_layer, reference_delta
-
 NAME = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 
 
 def make_adapter(**meta):
-    a = wft.Adapter(layers={
-        NAME: random_layer((32, 48), 100, "db2", scaling=25.0, seed=1),
-        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj":
-            random_layer((24, 24), 50, "db2", scaling=25.0, seed=2),
-    }, metadata={"ss_base_model_version": "sd_v1", **meta})
+    a = wft.Adapter(
+        layers={
+            NAME: random_layer((32, 48), 100, "db2", scaling=25.0, seed=1),
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj": random_layer(
+                (24, 24), 50, "db2", scaling=25.0, seed=2
+            ),
+        },
+        metadata={"ss_base_model_version": "sd_v1", **meta},
+    )
     return a
 
 
@@ -86,19 +90,32 @@ def broken(tmp_path, change):
 def _set(key, value):
     def change(t, md):
         t[key] = value(t[key]) if callable(value) else value
+
     return change
 
 
 CASES = {
     "length mismatch": (_set(f"{NAME}.waveft_indices", lambda t: t[:-1]), f"{NAME}.waveft_spectrum", "positions"),
-    "out of range": (_set(f"{NAME}.waveft_indices", lambda t: torch.cat([t[:-1], torch.tensor([32 * 48], dtype=t.dtype)])),
-                     f"{NAME}.waveft_indices", "outside"),
-    "negative": (_set(f"{NAME}.waveft_indices", lambda t: torch.cat([t[:-1], torch.tensor([-1], dtype=t.dtype)])),
-                 f"{NAME}.waveft_indices", "outside"),
-    "repeated": (_set(f"{NAME}.waveft_indices", lambda t: torch.cat([t[:-1], t[:1]])), f"{NAME}.waveft_indices",
-                 "more than once"),
-    "nan": (_set(f"{NAME}.waveft_spectrum", lambda t: torch.cat([t[:-1], torch.tensor([float("nan")])])),
-            f"{NAME}.waveft_spectrum", "NaN"),
+    "out of range": (
+        _set(f"{NAME}.waveft_indices", lambda t: torch.cat([t[:-1], torch.tensor([32 * 48], dtype=t.dtype)])),
+        f"{NAME}.waveft_indices",
+        "outside",
+    ),
+    "negative": (
+        _set(f"{NAME}.waveft_indices", lambda t: torch.cat([t[:-1], torch.tensor([-1], dtype=t.dtype)])),
+        f"{NAME}.waveft_indices",
+        "outside",
+    ),
+    "repeated": (
+        _set(f"{NAME}.waveft_indices", lambda t: torch.cat([t[:-1], t[:1]])),
+        f"{NAME}.waveft_indices",
+        "more than once",
+    ),
+    "nan": (
+        _set(f"{NAME}.waveft_spectrum", lambda t: torch.cat([t[:-1], torch.tensor([float("nan")])])),
+        f"{NAME}.waveft_spectrum",
+        "NaN",
+    ),
     "inf scaling": (_set(f"{NAME}.waveft_scaling", torch.tensor(float("inf"))), f"{NAME}.waveft_scaling", "finite"),
     "float indices": (_set(f"{NAME}.waveft_indices", lambda t: t.float()), f"{NAME}.waveft_indices", "int32/int64"),
     "bad shape": (_set(f"{NAME}.waveft_shape", torch.tensor([32, 0])), f"{NAME}.waveft_shape", "below 1"),
@@ -108,23 +125,44 @@ CASES = {
     "missing scaling": (lambda t, md: md.pop("waveft.scaling"), "waveft.scaling", "missing"),
     "bad scaling": (lambda t, md: md.update({"waveft.scaling": "nan"}), "waveft.scaling", "finite"),
     "bad use_idwt": (lambda t, md: md.update({"waveft.use_idwt": "maybe"}), "waveft.use_idwt", "true or false"),
-    "wrong network module": (lambda t, md: md.update({"ss_network_module": "networks.lora"}), "ss_network_module",
-                             "not 'waveft'"),
+    "wrong network module": (
+        lambda t, md: md.update({"ss_network_module": "networks.lora"}),
+        "ss_network_module",
+        "not 'waveft'",
+    ),
     # issue 22: values finite in float64 but not in float32, a ΔW past float16, mirrors that disagree, sizes
     "scaling past float32": (lambda t, md: md.update({"waveft.scaling": "1e300"}), "waveft.scaling", "float32"),
     "scaling not a number": (lambda t, md: md.update({"waveft.scaling": "abc"}), "waveft.scaling", "not a number"),
-    "layer scaling past float16": (_set(f"{NAME}.waveft_scaling", torch.tensor(3e38)), f"{NAME}.waveft_spectrum",
-                                   "float16"),
-    "coefficients past float16": (_set(f"{NAME}.waveft_spectrum", lambda t: t * 1e30), f"{NAME}.waveft_spectrum",
-                                  "float16"),
-    "scaling mirror disagrees": (_set("waveft.scaling", torch.tensor(1e4, dtype=torch.float64)), "waveft.scaling",
-                                 "metadata says 25.0"),
-    "wavelet mirror disagrees": (_set("waveft.wavelet", torch.tensor(list(b"db4"), dtype=torch.uint8)),
-                                 "waveft.wavelet", "metadata says 'db2'"),
-    "use_idwt mirror disagrees": (_set("waveft.use_idwt", torch.tensor(0, dtype=torch.uint8)), "waveft.use_idwt",
-                                  "metadata says True"),
-    "shape past any weight": (_set(f"{NAME}.waveft_shape", torch.tensor([2**62, 4])), f"{NAME}.waveft_shape",
-                              "more than any"),
+    "layer scaling past float16": (
+        _set(f"{NAME}.waveft_scaling", torch.tensor(3e38)),
+        f"{NAME}.waveft_spectrum",
+        "float16",
+    ),
+    "coefficients past float16": (
+        _set(f"{NAME}.waveft_spectrum", lambda t: t * 1e30),
+        f"{NAME}.waveft_spectrum",
+        "float16",
+    ),
+    "scaling mirror disagrees": (
+        _set("waveft.scaling", torch.tensor(1e4, dtype=torch.float64)),
+        "waveft.scaling",
+        "metadata says 25.0",
+    ),
+    "wavelet mirror disagrees": (
+        _set("waveft.wavelet", torch.tensor(list(b"db4"), dtype=torch.uint8)),
+        "waveft.wavelet",
+        "metadata says 'db2'",
+    ),
+    "use_idwt mirror disagrees": (
+        _set("waveft.use_idwt", torch.tensor(0, dtype=torch.uint8)),
+        "waveft.use_idwt",
+        "metadata says True",
+    ),
+    "shape past any weight": (
+        _set(f"{NAME}.waveft_shape", torch.tensor([2**62, 4])),
+        f"{NAME}.waveft_shape",
+        "more than any",
+    ),
 }
 
 
@@ -179,8 +217,9 @@ def test_lora_and_peft_weight_files_get_pointed_messages(tmp_path):
         wft.load(lora)
     # spectra without positions or settings (a PEFT weights file on its own): readable given the base model,
     # with PEFT's default settings, and the adapter says so
-    peft_weights = write_raw(tmp_path / "adapter_model.safetensors",
-                             {"base_model.model.a.waveft_spectrum": torch.ones(3)}, {"format": "pt"})
+    peft_weights = write_raw(
+        tmp_path / "adapter_model.safetensors", {"base_model.model.a.waveft_spectrum": torch.ones(3)}, {"format": "pt"}
+    )
     with pytest.raises(wft.WaveFTFileError, match=r"stores no coefficient positions.*base=<"):
         wft.load(peft_weights)
     ad = wft.load(peft_weights, base={"a.weight": (4, 5)})
@@ -226,8 +265,9 @@ def test_layers_keep_their_own_wavelet_and_use_idwt_in_format_2(tmp_path):
     for name, layer in a.layers.items():
         got = back.layers[name]
         assert (got.wavelet, got.use_idwt) == (layer.wavelet, layer.use_idwt), name
-        want = reference_delta(layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, layer.scaling,
-                               layer.use_idwt)
+        want = reference_delta(
+            layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, layer.scaling, layer.use_idwt
+        )
         assert float((got.delta(torch.float64) - torch.as_tensor(want)).abs().max()) < 1e-10, name
 
 

@@ -3,6 +3,7 @@ correct result; nothing crashes, nothing is written outside its folder, memory s
 
 The refusals of FORMAT.md's rules are in test_fileformat.py (CASES); this file holds the rest, and the README's
 "Hostile and damaged files" table lists both."""
+
 import json
 import os
 import subprocess
@@ -96,8 +97,9 @@ print((after - before) // 1024)
 def test_patch_plan_and_patching_of_a_long_filter_layer_stay_small():
     """3000 coif17 coefficients (L = 102) on one 320 x 320 layer: 31 million patch entries. The plan and the
     fp16 patch used ~1.2 GB (33 bytes an entry); now a chunk at a time. Peak RSS growth measured in a child."""
-    done = subprocess.run([sys.executable, "-c", PEAK.format(root=str(ROOT))], capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK.format(root=str(ROOT))], capture_output=True, text=True, timeout=600, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     grown_mb = int(done.stdout.split()[-1])
     assert grown_mb < 250, f"plan + patch grew the peak memory by {grown_mb} MB"
@@ -110,8 +112,9 @@ def test_chunked_plans_and_patches_give_the_same_weights(monkeypatch, wavelet, d
     is PyWavelets' ΔW, and fp16 weights are still rounded once per entry."""
     layer = random_layer((40, 52), 1500, wavelet, scaling=0.7)
     w = torch.randn(40, 52).to(dtype)
-    expect = (w.double() + torch.as_tensor(reference_delta(layer.indices, layer.spectrum.double(), (40, 52), wavelet,
-                                                           scaling=0.7)))
+    expect = w.double() + torch.as_tensor(
+        reference_delta(layer.indices, layer.spectrum.double(), (40, 52), wavelet, scaling=0.7)
+    )
     rounded_once = (w.float() + layer.delta(torch.float32)).to(dtype)
     monkeypatch.setattr(delta, "CHUNK", 50)
     chunked = random_layer((40, 52), 1500, wavelet, scaling=0.7)  # a fresh plan, made in chunks
@@ -119,8 +122,11 @@ def test_chunked_plans_and_patches_give_the_same_weights(monkeypatch, wavelet, d
     assert torch.allclose(out.double(), expect, atol=1e-2 if dtype == torch.float16 else 1e-5)
     if dtype == torch.float16:
         assert torch.equal(out, rounded_once)
-    assert torch.allclose(chunked.delta(torch.float64), torch.as_tensor(reference_delta(
-        layer.indices, layer.spectrum.double(), (40, 52), wavelet, scaling=0.7)), atol=1e-12)
+    assert torch.allclose(
+        chunked.delta(torch.float64),
+        torch.as_tensor(reference_delta(layer.indices, layer.spectrum.double(), (40, 52), wavelet, scaling=0.7)),
+        atol=1e-12,
+    )
 
 
 # --- 7. no dense work above the budget; sizes refused with the file named ---------------------------------
@@ -139,8 +145,13 @@ def test_waveft_to_lora_refuses_a_huge_declared_layer_naming_file_and_key(tmp_pa
 def test_lora_to_waveft_refuses_huge_vectors_before_multiplying(tmp_path, capsys):
     path = tmp_path / "long_vectors.safetensors"
     prefix = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
-    save_file({f"{prefix}.lora_up.weight": torch.ones(100_000, 1, dtype=torch.float16),
-               f"{prefix}.lora_down.weight": torch.ones(1, 100_000, dtype=torch.float16)}, str(path))
+    save_file(
+        {
+            f"{prefix}.lora_up.weight": torch.ones(100_000, 1, dtype=torch.float16),
+            f"{prefix}.lora_down.weight": torch.ones(1, 100_000, dtype=torch.float16),
+        },
+        str(path),
+    )
     assert cli.main(["extract", str(tmp_path / "out.safetensors"), "--lora", str(path)]) == 1
     err = capsys.readouterr().err
     assert "long_vectors.safetensors" in err and f"{prefix}.lora_up.weight" in err and "100000 x 100000" in err, err
@@ -170,8 +181,9 @@ def peft_folder(tmp_path, **config):
     folder.mkdir()
     cfg = {"peft_type": "WAVEFT", "n_frequency": 30, "wavelet_family": "db1", "random_loc_seed": 777, **config}
     (folder / "adapter_config.json").write_text(json.dumps(cfg))  # json writes NaN as NaN, as Python's json reads
-    save_file({"base_model.model.layer.waveft_spectrum": torch.randn(30) * 0.01},
-              str(folder / "adapter_model.safetensors"))
+    save_file(
+        {"base_model.model.layer.waveft_spectrum": torch.randn(30) * 0.01}, str(folder / "adapter_model.safetensors")
+    )
     return folder
 
 
@@ -179,13 +191,16 @@ def import_peft(folder):
     return import_source(sources.read_source(folder), lambda peft_name, native: (16, 24), native_names=False)
 
 
-@pytest.mark.parametrize("config, words", [
-    ({"scaling": float("nan")}, "not a finite float32 number"),
-    ({"scaling": 1e300}, "not a finite float32 number"),
-    ({"scaling": "abc"}, "'abc' is not a number"),
-    ({"use_idwt": "on"}, "'on' is not true or false"),
-    ({"scaling": 1e9}, "float16"),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"scaling": float("nan")}, "not a finite float32 number"),
+        ({"scaling": 1e300}, "not a finite float32 number"),
+        ({"scaling": "abc"}, "'abc' is not a number"),
+        ({"use_idwt": "on"}, "'on' is not true or false"),
+        ({"scaling": 1e9}, "float16"),
+    ],
+)
 def test_peft_settings_that_cannot_be_right_are_refused(tmp_path, config, words):
     folder = peft_folder(tmp_path, **config)
     with pytest.raises(wft.WaveFTFileError) as e:
@@ -195,7 +210,9 @@ def test_peft_settings_that_cannot_be_right_are_refused(tmp_path, config, words)
     assert e.value.key in ("scaling", "use_idwt", "base_model.model.layer.waveft_spectrum")
 
 
-@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("false", False), ("true", True), (0, False)])
+@pytest.mark.parametrize(
+    "value, expected", [(True, True), (False, False), ("false", False), ("true", True), (0, False)]
+)
 def test_peft_use_idwt_values_peft_writes_still_read(tmp_path, value, expected):
     layer = import_peft(peft_folder(tmp_path, use_idwt=value)).layers["layer"]
     assert layer.use_idwt is expected
@@ -254,8 +271,9 @@ ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;ZWNobyBoaQ==\x07\u202e"
 
 
 def test_cli_info_and_errors_escape_control_characters(tmp_path, capsys):
-    path = native_file(tmp_path / "a.safetensors", **{"modelspec.title": f"cat{ESCAPES}",
-                                                      "modelspec.description": f"line\n{ESCAPES}"})
+    path = native_file(
+        tmp_path / "a.safetensors", **{"modelspec.title": f"cat{ESCAPES}", "modelspec.description": f"line\n{ESCAPES}"}
+    )
     assert cli.main(["info", str(path), "--layers"]) == 0
     out = capsys.readouterr().out
     assert "cat" in out and "\x1b" not in out and "\x07" not in out and "\u202e" not in out, repr(out)
@@ -314,8 +332,11 @@ def test_listings_read_each_peft_config_once(tmp_path, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(sources, "open", counting_open, raising=False)
-    monkeypatch.setattr(type(folder), "read_text", lambda self, *a, **k: reads.append(str(self)) or
-                        real_open(self, encoding="utf-8").read())
+    monkeypatch.setattr(
+        type(folder),
+        "read_text",
+        lambda self, *a, **k: reads.append(str(self)) or real_open(self, encoding="utf-8").read(),
+    )
     for _ in range(3):
         assert sources.adapter_folders(root) == ["mine"]
     assert len(reads) == 1, reads

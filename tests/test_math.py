@@ -1,12 +1,12 @@
 """ΔW against PyWavelets in float64 (FORMAT.md section 1), the in-place add, gradients."""
+
 import pytest
 import torch
+from reference import random_layer, reference_delta, rel_err
 
 import waveft_core as wft
 from waveft_core.delta import make_plan, weight_plus_delta
 from waveft_core.wavelets import SUPPORTED_WAVELETS, reconstruction_filters
-
-from reference import random_layer, reference_delta, rel_err
 
 SHAPES = [(7, 5), (16, 24), (33, 18), (1, 9)]
 
@@ -137,8 +137,10 @@ def test_gradient_is_the_adjoint_of_the_delta():
     g = torch.randn(12, 14, dtype=torch.float64)
     (dense_delta(plan, spec, 2.0, torch.float64) * g).sum().backward()
     # ΔW is linear in the spectrum: d/dv_j <G, ΔW> = <G, ΔW(e_j)> with ΔW(e_j) from PyWavelets.
-    expect = [float((g * torch.from_numpy(reference_delta(layer.indices[j:j + 1], [1.0], (12, 14), "db3", 2.0))).sum())
-              for j in range(30)]
+    expect = [
+        float((g * torch.from_numpy(reference_delta(layer.indices[j : j + 1], [1.0], (12, 14), "db3", 2.0))).sum())
+        for j in range(30)
+    ]
     assert torch.allclose(spec.grad, torch.tensor(expect, dtype=torch.float64), atol=1e-10)
 
 

@@ -1,8 +1,10 @@
 """The metadata other tools read (waveft_core/metadata.py), checked by reading saved files the way those tools
 do (tests/manager_readers.py): kohya's hashes, trigger words where LoRA managers look, training details in
 kohya's keys, base-model tags managers map."""
+
 import json
 
+import manager_readers as readers
 import pytest
 import torch
 
@@ -11,8 +13,6 @@ from waveft_core import lora, metadata
 from waveft_core.names import FAMILIES, family_of, family_tag_of_comfy
 from waveft_core.peft_io import peft_positions
 from waveft_core.trainable import TrainableLayer, TrainingState
-
-import manager_readers as readers
 
 BIG = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 SMALL = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
@@ -23,8 +23,9 @@ def adapter(**meta):
     layers = {}
     # 320k float32 coefficients: the file passes 0x110000 bytes, so the legacy hash reads real data
     for name, shape, n in ((BIG, (640, 640), 320_000), (SMALL, (32, 32), 100)):
-        layers[name] = wft.Layer(spectrum=torch.randn(n, generator=g), indices=peft_positions(shape, n, 777),
-                                 shape=shape, wavelet="db1")
+        layers[name] = wft.Layer(
+            spectrum=torch.randn(n, generator=g), indices=peft_positions(shape, n, 777), shape=shape, wavelet="db1"
+        )
     return wft.Adapter(layers=layers, metadata={"ss_base_model_version": "sd_1.5", **meta})
 
 
@@ -49,8 +50,9 @@ def test_hashes_are_computed_as_kohya_computes_them(tmp_path):
 
 def test_trigger_words_go_where_lora_managers_look(tmp_path):
     captions = metadata.tag_frequency(["sks cat, sitting", "sks cat, on grass", "a cat, sitting"])
-    md = metadata.with_trigger_words({"ss_tag_frequency": captions, "ss_num_train_images": "3"},
-                                     " sks cat ,photo of sks, sks cat")
+    md = metadata.with_trigger_words(
+        {"ss_tag_frequency": captions, "ss_num_train_images": "3"}, " sks cat ,photo of sks, sks cat"
+    )
     path = wft.save(adapter(**md), tmp_path / "t.safetensors")
     view = readers.lora_manager_view(path)
     assert view["trained_words"][:2] == ["sks cat", "photo of sks"]  # first, as the most frequent
@@ -69,13 +71,35 @@ def test_trigger_words_go_where_lora_managers_look(tmp_path):
 
 
 def test_a_training_run_carries_kohyas_keys(tmp_path):
-    settings = {"steps": 5, "steps_total": 5, "lr": 0.002, "optimizer": "AdamW", "batch_size": 2,
-                "grad_accumulation_steps": 1, "targets": "attention q/k/v/out", "dataset_size": 7, "seed": 3,
-                "lr_schedule": "cosine", "warmup_steps": 1, "training_dtype": "bf16", "gradient_checkpointing": True,
-                "wavelet": "db1", "n_coefficients": 50, "scaling": 25.0, "started_at": 1700000000,
-                "finished_at": 1700000100, "resolution": [512, 768], "base_checkpoint": "v1-5.safetensors"}
-    state = TrainingState({SMALL: TrainableLayer((32, 32), 50, "db1", 25.0, seed=3)}, step=5, seed=3,
-                          settings=settings, metadata={"ss_base_model_version": "sd_1.5"})
+    settings = {
+        "steps": 5,
+        "steps_total": 5,
+        "lr": 0.002,
+        "optimizer": "AdamW",
+        "batch_size": 2,
+        "grad_accumulation_steps": 1,
+        "targets": "attention q/k/v/out",
+        "dataset_size": 7,
+        "seed": 3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 1,
+        "training_dtype": "bf16",
+        "gradient_checkpointing": True,
+        "wavelet": "db1",
+        "n_coefficients": 50,
+        "scaling": 25.0,
+        "started_at": 1700000000,
+        "finished_at": 1700000100,
+        "resolution": [512, 768],
+        "base_checkpoint": "v1-5.safetensors",
+    }
+    state = TrainingState(
+        {SMALL: TrainableLayer((32, 32), 50, "db1", 25.0, seed=3)},
+        step=5,
+        seed=3,
+        settings=settings,
+        metadata={"ss_base_model_version": "sd_1.5"},
+    )
     path = state.save(tmp_path / "run.safetensors")
     md = readers.metadata(path)
     assert md["ss_steps"] == "5" and md["ss_max_train_steps"] == "5" and md["ss_learning_rate"] == "0.002"
@@ -84,8 +108,12 @@ def test_a_training_run_carries_kohyas_keys(tmp_path):
     assert md["ss_training_started_at"] == "1700000000" and md["ss_training_finished_at"] == "1700000100"
     assert md["ss_sd_model_name"] == "v1-5.safetensors" and md["ss_mixed_precision"] == "bf16"
     assert md["ss_optimizer"] == "AdamW" and md["ss_lr_scheduler"] == "cosine" and md["ss_seed"] == "3"
-    assert json.loads(md["ss_network_args"]) == {"wavelet": "db1", "n_coefficients": 50, "scaling": 25.0,
-                                                 "targets": "attention q/k/v/out"}
+    assert json.loads(md["ss_network_args"]) == {
+        "wavelet": "db1",
+        "n_coefficients": 50,
+        "scaling": 25.0,
+        "targets": "attention q/k/v/out",
+    }
     dataset = json.loads(md["ss_datasets"])[0]
     assert dataset["num_train_images"] == 7 and dataset["resolution"] == [512, 768]
     assert json.loads(md["waveft.training"])["steps_done"] == 5  # this project's own record stays

@@ -1,4 +1,5 @@
 """`pip install .` gives the library and its `waveft` command, and nothing of the ComfyUI or webui glue."""
+
 import os
 import subprocess
 import sys
@@ -7,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import ROOT
 
 import waveft_core as wft
-
-from reference import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +18,32 @@ def installed(tmp_path_factory):
     """The wheel pip builds from this checkout, installed into a folder of its own."""
     pytest.importorskip("setuptools", reason="building the wheel needs setuptools")
     out = tmp_path_factory.mktemp("pip")
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                            "-w", str(out / "wheel"), "-q"], capture_output=True, text=True, timeout=600)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out / "wheel"),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((out / "wheel").glob("*.whl"))
     target = out / "site"
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), "-q",
-                              str(wheel)], capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     return wheel, target
 
@@ -42,20 +61,44 @@ def test_the_wheel_holds_the_library_only(installed):
 def test_the_waveft_command_runs_from_the_installed_copy(installed, tmp_path):
     _, target = installed
     layer = wft.Layer(spectrum=torch.randn(20), indices=torch.arange(20), shape=(8, 10))
-    path = wft.save(wft.Adapter(layers={"diffusion_model.x": layer}, metadata={"modelspec.title": "pip"}),
-                    tmp_path / "a.safetensors")
+    path = wft.save(
+        wft.Adapter(layers={"diffusion_model.x": layer}, metadata={"modelspec.title": "pip"}),
+        tmp_path / "a.safetensors",
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    run = subprocess.run([sys.executable, str(target / "bin" / "waveft"), "info", str(path)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, str(target / "bin" / "waveft"), "info", str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "layers: 1" in run.stdout and "title: pip" in run.stdout
-    where = subprocess.run([sys.executable, "-c", "import waveft_core; print(waveft_core.__file__)"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=300)
+    where = subprocess.run(
+        [sys.executable, "-c", "import waveft_core; print(waveft_core.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert where.stdout.strip().startswith(str(target))
 
 
-SHIPPED_TOP = {"__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE", "nodes", "waveft_core",
-               "web", "workflows", "docs"}
+SHIPPED_TOP = {
+    "__init__.py",
+    "pyproject.toml",
+    "requirements.txt",
+    "README.md",
+    "LICENSE",
+    "nodes",
+    "waveft_core",
+    "web",
+    "workflows",
+    "docs",
+}
 FLAGGED = ("subprocess", "urllib", "requests", "socket", "http.client", "httpx", "os.system", "os.popen")
 
 
@@ -64,8 +107,9 @@ def _comfy_cli():
 
     exe = shutil.which("comfy") or str(Path(sys.executable).parent / "comfy")
     if not Path(exe).exists():
-        (pytest.fail if os.environ.get("CI") else pytest.skip)("comfy-cli is not installed (requirements-dev.txt "
-                                                               "has it; ./dev installs it)")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            "comfy-cli is not installed (requirements-dev.txt has it; ./dev installs it)"
+        )
     return exe
 
 
@@ -75,8 +119,9 @@ def test_the_registry_package_is_what_runs_in_comfyui_and_nothing_flagged(tmp_pa
     opens a connection (what the Registry's scanner flags)."""
     comfy = _comfy_cli()
     copy = tmp_path / "ComfyUI-WaveFT"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
@@ -96,5 +141,6 @@ def test_the_registry_package_is_what_runs_in_comfyui_and_nothing_flagged(tmp_pa
         if name.endswith(".py"):
             text = zipfile.ZipFile(copy / "node.zip").read(name).decode("utf-8")
             for word in FLAGGED:
-                assert f"import {word}" not in text and f"from {word}" not in text and f"{word}(" not in text, \
+                assert f"import {word}" not in text and f"from {word}" not in text and f"{word}(" not in text, (
                     f"{name} uses {word}"
+                )

@@ -1,13 +1,13 @@
 """Parity with the real `peft` package (FORMAT.md section 2): ΔW, positions, import and export."""
+
 import json
 
 import pytest
 import torch
+from reference import reference_delta, rel_err
 
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
-
-from reference import reference_delta, rel_err
 
 peft = pytest.importorskip("peft", reason="the real PEFT package is the reference; pip install peft")
 from peft import PeftModel, WaveFTConfig, get_peft_model  # noqa: E402
@@ -27,9 +27,16 @@ def peft_model(wavelet="db1", use_idwt=True, n=120, seed=777, pattern=None, scal
     torch.manual_seed(0)
     base = Net()
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    cfg = WaveFTConfig(n_frequency=n, target_modules=["proj_a", "proj_b", "proj_c"], wavelet_family=wavelet,
-                       scaling=scaling, init_weights=False, use_idwt=use_idwt, random_loc_seed=seed,
-                       n_frequency_pattern=pattern or {})
+    cfg = WaveFTConfig(
+        n_frequency=n,
+        target_modules=["proj_a", "proj_b", "proj_c"],
+        wavelet_family=wavelet,
+        scaling=scaling,
+        init_weights=False,
+        use_idwt=use_idwt,
+        random_loc_seed=seed,
+        n_frequency_pattern=pattern or {},
+    )
     model = get_peft_model(base, cfg)
     with torch.no_grad():  # make the spectra clearly non-trivial
         for name, p in model.named_parameters():
@@ -126,6 +133,7 @@ def test_import_needs_a_base_and_names_missing_layers(tmp_path):
 def test_diffusers_unet_names_become_native(tmp_path):
     """A PEFT adapter on diffusers UNet names imports with ComfyUI-native names and shapes from a
     single-file checkpoint (model.diffusion_model.* keys)."""
+
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()

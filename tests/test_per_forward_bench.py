@@ -1,4 +1,5 @@
 """benchmarks/per_forward.py: the tables it prints are made of possible figures only."""
+
 import importlib.util
 import io
 import itertools
@@ -17,7 +18,7 @@ def _load():
 def test_tiny_run_prints_both_tables_with_ratios_and_floors():
     bench = _load()
     results = bench.run("cpu", repeats=2, threads=("1",), shapes=[(200, 136)], wavelets=("db1", "db4"), tokens=64)
-    run, = results["runs"]
+    (run,) = results["runs"]
     assert [r["wavelet"] for r in run["merge"]] == ["db1", "db4"]
     for row in run["merge"] + run["bypass"]:
         assert row["waveft"]["min"] > 0 and row["lora"]["min"] > 0 and row["ratio"] > 0

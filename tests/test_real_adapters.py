@@ -7,15 +7,15 @@ CLIPTextModelWithProjection (with it). WaveFT adapters are put on them with the 
 steps so every spectrum is non-zero, saved the way each tool saves them, and read against a base given as an
 SDXL single file in the original layout (OpenCLIP CLIP-G with fused q/k/v), a diffusers folder and a state
 dict. Every layer's ΔW must equal PEFT's own get_delta_weight under its ComfyUI-native name."""
+
 import json
 
 import pytest
 import torch
+from reference import rel_err
 
 import waveft_core as wft
 from waveft_core.names import diffusers_unet_to_ldm
-
-from reference import rel_err
 
 peft = pytest.importorskip("peft", reason="the real PEFT package is the reference")
 diffusers = pytest.importorskip("diffusers", reason="the real diffusers package saves the adapters under test")
@@ -29,18 +29,37 @@ CLIP_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 def _unet():
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, transformer_layers_per_block=(1, 2),
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
-        use_linear_projection=True)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        use_linear_projection=True,
+    )
 
 
 def _clip(width, with_projection=False, layers=3):
     torch.manual_seed(1 + width)
-    config = transformers.CLIPTextConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                                         num_attention_heads=4, vocab_size=64, max_position_embeddings=8,
-                                         projection_dim=width, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = transformers.CLIPTextConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        vocab_size=64,
+        max_position_embeddings=8,
+        projection_dim=width,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
     return cls(config).eval()
 
@@ -89,12 +108,19 @@ def _openclip_g(state: dict, prefix: str) -> dict:
     for i in layers:
         hf = f"text_model.encoder.layers.{i}."
         oc = f"{prefix}transformer.resblocks.{i}."
-        out[oc + "attn.in_proj_weight"] = torch.cat([state[hf + f"self_attn.{p}.weight"] for p in ("q_proj", "k_proj",
-                                                                                                     "v_proj")])
-        out[oc + "attn.in_proj_bias"] = torch.cat([state[hf + f"self_attn.{p}.bias"] for p in ("q_proj", "k_proj",
-                                                                                                 "v_proj")])
-        for hf_part, oc_part in (("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
-                                 ("mlp.fc2", "mlp.c_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2")):
+        out[oc + "attn.in_proj_weight"] = torch.cat(
+            [state[hf + f"self_attn.{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
+        )
+        out[oc + "attn.in_proj_bias"] = torch.cat(
+            [state[hf + f"self_attn.{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")]
+        )
+        for hf_part, oc_part in (
+            ("self_attn.out_proj", "attn.out_proj"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+            ("layer_norm1", "ln_1"),
+            ("layer_norm2", "ln_2"),
+        ):
             for kind in ("weight", "bias"):
                 out[f"{oc}{oc_part}.{kind}"] = state[f"{hf}{hf_part}.{kind}"]
     out[prefix + "token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"]
@@ -119,9 +145,11 @@ def diffusers_folder(models, root):
     """A diffusers pipeline folder with the three components (weights only: the reader needs no configs)."""
     from safetensors.torch import save_file
 
-    for sub, model, fname in (("unet", models["unet"], "diffusion_pytorch_model.safetensors"),
-                              ("text_encoder", models["clip_l"], "model.safetensors"),
-                              ("text_encoder_2", models["clip_g"], "model.safetensors")):
+    for sub, model, fname in (
+        ("unet", models["unet"], "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", models["clip_l"], "model.safetensors"),
+        ("text_encoder_2", models["clip_g"], "model.safetensors"),
+    ):
         (root / sub).mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(root / sub / fname))
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
@@ -135,8 +163,11 @@ def bases(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
     single = sdxl_single_file(models)
     save_file(single, str(root / "sdxl_base.safetensors"))
-    return {"single file": root / "sdxl_base.safetensors", "diffusers folder": diffusers_folder(models, root / "pipe"),
-            "state dict": single}
+    return {
+        "single file": root / "sdxl_base.safetensors",
+        "diffusers folder": diffusers_folder(models, root / "pipe"),
+        "state dict": single,
+    }
 
 
 # --- adapters as each tool saves them -------------------------------------------------------------
@@ -147,8 +178,9 @@ def _native_unet(name: str) -> str:
 
 
 def _native_clip(encoder: str, name: str) -> str:
-    return f"text_encoders.{encoder}.transformer." + (name if name.startswith(("text_model.", "text_projection"))
-                                                      else "text_model." + name)
+    return f"text_encoders.{encoder}.transformer." + (
+        name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+    )
 
 
 def _assert_equals_peft(ad, expected: dict):
@@ -174,44 +206,66 @@ def saved(models, tmp_path_factory):
     pm = get_peft_model(unet, cfg)
     _train_two_steps(pm, _unet_loss(pm))
     pm.save_pretrained(root / "peft_unet")
-    out["peft_unet"] = (root / "peft_unet", {_native_unet(n): m.get_delta_weight("default").detach()
-                                             for n, m in pm.base_model.model.named_modules()
-                                             if hasattr(m, "waveft_spectrum")})
+    out["peft_unet"] = (
+        root / "peft_unet",
+        {
+            _native_unet(n): m.get_delta_weight("default").detach()
+            for n, m in pm.base_model.model.named_modules()
+            if hasattr(m, "waveft_spectrum")
+        },
+    )
 
     # 2. diffusers: unet.add_adapter + save_lora_adapter (bare names, config in the file's metadata)
     unet = copy.deepcopy(models["unet"])
-    unet.add_adapter(WaveFTConfig(n_frequency=70, scaling=8.0, wavelet_family="sym4", random_loc_seed=9,
-                                  target_modules=ATTN))
+    unet.add_adapter(
+        WaveFTConfig(n_frequency=70, scaling=8.0, wavelet_family="sym4", random_loc_seed=9, target_modules=ATTN)
+    )
     _train_two_steps(unet, _unet_loss(unet))
     unet.save_lora_adapter(root / "diffusers_unet")
-    unet_delta = {_native_unet(n): m.get_delta_weight("default").detach() for n, m in unet.named_modules()
-                  if hasattr(m, "waveft_spectrum")}
+    unet_delta = {
+        _native_unet(n): m.get_delta_weight("default").detach()
+        for n, m in unet.named_modules()
+        if hasattr(m, "waveft_spectrum")
+    }
     out["diffusers_unet"] = (root / "diffusers_unet" / "pytorch_lora_weights.safetensors", unet_delta)
 
     # 3. text encoders with PEFT: CLIP-L as transformers 5 builds it (no text_model), CLIP-G with it
     te = {}
     for encoder, seed, wavelet in (("clip_l", 21, "sym4"), ("clip_g", 22, "sym4")):  # one wavelet as in one run
         model = copy.deepcopy(models[encoder])
-        cfg = WaveFTConfig(n_frequency=40, scaling=4.0, wavelet_family=wavelet, random_loc_seed=seed,
-                           target_modules=CLIP_ATTN)
+        cfg = WaveFTConfig(
+            n_frequency=40, scaling=4.0, wavelet_family=wavelet, random_loc_seed=seed, target_modules=CLIP_ATTN
+        )
         pm = get_peft_model(model, cfg)
         _train_two_steps(pm, _clip_loss(pm))
-        te[encoder] = (pm, cfg, {_native_clip(encoder, n): m.get_delta_weight("default").detach()
-                                 for n, m in pm.base_model.model.named_modules() if hasattr(m, "waveft_spectrum")})
+        te[encoder] = (
+            pm,
+            cfg,
+            {
+                _native_clip(encoder, n): m.get_delta_weight("default").detach()
+                for n, m in pm.base_model.model.named_modules()
+                if hasattr(m, "waveft_spectrum")
+            },
+        )
     for encoder, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
         te[encoder][0].save_pretrained(root / "peft_te" / sub)  # a folder per component, as pipelines keep them
     out["peft_text_encoder_2"] = (root / "peft_te" / "text_encoder_2", te["clip_g"][2])
     out["peft_te_parent"] = (root / "peft_te", {**te["clip_l"][2], **te["clip_g"][2]})
 
     # 4. a pipeline's save_lora_weights: unet./text_encoder./text_encoder_2. prefixes, with and without configs
-    layers = {"unet_lora_layers": get_peft_model_state_dict(unet),
-              "text_encoder_lora_layers": get_peft_model_state_dict(te["clip_l"][0]),
-              "text_encoder_2_lora_layers": get_peft_model_state_dict(te["clip_g"][0])}
+    layers = {
+        "unet_lora_layers": get_peft_model_state_dict(unet),
+        "text_encoder_lora_layers": get_peft_model_state_dict(te["clip_l"][0]),
+        "text_encoder_2_lora_layers": get_peft_model_state_dict(te["clip_g"][0]),
+    }
     everything = {**unet_delta, **te["clip_l"][2], **te["clip_g"][2]}
     diffusers.StableDiffusionXLPipeline.save_lora_weights(
-        root / "pipe_with_configs", **layers, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        root / "pipe_with_configs",
+        **layers,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         text_encoder_lora_adapter_metadata=te["clip_l"][1].to_dict(),
-        text_encoder_2_lora_adapter_metadata=te["clip_g"][1].to_dict())
+        text_encoder_2_lora_adapter_metadata=te["clip_g"][1].to_dict(),
+    )
     out["pipe_with_configs"] = (root / "pipe_with_configs" / "pytorch_lora_weights.safetensors", everything)
     diffusers.StableDiffusionXLPipeline.save_lora_weights(root / "pipe_bare", **layers)
     out["pipe_bare"] = (root / "pipe_bare" / "pytorch_lora_weights.safetensors", everything)
@@ -241,8 +295,15 @@ def test_a_pipeline_file_without_configs_needs_the_settings_and_says_so(saved, b
     assert not any(rel_err(ad.layers[n].delta(torch.float64), d.double()) < 1e-3 for n, d in expected.items())
     # with CLIP-G's real settings given, CLIP-G's layers are PEFT's exactly
     cfg = saved["settings"]["clip_g"]
-    got = wft.load(path, base=bases["single file"], overrides={
-        "wavelet_family": cfg.wavelet_family, "scaling": cfg.scaling, "random_loc_seed": cfg.random_loc_seed})
+    got = wft.load(
+        path,
+        base=bases["single file"],
+        overrides={
+            "wavelet_family": cfg.wavelet_family,
+            "scaling": cfg.scaling,
+            "random_loc_seed": cfg.random_loc_seed,
+        },
+    )
     natives = [n for n in expected if ".clip_g." in n]
     assert natives
     for native in natives:
@@ -258,8 +319,9 @@ def test_transformers_4_names_read_the_same(saved, bases, tmp_path):
     dst = tmp_path / "text_encoder"
     dst.mkdir()
     tensors = load_file(str(src / "adapter_model.safetensors"))
-    renamed = {k.replace("base_model.model.encoder.", "base_model.model.text_model.encoder."): v
-               for k, v in tensors.items()}
+    renamed = {
+        k.replace("base_model.model.encoder.", "base_model.model.text_model.encoder."): v for k, v in tensors.items()
+    }
     assert renamed != tensors
     save_file(renamed, str(dst / "adapter_model.safetensors"))
     (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
@@ -280,8 +342,11 @@ def test_clip_g_without_its_component_is_never_guessed(saved, bases, tmp_path):
     src = saved["peft_text_encoder_2"][0]
     anon = tmp_path / "my_adapter"
     anon.mkdir()
-    tensors = {k: v for k, v in load_file(str(src / "adapter_model.safetensors")).items()
-               if ".layers.0." in k or ".layers.1." in k}
+    tensors = {
+        k: v
+        for k, v in load_file(str(src / "adapter_model.safetensors")).items()
+        if ".layers.0." in k or ".layers.1." in k
+    }
     save_file(tensors, str(anon / "adapter_model.safetensors"))
     shutil.copy(src / "adapter_config.json", anon / "adapter_config.json")
     with pytest.raises(wft.WaveFTFileError, match=r"fit clip_l and clip_g alike.*clip='clip_g'"):
@@ -377,8 +442,10 @@ def test_cli_clip_choice_and_merge_refuses_what_does_not_fit(saved, bases, tmp_p
     src = saved["peft_text_encoder_2"][0]
     anon = tmp_path / "anon"
     anon.mkdir()
-    save_file({k: v for k, v in load_file(str(src / "adapter_model.safetensors")).items() if ".layers.0." in k},
-              str(anon / "adapter_model.safetensors"))
+    save_file(
+        {k: v for k, v in load_file(str(src / "adapter_model.safetensors")).items() if ".layers.0." in k},
+        str(anon / "adapter_model.safetensors"),
+    )
     shutil.copy(src / "adapter_config.json", anon / "adapter_config.json")
     merged = tmp_path / "merged.safetensors"
     # merge: the checkpoint is the base; an adapter that fits both encoders is refused, nothing written
@@ -425,6 +492,7 @@ def test_base_layouts_agree_on_every_weight(bases):
     for name in wanted:
         assert single.shape(name) == folder.shape(name) == state.shape(name), name
     assert single.encoders == folder.encoders == ("clip_l", "clip_g")
-    comfy_clip = {k[len("text_encoders."):] + ".weight": v for k, v in folder.shapes.items()
-                  if k.startswith("text_encoders.")}
+    comfy_clip = {
+        k[len("text_encoders.") :] + ".weight": v for k, v in folder.shapes.items() if k.startswith("text_encoders.")
+    }
     assert base_shapes(comfy_clip).shapes == {k: v for k, v in folder.shapes.items() if k.startswith("text_encoders.")}

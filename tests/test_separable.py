@@ -4,6 +4,7 @@ coefficients, never forming ΔW, against PyWavelets in float64 (tests/reference.
 The adapter is driven as ComfyUI's bypass hook drives it: multiplier, is_conv, conv_dim, kernel_size and kw_dict
 set on it, the top-level tensors of `weights` (the spectrum) cast to the layer's dtype, and h(x, None) called
 without the base output (a trainer upstream does that)."""
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +34,11 @@ def _hooked(layer, dtype, multiplier, conv=None):
 
 def _reference_delta(layer, dtype, multiplier):
     spectrum = layer.spectrum.to(dtype).double()  # what the hook left in the weights
-    return torch.from_numpy(reference_delta(layer.indices, spectrum, layer.shape, layer.wavelet,
-                                            layer.scaling * multiplier, use_idwt=layer.use_idwt))
+    return torch.from_numpy(
+        reference_delta(
+            layer.indices, spectrum, layer.shape, layer.wavelet, layer.scaling * multiplier, use_idwt=layer.use_idwt
+        )
+    )
 
 
 @pytest.fixture
@@ -65,8 +69,9 @@ def structured_always(monkeypatch):
 @pytest.mark.parametrize("shape", [(97, 61), (64, 130), (33, 9)])
 def test_linear_bypass_is_exact_without_forming_delta(shape, wavelet, dtype, spy, structured_always):
     use_idwt = wavelet != "off"
-    layer = random_layer(shape, min(300, shape[0] * shape[1] // 3), wavelet="db1" if not use_idwt else wavelet,
-                         use_idwt=use_idwt, seed=3)
+    layer = random_layer(
+        shape, min(300, shape[0] * shape[1] // 3), wavelet="db1" if not use_idwt else wavelet, use_idwt=use_idwt, seed=3
+    )
     adapter = _hooked(layer, dtype, multiplier=0.7)
     x = torch.randn(3, 70, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
     got = adapter.h(x, None)
@@ -78,9 +83,14 @@ def test_linear_bypass_is_exact_without_forming_delta(shape, wavelet, dtype, spy
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("wavelet", ["db1", "db4", "sym8"])
-@pytest.mark.parametrize("conv", [{"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1},
-                                  {"stride": (2, 2), "padding": (0, 2), "dilation": (2, 1), "groups": 1}],
-                         ids=["s1p1", "s2d2"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1},
+        {"stride": (2, 2), "padding": (0, 2), "dilation": (2, 1), "groups": 1},
+    ],
+    ids=["s1p1", "s2d2"],
+)
 def test_conv_bypass_is_exact_without_forming_delta(conv, wavelet, dtype, spy, structured_always):
     shape = (24, 10, 3, 3)  # out 24, in 10: a 24 x 90 matrix
     layer = random_layer(shape, 200, wavelet=wavelet, seed=4)
@@ -143,6 +153,7 @@ def test_separable_plan_matches_reference_for_every_band_and_edge():
 
 
 # --- the per-forward merge into fp16/bf16 weights -------------------------------------------------------------
+
 
 def _rounded_once(got, weight, delta, dtype):
     """Every entry of `got` is W + ΔW (float64) rounded once into `dtype`: within half a unit in the last place,
@@ -207,6 +218,7 @@ def test_strided_inputs_give_the_same_product(structured_always):
 
 # --- the Haar (db1) bypass: pairs of features and one CSR product ----------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(13, 11), (12, 9), (7, 14), (2, 3)])
 def test_haar_product_matches_reference_at_every_position(shape):
     """Every coefficient of an odd or even grid at once (all four bands, the cropped last row and the zero-padded
@@ -220,8 +232,9 @@ def test_haar_product_matches_reference_at_every_position(shape):
     np.testing.assert_allclose(got.numpy(), expect / layer.scaling, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("wavelet, path", [("db1", "haar_product"), ("db4", "structured_product"),
-                                           ("off", "structured_product")])
+@pytest.mark.parametrize(
+    "wavelet, path", [("db1", "haar_product"), ("db4", "structured_product"), ("off", "structured_product")]
+)
 def test_only_haar_layers_take_the_pairs_path(wavelet, path, monkeypatch, structured_always):
     """db1 goes through the pairs of features; a longer filter keeps the banded product, and use_idwt false (the
     bare scatter) is untouched by the Haar path."""

@@ -1,19 +1,19 @@
 """FORMAT.md extension 4: the layers ComfyUI's own Train LoRA node trains and saves with algorithm "WaveFT"
 (waveft_core/stock.py), without a host: the same math as Train WaveFT, a layout that survives every float dtype
 the node casts to, and files every reader (and `waveft info`) takes, or refuses naming the key."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
+from reference import ROOT, reference_delta
 from safetensors.torch import save_file
 
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
 from waveft_core.stock import StockTrainable, as_native, coefficient_count, decode_layout, stock_layer
 from waveft_core.trainable import TrainableLayer
-
-from reference import ROOT, reference_delta
 
 
 def trained(shape, rank, seed=0):
@@ -47,8 +47,14 @@ def test_same_math_as_train_waveft(shape):
     native = TrainableLayer(shape, p, "db1", 25.0, 777, spectrum=stock.spectrum.detach())
     assert torch.equal(stock.indices, native.indices) and torch.equal(stock.indices, peft_positions(shape, p, 777))
     w = torch.randn(shape, dtype=torch.float64)
-    torch.testing.assert_close(stock(w) - w, torch.from_numpy(reference_delta(
-        stock.indices.numpy(), stock.spectrum.detach().double().numpy(), shape, "db1", 25.0)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        stock(w) - w,
+        torch.from_numpy(
+            reference_delta(stock.indices.numpy(), stock.spectrum.detach().double().numpy(), shape, "db1", 25.0)
+        ),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     w32 = w.float()
     assert torch.equal(stock(w32), native(w32))
     stock(w32).square().sum().backward()
@@ -79,11 +85,23 @@ def test_a_saved_file_reads_as_a_native_adapter_and_info_describes_it(tmp_path):
         assert torch.equal(layer.indices, layers[name].indices)
         assert torch.equal(layer.spectrum, tensors[f"{name}.spectrum"])  # as stored (bf16), applied as stored
     assert torch.equal(adapter.extra_tensors["diffusion_model.a.to_q.diff_b"], tensors["diffusion_model.a.to_q.diff_b"])
-    r = subprocess.run([sys.executable, "-m", "waveft_core", "info", str(path), "--layers"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "waveft_core", "info", str(path), "--layers"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
-    for words in ("layers: 2", f"parameters: {24 + 40 + 16 + 54}", "wavelet: db1", "scaling: 25",
-                  "Train LoRA node, algorithm WaveFT", "2 full diffs of biases and norms", "[16, 6, 3, 3]"):
+    for words in (
+        "layers: 2",
+        f"parameters: {24 + 40 + 16 + 54}",
+        "wavelet: db1",
+        "scaling: 25",
+        "Train LoRA node, algorithm WaveFT",
+        "2 full diffs of biases and norms",
+        "[16, 6, 3, 3]",
+    ):
         assert words in r.stdout, (words, r.stdout)
     # and re-saved natively it keeps its positions (and the diffs, as extra tensors)
     again = wft.load(wft.save(adapter, tmp_path / "native.safetensors"))

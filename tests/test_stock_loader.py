@@ -1,21 +1,35 @@
 """The stock LoRA loader's blind spot: WaveFT layers its key map cannot place (waveft_core/stock_loader.py)."""
-from waveft_core.stock_loader import (is_text_encoder_layer, only_text_encoder_layers, unclaimed_layers,
-                                      unclaimed_message)
 
-MODEL_MAP = {"lora_unet_blocks_0_mlp_layer1": "diffusion_model.blocks.0.mlp.layer1.weight",
-             "diffusion_model.blocks.0.qkv": ("diffusion_model.blocks.0.qkv.weight", (0, 0, 6))}
+from waveft_core.stock_loader import (
+    is_text_encoder_layer,
+    only_text_encoder_layers,
+    unclaimed_layers,
+    unclaimed_message,
+)
+
+MODEL_MAP = {
+    "lora_unet_blocks_0_mlp_layer1": "diffusion_model.blocks.0.mlp.layer1.weight",
+    "diffusion_model.blocks.0.qkv": ("diffusion_model.blocks.0.qkv.weight", (0, 0, 6)),
+}
 CLIP_MAP = {"lora_te_layers_0_self_attn_q_proj": "qwen3_06b.transformer.model.layers.0.self_attn.q_proj.weight"}
-FILE = ["lora_unet_blocks_0_mlp_layer1.waveft_spectrum", "lora_unet_blocks_0_mlp_layer1.waveft_indices",
-        "diffusion_model.blocks.0.qkv.waveft_spectrum", "lora_unet_blocks_9_mlp_layer1.waveft_spectrum",
-        "lora_te_layers_0_self_attn_q_proj.waveft_spectrum", "lora_te_layers_7_mlp_up_proj.waveft_spectrum",
-        "lora_unet_blocks_0_mlp_layer2.lora_up.weight"]
+FILE = [
+    "lora_unet_blocks_0_mlp_layer1.waveft_spectrum",
+    "lora_unet_blocks_0_mlp_layer1.waveft_indices",
+    "diffusion_model.blocks.0.qkv.waveft_spectrum",
+    "lora_unet_blocks_9_mlp_layer1.waveft_spectrum",
+    "lora_te_layers_0_self_attn_q_proj.waveft_spectrum",
+    "lora_te_layers_7_mlp_up_proj.waveft_spectrum",
+    "lora_unet_blocks_0_mlp_layer2.lora_up.weight",
+]
 
 
 def test_only_the_components_the_map_covers_are_expected():
     assert unclaimed_layers(FILE, MODEL_MAP) == ["lora_unet_blocks_9_mlp_layer1"]  # a model-only load
     assert unclaimed_layers(FILE, CLIP_MAP) == ["lora_te_layers_7_mlp_up_proj"]  # a text-encoder hook
-    assert unclaimed_layers(FILE, {**MODEL_MAP, **CLIP_MAP}) == ["lora_unet_blocks_9_mlp_layer1",
-                                                                "lora_te_layers_7_mlp_up_proj"]
+    assert unclaimed_layers(FILE, {**MODEL_MAP, **CLIP_MAP}) == [
+        "lora_unet_blocks_9_mlp_layer1",
+        "lora_te_layers_7_mlp_up_proj",
+    ]
     assert unclaimed_layers(FILE, {}) == []
     assert unclaimed_layers([k for k in FILE if "lora_up" in k], MODEL_MAP) == []  # a LoRA: none of its business
     assert not only_text_encoder_layers(FILE) and not only_text_encoder_layers([])
@@ -23,9 +37,13 @@ def test_only_the_components_the_map_covers_are_expected():
 
 
 def test_text_encoder_spellings():
-    for name in ("lora_te_layers_0_mlp_up_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1",
-                 "lora_prior_te_text_model_encoder_layers_0_mlp_fc1", "text_encoders.clip_l.transformer.x",
-                 "text_encoder_2.text_model.encoder.layers.0.mlp.fc1"):
+    for name in (
+        "lora_te_layers_0_mlp_up_proj",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+        "lora_prior_te_text_model_encoder_layers_0_mlp_fc1",
+        "text_encoders.clip_l.transformer.x",
+        "text_encoder_2.text_model.encoder.layers.0.mlp.fc1",
+    ):
         assert is_text_encoder_layer(name), name
     for name in ("lora_unet_blocks_0_mlp_layer1", "diffusion_model.blocks.0.qkv", "transformer.blocks.0.attn"):
         assert not is_text_encoder_layer(name), name
@@ -45,9 +63,19 @@ def test_layers_on_one_weight_or_overlapping_slices_are_refused_naming_both():
     from waveft_core.stock_loader import refuse_layers_on_one_weight
 
     qkv = "diffusion_model.blocks.0.qkv.weight"
-    kmap = {"a": qkv, "q": (qkv, (0, 0, 6)), "k": (qkv, (0, 6, 6)), "k2": (qkv, (0, 10, 4)),
-            "cols": (qkv, (1, 0, 2)), "scaled": (qkv, None, abs), "other": "diffusion_model.x.weight"}
-    spectra = lambda *names: [f"{n}.waveft_spectrum" for n in names]
+    kmap = {
+        "a": qkv,
+        "q": (qkv, (0, 0, 6)),
+        "k": (qkv, (0, 6, 6)),
+        "k2": (qkv, (0, 10, 4)),
+        "cols": (qkv, (1, 0, 2)),
+        "scaled": (qkv, None, abs),
+        "other": "diffusion_model.x.weight",
+    }
+
+    def spectra(*names):
+        return [f"{n}.waveft_spectrum" for n in names]
+
     refuse_layers_on_one_weight(spectra("q", "k", "other") + ["a.lora_up.weight", "b.waveft_spectrum"], kmap)
     for pair in (("a", "q"), ("k", "k2"), ("q", "cols"), ("scaled", "k"), ("q", "k", "k2")):
         with pytest.raises(SharedTargetError) as e:
@@ -62,8 +90,11 @@ def test_settings_tensors_are_checked_against_the_metadata_they_mirror():
     from waveft_core.stock_loader import check_mirrors_against_metadata
     from waveft_core.storage import WaveFTFileError
 
-    mirrors = {"waveft.wavelet": torch.tensor(list(b"db2"), dtype=torch.uint8), "waveft.scaling": torch.tensor([25.0]),
-               "waveft.use_idwt": torch.tensor([True])}
+    mirrors = {
+        "waveft.wavelet": torch.tensor(list(b"db2"), dtype=torch.uint8),
+        "waveft.scaling": torch.tensor([25.0]),
+        "waveft.use_idwt": torch.tensor([True]),
+    }
     metadata = {"waveft.wavelet": "db2", "waveft.scaling": "25.0", "waveft.use_idwt": "true"}
     check_mirrors_against_metadata("f.safetensors", mirrors, metadata)
     check_mirrors_against_metadata("f.safetensors", mirrors, {})  # stripped metadata: the mirrors are all there is
@@ -76,5 +107,8 @@ def test_settings_tensors_are_checked_against_the_metadata_they_mirror():
         check_mirrors_against_metadata("f.safetensors", mirrors, {**metadata, "waveft.scaling": "abc"})
     # use_idwt left out of the metadata reads as true, as every reader does
     with pytest.raises(WaveFTFileError, match="waveft.use_idwt"):
-        check_mirrors_against_metadata("f.safetensors", {**mirrors, "waveft.use_idwt": torch.tensor([False])},
-                                       {"waveft.wavelet": "db2", "waveft.scaling": "25"})
+        check_mirrors_against_metadata(
+            "f.safetensors",
+            {**mirrors, "waveft.use_idwt": torch.tensor([False])},
+            {"waveft.wavelet": "db2", "waveft.scaling": "25"},
+        )

@@ -1,6 +1,7 @@
 """The target presets on real diffusers models (tiny configs): "attention q/k/v/out" selects exactly the linears
 inside diffusers' attention modules (their processors' q/k/v/out projections, both streams), plus the fused
 output of Flux's single blocks; "+ feed-forward" adds exactly the blocks' feed-forward linears."""
+
 import pytest
 import torch
 
@@ -10,27 +11,59 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def _flux():
-    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                            pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
 
 
 def _wan():
-    return diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
-                                           in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
-                                           num_layers=1, rope_max_seq_len=32)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=1,
+        rope_max_seq_len=32,
+    )
 
 
 def _sd3():
-    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
-                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+    )
 
 
 def _ltx():
-    return diffusers.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
-                                                attention_head_dim=8, cross_attention_dim=16, num_layers=1,
-                                                caption_channels=16)
+    return diffusers.LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=1,
+        caption_channels=16,
+    )
 
 
 def _linears(model):

@@ -7,6 +7,7 @@ extension adds; print what it found and save a screenshot.
 Needs Chromium and its driver (Debian: apt install chromium chromium-driver) and `pip install selenium` in the
 Python running this script; the ComfyUI host runs with the venv beside its checkout (or --python). A
 development check, not part of the test suite: CI machines have no browser."""
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,23 @@ def free_port() -> int:
 
 def start_comfyui(comfy: Path, python: str, base: Path, log: Path):
     port = free_port()
-    proc = subprocess.Popen([python, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--disable-auto-launch"],
-                            cwd=comfy, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            python,
+            str(comfy / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--base-directory",
+            str(base),
+            "--disable-auto-launch",
+        ],
+        cwd=comfy,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -79,7 +94,9 @@ def start_comfyui(comfy: Path, python: str, base: Path, log: Path):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    ap.add_argument(
+        "--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (default: $COMFYUI_PATH)"
+    )
     ap.add_argument("--python", help="Python that runs ComfyUI (default: the venv beside the checkout)")
     ap.add_argument("--screenshot", default="frontend_check.png", help="where to save the screenshot")
     args = ap.parse_args()
@@ -87,21 +104,28 @@ def main() -> int:
         ap.error("--comfyui or COMFYUI_PATH is needed")
     comfy = Path(args.comfyui).expanduser().resolve()
     python = args.python or str(comfy.parent / "venv" / "bin" / "python")
+    import torch
     from selenium import webdriver
 
     import waveft_core as wft
     from waveft_core.peft_io import peft_positions
-
-    import torch
 
     base = Path(tempfile.mkdtemp(prefix="waveft_frontend_"))
     for d in ("models/waveft", "custom_nodes", "input", "output", "user"):
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / "ComfyUI-WaveFT").symlink_to(ROOT, target_is_directory=True)
     layer = wft.Layer(spectrum=torch.randn(40), indices=peft_positions((32, 32), 40, 777), shape=(32, 32))
-    wft.save(wft.Adapter(layers={"diffusion_model.input_blocks.1.1.proj_in": layer},
-                         metadata={"ss_base_model_version": "sd_1.5", "modelspec.title": "frontend check",
-                                   "modelspec.trigger_phrase": "sks"}), base / "models/waveft/check.safetensors")
+    wft.save(
+        wft.Adapter(
+            layers={"diffusion_model.input_blocks.1.1.proj_in": layer},
+            metadata={
+                "ss_base_model_version": "sd_1.5",
+                "modelspec.title": "frontend check",
+                "modelspec.trigger_phrase": "sks",
+            },
+        ),
+        base / "models/waveft/check.safetensors",
+    )
     proc, url, version = start_comfyui(comfy, python, base, base / "comfyui.log")
     options = webdriver.ChromeOptions()
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"):
@@ -110,15 +134,17 @@ def main() -> int:
     if shutil.which("chromium"):
         options.binary_location = shutil.which("chromium")
     # the system's driver: Selenium's own manager would try to download one
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver")) if shutil.which(
-        "chromedriver") else None
+    service = (
+        webdriver.ChromeService(executable_path=shutil.which("chromedriver")) if shutil.which("chromedriver") else None
+    )
     driver = webdriver.Chrome(options=options, service=service)
     try:
         driver.set_script_timeout(90)
         driver.get(url)
         deadline = time.time() + 120
         while time.time() < deadline and not driver.execute_script(
-                "return !!((window.app ?? window.comfyAPI?.app?.app)?.graph && window.LiteGraph)"):
+            "return !!((window.app ?? window.comfyAPI?.app?.app)?.graph && window.LiteGraph)"
+        ):
             time.sleep(0.5)
         time.sleep(2)  # let the frontend finish registering extensions and node definitions
         from selenium.webdriver.common.by import By
@@ -129,15 +155,17 @@ def main() -> int:
         result = driver.execute_async_script(ADD_NODE_AND_RUN, "check.safetensors")
         time.sleep(1)
         driver.save_screenshot(args.screenshot)
-        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE" and "waveft" in
-                  e["message"].lower()]
+        errors = [
+            e["message"]
+            for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and "waveft" in e["message"].lower()
+        ]
         frontend = driver.execute_script("return window.__COMFYUI_FRONTEND_VERSION__ ?? null")
     finally:
         driver.quit()
         proc.terminate()
         proc.wait(30)
-    print(json.dumps({"comfyui": version, "frontend": frontend, **result, "waveft_console_errors": errors},
-                     indent=1))
+    print(json.dumps({"comfyui": version, "frontend": frontend, **result, "waveft_console_errors": errors}, indent=1))
     print(f"screenshot: {os.path.abspath(args.screenshot)}")
     shutil.rmtree(base, ignore_errors=True)
     return 0 if result.get("ok") and not errors else 1

@@ -16,6 +16,7 @@ in manifest.json. Their `convert_anima_lora_to_comfy.py` turns the float32 file 
 
 The MLP is 4099 wide so that many positions lie above 2048: float16 keeps integers exact only up to 2048,
 bfloat16 only up to 256, so those saves lose positions exactly as their trainer does on real-size layers."""
+
 from __future__ import annotations
 
 import json
@@ -106,8 +107,11 @@ def base_state(unet, te) -> dict[str, torch.Tensor]:
 # (file stem, save dtype, network_args as the GUI passes them: strings)
 CASES = [
     ("kohya_anima_fp32", torch.float32, {"waveft_use_idwt": "true"}),
-    ("kohya_anima_fp32_noidwt", torch.float32,
-     {"waveft_use_idwt": "false", "waveft_random_loc_seed": "1234", "waveft_scaling": "12.5"}),
+    (
+        "kohya_anima_fp32_noidwt",
+        torch.float32,
+        {"waveft_use_idwt": "false", "waveft_random_loc_seed": "1234", "waveft_scaling": "12.5"},
+    ),
     ("kohya_anima_fp16", torch.float16, {"waveft_use_idwt": "true"}),
     ("kohya_anima_bf16", torch.bfloat16, {"waveft_use_idwt": "true"}),
 ]
@@ -160,11 +164,21 @@ def main(sd_scripts: str, out: str, commit: str) -> None:
             case["their_merge_error"] = f"{type(e).__name__}: {e}"
         manifest["cases"][stem] = case
     converted = out_dir / "kohya_anima_fp32_comfy.safetensors"
-    subprocess.run([sys.executable, str(Path(sd_scripts) / "networks" / "convert_anima_lora_to_comfy.py"),
-                    str(out_dir / "kohya_anima_fp32.safetensors"), str(converted)], check=True, cwd=sd_scripts,
-                   env={"PYTHONPATH": sd_scripts, "PATH": "/usr/bin:/bin"})
-    manifest["converted"] = {"kohya_anima_fp32_comfy.safetensors": "convert_anima_lora_to_comfy.py "
-                             "kohya_anima_fp32.safetensors kohya_anima_fp32_comfy.safetensors"}
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(sd_scripts) / "networks" / "convert_anima_lora_to_comfy.py"),
+            str(out_dir / "kohya_anima_fp32.safetensors"),
+            str(converted),
+        ],
+        check=True,
+        cwd=sd_scripts,
+        env={"PYTHONPATH": sd_scripts, "PATH": "/usr/bin:/bin"},
+    )
+    manifest["converted"] = {
+        "kohya_anima_fp32_comfy.safetensors": "convert_anima_lora_to_comfy.py "
+        "kohya_anima_fp32.safetensors kohya_anima_fp32_comfy.safetensors"
+    }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 

@@ -11,6 +11,7 @@ the newest ComfyUI the pack supports. Reading a workflow back follows the fronte
 order, and a widget left without one (the last ones, e.g. one that an older host still shows as a widget)
 keeps its default or takes its link. Both directions below follow those rules, so the tests can run every
 shipped workflow headless through the API on every supported host."""
+
 from __future__ import annotations
 
 import json
@@ -83,11 +84,16 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 if values:
                     value = values.pop(0)
                     if not _fits(spec, value):
-                        raise ValueError(f"node {node['id']} ({kind}): widget value {value!r} does not fit input "
-                                         f"{name!r} ({spec[0] if isinstance(spec[0], str) else 'COMBO'}): "
-                                         "the widget values are shifted against this ComfyUI's inputs")
-                    if _has_control(name, spec) and values and values[0] in ("fixed", "increment", "decrement",
-                                                                              "randomize"):
+                        raise ValueError(
+                            f"node {node['id']} ({kind}): widget value {value!r} does not fit input "
+                            f"{name!r} ({spec[0] if isinstance(spec[0], str) else 'COMBO'}): "
+                            "the widget values are shifted against this ComfyUI's inputs"
+                        )
+                    if (
+                        _has_control(name, spec)
+                        and values
+                        and values[0] in ("fixed", "increment", "decrement", "randomize")
+                    ):
                         values.pop(0)
                     if name not in linked:
                         inputs[name] = value
@@ -116,8 +122,11 @@ def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = (),
 
     def node_depth(nid):
         if nid not in depth:
-            srcs = [v[0] for v in api[nid]["inputs"].values() if isinstance(v, list) and len(v) == 2
-                    and isinstance(v[0], str)]
+            srcs = [
+                v[0]
+                for v in api[nid]["inputs"].values()
+                if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+            ]
             depth[nid] = 1 + max((node_depth(s) for s in srcs), default=-1)
         return depth[nid]
 
@@ -159,24 +168,56 @@ def api_to_ui(api: dict, object_info: dict, notes: list[tuple[str, tuple]] = (),
         outputs = []
         for slot, (otype, oname) in enumerate(zip(info["output"], info.get("output_name", info["output"]))):
             outputs.append({"name": oname, "type": otype, "links": out_links.get((nid, slot), []), "slot_index": slot})
-        nodes.append({"id": int(nid), "type": spec["class_type"], "pos": [40 + 450 * col, 40 + 300 * row],
-                      "size": [320, 120], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
-                      "outputs": outputs, "properties": {"Node name for S&R": spec["class_type"]},
-                      "widgets_values": widgets, **({"title": spec["title"]} if "title" in spec else {})})
+        nodes.append(
+            {
+                "id": int(nid),
+                "type": spec["class_type"],
+                "pos": [40 + 450 * col, 40 + 300 * row],
+                "size": [320, 120],
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+                "properties": {"Node name for S&R": spec["class_type"]},
+                "widgets_values": widgets,
+                **({"title": spec["title"]} if "title" in spec else {}),
+            }
+        )
     next_id = max(int(n) for n in api) + 1
     below = max(n["pos"][1] for n in nodes) + 320  # notes go under the graph, where nothing overlaps them
     for i, (text, _) in enumerate(notes):
-        nodes.append({"id": next_id + i, "type": "Note", "pos": [40 + 460 * i, below], "size": [420, 160], "flags": {},
-                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
-                      "widgets_values": [text]})
+        nodes.append(
+            {
+                "id": next_id + i,
+                "type": "Note",
+                "pos": [40 + 460 * i, below],
+                "size": [420, 160],
+                "flags": {},
+                "order": len(nodes),
+                "mode": 0,
+                "inputs": [],
+                "outputs": [],
+                "properties": {},
+                "widgets_values": [text],
+            }
+        )
     for link in links:  # the UI stores the target slot index, not the name
         target = next(n for n in nodes if n["id"] == link[3])
         link[4] = next(i for i, entry in enumerate(target["inputs"]) if entry["name"] == link[4])
-    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, **({"waveft": {"made_for_comfyui": made_for}}
-                                                               if made_for else {})},
-            "version": 0.4}
+    return {
+        "last_node_id": max(n["id"] for n in nodes),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {
+            "ds": {"scale": 0.8, "offset": [0, 0]},
+            **({"waveft": {"made_for_comfyui": made_for}} if made_for else {}),
+        },
+        "version": 0.4,
+    }
 
 
 # --- the shipped workflows -----------------------------------------------------------------------
@@ -191,9 +232,21 @@ def _txt2img(model, clip, vae, first_id: int, prompt: str, seed: int = 42, prefi
         str(i): {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": clip}},
         str(i + 1): {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": clip}},
         str(i + 2): {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
-        str(i + 3): {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": seed, "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": [str(i), 0], "negative": [str(i + 1), 0], "latent_image": [str(i + 2), 0], "denoise": 1.0}},
+        str(i + 3): {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model,
+                "seed": seed,
+                "steps": 25,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": [str(i), 0],
+                "negative": [str(i + 1), 0],
+                "latent_image": [str(i + 2), 0],
+                "denoise": 1.0,
+            },
+        },
         str(i + 4): {"class_type": "VAEDecode", "inputs": {"samples": [str(i + 3), 0], "vae": vae}},
         str(i + 5): {"class_type": "SaveImage", "inputs": {"images": [str(i + 4), 0], "filename_prefix": prefix}},
     }
@@ -208,71 +261,173 @@ def specs(object_info: dict | None = None) -> dict:
     ckpt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}}
 
     g = dict(ckpt)
-    g["2"] = {"class_type": "WaveFTLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "waveft_name": ADAPTER,
-                                                       "strength_model": 1.0, "strength_clip": 1.0}}
+    g["2"] = {
+        "class_type": "WaveFTLoader",
+        "inputs": {
+            "model": ["1", 0],
+            "clip": ["1", 1],
+            "waveft_name": ADAPTER,
+            "strength_model": 1.0,
+            "strength_clip": 1.0,
+        },
+    }
     g.update(_txt2img(["2", 0], ["2", 1], ["1", 2], 3, "a photo of sks dog on the beach"))
-    out["waveft_txt2img"] = (g, [("Load WaveFT applies the adapter to the model and its text encoder. Put adapters "
-                                  "in models/waveft (or models/loras); PEFT folders work too (listed with a '/').",
-                                  (40, 560))])
+    out["waveft_txt2img"] = (
+        g,
+        [
+            (
+                "Load WaveFT applies the adapter to the model and its text encoder. Put adapters "
+                "in models/waveft (or models/loras); PEFT folders work too (listed with a '/').",
+                (40, 560),
+            )
+        ],
+    )
 
     g = dict(ckpt)
-    g["2"] = {"class_type": "WaveFTLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "waveft_name": ADAPTER,
-                                                       "strength_model": 0.9, "strength_clip": 0.9}}
-    g["3"] = {"class_type": "LoraLoader", "inputs": {"model": ["2", 0], "clip": ["2", 1],
-                                                     "lora_name": "my_style_lora.safetensors",
-                                                     "strength_model": 0.6, "strength_clip": 0.6}}
+    g["2"] = {
+        "class_type": "WaveFTLoader",
+        "inputs": {
+            "model": ["1", 0],
+            "clip": ["1", 1],
+            "waveft_name": ADAPTER,
+            "strength_model": 0.9,
+            "strength_clip": 0.9,
+        },
+    }
+    g["3"] = {
+        "class_type": "LoraLoader",
+        "inputs": {
+            "model": ["2", 0],
+            "clip": ["2", 1],
+            "lora_name": "my_style_lora.safetensors",
+            "strength_model": 0.6,
+            "strength_clip": 0.6,
+        },
+    }
     g.update(_txt2img(["3", 0], ["3", 1], ["1", 2], 4, "a watercolor of sks dog"))
     out["waveft_with_lora"] = (g, [("WaveFT and LoRA patches add up: chain the loaders in any order.", (40, 560))])
 
     g = dict(ckpt)
     g["2"] = {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "my_subject"}}
-    g["3"] = {"class_type": "MakeTrainingDataset", "inputs": {"images": ["2", 0], "vae": ["1", 2], "clip": ["1", 1],
-                                                              "texts": ["2", 1]}}
-    g["4"] = {"class_type": "WaveFTTrain", "inputs": {
-        "model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "steps": 500, "learning_rate": 1e-4,
-        "batch_size": 1, "grad_accumulation_steps": 4, "n_coefficients": 2592, "scaling": 25.0, "wavelet": "db1",
-        "targets": "attention q/k/v/out", "seed": 0, "optimizer": "AdamW", "lr_schedule": "constant",
-        "warmup_steps": 0, "training_dtype": "bf16", "gradient_checkpointing": True, "save_every_n_steps": 100,
-        "filename_prefix": "my_subject_waveft", "resume_from": "none", "captions": ["2", 1],
-        "preview_vae": ["1", 2], "preview_positive": ["7", 0], "preview_negative": ["8", 0],
-        "preview_every_n_steps": 50, "preview_width": 512, "preview_height": 512, "preview_steps": 20,
-        "preview_cfg": 6.0}}
-    g["5"] = {"class_type": "WaveFTSave", "inputs": {"waveft": ["4", 1], "filename_prefix": "my_subject_waveft",
-                                                     "title": "my subject", "trigger_words": "sks",
-                                                     "description": "trained in ComfyUI with WaveFT"}}
+    g["3"] = {
+        "class_type": "MakeTrainingDataset",
+        "inputs": {"images": ["2", 0], "vae": ["1", 2], "clip": ["1", 1], "texts": ["2", 1]},
+    }
+    g["4"] = {
+        "class_type": "WaveFTTrain",
+        "inputs": {
+            "model": ["1", 0],
+            "latents": ["3", 0],
+            "positive": ["3", 1],
+            "steps": 500,
+            "learning_rate": 1e-4,
+            "batch_size": 1,
+            "grad_accumulation_steps": 4,
+            "n_coefficients": 2592,
+            "scaling": 25.0,
+            "wavelet": "db1",
+            "targets": "attention q/k/v/out",
+            "seed": 0,
+            "optimizer": "AdamW",
+            "lr_schedule": "constant",
+            "warmup_steps": 0,
+            "training_dtype": "bf16",
+            "gradient_checkpointing": True,
+            "save_every_n_steps": 100,
+            "filename_prefix": "my_subject_waveft",
+            "resume_from": "none",
+            "captions": ["2", 1],
+            "preview_vae": ["1", 2],
+            "preview_positive": ["7", 0],
+            "preview_negative": ["8", 0],
+            "preview_every_n_steps": 50,
+            "preview_width": 512,
+            "preview_height": 512,
+            "preview_steps": 20,
+            "preview_cfg": 6.0,
+        },
+    }
+    g["5"] = {
+        "class_type": "WaveFTSave",
+        "inputs": {
+            "waveft": ["4", 1],
+            "filename_prefix": "my_subject_waveft",
+            "title": "my subject",
+            "trigger_words": "sks",
+            "description": "trained in ComfyUI with WaveFT",
+        },
+    }
     g["6"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["4", 2], "filename_prefix": "waveft_loss"}}
     g.update(_txt2img(["4", 0], ["1", 1], ["1", 2], 7, "a photo of sks on a mountain", prefix="WaveFT_trained"))
     g["13"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 4], "filename_prefix": "WaveFT_previews"}}
-    out["waveft_train"] = (g, [(
-        "1. Put images with captions (photo.png + photo.txt) in ComfyUI/input/my_subject.\n2. Queue. The paper's "
-        "SDXL recipe: attention layers, 2592 coefficients, scaling 25, lr 1e-4, 500 steps, batch 1 x accumulation "
-        "4.\n3. Every 50 steps a preview is sampled with the adapter so far (the prompt of the sampler below) and "
-        "shown on the node; all previews are saved as one grid at the end.\n4. The trained model samples at once; "
-        "the file lands in models/waveft.", (40, 560))])
+    out["waveft_train"] = (
+        g,
+        [
+            (
+                "1. Put images with captions (photo.png + photo.txt) in ComfyUI/input/my_subject.\n2. Queue. The paper's "
+                "SDXL recipe: attention layers, 2592 coefficients, scaling 25, lr 1e-4, 500 steps, batch 1 x accumulation "
+                "4.\n3. Every 50 steps a preview is sampled with the adapter so far (the prompt of the sampler below) and "
+                "shown on the node; all previews are saved as one grid at the end.\n4. The trained model samples at once; "
+                "the file lands in models/waveft.",
+                (40, 560),
+            )
+        ],
+    )
 
     g = dict(ckpt)
     g["2"] = {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "my_subject"}}
-    g["3"] = {"class_type": "MakeTrainingDataset", "inputs": {"images": ["2", 0], "vae": ["1", 2], "clip": ["1", 1],
-                                                              "texts": ["2", 1]}}
-    g["4"] = {"class_type": "TrainLoraNode", "inputs": {
-        "model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "batch_size": 1, "grad_accumulation_steps": 4,
-        "steps": 500, "learning_rate": 1e-4, "rank": 1, "optimizer": "AdamW", "loss_function": "MSE", "seed": 0,
-        "training_dtype": "bf16", "lora_dtype": "bf16", "algorithm": "WaveFT", "gradient_checkpointing": True,
-        "existing_lora": "[None]"}}
-    g["5"] = {"class_type": "SaveLoRA", "inputs": {"lora": ["4", lora_slot], "prefix": "loras/my_subject_waveft",
-                                                   "steps": ["4", lora_slot + 2]}}
-    g["6"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["4", lora_slot + 1],
-                                                        "filename_prefix": "waveft_stock_loss"}}
-    g["7"] = {"class_type": "LoraModelLoader", "inputs": {"model": ["1", 0], "lora": ["4", lora_slot],
-                                                          "strength_model": 1.0}}
+    g["3"] = {
+        "class_type": "MakeTrainingDataset",
+        "inputs": {"images": ["2", 0], "vae": ["1", 2], "clip": ["1", 1], "texts": ["2", 1]},
+    }
+    g["4"] = {
+        "class_type": "TrainLoraNode",
+        "inputs": {
+            "model": ["1", 0],
+            "latents": ["3", 0],
+            "positive": ["3", 1],
+            "batch_size": 1,
+            "grad_accumulation_steps": 4,
+            "steps": 500,
+            "learning_rate": 1e-4,
+            "rank": 1,
+            "optimizer": "AdamW",
+            "loss_function": "MSE",
+            "seed": 0,
+            "training_dtype": "bf16",
+            "lora_dtype": "bf16",
+            "algorithm": "WaveFT",
+            "gradient_checkpointing": True,
+            "existing_lora": "[None]",
+        },
+    }
+    g["5"] = {
+        "class_type": "SaveLoRA",
+        "inputs": {"lora": ["4", lora_slot], "prefix": "loras/my_subject_waveft", "steps": ["4", lora_slot + 2]},
+    }
+    g["6"] = {
+        "class_type": "LossGraphNode",
+        "inputs": {"loss": ["4", lora_slot + 1], "filename_prefix": "waveft_stock_loss"},
+    }
+    g["7"] = {
+        "class_type": "LoraModelLoader",
+        "inputs": {"model": ["1", 0], "lora": ["4", lora_slot], "strength_model": 1.0},
+    }
     g.update(_txt2img(["7", 0], ["1", 1], ["1", 2], 8, "a photo of sks on a mountain", prefix="WaveFT_stock"))
-    out["waveft_stock_train"] = (g, [(
-        "ComfyUI's own Train LoRA node with algorithm WaveFT: every layer gets rank x (in + out) wavelet "
-        "coefficients (db1, scaling 25), biases and norms full diffs.\n1. Put images with captions in "
-        "ComfyUI/input/my_subject. 2. Queue. 3. Save LoRA Weights writes output/loras/my_subject_waveft_500_steps_"
-        "….safetensors: move it to models/loras for Load LoRA or Load WaveFT. This graph samples it at once (Load "
-        "LoRA Model).\nMade for ComfyUI 0.33; on 0.8 Train LoRA outputs a MODEL first: reconnect lora, loss and "
-        "steps to its next outputs.", (40, 560))])
+    out["waveft_stock_train"] = (
+        g,
+        [
+            (
+                "ComfyUI's own Train LoRA node with algorithm WaveFT: every layer gets rank x (in + out) wavelet "
+                "coefficients (db1, scaling 25), biases and norms full diffs.\n1. Put images with captions in "
+                "ComfyUI/input/my_subject. 2. Queue. 3. Save LoRA Weights writes output/loras/my_subject_waveft_500_steps_"
+                "….safetensors: move it to models/loras for Load LoRA or Load WaveFT. This graph samples it at once (Load "
+                "LoRA Model).\nMade for ComfyUI 0.33; on 0.8 Train LoRA outputs a MODEL first: reconnect lora, loss and "
+                "steps to its next outputs.",
+                (40, 560),
+            )
+        ],
+    )
 
     g = dict(ckpt)
     g["2"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks dog", "clip": ["1", 1]}}
@@ -281,26 +436,53 @@ def specs(object_info: dict | None = None) -> dict:
     batches = []
     for k, strength in enumerate((0.0, 0.5, 1.0, 1.5)):
         base = 10 + 10 * k
-        g[str(base)] = {"class_type": "WaveFTLoaderModelOnly", "inputs": {"model": ["1", 0], "waveft_name": ADAPTER,
-                                                                          "strength_model": strength}}
-        g[str(base + 1)] = {"class_type": "KSampler", "inputs": {
-            "model": [str(base), 0], "seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "denoise": 1.0}}
+        g[str(base)] = {
+            "class_type": "WaveFTLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "waveft_name": ADAPTER, "strength_model": strength},
+        }
+        g[str(base + 1)] = {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": [str(base), 0],
+                "seed": 42,
+                "steps": 25,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+            },
+        }
         g[str(base + 2)] = {"class_type": "VAEDecode", "inputs": {"samples": [str(base + 1), 0], "vae": ["1", 2]}}
         batches.append([str(base + 2), 0])
     g["60"] = {"class_type": "ImageBatch", "inputs": {"image1": batches[0], "image2": batches[1]}}
     g["61"] = {"class_type": "ImageBatch", "inputs": {"image1": ["60", 0], "image2": batches[2]}}
     g["62"] = {"class_type": "ImageBatch", "inputs": {"image1": ["61", 0], "image2": batches[3]}}
     g["63"] = {"class_type": "SaveImage", "inputs": {"images": ["62", 0], "filename_prefix": "WaveFT_sweep"}}
-    out["waveft_strength_sweep"] = (g, [("Same seed at strengths 0, 0.5, 1.0 and 1.5: the saved batch shows as a "
-                                         "grid.", (40, 560))])
+    out["waveft_strength_sweep"] = (
+        g,
+        [("Same seed at strengths 0, 0.5, 1.0 and 1.5: the saved batch shows as a grid.", (40, 560))],
+    )
 
-    g = {"1": {"class_type": "WaveFTToLoRA", "inputs": {"waveft_name": ADAPTER, "rank": 8,
-                                                        "filename_prefix": "my_waveft_as_lora"}}}
-    out["waveft_export_lora"] = (g, [("Writes models/loras/my_waveft_as_lora.safetensors (truncated SVD of each "
-                                      "layer's ΔW; the node reports the energy kept). Refresh (R), then load it with "
-                                      "the stock Load LoRA node or in any LoRA tool.", (420, 40))])
+    g = {
+        "1": {
+            "class_type": "WaveFTToLoRA",
+            "inputs": {"waveft_name": ADAPTER, "rank": 8, "filename_prefix": "my_waveft_as_lora"},
+        }
+    }
+    out["waveft_export_lora"] = (
+        g,
+        [
+            (
+                "Writes models/loras/my_waveft_as_lora.safetensors (truncated SVD of each "
+                "layer's ΔW; the node reports the energy kept). Refresh (R), then load it with "
+                "the stock Load LoRA node or in any LoRA tool.",
+                (420, 40),
+            )
+        ],
+    )
     return out
 
 

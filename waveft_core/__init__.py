@@ -1,11 +1,12 @@
 """waveft_core: WaveFT adapters (Bilican et al., arXiv 2505.12532) without any ComfyUI dependency.
 
-    import waveft_core as wft
-    ad = wft.load("x.safetensors")                  # native v1; a PEFT folder needs base=...
-    ad.layers[name].delta(dtype=torch.float32)      # dense ΔW, scaling included
-    ad.layers[name].add_to_(weight, strength=1.0)   # in place, sparse
-    wft.save(ad, "y.safetensors")
+import waveft_core as wft
+ad = wft.load("x.safetensors")                  # native v1; a PEFT folder needs base=...
+ad.layers[name].delta(dtype=torch.float32)      # dense ΔW, scaling included
+ad.layers[name].add_to_(weight, strength=1.0)   # in place, sparse
+wft.save(ad, "y.safetensors")
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Callable, Mapping
 try:
     import torch  # noqa: F401
 except ImportError as e:  # the one dependency this package cannot install for you: the build must fit your GPU
-    raise ImportError("waveft_core needs PyTorch: install the build for your machine first (pip install torch, or "
-                      "the command from pytorch.org), then waveft_core") from e
+    raise ImportError(
+        "waveft_core needs PyTorch: install the build for your machine first (pip install torch, or "
+        "the command from pytorch.org), then waveft_core"
+    ) from e
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
 from .fileformat import FORMAT_VERSION
@@ -23,8 +26,19 @@ from .storage import WaveFTFileError
 from .wavelets import SUPPORTED_WAVELETS, UnknownWaveletError
 
 __all__ = [
-    "Adapter", "Layer", "load", "save", "load_peft", "save_peft", "WaveFTFileError", "UnknownWaveletError",
-    "SUPPORTED_WAVELETS", "FORMAT_VERSION", "DEFAULT_SCALING", "DEFAULT_SEED", "__version__",
+    "Adapter",
+    "Layer",
+    "load",
+    "save",
+    "load_peft",
+    "save_peft",
+    "WaveFTFileError",
+    "UnknownWaveletError",
+    "SUPPORTED_WAVELETS",
+    "FORMAT_VERSION",
+    "DEFAULT_SCALING",
+    "DEFAULT_SEED",
+    "__version__",
 ]
 
 
@@ -48,8 +62,15 @@ def _read_version() -> str:
 __version__ = _read_version()
 
 
-def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str | None = None,
-         adapter: str | None = None, overrides: Mapping | None = None, components=None, spelling=None) -> Adapter:
+def load(
+    path,
+    base: "Mapping | str | Path | Callable | None" = None,
+    clip: str | None = None,
+    adapter: str | None = None,
+    overrides: Mapping | None = None,
+    components=None,
+    spelling=None,
+) -> Adapter:
     """Load a WaveFT adapter: a native v1 file, or one that stores no positions or shapes: a PEFT folder (one
     adapter, several by name, or one sub-folder per pipeline component), a diffusers .safetensors file, or a
     kohya-style file from another trainer (lora-scripts-next; kohya_waveft.py). Those need
@@ -70,12 +91,20 @@ def load(path, base: "Mapping | str | Path | Callable | None" = None, clip: str 
             return kohya_waveft.load(tensors, metadata, path, base, spelling.base)
         if not sources.is_spectra_file(tensors) or "waveft.format_version" in metadata:
             return fileformat.adapter_from_tensors(tensors, metadata, path)
-    return load_peft(path, base, clip=clip, adapter=adapter, overrides=overrides, components=components,
-                     spelling=spelling)
+    return load_peft(
+        path, base, clip=clip, adapter=adapter, overrides=overrides, components=components, spelling=spelling
+    )
 
 
-def load_peft(path, base, clip: str | None = None, adapter: str | None = None, overrides: Mapping | None = None,
-              components=None, spelling=None) -> Adapter:
+def load_peft(
+    path,
+    base,
+    clip: str | None = None,
+    adapter: str | None = None,
+    overrides: Mapping | None = None,
+    components=None,
+    spelling=None,
+) -> Adapter:
     """A PEFT folder or diffusers file (see `load`) resolved against `base`."""
     from . import layouts, peft_io, sources
 
@@ -85,13 +114,20 @@ def load_peft(path, base, clip: str | None = None, adapter: str | None = None, o
         source = sources.select_components(source, components)
     if base is None:
         raise WaveFTFileError(
-            path, f"is a {source.kind}, which stores no coefficient positions",
+            path,
+            f"is a {source.kind}, which stores no coefficient positions",
             advice=f"Give the base model it was trained on ({spelling.base}) so each layer's shape is known",
         )
     shapes = layouts.base_shapes(base)
     lookup = shapes if shapes is not None else base
-    adapter_obj = peft_io.import_source(source, lookup, clip=clip, encoders=shapes.encoders if shapes else (),
-                                        overrides=dict(overrides or {}), spelling=spelling)
+    adapter_obj = peft_io.import_source(
+        source,
+        lookup,
+        clip=clip,
+        encoders=shapes.encoders if shapes else (),
+        overrides=dict(overrides or {}),
+        spelling=spelling,
+    )
     if shapes is not None and shapes.family:
         adapter_obj.metadata.setdefault("ss_base_model_version", shapes.family)
     return adapter_obj

@@ -15,6 +15,7 @@ written by the main process only, atomically; checkpoints carry the optimizer st
 
 accelerate, diffusers and transformers are an optional extra (`pip install waveft[train]`), never needed in ComfyUI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,45 +32,91 @@ import torch
 from .metadata import tag_frequency
 from .names import UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy
 from .storage import refuse_overwrite
-from .trainable import (OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState, is_target, lr_factor,
-                        make_optimizer)
+from .trainable import (
+    OPTIMIZERS,
+    SCHEDULES,
+    TARGET_PRESETS,
+    TrainableLayer,
+    TrainingState,
+    is_target,
+    lr_factor,
+    make_optimizer,
+)
 from .wavelets import SUPPORTED_WAVELETS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The paper's DreamBooth recipe (Bilican et al., SDXL): attention projections, 2592 coefficients, scaling 25, db1.
-RECIPE = dict(targets="attention q/k/v/out", n_coefficients=2592, scaling=25.0, wavelet="db1", learning_rate=1e-4,
-              batch_size=1, grad_accumulation_steps=1, optimizer="AdamW", lr_schedule="constant", warmup_steps=0,
-              mixed_precision="bf16", gradient_checkpointing=True)
+RECIPE = dict(
+    targets="attention q/k/v/out",
+    n_coefficients=2592,
+    scaling=25.0,
+    wavelet="db1",
+    learning_rate=1e-4,
+    batch_size=1,
+    grad_accumulation_steps=1,
+    optimizer="AdamW",
+    lr_schedule="constant",
+    warmup_steps=0,
+    mixed_precision="bf16",
+    gradient_checkpointing=True,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="a diffusers pipeline folder (model_index.json, unet/, vae/, "
-                   "text_encoder/, tokenizer/...); local only")
-    p.add_argument("--data", required=True, help="a folder of images, each with a .txt caption of the same name "
-                   "(an image without one uses --caption)")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/...); local only",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a folder of images, each with a .txt caption of the same name (an image without one uses --caption)",
+    )
     p.add_argument("--output", required=True, help="the adapter file to write (.safetensors)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps (the total, when resuming)")
     p.add_argument("--seed", type=int, default=0, help="seeds positions, batches, noise and timesteps")
     p.add_argument("--caption", default="", help="caption of images without a .txt file")
-    p.add_argument("--resolution", type=int, help="square training size in pixels (default: the UNet's sample "
-                   "size x the VAE's factor, 512 for SD1.5, 1024 for SDXL)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="square training size in pixels (default: the UNet's sample "
+        "size x the VAE's factor, 512 for SD1.5, 1024 for SDXL)",
+    )
     p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="images per process per micro-batch")
     p.add_argument("--grad-accumulation-steps", type=int, default=RECIPE["grad_accumulation_steps"])
     p.add_argument("--learning-rate", type=float, default=RECIPE["learning_rate"])
     p.add_argument("--lr-schedule", choices=SCHEDULES, default=RECIPE["lr_schedule"])
     p.add_argument("--warmup-steps", type=int, default=RECIPE["warmup_steps"])
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=RECIPE["optimizer"])
-    p.add_argument("--targets", choices=[t for t in TARGET_PRESETS if "conv" not in t], default=RECIPE["targets"],
-                   help="which Linear layers of the UNet train (convolutions: the ComfyUI node)")
+    p.add_argument(
+        "--targets",
+        choices=[t for t in TARGET_PRESETS if "conv" not in t],
+        default=RECIPE["targets"],
+        help="which Linear layers of the UNet train (convolutions: the ComfyUI node)",
+    )
     p.add_argument("--coefficients", type=int, default=RECIPE["n_coefficients"], help="coefficients per layer")
     p.add_argument("--scaling", type=float, default=RECIPE["scaling"])
     p.add_argument("--wavelet", choices=list(SUPPORTED_WAVELETS), default=RECIPE["wavelet"])
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=RECIPE["mixed_precision"],
-                   help="compute precision (accelerate's); the coefficients stay fp32")
-    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                   help="keep activations instead of recomputing them (more memory, faster)")
-    p.add_argument("--save-every", type=int, default=0, help="write a checkpoint with optimizer state every N "
-                   "steps, next to the output (<name>_<step>.safetensors); 0 = never")
+    p.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=RECIPE["mixed_precision"],
+        help="compute precision (accelerate's); the coefficients stay fp32",
+    )
+    p.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="keep activations instead of recomputing them (more memory, faster)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="write a checkpoint with optimizer state every N "
+        "steps, next to the output (<name>_<step>.safetensors); 0 = never",
+    )
     p.add_argument("--resume", help="a checkpoint of this run to continue from")
     p.add_argument("--overwrite", action="store_true", help="replace --output when it exists")
 
@@ -104,8 +151,9 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     with Image.open(path) as im:
         im = im.convert("RGB")
         scale = size / min(im.size)
-        im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))),
-                       Image.Resampling.BICUBIC)
+        im = im.resize(
+            (max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.Resampling.BICUBIC
+        )
         left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
         im = im.crop((left, top, left + size, top + size))
         data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
@@ -132,8 +180,12 @@ def load_pipeline(base) -> Pipeline:
     """The parts of a local diffusers pipeline folder; a clear error for anything else (hub ids are not fetched)."""
     base = Path(base)
     if not (base / "model_index.json").is_file():
-        hint = (" It looks like a Hugging Face id: download the pipeline first (huggingface-cli download <id> "
-                "--local-dir <folder>) and pass the folder." if not base.exists() and "/" in str(base) else "")
+        hint = (
+            " It looks like a Hugging Face id: download the pipeline first (huggingface-cli download <id> "
+            "--local-dir <folder>) and pass the folder."
+            if not base.exists() and "/" in str(base)
+            else ""
+        )
         raise ValueError(f"--base {base}: not a diffusers pipeline folder (no model_index.json).{hint}")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -142,11 +194,19 @@ def load_pipeline(base) -> Pipeline:
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kw)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kw)
     scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
-    encoders = [(CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw),
-                 CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw))]
+    encoders = [
+        (
+            CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **kw),
+            CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kw),
+        )
+    ]
     if (base / "text_encoder_2").is_dir():
-        encoders.append((CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **kw),
-                         CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **kw)))
+        encoders.append(
+            (
+                CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2", **kw),
+                CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **kw),
+            )
+        )
     cross = unet.config.cross_attention_dim
     comfy_class = "SDXL" if len(encoders) == 2 else ("SD20" if cross == 1024 else "SD15")
     return Pipeline(unet, vae, scheduler, encoders, family_tag_of_comfy(comfy_class))
@@ -158,8 +218,9 @@ def encode_prompt(pipe: Pipeline, caption: str, device) -> tuple[torch.Tensor, t
     penultimate states side by side and the second encoder's projected pooled output."""
     states, pooled = [], None
     for tokenizer, encoder in pipe.encoders:
-        ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         out = encoder(ids, output_hidden_states=pipe.is_xl)
         if pipe.is_xl:
             states.append(out.hidden_states[-2])
@@ -178,8 +239,11 @@ class WaveFTLinear(torch.nn.Module):
         self.trainable = trainable
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.trainable(self.base.weight.to(x.dtype)),
-                                          None if self.base.bias is None else self.base.bias.to(x.dtype))
+        return torch.nn.functional.linear(
+            x,
+            self.trainable(self.base.weight.to(x.dtype)),
+            None if self.base.bias is None else self.base.bias.to(x.dtype),
+        )
 
 
 def attach(unet: torch.nn.Module, trainables: dict[str, TrainableLayer]) -> None:
@@ -199,7 +263,7 @@ def native_name(diffusers_module: str) -> str | None:
 def diffusers_name(native: str) -> str:
     from .names import ldm_unet_to_diffusers
 
-    name = ldm_unet_to_diffusers(native[len(UNET_PREFIX):])
+    name = ldm_unet_to_diffusers(native[len(UNET_PREFIX) :])
     if name is None:
         raise ValueError(f"{native}: not a layer of a diffusers SD1.x/SDXL UNet")
     return name
@@ -272,8 +336,14 @@ def run(args) -> Path:
         state = TrainingState.load(args.resume)
         state.check_fits(shapes, f"--resume {args.resume}")
     else:
-        state = TrainingState({n: TrainableLayer(s, min(args.coefficients, math.prod(s)), args.wavelet, args.scaling,
-                                                 seed=args.seed) for n, s in shapes.items()}, step=0, seed=args.seed)
+        state = TrainingState(
+            {
+                n: TrainableLayer(s, min(args.coefficients, math.prod(s)), args.wavelet, args.scaling, seed=args.seed)
+                for n, s in shapes.items()
+            },
+            step=0,
+            seed=args.seed,
+        )
     if state.step >= args.steps:
         raise ValueError(f"--resume {args.resume} is at step {state.step}; --steps {args.steps} leaves nothing to do")
     attach(pipe.unet, state.trainables)
@@ -291,15 +361,28 @@ def run(args) -> Path:
     first = next(iter(state.trainables.values()))
     started = int(time.time())
     state.settings = {
-        "steps": args.steps - state.step, "steps_total": args.steps, "lr": args.learning_rate,
-        "optimizer": args.optimizer, "batch_size": args.batch_size * world,
-        "grad_accumulation_steps": args.grad_accumulation_steps, "targets": args.targets,
-        "dataset_size": len(examples), "seed": state.seed, "lr_schedule": args.lr_schedule,
-        "warmup_steps": args.warmup_steps, "training_dtype": args.mixed_precision if args.mixed_precision != "no"
-        else "fp32", "gradient_checkpointing": bool(args.gradient_checkpointing), "wavelet": first.wavelet,
-        "n_coefficients": first.spectrum.numel(), "scaling": first.scaling, "resumed_from_step": state.step,
-        "started_at": started, "resolution": [resolution, resolution], "base_checkpoint": Path(args.base).name,
-        "processes": world, "trainer": "accelerate",
+        "steps": args.steps - state.step,
+        "steps_total": args.steps,
+        "lr": args.learning_rate,
+        "optimizer": args.optimizer,
+        "batch_size": args.batch_size * world,
+        "grad_accumulation_steps": args.grad_accumulation_steps,
+        "targets": args.targets,
+        "dataset_size": len(examples),
+        "seed": state.seed,
+        "lr_schedule": args.lr_schedule,
+        "warmup_steps": args.warmup_steps,
+        "training_dtype": args.mixed_precision if args.mixed_precision != "no" else "fp32",
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "wavelet": first.wavelet,
+        "n_coefficients": first.spectrum.numel(),
+        "scaling": first.scaling,
+        "resumed_from_step": state.step,
+        "started_at": started,
+        "resolution": [resolution, resolution],
+        "base_checkpoint": Path(args.base).name,
+        "processes": world,
+        "trainer": "accelerate",
     }
     state.metadata.setdefault("ss_base_model_version", pipe.family)
     state.metadata["modelspec.date"] = datetime.date.today().isoformat()
@@ -321,21 +404,35 @@ def run(args) -> Path:
             picks = global_batch(state.seed, state.step, micro, args.batch_size * world, len(examples))
             mine = range(rank * args.batch_size, (rank + 1) * args.batch_size)  # places in the global batch
             x0 = torch.stack([latents[picks[i]] for i in mine])
-            noise = torch.stack([torch.randn(latents[0].shape, generator=generator(state.seed, state.step, micro, 2, i))
-                                 for i in mine]).to(device)
-            t = torch.tensor([int(torch.randint(0, sched.config.num_train_timesteps, (1,),
-                                                generator=generator(state.seed, state.step, micro, 3, i)))
-                              for i in mine], device=device)
+            noise = torch.stack(
+                [torch.randn(latents[0].shape, generator=generator(state.seed, state.step, micro, 2, i)) for i in mine]
+            ).to(device)
+            t = torch.tensor(
+                [
+                    int(
+                        torch.randint(
+                            0,
+                            sched.config.num_train_timesteps,
+                            (1,),
+                            generator=generator(state.seed, state.step, micro, 3, i),
+                        )
+                    )
+                    for i in mine
+                ],
+                device=device,
+            )
             a = alphas[t].view(-1, 1, 1, 1)
             noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(weight_dtype)
             target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
             extra = {}
             if pipe.is_xl:
-                extra["added_cond_kwargs"] = {"text_embeds": torch.stack([pooled[picks[i]] for i in mine]),
-                                              "time_ids": time_ids.expand(len(mine), -1)}
+                extra["added_cond_kwargs"] = {
+                    "text_embeds": torch.stack([pooled[picks[i]] for i in mine]),
+                    "time_ids": time_ids.expand(len(mine), -1),
+                }
             cond = torch.stack([states[picks[i]] for i in mine])
             sync = micro == args.grad_accumulation_steps - 1
-            with accelerator.autocast(), (accelerator.no_sync(unet) if not sync else contextlib.nullcontext()):
+            with accelerator.autocast(), accelerator.no_sync(unet) if not sync else contextlib.nullcontext():
                 pred = unet(noisy, t, encoder_hidden_states=cond, **extra).sample
                 loss = torch.nn.functional.mse_loss(pred.float(), target.float()) / args.grad_accumulation_steps
                 accelerator.backward(loss)

@@ -1,4 +1,5 @@
 """In-memory WaveFT adapter: a set of layers, each a sparse set of wavelet coefficients."""
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,13 @@ class Layer:
     def check_packed(packed) -> None:
         """TypeError unless `packed` has the form `packed()` gives (cheap: no tensor is looked at)."""
         # duck-typed: a second import of this library under another package name makes another Layer class
-        if not (isinstance(packed, (tuple, list)) and len(packed) == 3 and isinstance(packed[0], torch.Tensor)
-                and callable(getattr(packed[2], "plan", None)) and hasattr(packed[2], "scaling")):
+        if not (
+            isinstance(packed, (tuple, list))
+            and len(packed) == 3
+            and isinstance(packed[0], torch.Tensor)
+            and callable(getattr(packed[2], "plan", None))
+            and hasattr(packed[2], "scaling")
+        ):
             raise TypeError("not a packed WaveFT layer: expected (spectrum, plan tensors, Layer) from Layer.packed()")
 
     @staticmethod
@@ -164,4 +170,3 @@ class Adapter:
         if groups:
             lines.append("layers by part: " + ", ".join(f"{k}: {v}" for k, v in sorted(groups.items())))
         return "\n".join(line for line in lines if line)
-

@@ -1,6 +1,7 @@
 """A small cache of loaded adapters, shared by the ComfyUI nodes and the A1111/Forge extension: a prompt that
 only changes a strength must not read the file again, and the layers keep their scatter plans. Entries are
 keyed by the file's fingerprint (content included), so an edited or replaced file is read again."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,9 @@ def fingerprint(path) -> tuple:
     archive, FAT/SMB timestamps): its content digest and, on most file systems, its inode or ctime differ."""
     path = os.path.abspath(str(path))
     if os.path.isdir(path):
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                       if name in ADAPTER_FILES)
+        files = sorted(
+            os.path.join(root, name) for root, _, names in os.walk(path) for name in names if name in ADAPTER_FILES
+        )
     else:
         files = [path]
     out = []

@@ -20,6 +20,7 @@ compiled kernel) is caught when the tensor is unpacked, as plain autograd would,
 torch.utils.checkpoint), with the same copy-on-write rule for the inputs it recomputes from; the recompute
 replays the forward's autocast and random state, so gradients are bitwise those of an uncheckpointed run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -104,16 +105,32 @@ class _KeptTensors:
             raise RuntimeError(
                 "WaveFT: a tensor needed for the backward was overwritten in place by an operation the in-place "
                 f"guard does not see (a tensor of shape {list(kept.tensor.shape)}); this model cannot be trained "
-                "safely this way: please report the model family")
+                "safely this way: please report the model family"
+            )
         return kept.tensor
 
 
 _KEPT = _KeptTensors()
 _ACTIVE = threading.local()
 
-_INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
-                              "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
-                              "__imatmul__", "__setitem__"})
+_INPLACE_DUNDERS = frozenset(
+    {
+        "__iadd__",
+        "__isub__",
+        "__imul__",
+        "__itruediv__",
+        "__ifloordiv__",
+        "__imod__",
+        "__ipow__",
+        "__iand__",
+        "__ior__",
+        "__ixor__",
+        "__ilshift__",
+        "__irshift__",
+        "__imatmul__",
+        "__setitem__",
+    }
+)
 _NOT_WRITES = frozenset({"requires_grad_", "retain_grad", "share_memory_", "record_stream"})
 
 
@@ -132,8 +149,11 @@ def _written(func, args, kwargs):
     """The tensors a torch call writes into: the first argument of `add_`, `x += y`, `x[i] = y`, `relu_(x)`,
     `F.silu(x, inplace=True)`, and any `out=`."""
     name = getattr(func, "__name__", "")
-    if args and ((name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES)
-                 or name in _INPLACE_DUNDERS or kwargs.get("inplace") is True):
+    if args and (
+        (name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES)
+        or name in _INPLACE_DUNDERS
+        or kwargs.get("inplace") is True
+    ):
         yield from _tensors(args[0])
     if kwargs.get("out") is not None:
         yield from _tensors(kwargs["out"])
@@ -192,8 +212,7 @@ class _Frame:
         self.devices = sorted({t.device.type for t, _, _ in self.inputs} | {"cpu"})
         self.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in self.devices}
         self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state() if "cuda" in self.devices and torch.cuda.is_initialized() \
-            else None
+        self.cuda_rng = torch.cuda.get_rng_state() if "cuda" in self.devices and torch.cuda.is_initialized() else None
 
     def pack(self, t):
         self.count += 1
@@ -230,8 +249,9 @@ class _Frame:
     def _recompute(self):
         self.recomputed = []
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=[] if self.cuda_rng is None else
-                                                      [torch.cuda.current_device()]))
+            stack.enter_context(
+                torch.random.fork_rng(devices=[] if self.cuda_rng is None else [torch.cuda.current_device()])
+            )
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng)
@@ -246,9 +266,11 @@ class _Frame:
             except _StopRecompute:
                 pass
         if len(self.recomputed) != self.count:
-            raise RuntimeError(f"WaveFT checkpointing: the recomputed block kept {len(self.recomputed)} tensors, its "
-                               f"forward {self.count}; the block does not compute the same way twice (turn "
-                               "gradient_checkpointing off for this model)")
+            raise RuntimeError(
+                f"WaveFT checkpointing: the recomputed block kept {len(self.recomputed)} tensors, its "
+                f"forward {self.count}; the block does not compute the same way twice (turn "
+                "gradient_checkpointing off for this model)"
+            )
         self.args = self.kwargs = self.inputs = None  # the inputs are no longer needed
 
 

@@ -1,5 +1,6 @@
 """waveft (or python -m waveft_core): inspect, convert, extract, merge and demo WaveFT adapters. Errors: one line
 on stderr, exit 1."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,8 @@ from .storage import refuse_overwrite
 def _stores_positions(path: Path) -> bool:
     """A native file; anything else (PEFT folder, diffusers file) needs a base model for its positions."""
     from .fileformat import read_tensors_and_metadata
-    from .sources import CONFIG_NAME, is_spectra_file
-
     from .kinds import KOHYA, file_kind
+    from .sources import CONFIG_NAME, is_spectra_file
 
     if not path.is_file() or path.name == CONFIG_NAME:
         return False
@@ -43,8 +43,12 @@ def _describe_without_base(path: Path, args) -> str:
 
 def _overrides(args) -> dict:
     use_idwt = None if getattr(args, "use_idwt", None) is None else args.use_idwt == "true"
-    return {"wavelet_family": getattr(args, "wavelet", None), "scaling": getattr(args, "scaling", None),
-            "random_loc_seed": getattr(args, "seed", None), "use_idwt": use_idwt}
+    return {
+        "wavelet_family": getattr(args, "wavelet", None),
+        "scaling": getattr(args, "scaling", None),
+        "random_loc_seed": getattr(args, "seed", None),
+        "use_idwt": use_idwt,
+    }
 
 
 def _load(args, path, base=None):
@@ -52,9 +56,15 @@ def _load(args, path, base=None):
     from . import load
     from .peft_io import CLI
 
-    return load(path, base=base if base is not None else getattr(args, "base", None), clip=getattr(args, "clip", None),
-                adapter=getattr(args, "adapter_name", None), overrides=_overrides(args),
-                components=getattr(args, "component", None), spelling=CLI)
+    return load(
+        path,
+        base=base if base is not None else getattr(args, "base", None),
+        clip=getattr(args, "clip", None),
+        adapter=getattr(args, "adapter_name", None),
+        overrides=_overrides(args),
+        components=getattr(args, "component", None),
+        spelling=CLI,
+    )
 
 
 def _cmd_info(args) -> int:
@@ -90,8 +100,10 @@ def _cmd_convert(args) -> int:
         if args.base_model:
             ad.metadata["ss_base_model_version"] = args.base_model
         save(ad, dst)
-        print(f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients"
-              + (f", base model {ad.base_model}" if ad.base_model else ""))
+        print(
+            f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients"
+            + (f", base model {ad.base_model}" if ad.base_model else "")
+        )
         for note in filter(None, ad.metadata.get("waveft.import_notes", "").split("; ")):
             print(f"note: {note}")
         return 0
@@ -120,8 +132,10 @@ def _cmd_to_lora(args) -> int:
     worst = min(layers, key=lambda k: layers[k]["energy_kept"])
     capped = f" (asked {args.rank}; no layer allows more)" if report["rank"] < args.rank else ""
     print(f"wrote {args.dst}: {len(layers)} layers as rank-{report['rank']} LoRA ({args.dtype}){capped}")
-    print(f"energy kept: {100 * report['energy_kept']:.2f}% overall, lowest {100 * layers[worst]['energy_kept']:.2f}% "
-          f"in {worst}")
+    print(
+        f"energy kept: {100 * report['energy_kept']:.2f}% overall, lowest {100 * layers[worst]['energy_kept']:.2f}% "
+        f"in {worst}"
+    )
     print(f"relative error: {report['relative_error']:.4f}")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} layer(s) whose ΔW is zero")
@@ -156,18 +170,31 @@ def _cmd_extract(args) -> int:
         raise ValueError("give --lora LORA.safetensors, or --finetuned FT.safetensors with --base BASE.safetensors")
     if args.base_model:
         metadata["ss_base_model_version"] = args.base_model
-    ad, report = extract(deltas, args.coefficients, wavelet=args.wavelet, scaling=args.scaling,
-                         iterations=args.iterations, metadata=metadata)
+    ad, report = extract(
+        deltas,
+        args.coefficients,
+        wavelet=args.wavelet,
+        scaling=args.scaling,
+        iterations=args.iterations,
+        metadata=metadata,
+    )
     save(ad, dst)
     layers = report["layers"]
     worst = max(layers, key=lambda k: layers[k]["relative_error"])
-    print(f"wrote {dst}: {len(layers)} layers, {ad.n_parameters:,} coefficients ({args.wavelet}, "
-          f"scaling {args.scaling:g})")
-    print(f"relative error: {report['relative_error']:.4f} overall, highest {layers[worst]['relative_error']:.4f} "
-          f"in {worst}")
+    print(
+        f"wrote {dst}: {len(layers)} layers, {ad.n_parameters:,} coefficients ({args.wavelet}, "
+        f"scaling {args.scaling:g})"
+    )
+    print(
+        f"relative error: {report['relative_error']:.4f} overall, highest {layers[worst]['relative_error']:.4f} "
+        f"in {worst}"
+    )
     if report["skipped"]:
-        print(f"skipped {len(report['skipped'])}: " + "; ".join(f"{n} ({why})" for n, why in report["skipped"][:3])
-              + (" ..." if len(report["skipped"]) > 3 else ""))
+        print(
+            f"skipped {len(report['skipped'])}: "
+            + "; ".join(f"{n} ({why})" for n, why in report["skipped"][:3])
+            + (" ..." if len(report["skipped"]) > 3 else "")
+        )
     return 0
 
 
@@ -177,8 +204,10 @@ def _cmd_merge(args) -> int:
     refuse_overwrite(Path(args.out), args.checkpoint, args.adapter, overwrite=args.overwrite)
     ad = _load(args, args.adapter, base=args.checkpoint)  # the checkpoint is the base of a PEFT/diffusers adapter
     report = merge_into_checkpoint(args.checkpoint, ad, args.strength, args.out, strict=not args.lenient)
-    print(f"wrote {args.out}: merged {report['merged']} of {len(ad.layers)} layers at strength {args.strength:g} "
-          f"({report['tensors_changed']} tensors changed)")
+    print(
+        f"wrote {args.out}: merged {report['merged']} of {len(ad.layers)} layers at strength {args.strength:g} "
+        f"({report['tensors_changed']} tensors changed)"
+    )
     for name, why in report["skipped"]:
         print(f"warning: skipped {name}: {why}", file=sys.stderr)
     return 0
@@ -188,8 +217,10 @@ def _cmd_train(args) -> int:
     try:
         from .accelerate_train import run
     except ImportError as e:  # the optional extra
-        raise ValueError(f"training from the command line needs accelerate, diffusers and transformers ({e}); "
-                         "pip install 'waveft[train]'") from None
+        raise ValueError(
+            f"training from the command line needs accelerate, diffusers and transformers ({e}); "
+            "pip install 'waveft[train]'"
+        ) from None
     run(args)
     return 0
 
@@ -214,27 +245,41 @@ def _parser_with_defaults(**kwargs):
     return argparse.ArgumentParser(formatter_class=_Help, **kwargs)
 
 
-ADAPTER_HELP = ("WaveFT adapter: a native .safetensors file, a PEFT folder (or a folder of several), or a diffusers "
-                ".safetensors file")
+ADAPTER_HELP = (
+    "WaveFT adapter: a native .safetensors file, a PEFT folder (or a folder of several), or a diffusers "
+    ".safetensors file"
+)
 
 
 def _source_options(p, base_help: str | None) -> None:
     """Options for adapters that store no positions (PEFT, diffusers)."""
     if base_help is not None:
-        p.add_argument("--base", help=f"the base model: single-file checkpoint .safetensors or diffusers folder; "
-                       f"{base_help}")
-    p.add_argument("--clip", choices=list(ENCODERS),
-                   help="the text encoder a text-encoder adapter was trained on, when it does not say "
-                   "(SDXL: text_encoder = clip_l, text_encoder_2 = clip_g)")
-    p.add_argument("--adapter", dest="adapter_name",
-                   help="which adapter of a PEFT folder that holds several (default: the top one)")
-    p.add_argument("--component", action="append", choices=["unet", "transformer", "text_encoder", "text_encoder_2"],
-                   help="only this pipeline component of a multi-part adapter (repeat for several)")
+        p.add_argument(
+            "--base", help=f"the base model: single-file checkpoint .safetensors or diffusers folder; {base_help}"
+        )
+    p.add_argument(
+        "--clip",
+        choices=list(ENCODERS),
+        help="the text encoder a text-encoder adapter was trained on, when it does not say "
+        "(SDXL: text_encoder = clip_l, text_encoder_2 = clip_g)",
+    )
+    p.add_argument(
+        "--adapter",
+        dest="adapter_name",
+        help="which adapter of a PEFT folder that holds several (default: the top one)",
+    )
+    p.add_argument(
+        "--component",
+        action="append",
+        choices=["unet", "transformer", "text_encoder", "text_encoder_2"],
+        help="only this pipeline component of a multi-part adapter (repeat for several)",
+    )
     p.add_argument("--wavelet", help="wavelet for an adapter saved without its settings (PEFT default db1)")
     p.add_argument("--scaling", type=float, help="scaling for an adapter saved without its settings (default 25)")
     p.add_argument("--seed", type=int, help="random_loc_seed for an adapter saved without it (default 777)")
-    p.add_argument("--use-idwt", choices=["true", "false"], help="use_idwt for an adapter saved without it "
-                   "(default true)")
+    p.add_argument(
+        "--use-idwt", choices=["true", "false"], help="use_idwt for an adapter saved without it (default true)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help=ADAPTER_HELP)
     conv.add_argument("dst", help="native .safetensors to write (from PEFT/diffusers), or a PEFT folder (from native)")
     _source_options(conv, "needed for a PEFT folder or diffusers file (it draws each layer's positions)")
-    conv.add_argument("--base-model", help="base model tag to record, e.g. sd_1.5 or sdxl_base_v1-0 (default: "
-                      "what --base is)")
+    conv.add_argument(
+        "--base-model", help="base model tag to record, e.g. sd_1.5 or sdxl_base_v1-0 (default: what --base is)"
+    )
     conv.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
     conv.set_defaults(func=_cmd_convert)
 
@@ -261,14 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     to_lora.add_argument("dst", help="LoRA .safetensors to write")
     _source_options(to_lora, "needed for a PEFT folder or diffusers file")
     to_lora.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
-    to_lora.add_argument("--rank", type=int, default=8,
-                         help="LoRA rank per layer (capped at each layer's smaller side)")
+    to_lora.add_argument(
+        "--rank", type=int, default=8, help="LoRA rank per layer (capped at each layer's smaller side)"
+    )
     to_lora.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the LoRA tensors")
     to_lora.add_argument("--fast", action="store_true", help="randomized SVD: much faster on big layers, near-optimal")
     to_lora.set_defaults(func=_cmd_to_lora)
 
-    ext = sub.add_parser("extract", help="LoRA, or fine-tuned minus base checkpoint -> WaveFT (largest wavelet "
-                         "coefficients, refined by least squares)")
+    ext = sub.add_parser(
+        "extract",
+        help="LoRA, or fine-tuned minus base checkpoint -> WaveFT (largest wavelet "
+        "coefficients, refined by least squares)",
+    )
     ext.add_argument("dst", help="native WaveFT .safetensors to write")
     ext.add_argument("--lora", help="LoRA .safetensors (kohya, ComfyUI-native or PEFT key names)")
     ext.add_argument("--finetuned", help="fine-tuned single-file .safetensors checkpoint")
@@ -276,8 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--coefficients", type=int, default=2592, help="coefficients per layer")
     ext.add_argument("--wavelet", default="db1", help="wavelet of the WaveFT adapter to write")
     ext.add_argument("--scaling", type=float, default=25.0, help="scaling of the WaveFT adapter to write")
-    ext.add_argument("--targets", choices=["attention", "linear", "all"], default="attention",
-                     help="with --finetuned: attention projections, every linear layer, or also convolutions")
+    ext.add_argument(
+        "--targets",
+        choices=["attention", "linear", "all"],
+        default="attention",
+        help="with --finetuned: attention projections, every linear layer, or also convolutions",
+    )
     ext.add_argument("--iterations", type=int, default=100, help="least-squares (conjugate gradient) steps per fit")
     ext.add_argument("--base-model", help="base model tag to record, e.g. sd_1.5 or sdxl_base_v1-0")
     ext.add_argument("--overwrite", action="store_true", help="replace DST when it exists (never an input)")
@@ -290,14 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
     _source_options(merge, None)
     merge.add_argument("--overwrite", action="store_true", help="replace OUT when it exists (never an input)")
     merge.add_argument("--strength", type=float, default=1.0, help="multiplier of each layer's ΔW")
-    merge.add_argument("--lenient", action="store_true",
-                       help="skip (and list) layers that match no weight instead of refusing")
+    merge.add_argument(
+        "--lenient", action="store_true", help="skip (and list) layers that match no weight instead of refusing"
+    )
     merge.set_defaults(func=_cmd_merge)
 
     from .accelerate_train import add_arguments as train_arguments
 
-    train = sub.add_parser("train", help="train an adapter on a diffusers pipeline folder and a folder of captioned "
-                           "images; one process, or many through 'accelerate launch -m waveft_core train ...'")
+    train = sub.add_parser(
+        "train",
+        help="train an adapter on a diffusers pipeline folder and a folder of captioned "
+        "images; one process, or many through 'accelerate launch -m waveft_core train ...'",
+    )
     train_arguments(train)
     train.set_defaults(func=_cmd_train)
 

@@ -4,10 +4,11 @@ One decomposition level of an orthogonal wavelet is separable, so the inverse tr
 coefficient at sub-band position (i, j) to an L x L patch of the output: rows 2i + a - (L - 2) and columns
 2j + b - (L - 2), a, b in [0, L), with value v * f_row[a] * f_col[b], where f_row is the reconstruction
 high-pass filter for coefficients in the right half of the grid (cH, cD) and the low-pass one otherwise,
-and f_col is high-pass for the bottom half (cV, cD). The padding of FORMAT.md always puts the crop at (0, 0), so patches that stick out
-of the m x n weight are simply clipped. ΔW therefore has at most p * L^2 non-zeros and is added by a
-scatter, never built densely unless asked for.
+and f_col is high-pass for the bottom half (cV, cD). The padding of FORMAT.md always puts the crop at (0, 0),
+so patches that stick out of the m x n weight are simply clipped. ΔW therefore has at most p * L^2 non-zeros
+and is added by a scatter, never built densely unless asked for.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -57,8 +58,12 @@ class DeltaPlan:
             return None
         device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
         for new, old in zip(tensors, mine):
-            if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.device != device \
-                    or new.dtype != old.dtype:
+            if (
+                not isinstance(new, torch.Tensor)
+                or new.shape != old.shape
+                or new.device != device
+                or new.dtype != old.dtype
+            ):
                 return None
         return replace(self, **dict(zip(_TENSOR_FIELDS, tensors)))
 
@@ -66,10 +71,18 @@ class DeltaPlan:
         if self.order.device == device and self.kernels.dtype == dtype:
             return self
         return DeltaPlan(
-            self.rows, self.cols, self.patch,
-            self.order.to(device), self.band_ends, self.lone_ends, self.base.to(device), self.clipped_band.to(device),
-            self.kernels.to(device, dtype), self.offsets.to(device),
-            self.clipped_top.to(device), self.clipped_left.to(device),
+            self.rows,
+            self.cols,
+            self.patch,
+            self.order.to(device),
+            self.band_ends,
+            self.lone_ends,
+            self.base.to(device),
+            self.clipped_band.to(device),
+            self.kernels.to(device, dtype),
+            self.offsets.to(device),
+            self.clipped_top.to(device),
+            self.clipped_left.to(device),
         )
 
 
@@ -148,8 +161,18 @@ def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None
     order = torch.cat([whole_idx, clipped]).to(torch.int32)
     targets = index_dtype(m * n)
     return DeltaPlan(
-        m, n, size, order, band_ends, lone_ends, base[order.long()].to(targets), band[clipped], kernels,
-        offsets64.to(targets), top[clipped], left[clipped],
+        m,
+        n,
+        size,
+        order,
+        band_ends,
+        lone_ends,
+        base[order.long()].to(targets),
+        band[clipped],
+        kernels,
+        offsets64.to(targets),
+        top[clipped],
+        left[clipped],
     )
 
 
@@ -181,13 +204,15 @@ def _overlapping(whole_base, clipped_top, clipped_left, m: int, n: int, size: in
     step = max(1, CHUNK // rows)
     counts = torch.zeros(m * n, dtype=torch.int16)
     for a in range(0, whole_base.numel(), step):
-        t = (whole_base[a:a + step, None] + flat_offsets).reshape(-1)
+        t = (whole_base[a : a + step, None] + flat_offsets).reshape(-1)
         counts.index_add_(0, t, torch.ones(t.numel(), dtype=torch.int16))
     for a in range(0, clipped_top.numel(), step):
-        t = _clipped_targets(clipped_top[a:a + step], clipped_left[a:a + step], m, n, size)
+        t = _clipped_targets(clipped_top[a : a + step], clipped_left[a : a + step], m, n, size)
         counts.index_add_(0, t, torch.ones(t.numel(), dtype=torch.int16))
-    parts = [(counts[whole_base[a:a + step, None] + flat_offsets] > 1).any(dim=1)
-             for a in range(0, whole_base.numel(), step)]
+    parts = [
+        (counts[whole_base[a : a + step, None] + flat_offsets] > 1).any(dim=1)
+        for a in range(0, whole_base.numel(), step)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
@@ -236,11 +261,11 @@ def _clipped_patches(plan: DeltaPlan, v: torch.Tensor, a: int, z: int) -> tuple[
     """Flat targets and values of the clipped patches order[a:z] (a >= plan.whole)."""
     n, size, k = plan.cols, plan.patch, plan.whole
     ar = torch.arange(size, device=v.device)
-    rr = plan.clipped_top[a - k:z - k, None] + ar  # [q, L]
-    cc = plan.clipped_left[a - k:z - k, None] + ar
+    rr = plan.clipped_top[a - k : z - k, None] + ar  # [q, L]
+    cc = plan.clipped_left[a - k : z - k, None] + ar
     ok = ((rr >= 0) & (rr < plan.rows))[:, :, None] & ((cc >= 0) & (cc < n))[:, None, :]
     tgts = torch.where(ok, rr[:, :, None] * n + cc[:, None, :], 0).to(plan.base.dtype)
-    vals = v[a:z, None, None] * plan.kernels[plan.clipped_band[a - k:z - k]]
+    vals = v[a:z, None, None] * plan.kernels[plan.clipped_band[a - k : z - k]]
     vals = torch.where(ok, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
     return tgts.reshape(-1), vals.reshape(-1)
 
@@ -248,14 +273,17 @@ def _clipped_patches(plan: DeltaPlan, v: torch.Tensor, a: int, z: int) -> tuple[
 def _whole_patches(plan: DeltaPlan, v: torch.Tensor, a: int, z: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat targets and values of the whole patches order[a:z]: one broadcast multiply per band."""
     size = plan.patch
-    bounds = [(b, max(s, a), min(e, z)) for b, (s, e) in enumerate(zip((0,) + plan.band_ends[:3], plan.band_ends))
-              if min(e, z) > max(s, a)]
+    bounds = [
+        (b, max(s, a), min(e, z))
+        for b, (s, e) in enumerate(zip((0,) + plan.band_ends[:3], plan.band_ends))
+        if min(e, z) > max(s, a)
+    ]
     if v.requires_grad:  # out= is not differentiable
         vals = torch.cat([v[s:e, None, None] * plan.kernels[b] for b, s, e in bounds])
     else:
         vals = torch.empty(z - a, size, size, dtype=v.dtype, device=v.device)
         for b, s, e in bounds:
-            torch.mul(v[s:e, None, None], plan.kernels[b], out=vals[s - a:e - a])
+            torch.mul(v[s:e, None, None], plan.kernels[b], out=vals[s - a : e - a])
     tgts = plan.base[a:z, None, None] + plan.offsets
     return tgts.reshape(-1), vals.reshape(-1)
 
@@ -299,9 +327,11 @@ def add_into(weight: torch.Tensor, plan: DeltaPlan, spectrum: torch.Tensor, fact
         def write(where, sums):
             flat[where] = (flat[where].to(compute) + sums).to(weight.dtype)
     else:
+
         def write(where, sums):
             where = torch.unravel_index(where.long(), weight.shape)
             weight[where] = (weight[where].to(compute) + sums).to(weight.dtype)
+
     # Round once per entry: lone patches touch distinct entries; the rest are summed per entry first: by a
     # sort while they are few, in an fp32 map of the weight once they outnumber its entries (memory
     # O(m*n + CHUNK) then, however many patches there are).

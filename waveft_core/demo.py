@@ -1,5 +1,6 @@
 """The embedded default job: fit a WaveFT adapter to a small model on data made in code, save it as a
 native file, load it back and apply it at three strengths. Everything is CPU-sized and deterministic."""
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,16 @@ def _make_models(seed: int):
     return base, target
 
 
-def run(out: str | Path = "out/demo_waveft.safetensors", steps: int = 400, coefficients: int = 2000,
-        wavelet: str = "db1", scaling: float = 25.0, lr: float = 5e-4, seed: int = 0, log=print) -> dict:
+def run(
+    out: str | Path = "out/demo_waveft.safetensors",
+    steps: int = 400,
+    coefficients: int = 2000,
+    wavelet: str = "db1",
+    scaling: float = 25.0,
+    lr: float = 5e-4,
+    seed: int = 0,
+    log=print,
+) -> dict:
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     base, target = _make_models(seed)
@@ -45,8 +54,9 @@ def run(out: str | Path = "out/demo_waveft.safetensors", steps: int = 400, coeff
         p.requires_grad_(False)
 
     names = {"0": "mlp.0", "2": "mlp.2"}
-    trainables = {names[i]: TrainableLayer(base[int(i)].weight.shape, coefficients, wavelet, scaling, seed=777)
-                  for i in names}
+    trainables = {
+        names[i]: TrainableLayer(base[int(i)].weight.shape, coefficients, wavelet, scaling, seed=777) for i in names
+    }
 
     def forward(x, layers, strength=1.0):
         h = x
@@ -78,11 +88,14 @@ def run(out: str | Path = "out/demo_waveft.safetensors", steps: int = 400, coeff
     train_time = time.perf_counter() - t_train
     loss_after = test_loss(trainables)
 
-    adapter = adapter_from_trainables(trainables, {
-        "modelspec.title": "WaveFT demo",
-        "modelspec.description": "fitted by 'python -m waveft_core demo' on data made in code",
-        "waveft.training": f'{{"steps": {steps}, "lr": {lr}, "optimizer": "Adam", "batch": 64}}',
-    })
+    adapter = adapter_from_trainables(
+        trainables,
+        {
+            "modelspec.title": "WaveFT demo",
+            "modelspec.description": "fitted by 'python -m waveft_core demo' on data made in code",
+            "waveft.training": f'{{"steps": {steps}, "lr": {lr}, "optimizer": "Adam", "batch": 64}}',
+        },
+    )
     path = save(adapter, out)
     loaded = load(path)
 
@@ -107,12 +120,15 @@ def run(out: str | Path = "out/demo_waveft.safetensors", steps: int = 400, coeff
         "total_seconds": time.perf_counter() - t_start,
     }
     dense = sum(base[int(i)].weight.numel() for i in names)
-    log(f"WaveFT demo: fitted {result['layers']} layers, {result['parameters']:,} coefficients "
-        f"({100 * result['parameters'] / dense:.1f}% of the {dense:,} weights they change), wavelet {wavelet}")
-    log(f"  test loss before {loss_before:.5f} -> after {loss_after:.5f} "
-        f"({loss_before / max(loss_after, 1e-12):.1f}x lower) in {steps} steps, {train_time:.2f} s")
-    log(f"  saved {path.resolve()} ({result['file_size']:,} bytes), loaded back: {loaded.n_parameters:,} "
-        "coefficients")
+    log(
+        f"WaveFT demo: fitted {result['layers']} layers, {result['parameters']:,} coefficients "
+        f"({100 * result['parameters'] / dense:.1f}% of the {dense:,} weights they change), wavelet {wavelet}"
+    )
+    log(
+        f"  test loss before {loss_before:.5f} -> after {loss_after:.5f} "
+        f"({loss_before / max(loss_after, 1e-12):.1f}x lower) in {steps} steps, {train_time:.2f} s"
+    )
+    log(f"  saved {path.resolve()} ({result['file_size']:,} bytes), loaded back: {loaded.n_parameters:,} coefficients")
     for s, loss in strengths.items():
         log(f"  applied at strength {s:>3}: test loss {loss:.5f}")
     log(f"  total {result['total_seconds']:.2f} s")

@@ -8,6 +8,7 @@ three equal blocks, which is wrong where k and v have fewer heads than q (Lumina
 `(key, (dim, start, length))` for rows of a fused weight, `(key, None, function)` for a weight whose ΔW the host
 transforms first. The caller reads the head counts from the model and passes them as plain numbers; an entry here
 replaces the host's entry of the same name."""
+
 from __future__ import annotations
 
 import re
@@ -108,7 +109,15 @@ _ANIMA = (
     (r"final_layer\.adaln_modulation\.([12])", r"norm_out.linear_\1"),
     (r"final_layer\.linear", "proj_out"),
 )
-RENAMES = {"anima": _ANIMA, "lumina2": _LUMINA2, "wan_2.1": _WAN, "wan_2.2": _WAN, "ltxv": _LTXV, "chroma": _CHROMA, "flux2": _FLUX2}
+RENAMES = {
+    "anima": _ANIMA,
+    "lumina2": _LUMINA2,
+    "wan_2.1": _WAN,
+    "wan_2.2": _WAN,
+    "ltxv": _LTXV,
+    "chroma": _CHROMA,
+    "flux2": _FLUX2,
+}
 # HunyuanVideo as diffusers names it (HunyuanVideoTransformer3DModel) <- ComfyUI's modules (Flux-like); its fused
 # q/k/v weights come apart below
 _HUNYUAN_VIDEO = (
@@ -134,14 +143,22 @@ _HUNYUAN_VIDEO = (
     (r"txt_in\.t_embedder\.out_layer", "context_embedder.time_text_embed.timestep_embedder.linear_2"),
     (r"txt_in\.c_embedder\.in_layer", "context_embedder.time_text_embed.text_embedder.linear_1"),
     (r"txt_in\.c_embedder\.out_layer", "context_embedder.time_text_embed.text_embedder.linear_2"),
-    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn\.proj",
-     r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_out.0"),
-    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.mlp\.0",
-     r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.0.proj"),
-    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.mlp\.2",
-     r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.2"),
-    (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.adaLN_modulation\.1",
-     r"context_embedder.token_refiner.refiner_blocks.\1.norm_out.linear"),
+    (
+        r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn\.proj",
+        r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_out.0",
+    ),
+    (
+        r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.mlp\.0",
+        r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.0.proj",
+    ),
+    (
+        r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.mlp\.2",
+        r"context_embedder.token_refiner.refiner_blocks.\1.ff.net.2",
+    ),
+    (
+        r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.adaLN_modulation\.1",
+        r"context_embedder.token_refiner.refiner_blocks.\1.norm_out.linear",
+    ),
     (r"final_layer\.linear", "proj_out"),
 )
 # Anima's DiT (Cosmos-Predict2) as diffusers names it (CosmosTransformer3DModel, the transformer of diffusers' Anima
@@ -161,8 +178,16 @@ _ANIMA = (
     (r"final_layer\.adaln_modulation\.([12])", r"norm_out.linear_\1"),
     (r"final_layer\.linear", "proj_out"),
 )
-RENAMES = {"anima": _ANIMA, "lumina2": _LUMINA2, "wan_2.1": _WAN, "wan_2.2": _WAN, "ltxv": _LTXV, "chroma": _CHROMA, "flux2": _FLUX2,
-           "hunyuan_video": _HUNYUAN_VIDEO}
+RENAMES = {
+    "anima": _ANIMA,
+    "lumina2": _LUMINA2,
+    "wan_2.1": _WAN,
+    "wan_2.2": _WAN,
+    "ltxv": _LTXV,
+    "chroma": _CHROMA,
+    "flux2": _FLUX2,
+    "hunyuan_video": _HUNYUAN_VIDEO,
+}
 
 
 def swap_scale_shift(delta: torch.Tensor) -> torch.Tensor:
@@ -176,26 +201,53 @@ SWAPPED = {"hunyuan_video": ((r"final_layer\.adaLN_modulation\.1", "norm_out.lin
 
 # Fused q/k/v weights: (native module pattern, diffusers names of q, k, v rows[, of the rows after them]). Each name
 # is a tuple of spellings. Lumina 2 also answers to Z-Image's spelling, which the host's map gives it (in thirds).
-_LUMINA_QKV = ((r"(.+)\.attention\.qkv", ((r"\1.attn.to_q", r"\1.attention.to_q"), (r"\1.attn.to_k", r"\1.attention.to_k"),
-                                          (r"\1.attn.to_v", r"\1.attention.to_v"))),)
+_LUMINA_QKV = (
+    (
+        r"(.+)\.attention\.qkv",
+        (
+            (r"\1.attn.to_q", r"\1.attention.to_q"),
+            (r"\1.attn.to_k", r"\1.attention.to_k"),
+            (r"\1.attn.to_v", r"\1.attention.to_v"),
+        ),
+    ),
+)
 FUSED_QKV = {
     "lumina2": _LUMINA_QKV,
     "zimage": ((r"(.+)\.attention\.qkv", ((r"\1.attention.to_q",), (r"\1.attention.to_k",), (r"\1.attention.to_v",))),),
     "hunyuan_video": (
-        (r"double_blocks\.(\d+)\.img_attn\.qkv", ((r"transformer_blocks.\1.attn.to_q",),
-                                                   (r"transformer_blocks.\1.attn.to_k",),
-                                                   (r"transformer_blocks.\1.attn.to_v",))),
-        (r"double_blocks\.(\d+)\.txt_attn\.qkv", ((r"transformer_blocks.\1.attn.add_q_proj",),
-                                                   (r"transformer_blocks.\1.attn.add_k_proj",),
-                                                   (r"transformer_blocks.\1.attn.add_v_proj",))),
-        (r"single_blocks\.(\d+)\.linear1", ((r"single_transformer_blocks.\1.attn.to_q",),
-                                            (r"single_transformer_blocks.\1.attn.to_k",),
-                                            (r"single_transformer_blocks.\1.attn.to_v",),
-                                            (r"single_transformer_blocks.\1.proj_mlp",))),
-        (r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn\.qkv",
-         ((r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_q",),
-          (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_k",),
-          (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_v",))),
+        (
+            r"double_blocks\.(\d+)\.img_attn\.qkv",
+            (
+                (r"transformer_blocks.\1.attn.to_q",),
+                (r"transformer_blocks.\1.attn.to_k",),
+                (r"transformer_blocks.\1.attn.to_v",),
+            ),
+        ),
+        (
+            r"double_blocks\.(\d+)\.txt_attn\.qkv",
+            (
+                (r"transformer_blocks.\1.attn.add_q_proj",),
+                (r"transformer_blocks.\1.attn.add_k_proj",),
+                (r"transformer_blocks.\1.attn.add_v_proj",),
+            ),
+        ),
+        (
+            r"single_blocks\.(\d+)\.linear1",
+            (
+                (r"single_transformer_blocks.\1.attn.to_q",),
+                (r"single_transformer_blocks.\1.attn.to_k",),
+                (r"single_transformer_blocks.\1.attn.to_v",),
+                (r"single_transformer_blocks.\1.proj_mlp",),
+            ),
+        ),
+        (
+            r"txt_in\.individual_token_refiner\.blocks\.(\d+)\.self_attn\.qkv",
+            (
+                (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_q",),
+                (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_k",),
+                (r"context_embedder.token_refiner.refiner_blocks.\1.attn.to_v",),
+            ),
+        ),
     ),
 }
 
@@ -205,8 +257,11 @@ def diffusers_key_map(family: str, weight_shapes: Mapping[str, tuple], heads: He
     these shapes (`diffusion_model.<module>.weight` -> shape). `heads` places the rows of a fused q/k/v weight;
     without it a fused weight gets no entries (its names stay unmatched rather than land on the wrong rows)."""
     out: dict = {}
-    modules = {k[len(MODEL_PREFIX):-len(".weight")]: tuple(shape) for k, shape in weight_shapes.items()
-               if k.startswith(MODEL_PREFIX) and k.endswith(".weight")}
+    modules = {
+        k[len(MODEL_PREFIX) : -len(".weight")]: tuple(shape)
+        for k, shape in weight_shapes.items()
+        if k.startswith(MODEL_PREFIX) and k.endswith(".weight")
+    }
     for module in modules:
         key = f"{MODEL_PREFIX}{module}.weight"
         for pattern, replacement in RENAMES.get(family, ()):

@@ -1,6 +1,7 @@
 """Dense ΔW -> WaveFT: the p coefficients whose synthesis best approximates a weight change (the largest ones of
 the adjoint transform, then their values by least squares), and where dense ΔW come from besides LoRAs
 (lora.py): a fine-tuned single-file checkpoint minus its base. The patch geometry is delta.py's."""
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ def analysis(x: torch.Tensor, wavelet: str, square_kernels: bool = False) -> tor
     bands = F.conv2d(padded, kernels, stride=2)[0]  # [4, hp/2, wp/2]
     coeffs = torch.cat([torch.cat([bands[0], bands[1]], dim=1), torch.cat([bands[2], bands[3]], dim=1)], dim=0)
     top, left = (hp - m) // 2, (wp - n) // 2
-    return coeffs[top:top + m, left:left + n]
+    return coeffs[top : top + m, left : left + n]
 
 
 class SupportOperator:
@@ -91,8 +92,9 @@ class SupportOperator:
         return (y.reshape(-1)[self.targets] * self.weights).sum(dim=1)
 
 
-def least_squares(op: SupportOperator, target: torch.Tensor, start: torch.Tensor, iterations: int,
-                  tolerance: float = 1e-12) -> torch.Tensor:
+def least_squares(
+    op: SupportOperator, target: torch.Tensor, start: torch.Tensor, iterations: int, tolerance: float = 1e-12
+) -> torch.Tensor:
     """argmin_v ||S_P v - target||: conjugate gradient on the normal equations S_P^T S_P v = S_P^T target,
     Jacobi-preconditioned (patches clipped at the edges have norms well below 1). Stops after `iterations`
     steps or when the normal-equation residual falls below `tolerance` relative to S_P^T target. Each step
@@ -123,8 +125,14 @@ def least_squares(op: SupportOperator, target: torch.Tensor, start: torch.Tensor
     return v
 
 
-def extract_layer(delta: torch.Tensor, n_coefficients: int, wavelet: str = "db1", iterations: int = 100,
-                  support_rounds: int = 4, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def extract_layer(
+    delta: torch.Tensor,
+    n_coefficients: int,
+    wavelet: str = "db1",
+    iterations: int = 100,
+    support_rounds: int = 4,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(positions, values, relative error) of a p-sparse coefficient set whose synthesis approximates `delta`
     (any shape; viewed as m x n), without scaling.
 
@@ -175,10 +183,18 @@ def extract_layer(delta: torch.Tensor, n_coefficients: int, wavelet: str = "db1"
     return positions, values, error / total if total > 0 else 0.0
 
 
-def extract(deltas: Mapping[str, torch.Tensor], n_coefficients: int, wavelet: str = "db1",
-            scaling: float = DEFAULT_SCALING, seed: int = DEFAULT_SEED, iterations: int = 100,
-            support_rounds: int = 4, metadata: Mapping[str, str] | None = None, device=None,
-            log: Callable[[str], None] | None = None) -> tuple[Adapter, dict]:
+def extract(
+    deltas: Mapping[str, torch.Tensor],
+    n_coefficients: int,
+    wavelet: str = "db1",
+    scaling: float = DEFAULT_SCALING,
+    seed: int = DEFAULT_SEED,
+    iterations: int = 100,
+    support_rounds: int = 4,
+    metadata: Mapping[str, str] | None = None,
+    device=None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Adapter, dict]:
     """A WaveFT adapter approximating each dense ΔW (name -> tensor in the weight's shape) with
     `n_coefficients` coefficients per layer (fewer where the weight has fewer entries).
 
@@ -207,9 +223,13 @@ def extract(deltas: Mapping[str, torch.Tensor], n_coefficients: int, wavelet: st
             continue
         positions, values, _ = extract_layer(delta, n_coefficients, wavelet, iterations, support_rounds, device)
         m, n = matrix_shape(tuple(delta.shape))
-        layer = Layer(spectrum=(values / scaling).to("cpu", torch.float32),
-                      indices=positions.to("cpu", index_dtype(m * n)),
-                      shape=tuple(delta.shape), scaling=scaling, wavelet=wavelet)
+        layer = Layer(
+            spectrum=(values / scaling).to("cpu", torch.float32),
+            indices=positions.to("cpu", index_dtype(m * n)),
+            shape=tuple(delta.shape),
+            scaling=scaling,
+            wavelet=wavelet,
+        )
         # The error of what is stored (float32 values), not of the float64 fit.
         error = float((layer.delta(torch.float64) - delta.to(torch.float64).cpu()).norm()) / math.sqrt(norm_sq)
         layers[name] = layer
@@ -224,8 +244,14 @@ def extract(deltas: Mapping[str, torch.Tensor], n_coefficients: int, wavelet: st
     md = {k: str(v) for k, v in (metadata or {}).items()}
     if md.get("modelspec.architecture"):
         md["modelspec.architecture"] = re.sub(r"/lora$", "/waveft", md["modelspec.architecture"])
-    md.update({"waveft.source": "extracted", "waveft.seed": str(int(seed)), "waveft.wavelet": wavelet,
-               "waveft.scaling": repr(scaling)})
+    md.update(
+        {
+            "waveft.source": "extracted",
+            "waveft.seed": str(int(seed)),
+            "waveft.wavelet": wavelet,
+            "waveft.scaling": repr(scaling),
+        }
+    )
     return Adapter(layers=layers, metadata=md), report
 
 
@@ -263,7 +289,7 @@ def checkpoint_deltas(finetuned_path, base_path, targets: str = "attention") -> 
         with open_safetensors(path) as f:
             if loc.rows is None:
                 return f.get_tensor(loc.key)
-            return f.get_slice(loc.key)[loc.rows[0]:loc.rows[1]]
+            return f.get_slice(loc.key)[loc.rows[0] : loc.rows[1]]
 
     def make(name):
         return lambda: read(ft_path, ft_layout[name]).float() - read(base_path, base_layout[name]).float()
@@ -272,9 +298,11 @@ def checkpoint_deltas(finetuned_path, base_path, targets: str = "attention") -> 
     for name in sorted(common):
         shape = location_shape(ft_header, ft_layout[name])
         if shape != location_shape(base_header, base_layout[name]):
-            raise ValueError(f"{name}: shape {list(shape)} in {ft_path} but "
-                             f"{list(location_shape(base_header, base_layout[name]))} in {base_path}; "
-                             "are they the same model family?")
+            raise ValueError(
+                f"{name}: shape {list(shape)} in {ft_path} but "
+                f"{list(location_shape(base_header, base_layout[name]))} in {base_path}; "
+                "are they the same model family?"
+            )
         if not _wanted(name, shape, targets):
             continue
         if not ft_header[ft_layout[name].key]["dtype"].startswith(("F", "BF")):

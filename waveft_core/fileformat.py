@@ -1,4 +1,5 @@
 """The native WaveFT file, format v1 (FORMAT.md section 3): strict reading, atomic writing (storage.py)."""
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,27 @@ INDEX_DTYPES = {torch.int32, torch.int64}
 
 # safetensors dtype names -> torch dtypes (the ones torch can hold; others are refused by name).
 _TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, **{name: getattr(torch, attr) for name, attr in (
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
-        ("U64", "uint64")) if hasattr(torch, attr)},
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    **{
+        name: getattr(torch, attr)
+        for name, attr in (
+            ("F8_E4M3", "float8_e4m3fn"),
+            ("F8_E5M2", "float8_e5m2"),
+            ("U16", "uint16"),
+            ("U32", "uint32"),
+            ("U64", "uint64"),
+        )
+        if hasattr(torch, attr)
+    },
 }
 
 
@@ -64,15 +81,22 @@ def _read_tensor(path, f, data_start: int, data_size: int, key: str, info: dict)
     except (KeyError, TypeError, ValueError):
         raise WaveFTFileError(path, "has no valid shape or data offsets", key=key, advice=_DAMAGED) from None
     count = math.prod(shape)
-    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or \
-            end - begin != count * dtype.itemsize:
-        raise WaveFTFileError(path, f"claims {shape} {info['dtype']} at bytes {begin}..{end} of {data_size}: the "
-                              "file is truncated or damaged", key=key, advice=_DAMAGED)
+    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != count * dtype.itemsize:
+        raise WaveFTFileError(
+            path,
+            f"claims {shape} {info['dtype']} at bytes {begin}..{end} of {data_size}: the file is truncated or damaged",
+            key=key,
+            advice=_DAMAGED,
+        )
     buffer = bytearray(end - begin)
     f.seek(data_start + begin)
     if f.readinto(buffer) != len(buffer):
-        raise WaveFTFileError(path, "ended while being read (was it rewritten meanwhile?)", key=key,
-                              advice="Wait until the copy or download is complete, then queue again")
+        raise WaveFTFileError(
+            path,
+            "ended while being read (was it rewritten meanwhile?)",
+            key=key,
+            advice="Wait until the copy or download is complete, then queue again",
+        )
     if not buffer:
         return torch.empty(shape, dtype=dtype)
     tensor = torch.frombuffer(buffer, dtype=dtype).reshape(shape)
@@ -108,18 +132,23 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         tensors, metadata = as_native(tensors, metadata, path)
     if not looks_like_waveft(tensors):
         raise WaveFTFileError(
-            path, "holds no '<module>.waveft_spectrum' tensors, so it is not a WaveFT adapter",
+            path,
+            "holds no '<module>.waveft_spectrum' tensors, so it is not a WaveFT adapter",
             advice="If it is a LoRA, load it with a LoRA loader",
         )
     version_text = metadata.get("waveft.format_version")
     if version_text is None and file_kind(tensors, metadata) == KOHYA:  # not damaged: another trainer's layout
-        raise WaveFTFileError(path, f"is {DESCRIPTIONS[KOHYA]}, not a native file: it stores no weight shapes",
-                              advice="Load it with 'Load WaveFT' on the model it was trained on, or convert it with "
-                              "'python -m waveft_core convert <file> <out.safetensors> --base <checkpoint>'")
+        raise WaveFTFileError(
+            path,
+            f"is {DESCRIPTIONS[KOHYA]}, not a native file: it stores no weight shapes",
+            advice="Load it with 'Load WaveFT' on the model it was trained on, or convert it with "
+            "'python -m waveft_core convert <file> <out.safetensors> --base <checkpoint>'",
+        )
     if version_text is None:
         if not any(k.endswith(".waveft_indices") for k in tensors):
             raise WaveFTFileError(
-                path, "has WaveFT spectra but no stored positions and no 'waveft.format_version': this is a "
+                path,
+                "has WaveFT spectra but no stored positions and no 'waveft.format_version': this is a "
                 "PEFT adapter_model.safetensors",
                 advice="Load the PEFT folder (with its adapter_config.json) instead, or convert it with "
                 "'python -m waveft_core convert <folder> <out.safetensors> --base <checkpoint>'",
@@ -131,8 +160,10 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         raise WaveFTFileError(path, f"'{version_text}' is not a version number", key="waveft.format_version") from None
     if version > FORMAT_VERSION:
         raise WaveFTFileError(
-            path, f"format version {version} is newer than this reader knows ({FORMAT_VERSION})",
-            key="waveft.format_version", advice="Update ComfyUI-WaveFT",
+            path,
+            f"format version {version} is newer than this reader knows ({FORMAT_VERSION})",
+            key="waveft.format_version",
+            advice="Update ComfyUI-WaveFT",
         )
     if version < 1:
         raise WaveFTFileError(path, f"format version {version} does not exist", key="waveft.format_version")
@@ -148,7 +179,9 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     try:
         check_wavelet(wavelet)
     except UnknownWaveletError as e:
-        raise WaveFTFileError(path, str(e), key="waveft.wavelet", advice="Update ComfyUI-WaveFT or fix the file") from None
+        raise WaveFTFileError(
+            path, str(e), key="waveft.wavelet", advice="Update ComfyUI-WaveFT or fix the file"
+        ) from None
     scaling = _parse_float(path, "waveft.scaling", metadata["waveft.scaling"])
     use_idwt = _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true"))
     _check_mirrors(path, tensors, wavelet, scaling, use_idwt)
@@ -167,8 +200,12 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         parts = modules[module]
         for suffix in ("waveft_spectrum", "waveft_indices", "waveft_shape"):
             if suffix not in parts:
-                raise WaveFTFileError(path, "missing (every adapted layer needs spectrum, indices and shape)",
-                                      key=f"{module}.{suffix}", advice=_DAMAGED)
+                raise WaveFTFileError(
+                    path,
+                    "missing (every adapted layer needs spectrum, indices and shape)",
+                    key=f"{module}.{suffix}",
+                    advice=_DAMAGED,
+                )
         layers[module] = _validate_layer(path, module, parts, scaling, wavelet, use_idwt)
     return Adapter(layers=layers, metadata=dict(metadata), source=str(path), extra_tensors=extra)
 
@@ -182,74 +219,122 @@ def _check_mirrors(path, tensors, wavelet: str, scaling: float, use_idwt: bool) 
         if "waveft.scaling" in tensors:
             said["waveft.scaling"] = (float(tensors["waveft.scaling"].reshape(-1)[0]), scaling)
         if "waveft.wavelet" in tensors:
-            said["waveft.wavelet"] = (bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii"), wavelet)
+            said["waveft.wavelet"] = (
+                bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii"),
+                wavelet,
+            )
         if "waveft.use_idwt" in tensors:
             said["waveft.use_idwt"] = (bool(tensors["waveft.use_idwt"].reshape(-1)[0]), use_idwt)
     except (RuntimeError, IndexError, UnicodeDecodeError, ValueError):
-        raise WaveFTFileError(path, "is not a valid mirror of the metadata setting", key=next(
-            k for k in ("waveft.scaling", "waveft.wavelet", "waveft.use_idwt") if k in tensors and k not in said),
-            advice=_DAMAGED) from None
+        raise WaveFTFileError(
+            path,
+            "is not a valid mirror of the metadata setting",
+            key=next(
+                k for k in ("waveft.scaling", "waveft.wavelet", "waveft.use_idwt") if k in tensors and k not in said
+            ),
+            advice=_DAMAGED,
+        ) from None
     for key, (mirror, reference) in said.items():
         same = math.isclose(mirror, reference, rel_tol=1e-6) if key == "waveft.scaling" else mirror == reference
         if not same:
-            raise WaveFTFileError(path, f"the tensor says {mirror!r} but the metadata says {reference!r} (ComfyUI's "
-                                  "stock LoRA loader would apply the one, every other reader the other)", key=key,
-                                  advice="The file was edited by hand or is damaged; write it again with a WaveFT "
-                                  "tool (the metadata is the reference)")
+            raise WaveFTFileError(
+                path,
+                f"the tensor says {mirror!r} but the metadata says {reference!r} (ComfyUI's "
+                "stock LoRA loader would apply the one, every other reader the other)",
+                key=key,
+                advice="The file was edited by hand or is damaged; write it again with a WaveFT "
+                "tool (the metadata is the reference)",
+            )
 
 
 def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
     spectrum, indices, shape_t = parts["waveft_spectrum"], parts["waveft_indices"], parts["waveft_shape"]
     k_spec, k_idx, k_shape = (f"{module}.{s}" for s in ("waveft_spectrum", "waveft_indices", "waveft_shape"))
     if spectrum.dtype not in SPECTRUM_DTYPES or spectrum.dim() != 1:
-        raise WaveFTFileError(path, f"must be a 1-D float32/float16/bfloat16 tensor, got {spectrum.dtype} "
-                              f"of shape {list(spectrum.shape)}", key=k_spec, advice=_DAMAGED)
+        raise WaveFTFileError(
+            path,
+            f"must be a 1-D float32/float16/bfloat16 tensor, got {spectrum.dtype} of shape {list(spectrum.shape)}",
+            key=k_spec,
+            advice=_DAMAGED,
+        )
     if indices.dtype not in INDEX_DTYPES or indices.dim() != 1:
-        raise WaveFTFileError(path, f"must be a 1-D int32/int64 tensor, got {indices.dtype} of shape "
-                              f"{list(indices.shape)}", key=k_idx, advice=_DAMAGED)
+        raise WaveFTFileError(
+            path,
+            f"must be a 1-D int32/int64 tensor, got {indices.dtype} of shape {list(indices.shape)}",
+            key=k_idx,
+            advice=_DAMAGED,
+        )
     if shape_t.dtype.is_floating_point or shape_t.dtype == torch.bool or shape_t.dim() != 1 or shape_t.numel() < 2:
-        raise WaveFTFileError(path, f"must be a 1-D int64 tensor with the weight shape (2 or more entries), got "
-                              f"{shape_t.dtype} {shape_t.tolist()}", key=k_shape, advice=_DAMAGED)
+        raise WaveFTFileError(
+            path,
+            f"must be a 1-D int64 tensor with the weight shape (2 or more entries), got "
+            f"{shape_t.dtype} {shape_t.tolist()}",
+            key=k_shape,
+            advice=_DAMAGED,
+        )
     shape = tuple(int(s) for s in shape_t.tolist())
     if any(s <= 0 for s in shape):
-        raise WaveFTFileError(path, f"weight shape {list(shape)} has a dimension below 1", key=k_shape,
-                              advice=_DAMAGED)
+        raise WaveFTFileError(path, f"weight shape {list(shape)} has a dimension below 1", key=k_shape, advice=_DAMAGED)
     if math.prod(shape) > MAX_WEIGHT_ENTRIES:
-        raise WaveFTFileError(path, f"weight shape {list(shape)} has {math.prod(shape):,} entries, more than any "
-                              "model's weight", key=k_shape, advice=_DAMAGED)
+        raise WaveFTFileError(
+            path,
+            f"weight shape {list(shape)} has {math.prod(shape):,} entries, more than any model's weight",
+            key=k_shape,
+            advice=_DAMAGED,
+        )
     if spectrum.numel() != indices.numel():
-        raise WaveFTFileError(path, f"{spectrum.numel()} coefficients but {indices.numel()} positions in "
-                              f"'{k_idx}'; the two must have the same length", key=k_spec, advice=_DAMAGED)
+        raise WaveFTFileError(
+            path,
+            f"{spectrum.numel()} coefficients but {indices.numel()} positions in "
+            f"'{k_idx}'; the two must have the same length",
+            key=k_spec,
+            advice=_DAMAGED,
+        )
     if not torch.isfinite(spectrum).all():
         bad = int((~torch.isfinite(spectrum)).sum())
-        raise WaveFTFileError(path, f"{bad} coefficient(s) are NaN or infinite", key=k_spec,
-                              advice="The training diverged; use an earlier checkpoint or a lower learning rate")
+        raise WaveFTFileError(
+            path,
+            f"{bad} coefficient(s) are NaN or infinite",
+            key=k_spec,
+            advice="The training diverged; use an earlier checkpoint or a lower learning rate",
+        )
     m, n = matrix_shape(shape)
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= m * n:
             bad = lo if lo < 0 else hi
-            raise WaveFTFileError(path, f"position {bad} is outside [0, {m * n}) for weight shape {list(shape)}",
-                                  key=k_idx, advice=_DAMAGED)
+            raise WaveFTFileError(
+                path,
+                f"position {bad} is outside [0, {m * n}) for weight shape {list(shape)}",
+                key=k_idx,
+                advice=_DAMAGED,
+            )
         if index_dtype(m * n) == torch.int64 and indices.dtype == torch.int32:
-            raise WaveFTFileError(path, "int32 positions cannot address a weight of 2^31 entries or more",
-                                  key=k_idx, advice=_DAMAGED)
+            raise WaveFTFileError(
+                path, "int32 positions cannot address a weight of 2^31 entries or more", key=k_idx, advice=_DAMAGED
+            )
         s = torch.sort(indices.to(torch.int64)).values
         dup = torch.nonzero(s[1:] == s[:-1])
         if dup.numel():
-            raise WaveFTFileError(path, f"position {int(s[int(dup[0])])} appears more than once (positions must be "
-                                  "unique)", key=k_idx, advice=_DAMAGED)
+            raise WaveFTFileError(
+                path,
+                f"position {int(s[int(dup[0])])} appears more than once (positions must be unique)",
+                key=k_idx,
+                advice=_DAMAGED,
+            )
     wavelet, use_idwt = _layer_settings(path, module, parts, wavelet, use_idwt)
     layer_scaling = scaling
     if "waveft_scaling" in parts:
         t = parts["waveft_scaling"]
         k_sc = f"{module}.waveft_scaling"
         if not t.dtype.is_floating_point or t.numel() != 1:
-            raise WaveFTFileError(path, f"must be a float scalar, got {t.dtype} of shape {list(t.shape)}",
-                                  key=k_sc, advice=_DAMAGED)
+            raise WaveFTFileError(
+                path, f"must be a float scalar, got {t.dtype} of shape {list(t.shape)}", key=k_sc, advice=_DAMAGED
+            )
         layer_scaling = check_setting(float(t.reshape(()).double()), path, k_sc)
-    layer = Layer(spectrum=spectrum, indices=indices, shape=shape, scaling=layer_scaling, wavelet=wavelet,
-                  use_idwt=use_idwt)
+    layer = Layer(
+        spectrum=spectrum, indices=indices, shape=shape, scaling=layer_scaling, wavelet=wavelet, use_idwt=use_idwt
+    )
     check_delta_range(layer, path, k_spec, k_sc if "waveft_scaling" in parts else "waveft.scaling")
     return layer
 
@@ -259,8 +344,9 @@ def _layer_settings(path, module, parts, wavelet: str, use_idwt: bool) -> tuple[
     if "waveft_wavelet" in parts:
         t, key = parts["waveft_wavelet"], f"{module}.waveft_wavelet"
         if t.dtype != torch.uint8 or t.dim() != 1:
-            raise WaveFTFileError(path, f"must be a 1-D uint8 tensor (the name in ASCII), got {t.dtype}", key=key,
-                                  advice=_DAMAGED)
+            raise WaveFTFileError(
+                path, f"must be a 1-D uint8 tensor (the name in ASCII), got {t.dtype}", key=key, advice=_DAMAGED
+            )
         wavelet = bytes(t.tolist()).decode("ascii", "replace")
         try:
             check_wavelet(wavelet)
@@ -323,14 +409,16 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
     for key, t in adapter.extra_tensors.items():
         tensors.setdefault(key, t.detach().to("cpu").contiguous())
     metadata = {str(k): str(v) for k, v in adapter.metadata.items()}
-    metadata.update({
-        "waveft.format_version": str(version),
-        "waveft.wavelet": wavelet,
-        "waveft.scaling": repr(scaling),
-        "waveft.use_idwt": "true" if use_idwt else "false",
-        "ss_network_module": "waveft",
-        "modelspec.sai_model_spec": "1.0.0",
-    })
+    metadata.update(
+        {
+            "waveft.format_version": str(version),
+            "waveft.wavelet": wavelet,
+            "waveft.scaling": repr(scaling),
+            "waveft.use_idwt": "true" if use_idwt else "false",
+            "ss_network_module": "waveft",
+            "modelspec.sai_model_spec": "1.0.0",
+        }
+    )
     family = family_of(metadata)
     if family and "modelspec.architecture" not in metadata:
         metadata["modelspec.architecture"] = f"{family.architecture}/waveft"
@@ -345,4 +433,3 @@ def write(adapter: Adapter, path) -> Path:
 
     tensors, metadata = to_tensors_and_metadata(adapter)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-

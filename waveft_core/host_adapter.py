@@ -8,24 +8,24 @@ strength * ΔW to `weight` in place and returns it (with an offset the host keep
 0.21 the host rebuilds adapters as type(v)(v.loaded_keys, <v.weights moved into a buffer on the GPU>) for
 low-VRAM and dynamic-VRAM loads, and the bypass hook moves and casts the top-level tensors of `weights`: so
 `weights` is `Layer.packed()`, and every method computes from the tensors it holds now, on their device."""
+
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from .adapter import Layer
 from . import kinds
+from .adapter import Layer
 from .delta import compute_dtype, dense_delta
 from .fileformat import FORMAT_VERSION, adapter_from_tensors
 from .fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
-from .kohya_waveft import PendingLayer
 from .kohya_waveft import SUFFIXES as KOHYA_SUFFIXES
+from .kohya_waveft import PendingLayer, seed_hint_of_file
 from .kohya_waveft import read as read_kohya
-from .kohya_waveft import seed_hint_of_file
-from .separable import add_delta, bypass_output, conv_arguments, separable_plan
 from .matching import same_matrix
 from .printable import printable
+from .separable import add_delta, bypass_output, conv_arguments, separable_plan
 from .stock import LAYOUT, SPECTRUM, StockTrainable, stock_layer
 from .storage import WaveFTFileError
 
@@ -48,10 +48,12 @@ def mirrored_metadata(tensors: dict) -> dict:
     """The metadata a native file's mirrored settings tensors stand for (a stock LoRA loader hands an adapter
     the tensors only, not the file's metadata). KeyError when the file has no mirrors."""
     if "waveft.wavelet" not in tensors:
-        raise KeyError("it is a WaveFT file without the settings tensors ('waveft.wavelet', 'waveft.scaling', "
-                       "'waveft.use_idwt'; FORMAT.md extension 1), and a stock LoRA loader is given no metadata, "
-                       "so it cannot tell the wavelet. Load it with the 'Load WaveFT' node instead, or re-save it "
-                       "with this version: python -m waveft_core convert <file> <new.safetensors>")
+        raise KeyError(
+            "it is a WaveFT file without the settings tensors ('waveft.wavelet', 'waveft.scaling', "
+            "'waveft.use_idwt'; FORMAT.md extension 1), and a stock LoRA loader is given no metadata, "
+            "so it cannot tell the wavelet. Load it with the 'Load WaveFT' node instead, or re-save it "
+            "with this version: python -m waveft_core convert <file> <new.safetensors>"
+        )
     wavelet = bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii", "replace")
     md = {"waveft.format_version": str(FORMAT_VERSION), "waveft.wavelet": wavelet, "ss_network_module": "waveft"}
     md["waveft.scaling"] = repr(float(tensors["waveft.scaling"])) if "waveft.scaling" in tensors else "25.0"
@@ -62,12 +64,17 @@ def mirrored_metadata(tensors: dict) -> dict:
 
 def _is_pending(weights) -> bool:
     """weights of a layer whose shape is not known yet (kohya_waveft.PendingLayer), duck-typed like check_packed."""
-    return (isinstance(weights, (tuple, list)) and len(weights) == 3 and isinstance(weights[0], torch.Tensor)
-            and callable(getattr(weights[2], "bind", None)))
+    return (
+        isinstance(weights, (tuple, list))
+        and len(weights) == 3
+        and isinstance(weights[0], torch.Tensor)
+        and callable(getattr(weights[2], "bind", None))
+    )
 
 
-def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | None = None, name: str = "WaveFTAdapter",
-                  source_of=None):
+def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it defines)
+    base: type, packed_types: tuple = (), log: logging.Logger | None = None, name: str = "WaveFTAdapter", source_of=None
+):
     """The WaveFT adapter as a subclass of a host's WeightAdapterBase (`object` for a host without one).
     `packed_types` are the host's quantized tensor classes (comfy-kitchen), never written into. `source_of()`
     names the file the host's stock loader is reading, for messages (the loader does not tell an adapter)."""
@@ -88,8 +95,11 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
 
     def is_packed_weight(weight) -> bool:
         """Quantized storage whose elements are not the weight's values: a scatter would write packed bytes."""
-        return (isinstance(weight, packed_types) or getattr(weight, "is_quantized", False)
-                or not weight.dtype.is_floating_point)
+        return (
+            isinstance(weight, packed_types)
+            or getattr(weight, "is_quantized", False)
+            or not weight.dtype.is_floating_point
+        )
 
     class WaveFTAdapter(base):
         """A WaveFT layer as the host's weight adapter; `weights` is Layer.packed() = (spectrum, plan tensors,
@@ -129,10 +139,13 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                 hint = None if stored.positions_exact else seed_hint_of_file(source_file())
                 return cls(loaded_keys, (stored.spectrum.to(torch.float32), (), PendingLayer(stored, source(), hint)))
             if f"{x}.waveft_indices" not in lora:
-                raise refuse(x, f"it is {kinds.DESCRIPTIONS[kinds.SPECTRA]}, so a LoRA loader cannot place its "
-                             "coefficients. Load it with the 'Load WaveFT' node (it draws the positions for the "
-                             "connected model), or convert it: python -m waveft_core convert <file> "
-                             "<new.safetensors> --base <checkpoint>")
+                raise refuse(
+                    x,
+                    f"it is {kinds.DESCRIPTIONS[kinds.SPECTRA]}, so a LoRA loader cannot place its "
+                    "coefficients. Load it with the 'Load WaveFT' node (it draws the positions for the "
+                    "connected model), or convert it: python -m waveft_core convert <file> "
+                    "<new.safetensors> --base <checkpoint>",
+                )
             keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
             # copies: the host may hand tensors mapped from the file, which a rewrite in place would change
             tensors = {k: lora[k].clone() for k in keys if k in lora}
@@ -208,28 +221,46 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
             """ΔW never changes the weight's shape (a layer stored as m x n fits an m x n x 1 x 1 conv too)."""
             return None
 
-        def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                             intermediate_dtype=torch.float32, original_weight=None):
+        def calculate_weight(
+            self,
+            weight,
+            key,
+            strength,
+            strength_model,
+            offset,
+            function,
+            intermediate_dtype=torch.float32,
+            original_weight=None,
+        ):
             if strength == 0:
                 return weight
             try:
                 if is_packed_weight(weight):
                     # The host dequantizes before patching; a packed tensor here would take the scatter into its
                     # packed bytes, and comfy-kitchen's in-place add drops the change.
-                    log.error("WaveFT: %s is stored quantized (%s); WaveFT does not write into packed weights, so "
-                              "this layer is left unpatched. Load a non-quantized model, or use 'Load LoRA "
-                              "(Bypass)' with the WaveFT file.", key, type(weight).__name__)
+                    log.error(
+                        "WaveFT: %s is stored quantized (%s); WaveFT does not write into packed weights, so "
+                        "this layer is left unpatched. Load a non-quantized model, or use 'Load LoRA "
+                        "(Bypass)' with the WaveFT file.",
+                        key,
+                        type(weight).__name__,
+                    )
                     return weight
                 layer, spectrum, plan = self._bound(weight.device, weight.shape)
                 if not same_matrix(layer.shape, tuple(weight.shape)):
-                    log.error("WaveFT: %s has shape %s, the adapter's layer was made for %s; left unpatched", key,
-                              list(weight.shape), list(layer.shape))
+                    log.error(
+                        "WaveFT: %s has shape %s, the adapter's layer was made for %s; left unpatched",
+                        key,
+                        list(weight.shape),
+                        list(layer.shape),
+                    )
                     return weight
                 factor = float(layer.scaling) * float(strength)
                 if _is_identity(function) and weight.dtype in SPARSE_DTYPES:
                     # in place (with an offset the host keeps the view); fp16/bf16 through the filters where cheaper
-                    add_delta(weight, plan, lambda dtype: self._separable(layer, plan, weight.device, dtype),
-                              spectrum, factor)
+                    add_delta(
+                        weight, plan, lambda dtype: self._separable(layer, plan, weight.device, dtype), spectrum, factor
+                    )
                 else:
                     # a function (swap_scale_shift on a DiT's modulation) needs the dense delta; fp8 storage has
                     # no sparse write. Either way: W + ΔW in the compute dtype, rounded once into the weight's.
@@ -255,12 +286,20 @@ def adapter_class(base: type, packed_types: tuple = (), log: logging.Logger | No
                 pending = self.weights[2]
                 shape = (base_out.shape[-1], x.shape[-1]) if base_out is not None else pending.last_shape
                 if shape is None:
-                    raise ValueError(f"WaveFT: {pending.source}: layer {pending.stored.name}: its weight shape is "
-                                     "not known in this mode; load it with the 'Load WaveFT' node")
+                    raise ValueError(
+                        f"WaveFT: {pending.source}: layer {pending.stored.name}: its weight shape is "
+                        "not known in this mode; load it with the 'Load WaveFT' node"
+                    )
             layer, spectrum, plan = self._bound(x.device, shape)
             factor = float(layer.scaling) * float(getattr(self, "multiplier", 1.0))
-            out = bypass_output(x, plan, lambda dtype: self._separable(layer, plan, x.device, dtype), spectrum, factor,
-                                conv_arguments(self, layer.shape))
+            out = bypass_output(
+                x,
+                plan,
+                lambda dtype: self._separable(layer, plan, x.device, dtype),
+                spectrum,
+                factor,
+                conv_arguments(self, layer.shape),
+            )
             if out is not None:  # the filters and the coefficients, never ΔW: chosen when the shapes make it cheaper
                 return out
             delta = dense_delta(plan, spectrum, factor, x.dtype)  # computed in fp32 on x's device, rounded once

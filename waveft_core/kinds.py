@@ -10,6 +10,7 @@ extension. No torch here.
 - spectra: PEFT's adapter_model.safetensors or a diffusers LoRA file: spectra without positions (sources.py)
 - lora: a LoRA/LyCORIS file (lora_up/lora_down, lora_A/lora_B, hada_, lokr_ …), not WaveFT at all
 - other: none of those"""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -18,8 +19,17 @@ NATIVE, KOHYA, SPECTRA, LORA, OTHER = "native", "kohya", "spectra", "lora", "oth
 SPECTRUM = ".waveft_spectrum"
 STOCK_LAYOUT = ".waveft_layout"  # FORMAT.md extension 4 (stock.py); such files also hold LoRA-style .diff keys
 KOHYA_MARKERS = (".waveft_random_loc_seed", ".waveft_family_code")  # keys only a kohya-style WaveFT file has
-_LORA_MARKERS = (".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".hada_w1_a",
-                 ".lokr_w1", ".lokr_w1_a", ".oft_blocks", ".diff")
+_LORA_MARKERS = (
+    ".lora_up.weight",
+    ".lora_down.weight",
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".hada_w1_a",
+    ".lokr_w1",
+    ".lokr_w1_a",
+    ".oft_blocks",
+    ".diff",
+)
 DESCRIPTIONS = {
     NATIVE: "a native WaveFT file",
     KOHYA: "a kohya-style WaveFT file from another trainer (lora-scripts-next's networks.waveft_anima)",
@@ -49,8 +59,11 @@ def file_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) ->
 def is_waveft(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> bool:
     """Any WaveFT file, so WaveFT's readers should take it (they say what is wrong with a damaged one)."""
     metadata = metadata or {}
-    return (metadata.get("ss_network_module") == "waveft" or metadata.get("ss_adapter_algorithm") == "waveft"
-            or file_kind(keys, metadata) in (NATIVE, KOHYA, SPECTRA))
+    return (
+        metadata.get("ss_network_module") == "waveft"
+        or metadata.get("ss_adapter_algorithm") == "waveft"
+        or file_kind(keys, metadata) in (NATIVE, KOHYA, SPECTRA)
+    )
 
 
 def describe_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:

@@ -22,6 +22,7 @@ integer below 2^24 (exact in practice); float16 rounds positions above 2048 and 
 777 becomes 776). Rounded positions are never applied: they are drawn again from the seed (ss_network_args, or
 the stored seed and its neighbours that round to it) and accepted only when the drawn positions, rounded the
 same way, reproduce every stored one."""
+
 from __future__ import annotations
 
 import json
@@ -38,15 +39,22 @@ from .names import TE_PREFIX, UNET_PREFIX
 from .peft_io import peft_positions
 from .storage import WaveFTFileError
 
-SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_scaling", "waveft_random_loc_seed", "waveft_use_idwt",
-            "waveft_family_code")
+SUFFIXES = (
+    "waveft_spectrum",
+    "waveft_indices",
+    "waveft_scaling",
+    "waveft_random_loc_seed",
+    "waveft_use_idwt",
+    "waveft_family_code",
+)
 FAMILY_CODES = {1: "db1"}
 # Integers a float type stores exactly and unambiguously: every stored value below this is the saved integer.
-EXACT_BELOW = {torch.float32: 2 ** 24, torch.float16: 2 ** 11, torch.bfloat16: 2 ** 8, torch.float64: 2 ** 53}
+EXACT_BELOW = {torch.float32: 2**24, torch.float16: 2**11, torch.bfloat16: 2**8, torch.float64: 2**53}
 PRECISION_NAMES = {torch.float32: "float", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "float64"}
 TRAINER = DESCRIPTIONS[KOHYA]
-RESAVE = ("re-save it from the training state with save_precision float (their GUI: 'save precision' fp32), or "
-          "train again")
+RESAVE = (
+    "re-save it from the training state with save_precision float (their GUI: 'save precision' fp32), or train again"
+)
 
 
 def is_kohya_waveft(keys) -> bool:
@@ -142,8 +150,12 @@ def read(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path=
         parts = groups[name]
         for suffix in SUFFIXES:
             if suffix not in parts:
-                raise WaveFTFileError(path, f"missing: every layer of {TRAINER} has {', '.join(SUFFIXES)}",
-                                      key=f"{name}.{suffix}", advice=_advice())
+                raise WaveFTFileError(
+                    path,
+                    f"missing: every layer of {TRAINER} has {', '.join(SUFFIXES)}",
+                    key=f"{name}.{suffix}",
+                    advice=_advice(),
+                )
         layers[name] = _stored_layer(path, name, parts)
     if not layers:
         raise WaveFTFileError(path, "holds no kohya-style WaveFT layers")
@@ -154,40 +166,68 @@ def _stored_layer(path, name: str, parts: Mapping[str, torch.Tensor]) -> StoredL
     spectrum, indices = parts["waveft_spectrum"], parts["waveft_indices"]
     k = f"{name}.%s"
     if not spectrum.dtype.is_floating_point or spectrum.dim() != 1:
-        raise WaveFTFileError(path, f"must be a 1-D float tensor, got {spectrum.dtype} {list(spectrum.shape)}",
-                              key=k % "waveft_spectrum", advice=_advice())
+        raise WaveFTFileError(
+            path,
+            f"must be a 1-D float tensor, got {spectrum.dtype} {list(spectrum.shape)}",
+            key=k % "waveft_spectrum",
+            advice=_advice(),
+        )
     if not torch.isfinite(spectrum).all():
-        raise WaveFTFileError(path, "has NaN or infinite coefficients", key=k % "waveft_spectrum",
-                              advice="The training diverged; use an earlier save or a lower learning rate")
+        raise WaveFTFileError(
+            path,
+            "has NaN or infinite coefficients",
+            key=k % "waveft_spectrum",
+            advice="The training diverged; use an earlier save or a lower learning rate",
+        )
     if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != spectrum.numel():
-        raise WaveFTFileError(path, f"must be [2, {spectrum.numel()}] (row, col) for {spectrum.numel()} coefficients, "
-                              f"got {list(indices.shape)}", key=k % "waveft_indices", advice=_advice())
+        raise WaveFTFileError(
+            path,
+            f"must be [2, {spectrum.numel()}] (row, col) for {spectrum.numel()} coefficients, "
+            f"got {list(indices.shape)}",
+            key=k % "waveft_indices",
+            advice=_advice(),
+        )
     if indices.dtype == torch.bool or indices.is_complex():
-        raise WaveFTFileError(path, f"{indices.dtype} cannot hold positions", key=k % "waveft_indices",
-                              advice=_advice())
+        raise WaveFTFileError(
+            path, f"{indices.dtype} cannot hold positions", key=k % "waveft_indices", advice=_advice()
+        )
     if indices.dtype.is_floating_point and indices.numel():
         if not torch.isfinite(indices).all() or (indices != indices.round()).any() or (indices < 0).any():
-            raise WaveFTFileError(path, "holds values that are not whole non-negative numbers",
-                                  key=k % "waveft_indices", advice=_advice())
+            raise WaveFTFileError(
+                path, "holds values that are not whole non-negative numbers", key=k % "waveft_indices", advice=_advice()
+            )
     elif indices.numel() and int(indices.min()) < 0:
-        raise WaveFTFileError(path, f"position {int(indices.min())} is negative", key=k % "waveft_indices",
-                              advice=_advice())
+        raise WaveFTFileError(
+            path, f"position {int(indices.min())} is negative", key=k % "waveft_indices", advice=_advice()
+        )
     family = _scalar(path, k % "waveft_family_code", parts["waveft_family_code"])
     if family not in FAMILY_CODES:
-        raise WaveFTFileError(path, f"wavelet family code {family:g} is unknown: the trainer's own module knows only "
-                              "1 (db1) and refuses this layer too", key=k % "waveft_family_code",
-                              advice="Load it with the trainer that wrote it, or re-save it with db1")
+        raise WaveFTFileError(
+            path,
+            f"wavelet family code {family:g} is unknown: the trainer's own module knows only "
+            "1 (db1) and refuses this layer too",
+            key=k % "waveft_family_code",
+            advice="Load it with the trainer that wrote it, or re-save it with db1",
+        )
     use_idwt = _scalar(path, k % "waveft_use_idwt", parts["waveft_use_idwt"])
     if use_idwt not in (0.0, 1.0):
-        raise WaveFTFileError(path, f"{use_idwt:g} is not true (1) or false (0)", key=k % "waveft_use_idwt",
-                              advice=_advice())
+        raise WaveFTFileError(
+            path, f"{use_idwt:g} is not true (1) or false (0)", key=k % "waveft_use_idwt", advice=_advice()
+        )
     seed_t = parts["waveft_random_loc_seed"]
     seed = _scalar(path, k % "waveft_random_loc_seed", seed_t)
     if seed < 0 or seed != int(seed):
         raise WaveFTFileError(path, f"{seed:g} is not a seed", key=k % "waveft_random_loc_seed", advice=_advice())
-    return StoredLayer(name=name, spectrum=spectrum, rows=indices[0], cols=indices[1],
-                       scaling=_scalar(path, k % "waveft_scaling", parts["waveft_scaling"]), seed=seed,
-                       seed_dtype=seed_t.dtype, use_idwt=bool(use_idwt))
+    return StoredLayer(
+        name=name,
+        spectrum=spectrum,
+        rows=indices[0],
+        cols=indices[1],
+        scaling=_scalar(path, k % "waveft_scaling", parts["waveft_scaling"]),
+        seed=seed,
+        seed_dtype=seed_t.dtype,
+        use_idwt=bool(use_idwt),
+    )
 
 
 def _seed_candidates(layer: StoredLayer, hint: int | None) -> list[int]:
@@ -227,11 +267,18 @@ def recover_positions(layer: StoredLayer, shape, hint: int | None, path) -> tupl
     if len(distinct) == 1:
         seed, flat = next(iter(found.items()))
         return flat, seed
-    why = ("no seed reproduces them" if not found else
-           f"the seeds {', '.join(map(str, found))} reproduce them with different positions")
-    raise WaveFTFileError(path, f"saved with save_precision {layer.precision}: positions lost (the stored positions "
-                          f"were rounded and {why}, for weight shape {list(shape)})", key=f"{layer.name}.waveft_indices",
-                          advice=f"It is {TRAINER}; {RESAVE}")
+    why = (
+        "no seed reproduces them"
+        if not found
+        else f"the seeds {', '.join(map(str, found))} reproduce them with different positions"
+    )
+    raise WaveFTFileError(
+        path,
+        f"saved with save_precision {layer.precision}: positions lost (the stored positions "
+        f"were rounded and {why}, for weight shape {list(shape)})",
+        key=f"{layer.name}.waveft_indices",
+        advice=f"It is {TRAINER}; {RESAVE}",
+    )
 
 
 def layer_for(kfile: KohyaFile, name: str, shape) -> tuple[Layer, int | None]:
@@ -243,35 +290,58 @@ def layer_for(kfile: KohyaFile, name: str, shape) -> tuple[Layer, int | None]:
     path = kfile.path
     p = stored.spectrum.numel()
     if p > m * n:
-        raise WaveFTFileError(path, f"{p} coefficients do not fit a weight of shape {list(shape)}",
-                              key=f"{name}.waveft_spectrum", advice="Apply it to the model it was trained on")
+        raise WaveFTFileError(
+            path,
+            f"{p} coefficients do not fit a weight of shape {list(shape)}",
+            key=f"{name}.waveft_spectrum",
+            advice="Apply it to the model it was trained on",
+        )
     seed = None
     if stored.positions_exact:
         rows, cols = stored.rows.to(torch.int64), stored.cols.to(torch.int64)
         key = f"{name}.waveft_indices"
         if p and int(rows.max()) >= m:
-            raise WaveFTFileError(path, f"row {int(rows.max())} is outside the weight's {m} rows (shape {list(shape)})",
-                                  key=key, advice="Apply it to the model it was trained on")
+            raise WaveFTFileError(
+                path,
+                f"row {int(rows.max())} is outside the weight's {m} rows (shape {list(shape)})",
+                key=key,
+                advice="Apply it to the model it was trained on",
+            )
         if p and int(cols.max()) >= n:
-            raise WaveFTFileError(path, f"column {int(cols.max())} is outside the weight's {n} columns (shape "
-                                  f"{list(shape)})", key=key, advice="Apply it to the model it was trained on")
+            raise WaveFTFileError(
+                path,
+                f"column {int(cols.max())} is outside the weight's {n} columns (shape {list(shape)})",
+                key=key,
+                advice="Apply it to the model it was trained on",
+            )
         flat = rows * n + cols
         ordered = torch.sort(flat).values
         dup = torch.nonzero(ordered[1:] == ordered[:-1])
         if dup.numel():
             at = int(ordered[int(dup[0])])
-            raise WaveFTFileError(path, f"position (row {at // n}, col {at % n}) appears more than once", key=key,
-                                  advice=_advice())
+            raise WaveFTFileError(
+                path, f"position (row {at // n}, col {at % n}) appears more than once", key=key, advice=_advice()
+            )
     else:
         flat, seed = recover_positions(stored, shape, kfile.seed_hint, path)
-    layer = Layer(spectrum=stored.spectrum.to(torch.float32), indices=flat, shape=shape, scaling=stored.scaling,
-                  wavelet=FAMILY_CODES[1], use_idwt=stored.use_idwt)
+    layer = Layer(
+        spectrum=stored.spectrum.to(torch.float32),
+        indices=flat,
+        shape=shape,
+        scaling=stored.scaling,
+        wavelet=FAMILY_CODES[1],
+        use_idwt=stored.use_idwt,
+    )
     return layer, seed
 
 
-def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], tuple | None],
-               name_of: Callable[[str], str] = lambda name: name, base_advice: str = "",
-               skip_missing: bool = False) -> Adapter:
+def to_adapter(
+    kfile: KohyaFile,
+    shape_of: Callable[[str], tuple | None],
+    name_of: Callable[[str], str] = lambda name: name,
+    base_advice: str = "",
+    skip_missing: bool = False,
+) -> Adapter:
     """Every layer on the weights `shape_of(stored name)` gives; `name_of` renames layers (e.g. to native names).
     A layer without a weight is an error naming the layers (the file was made for another model), or with
     `skip_missing` (a loader that reports what matched) left out and counted in the notes."""
@@ -288,26 +358,36 @@ def to_adapter(kfile: KohyaFile, shape_of: Callable[[str], tuple | None],
             recovered[name] = seed
     listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     if missing and (not skip_missing or not layers):
-        raise WaveFTFileError(kfile.path, f"the model has no weight for {len(missing)} of its {len(kfile.layers)} "
-                              f"layers ({listed})", advice=base_advice or "Apply it to the model it was trained on "
-                              "(its base model: " + (kfile.metadata.get("ss_base_model_version") or "not recorded") + ")")
+        raise WaveFTFileError(
+            kfile.path,
+            f"the model has no weight for {len(missing)} of its {len(kfile.layers)} layers ({listed})",
+            advice=base_advice
+            or "Apply it to the model it was trained on (its base model: "
+            + (kfile.metadata.get("ss_base_model_version") or "not recorded")
+            + ")",
+        )
     notes = [TRAINER]
     if missing:
         notes.append(f"{len(missing)} of its {len(kfile.layers)} layers have no weight here ({listed})")
     if recovered:
         seeds = sorted(set(recovered.values()))
-        notes.append(f"saved with save_precision {kfile.precision}: the rounded positions of {len(recovered)} of "
-                     f"{len(kfile.layers)} layers were recovered from seed {', '.join(map(str, seeds))} (every stored "
-                     "index reproduced)")
+        notes.append(
+            f"saved with save_precision {kfile.precision}: the rounded positions of {len(recovered)} of "
+            f"{len(kfile.layers)} layers were recovered from seed {', '.join(map(str, seeds))} (every stored "
+            "index reproduced)"
+        )
     # their ss_network_module and 'anima-preview/lora' architecture describe their container, not this adapter
-    metadata = {k: v for k, v in kfile.metadata.items() if k not in ("ss_network_module", "sshs_model_hash",
-                                                                     "sshs_legacy_hash")}
+    metadata = {
+        k: v for k, v in kfile.metadata.items() if k not in ("ss_network_module", "sshs_model_hash", "sshs_legacy_hash")
+    }
     if metadata.get("modelspec.architecture", "").endswith("/lora"):
         metadata["modelspec.architecture"] = metadata["modelspec.architecture"][: -len("/lora")] + "/waveft"
     metadata["waveft.source"] = "kohya"
     metadata["waveft.import_notes"] = "; ".join(notes)
-    metadata.setdefault("waveft.seed", str(kfile.seed_hint if kfile.seed_hint is not None else
-                                           int(next(iter(kfile.layers.values())).seed)))
+    metadata.setdefault(
+        "waveft.seed",
+        str(kfile.seed_hint if kfile.seed_hint is not None else int(next(iter(kfile.layers.values())).seed)),
+    )
     return Adapter(layers=layers, metadata=metadata, source=kfile.path)
 
 
@@ -319,7 +399,7 @@ def base_name(stored: str, known: Mapping[str, tuple[str, str]]) -> tuple[str, s
         return found if found else None
     for head, kind in (("lora_unet_", "unet:"), ("lora_te_", "te:"), ("lora_te1_", "te:"), ("lora_te2_", "te:")):
         if stored.startswith(head):
-            return known.get(kind + stored[len(head):])
+            return known.get(kind + stored[len(head) :])
     return None
 
 
@@ -352,30 +432,46 @@ def describe(kfile: KohyaFile) -> str:
         f"parameters: {count:,}",
         "wavelet: db1",
         f"scaling: {', '.join(f'{s:g}' for s in scalings)}",
-        "transform: " + ("inverse DWT" if idwt == {True} else "none (use_idwt=false)" if idwt == {False}
-                         else "per layer (inverse DWT on some, none on others)"),
+        "transform: "
+        + (
+            "inverse DWT"
+            if idwt == {True}
+            else "none (use_idwt=false)"
+            if idwt == {False}
+            else "per layer (inverse DWT on some, none on others)"
+        ),
         f"seed: {kfile.seed_hint if kfile.seed_hint is not None else int(layers[0].seed)}",
         f"saved with save_precision: {kfile.precision}",
-        f"base model: {kfile.metadata.get('ss_base_model_version') or kfile.metadata.get('modelspec.architecture') or 'unknown'}",
+        "base model: "
+        + (kfile.metadata.get("ss_base_model_version") or kfile.metadata.get("modelspec.architecture") or "unknown"),
     ]
     rounded = [layer.name for layer in layers if not layer.positions_exact]
     if rounded:
-        lines.append(f"positions: rounded by the save in {len(rounded)} of {len(layers)} layers; they are drawn again "
-                     "from the seed and used only when they reproduce every stored index")
+        lines.append(
+            f"positions: rounded by the save in {len(rounded)} of {len(layers)} layers; they are drawn again "
+            "from the seed and used only when they reproduce every stored index"
+        )
     return "\n".join(lines)
 
 
-def load(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path, base,
-         base_advice: str = "base=<single-file checkpoint, diffusers folder or state dict>") -> Adapter:
+def load(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    path,
+    base,
+    base_advice: str = "base=<single-file checkpoint, diffusers folder or state dict>",
+) -> Adapter:
     """A kohya-style file as an Adapter with ComfyUI-native names, on the weights of `base` (a checkpoint, a
     diffusers folder, a state dict or {name: shape}, or a function (name, name) -> shape)."""
     from . import layouts
 
     kfile = read(tensors, metadata, path)
     if base is None:
-        raise WaveFTFileError(path, f"is {TRAINER}, which stores no weight shapes",
-                              advice=f"Give the base model it was trained on ({base_advice}) so each layer's shape "
-                              "is known")
+        raise WaveFTFileError(
+            path,
+            f"is {TRAINER}, which stores no weight shapes",
+            advice=f"Give the base model it was trained on ({base_advice}) so each layer's shape is known",
+        )
     shapes = layouts.base_shapes(base)
     if shapes is None:  # a lookup function
         return to_adapter(kfile, lambda name: base(name, name), base_advice=f"Give the base model ({base_advice})")
@@ -384,9 +480,12 @@ def load(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path,
     def found(name: str) -> tuple[str, str] | None:
         return base_name(name, known)
 
-    adapter = to_adapter(kfile, lambda name: shapes.shapes.get(found(name)[0]) if found(name) else None,
-                         lambda name: found(name)[1],
-                         base_advice=f"Give the base model it was trained on ({base_advice})")
+    adapter = to_adapter(
+        kfile,
+        lambda name: shapes.shapes.get(found(name)[0]) if found(name) else None,
+        lambda name: found(name)[1],
+        base_advice=f"Give the base model it was trained on ({base_advice})",
+    )
     if shapes.family:
         adapter.metadata.setdefault("ss_base_model_version", shapes.family)
     return adapter

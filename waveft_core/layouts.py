@@ -5,6 +5,7 @@ A PEFT or diffusers WaveFT adapter stores no positions and no shapes: each layer
 the shape of the base weight it adapts (FORMAT.md section 2). So importing one needs this module's answer to
 "what is the shape of native module X in that base", asked for exactly one module at a time: a layer of
 CLIP-G must never take a shape from CLIP-L because a bare name fits both."""
+
 from __future__ import annotations
 
 import re
@@ -46,11 +47,11 @@ def checkpoint_layout(header: Mapping[str, Mapping]) -> dict[str, Location]:
         if key == "__metadata__":
             continue
         if key.startswith("model.diffusion_model.") and key.endswith(".weight"):
-            add(key[len("model."):-len(".weight")], Location(key))
+            add(key[len("model.") : -len(".weight")], Location(key))
         elif key.startswith((UNET_PREFIX, TE_PREFIX)) and key.endswith(".weight"):
-            add(key[:-len(".weight")], Location(key))
+            add(key[: -len(".weight")], Location(key))
         elif key.startswith(_CLIP_L_PREFIXES) and key.endswith(".weight"):
-            rest = key.split(".transformer.", 1)[1][:-len(".weight")]
+            rest = key.split(".transformer.", 1)[1][: -len(".weight")]
             add(f"{TE_PREFIX}clip_l.transformer.{rest}", Location(key))
         else:
             for prefix, clip in _OPENCLIP_PREFIXES.items():
@@ -106,7 +107,7 @@ class BaseShapes:
 
     @property
     def encoders(self) -> tuple[str, ...]:
-        present = {name[len(TE_PREFIX):].split(".", 1)[0] for name in self.shapes if name.startswith(TE_PREFIX)}
+        present = {name[len(TE_PREFIX) :].split(".", 1)[0] for name in self.shapes if name.startswith(TE_PREFIX)}
         return tuple(e for e in ENCODERS if e in present) + tuple(sorted(present - set(ENCODERS)))
 
     def shape(self, native: str) -> tuple[int, ...] | None:
@@ -137,8 +138,9 @@ def from_header(header: Mapping[str, Mapping], label: str = "the base model") ->
         if key != "__metadata__" and key.endswith(".weight") and key not in taken:
             shapes.setdefault(key[: -len(".weight")], tuple(int(s) for s in info["shape"]))
     family = detect_base_model(header) or _family_from_encoders(
-        {n[len(TE_PREFIX):].split(".", 1)[0] for n in shapes if n.startswith(TE_PREFIX)},
-        any(n.startswith(UNET_PREFIX) for n in shapes))
+        {n[len(TE_PREFIX) :].split(".", 1)[0] for n in shapes if n.startswith(TE_PREFIX)},
+        any(n.startswith(UNET_PREFIX) for n in shapes),
+    )
     return BaseShapes(shapes, family, label)
 
 
@@ -174,8 +176,10 @@ def from_diffusers_folder(folder: Path) -> BaseShapes:
         for f in files:
             components.setdefault(sub, {}).update(read_header(f).tensors)
     if not components:
-        raise ValueError(f"{folder}: no unet/, text_encoder/ or text_encoder_2/ with .safetensors weights; give a "
-                         "diffusers pipeline folder or a single-file checkpoint")
+        raise ValueError(
+            f"{folder}: no unet/, text_encoder/ or text_encoder_2/ with .safetensors weights; give a "
+            "diffusers pipeline folder or a single-file checkpoint"
+        )
     base = _pipeline_shapes(components, f"the diffusers folder {folder.name}")
     return base
 
@@ -184,8 +188,9 @@ def _pipeline_shapes(components: Mapping[str, Mapping[str, Mapping]], label: str
     shapes: dict[str, tuple] = {}
     encoders = set()
     for component, header in components.items():
-        weights = {k[: -len(".weight")]: tuple(int(s) for s in v["shape"]) for k, v in header.items()
-                   if k.endswith(".weight")}
+        weights = {
+            k[: -len(".weight")]: tuple(int(s) for s in v["shape"]) for k, v in header.items() if k.endswith(".weight")
+        }
         if component == "unet":
             for name, shape in weights.items():
                 ldm = diffusers_unet_to_ldm(name)

@@ -2,6 +2,7 @@
 layer's reachable |ΔW| inside the float16 range, and dense matrices no bigger than a budget. A small file
 can declare a huge weight or a huge scaling; these checks refuse it, naming the file and the key, instead of
 letting the allocator or an all-black image say it later."""
+
 from __future__ import annotations
 
 import functools
@@ -33,17 +34,25 @@ def check_dense(rows: int, cols: int, source, key: str, what: str = "ΔW") -> No
     """Refuse (WaveFTFileError naming `source` and `key`) a dense rows x cols matrix above the budget."""
     entries, budget = int(rows) * int(cols), max_dense_entries()
     if entries > budget:
-        raise WaveFTFileError(source, f"{what} would be a dense {rows} x {cols} matrix ({entries:,} entries, "
-                              f"{entries * 4 / 2**30:.1f} GiB in float32), above the {budget:,} entries allowed",
-                              key=key, advice="A real layer is far smaller: the file is damaged or not made for a "
-                              "diffusion model. To convert a layer that big anyway, set WAVEFT_MAX_DENSE_ENTRIES")
+        raise WaveFTFileError(
+            source,
+            f"{what} would be a dense {rows} x {cols} matrix ({entries:,} entries, "
+            f"{entries * 4 / 2**30:.1f} GiB in float32), above the {budget:,} entries allowed",
+            key=key,
+            advice="A real layer is far smaller: the file is damaged or not made for a "
+            "diffusion model. To convert a layer that big anyway, set WAVEFT_MAX_DENSE_ENTRIES",
+        )
 
 
 def check_setting(value: float, source, key: str) -> float:
     """`value` if finite in float32 (the precision ΔW is computed in), else WaveFTFileError naming the key."""
     if not math.isfinite(value) or abs(value) > FP32_MAX:
-        raise WaveFTFileError(source, f"{value!r} is not a finite float32 number", key=key,
-                              advice="The file is damaged or was edited by hand; set a plain value such as 25.0")
+        raise WaveFTFileError(
+            source,
+            f"{value!r} is not a finite float32 number",
+            key=key,
+            advice="The file is damaged or was edited by hand; set a plain value such as 25.0",
+        )
     return value
 
 
@@ -78,8 +87,11 @@ def check_delta_range(layer, source, key: str, scaling_key: str) -> None:
         reach = float(layer.delta(torch.float64).abs().max())
         if reach <= FP16_MAX:
             return
-    raise WaveFTFileError(source, f"the weight change reaches |ΔW| = {reach:.3g} (scaling {float(layer.scaling):g} "
-                          f"from '{scaling_key}' times coefficients up to {float(spectrum.abs().max()):.3g}), beyond the {FP16_MAX:g} a "
-                          "float16 weight holds: applied, it would turn the weights into inf and the image black",
-                          key=key, advice="The training diverged or the file is damaged; use an earlier checkpoint "
-                          "or a lower scaling")
+    raise WaveFTFileError(
+        source,
+        f"the weight change reaches |ΔW| = {reach:.3g} (scaling {float(layer.scaling):g} "
+        f"from '{scaling_key}' times coefficients up to {float(spectrum.abs().max()):.3g}), beyond the {FP16_MAX:g} a "
+        "float16 weight holds: applied, it would turn the weights into inf and the image black",
+        key=key,
+        advice="The training diverged or the file is damaged; use an earlier checkpoint or a lower scaling",
+    )

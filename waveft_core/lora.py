@@ -3,6 +3,7 @@
 
 Adapters use ComfyUI-native module names (FORMAT.md section 3); LoRA files use kohya's `lora_unet_*` /
 `lora_te*_*` spellings where ComfyUI's stock loader knows them, native names elsewhere."""
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ def kohya_prefix(native: str, has_clip_g: bool) -> str:
     """The LoRA key prefix of a native module name (see `to_lora`). Names with no kohya spelling that
     ComfyUI maps stay native: ComfyUI reads `diffusion_model.*` and `text_encoders.*` directly."""
     if native.startswith(UNET_PREFIX):
-        return "lora_unet_" + native[len(UNET_PREFIX):].replace(".", "_")
+        return "lora_unet_" + native[len(UNET_PREFIX) :].replace(".", "_")
     m = NATIVE_CLIP.fullmatch(native)
     if m and _KOHYA_TE_MODULE.fullmatch(m[2]):
         clip, module = m[1], m[2].replace(".", "_")
@@ -43,17 +44,53 @@ def kohya_prefix(native: str, has_clip_g: bool) -> str:
 
 # Module-name parts that contain underscores, in SD1/SDXL LDM and diffusers UNets and in HF CLIP. Everything
 # else in a kohya name is separated by dots; see `resolve_underscores`.
-_UNDERSCORE_PARTS = frozenset({
-    # LDM UNet
-    "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "transformer_blocks", "proj_in",
-    "proj_out", "to_q", "to_k", "to_v", "to_out", "in_layers", "out_layers", "emb_layers", "skip_connection",
-    # diffusers UNet
-    "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-    "add_embedding", "linear_1", "linear_2", "time_emb_proj", "conv_shortcut",
-    # HF CLIP
-    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
-    "final_layer_norm", "token_embedding", "position_embedding", "text_projection",
-})
+_UNDERSCORE_PARTS = frozenset(
+    {
+        # LDM UNet
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "time_embed",
+        "label_emb",
+        "transformer_blocks",
+        "proj_in",
+        "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "in_layers",
+        "out_layers",
+        "emb_layers",
+        "skip_connection",
+        # diffusers UNet
+        "down_blocks",
+        "up_blocks",
+        "mid_block",
+        "conv_in",
+        "conv_out",
+        "conv_norm_out",
+        "time_embedding",
+        "add_embedding",
+        "linear_1",
+        "linear_2",
+        "time_emb_proj",
+        "conv_shortcut",
+        # HF CLIP
+        "text_model",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "layer_norm1",
+        "layer_norm2",
+        "final_layer_norm",
+        "token_embedding",
+        "position_embedding",
+        "text_projection",
+    }
+)
 _LONGEST_PART = max(p.count("_") + 1 for p in _UNDERSCORE_PARTS)
 
 
@@ -70,7 +107,7 @@ def resolve_underscores(name: str, known: Mapping[str, str] | None = None) -> st
     i = 0
     while i < len(tokens):
         for size in range(min(_LONGEST_PART, len(tokens) - i), 1, -1):
-            candidate = "_".join(tokens[i:i + size])
+            candidate = "_".join(tokens[i : i + size])
             if candidate in _UNDERSCORE_PARTS:
                 parts.append(candidate)
                 i += size
@@ -85,8 +122,9 @@ def resolve_underscores(name: str, known: Mapping[str, str] | None = None) -> st
 # WaveFT -> LoRA
 
 
-def to_lora(adapter: Adapter, rank: int, dtype: torch.dtype = torch.float16, device=None,
-            method: str = "exact") -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+def to_lora(
+    adapter: Adapter, rank: int, dtype: torch.dtype = torch.float16, device=None, method: str = "exact"
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
     """A LoRA of rank `rank` per layer: up @ down is the best rank-r approximation of ΔW (truncated SVD), with
     alpha = r so that the loaders' alpha / rank scale is 1. `method='randomized'` uses torch.svd_lowrank (much
     faster on big layers, near-optimal rather than optimal).
@@ -186,11 +224,24 @@ _LORA_PAIRS = (  # (up suffix, down suffix)
     (".lora.up.weight", ".lora.down.weight"),
     (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
 )
-_UNSUPPORTED = {".lora_mid.weight": "LoCon Tucker (lora_mid)", ".dora_scale": "DoRA",
-                ".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr"}
+_UNSUPPORTED = {
+    ".lora_mid.weight": "LoCon Tucker (lora_mid)",
+    ".dora_scale": "DoRA",
+    ".hada_w1_a": "LoHa",
+    ".lokr_w1": "LoKr",
+    ".lokr_w1_a": "LoKr",
+}
 _KOHYA_TE = {"lora_te_": "clip_l", "lora_te1_": "clip_l", "lora_te2_": "clip_g"}
-_DIFFUSERS_UNET_PREFIX_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out",
-                         "time_embedding", "add_embedding")
+_DIFFUSERS_UNET_PREFIX_ROOTS = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding",
+    "add_embedding",
+)
 
 
 def lora_module_name(prefix: str, known: Mapping[str, str] | None = None, te_clip: str | None = None) -> str | None:
@@ -200,13 +251,13 @@ def lora_module_name(prefix: str, known: Mapping[str, str] | None = None, te_cli
     if prefix.startswith((UNET_PREFIX, TE_PREFIX)):
         return prefix
     if prefix.startswith("lora_unet_"):
-        dotted = resolve_underscores(prefix[len("lora_unet_"):], known)
+        dotted = resolve_underscores(prefix[len("lora_unet_") :], known)
         if dotted.startswith(_DIFFUSERS_UNET_PREFIX_ROOTS):  # kohya's SD1 LoRAs use diffusers module names
             dotted = diffusers_unet_to_ldm(dotted)
         return UNET_PREFIX + dotted if dotted else None
     for head, clip in _KOHYA_TE.items():
         if prefix.startswith(head):
-            dotted = resolve_underscores(prefix[len(head):], known)
+            dotted = resolve_underscores(prefix[len(head) :], known)
             if head != "lora_te2_" and te_clip:
                 clip = te_clip
             return f"{TE_PREFIX}{clip}.transformer.{dotted}"
@@ -219,7 +270,7 @@ def _underscored_names(known: Iterable[str]) -> dict[str, str]:
     out = {}
     for name in known:
         if name.startswith(UNET_PREFIX):
-            bare = name[len(UNET_PREFIX):]
+            bare = name[len(UNET_PREFIX) :]
         else:
             m = NATIVE_CLIP.fullmatch(name)
             if not m:
@@ -241,8 +292,9 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None) -> tor
     return (d * scale).reshape(up.shape[0], *down.shape[1:])
 
 
-def lora_deltas(lora_state_dict: Mapping[str, torch.Tensor], known_modules: Iterable[str] | None = None,
-                source="the LoRA") -> LazyDeltas:
+def lora_deltas(
+    lora_state_dict: Mapping[str, torch.Tensor], known_modules: Iterable[str] | None = None, source="the LoRA"
+) -> LazyDeltas:
     """native module name -> ΔW = (up @ down) * alpha / rank for every LoRA pair of a state dict, computed on
     access. Keys may be ComfyUI-native (`diffusion_model.X.lora_up.weight`), kohya (`lora_unet_…`, `lora_te_…`,
     `lora_te1_…`, `lora_te2_…`; LDM or diffusers UNet names) or PEFT-style (`….lora_A.weight`/`lora_B.weight`).
@@ -268,7 +320,7 @@ def lora_deltas(lora_state_dict: Mapping[str, torch.Tensor], known_modules: Iter
         for up_suffix, down_suffix in _LORA_PAIRS:
             if not key.endswith(up_suffix):
                 continue
-            prefix = key[:-len(up_suffix)]
+            prefix = key[: -len(up_suffix)]
             down_key = prefix + down_suffix
             if down_key not in keys:
                 raise ValueError(f"{key} has no matching {down_key}")
@@ -285,8 +337,7 @@ def lora_deltas(lora_state_dict: Mapping[str, torch.Tensor], known_modules: Iter
                 check_dense(up_shape[0] if up_shape else 0, math.prod(down_shape[1:]), source, key, "up @ down")
                 alpha_t = lora_state_dict.get(prefix + ".alpha")
                 alpha = float(alpha_t.reshape(-1)[0]) if alpha_t is not None else None
-                makers[name] = (lambda u=key, d=down_key, a=alpha:
-                                lora_delta(lora_state_dict[u], lora_state_dict[d], a))
+                makers[name] = lambda u=key, d=down_key, a=alpha: lora_delta(lora_state_dict[u], lora_state_dict[d], a)
             break
     if not makers:
         raise ValueError("no LoRA up/down (or A/B) pairs that name SD1/SDXL layers were found")

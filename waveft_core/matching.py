@@ -4,6 +4,7 @@ A host key map (ComfyUI's `model_lora_keys_unet/clip`) sends many spellings of a
 native `diffusion_model.*`/`text_encoders.*`, kohya `lora_unet_*`/`lora_te1_*`, `transformer.*` for DiTs, and
 slices of fused weights as (key, (dim, start, length)). PEFT/diffusers names are turned into those
 spellings here, so one lookup covers every model family the host knows."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ def _target(value, weight_shape: Callable[[str], tuple | None]) -> Target | None
     shape = tuple(shape)
     if offset is not None:
         dim, _, length = offset
-        shape = shape[:dim] + (length,) + shape[dim + 1:]
+        shape = shape[:dim] + (length,) + shape[dim + 1 :]
     return Target(key, shape, offset, function)
 
 
@@ -113,8 +114,9 @@ def resolve(name: str, key_map: Mapping[str, object], weight_shape, want_shape: 
     return first
 
 
-def match_layers(layer_shapes: Mapping[str, tuple], key_map: Mapping[str, object],
-                 weight_shape: Callable[[str], tuple | None]) -> MatchReport:
+def match_layers(
+    layer_shapes: Mapping[str, tuple], key_map: Mapping[str, object], weight_shape: Callable[[str], tuple | None]
+) -> MatchReport:
     """Resolve every layer; sort them into matched, unmatched and wrong-shape."""
     report = MatchReport()
     for name, shape in layer_shapes.items():
@@ -142,9 +144,11 @@ def refuse_shared_targets(resolved) -> None:
         other = seen.setdefault(target, name)
         if other != name:
             key = target[0] if isinstance(target, tuple) else target
-            raise SharedTargetError(f"the layers '{other}' and '{name}' both adapt the weight {key} (one layer "
-                                    "under two spellings); a file must hold each weight once. Remove one of "
-                                    "them, or write the file again with a WaveFT tool")
+            raise SharedTargetError(
+                f"the layers '{other}' and '{name}' both adapt the weight {key} (one layer "
+                "under two spellings); a file must hold each weight once. Remove one of "
+                "them, or write the file again with a WaveFT tool"
+            )
 
 
 def _slices_overlap(a, b) -> bool:

@@ -1,5 +1,6 @@
 """An adapter baked into a copy of a single-file .safetensors checkpoint, tensor by tensor (layouts.py says where
 each native module's weight lives, fused OpenCLIP q/k/v rows included)."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ from .layouts import Location, checkpoint_layout, location_shape
 from .storage import atomic_write, checked_safetensors, open_safetensors, read_header
 
 
-def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, strength: float, out_path,
-                          strict: bool = True) -> dict:
+def merge_into_checkpoint(
+    checkpoint_path, adapter: Adapter | str | Path, strength: float, out_path, strict: bool = True
+) -> dict:
     """Write a copy of a single-file .safetensors checkpoint with strength x ΔW added to the adapter's weights
     (UNet, CLIP-L, and the OpenCLIP CLIP-G/CLIP-H of SDXL/SD2, whose q/k/v are rows of `attn.in_proj_weight`).
     The sum is computed in float32 (float64 for float64 weights) and stored in each weight's dtype; every other
@@ -71,7 +73,7 @@ def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, streng
                 compute = compute_dtype(weight.dtype)
                 total = weight.to(compute)
                 for layer, loc in entries:
-                    part = total if loc.rows is None else total[loc.rows[0]:loc.rows[1]]
+                    part = total if loc.rows is None else total[loc.rows[0] : loc.rows[1]]
                     part += layer.delta(compute, device="cpu", strength=strength).reshape(part.shape)
                 data = total.to(weight.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
                 begin, end = header[key]["data_offsets"]
@@ -81,5 +83,9 @@ def merge_into_checkpoint(checkpoint_path, adapter: Adapter | str | Path, streng
                 dst.write(data)
 
     atomic_write(out, write)
-    return {"merged": sum(len(v) for v in by_key.values()), "tensors_changed": len(by_key),
-            "skipped": problems, "strength": strength}
+    return {
+        "merged": sum(len(v) for v in by_key.values()),
+        "tensors_changed": len(by_key),
+        "skipped": problems,
+        "strength": strength,
+    }

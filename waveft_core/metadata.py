@@ -13,6 +13,7 @@ reads this project's own `waveft.training`. So a saved adapter carries, besides 
   would be written with the `ss_*` keys alone; `modelspec.hash_sha256` is the model spec's hash of the same
   tensor data, "0x"-prefixed.
 """
+
 from __future__ import annotations
 
 import base64
@@ -97,13 +98,22 @@ def training_keys(settings: Mapping, steps_done: int) -> dict:
     """kohya's `ss_*` keys for a run whose settings (the `waveft.training` record) are `settings`."""
     s = dict(settings)
     md: dict[str, str] = {"ss_steps": str(int(steps_done))}
-    simple = (("steps_total", "ss_max_train_steps"), ("lr", "ss_learning_rate"), ("lr", "ss_unet_lr"),
-              ("optimizer", "ss_optimizer"), ("lr_schedule", "ss_lr_scheduler"),
-              ("warmup_steps", "ss_lr_warmup_steps"), ("grad_accumulation_steps", "ss_gradient_accumulation_steps"),
-              ("gradient_checkpointing", "ss_gradient_checkpointing"), ("seed", "ss_seed"),
-              ("dataset_size", "ss_num_train_images"), ("batch_size", "ss_batch_size_per_device"),
-              ("started_at", "ss_training_started_at"), ("finished_at", "ss_training_finished_at"),
-              ("base_checkpoint", "ss_sd_model_name"))
+    simple = (
+        ("steps_total", "ss_max_train_steps"),
+        ("lr", "ss_learning_rate"),
+        ("lr", "ss_unet_lr"),
+        ("optimizer", "ss_optimizer"),
+        ("lr_schedule", "ss_lr_scheduler"),
+        ("warmup_steps", "ss_lr_warmup_steps"),
+        ("grad_accumulation_steps", "ss_gradient_accumulation_steps"),
+        ("gradient_checkpointing", "ss_gradient_checkpointing"),
+        ("seed", "ss_seed"),
+        ("dataset_size", "ss_num_train_images"),
+        ("batch_size", "ss_batch_size_per_device"),
+        ("started_at", "ss_training_started_at"),
+        ("finished_at", "ss_training_finished_at"),
+        ("base_checkpoint", "ss_sd_model_name"),
+    )
     for source, key in simple:
         if s.get(source) not in (None, ""):
             md[key] = str(s[source])
@@ -114,12 +124,23 @@ def training_keys(settings: Mapping, steps_done: int) -> dict:
         width, height = (int(v) for v in resolution)
         md["ss_resolution"] = f"({width}, {height})"
         md["modelspec.resolution"] = f"{width}x{height}"
-    md["ss_network_args"] = json.dumps({k: s[k] for k in ("wavelet", "n_coefficients", "scaling", "targets")
-                                        if k in s}, sort_keys=True)
+    md["ss_network_args"] = json.dumps(
+        {k: s[k] for k in ("wavelet", "n_coefficients", "scaling", "targets") if k in s}, sort_keys=True
+    )
     if s.get("dataset_size"):
-        dataset = {"is_dreambooth": True, "num_train_images": int(s["dataset_size"]), "num_reg_images": 0,
-                   "subsets": [{"image_dir": DEFAULT_DATASET_DIR, "img_count": int(s["dataset_size"]),
-                                "num_repeats": 1, "is_reg": False}]}
+        dataset = {
+            "is_dreambooth": True,
+            "num_train_images": int(s["dataset_size"]),
+            "num_reg_images": 0,
+            "subsets": [
+                {
+                    "image_dir": DEFAULT_DATASET_DIR,
+                    "img_count": int(s["dataset_size"]),
+                    "num_repeats": 1,
+                    "is_reg": False,
+                }
+            ],
+        }
         if s.get("batch_size"):
             dataset["batch_size_per_device"] = int(s["batch_size"])
         if "ss_resolution" in md:
@@ -132,7 +153,7 @@ def training_keys(settings: Mapping, steps_done: int) -> dict:
 def tensor_data_sha256(serialized: bytes) -> str:
     """SHA-256 of a safetensors file's tensor data: everything after the 8-byte length and the header."""
     header_length = int.from_bytes(serialized[:8], "little")
-    return hashlib.sha256(memoryview(serialized)[8 + header_length:]).hexdigest()
+    return hashlib.sha256(memoryview(serialized)[8 + header_length :]).hexdigest()
 
 
 def content_hashes(tensors: Mapping, metadata: Mapping) -> dict:

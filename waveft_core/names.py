@@ -5,10 +5,10 @@ ComfyUI-native names (FORMAT.md section 3) are the host's state-dict keys withou
 the text encoders. Diffusers names the same UNet modules differently; both SD1.x and SDXL use two
 ResNet blocks per level, so one rule converts either way.
 """
+
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 UNET_PREFIX = "diffusion_model."
@@ -34,24 +34,38 @@ class Family:
 # ComfyUI-Lora-Manager maps to a base model (it matches 'sd_1.5', 'sdxl', 'flux1' inside the tag) where one does.
 FAMILIES = (
     Family("sd_1.5", "stable-diffusion-v1", ("SD15",), "SD1", ("sd_v1", "sd_1.5", "sd-v1"), ("stable-diffusion-v1",)),
-    Family("sd_v2", "stable-diffusion-v2", ("SD20", "SD21UnclipL", "SD21UnclipH"), "SD2", ("sd_v2", "sd_2", "sd-v2"),
-           ("stable-diffusion-v2",)),
+    Family(
+        "sd_v2",
+        "stable-diffusion-v2",
+        ("SD20", "SD21UnclipL", "SD21UnclipH"),
+        "SD2",
+        ("sd_v2", "sd_2", "sd-v2"),
+        ("stable-diffusion-v2",),
+    ),
     Family("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", ("SDXL",), "SDXL", ("sdxl",), ("stable-diffusion-xl",)),
     Family("sd3", "stable-diffusion-3", ("SD3",), "SD3", ("sd3", "sd_3"), ("stable-diffusion-3",)),
-    Family("flux1", "flux-1-dev", ("Flux", "FluxSchnell", "FluxInpaint"), "Flux", ("flux1", "flux.1", "flux_1"),
-           ("flux-1", "flux.1")),
+    Family(
+        "flux1",
+        "flux-1-dev",
+        ("Flux", "FluxSchnell", "FluxInpaint"),
+        "Flux",
+        ("flux1", "flux.1", "flux_1"),
+        ("flux-1", "flux.1"),
+    ),
     Family("flux2", "flux-2-dev", ("Flux2",), "", ("flux2", "flux.2"), ("flux-2", "flux.2")),
     Family("chroma", "chroma", ("Chroma",), "", ("chroma",), ("chroma",)),
     Family("lumina2", "lumina-2", ("Lumina2",), "", ("lumina2", "lumina_2"), ("lumina-2", "lumina2")),
     Family("zimage", "z-image", ("ZImage",), "", ("zimage", "z_image", "z-image"), ("z-image",)),
     Family("qwen_image", "qwen-image", ("QwenImage",), "", ("qwen_image", "qwen-image"), ("qwen-image",)),
     Family("hidream", "hidream-i1", ("HiDream",), "", ("hidream",), ("hidream",)),
-    Family("hunyuan_video", "hunyuan-video", ("HunyuanVideo",), "", ("hunyuan_video", "hunyuan-video"),
-           ("hunyuan-video",)),
+    Family(
+        "hunyuan_video", "hunyuan-video", ("HunyuanVideo",), "", ("hunyuan_video", "hunyuan-video"), ("hunyuan-video",)
+    ),
     Family("wan_2.1", "wan2.1", ("WAN21_T2V", "WAN21_I2V"), "", ("wan_2.1", "wan2.1", "wan21"), ("wan2.1",)),
     Family("wan_2.2", "wan2.2", ("WAN22_T2V",), "", ("wan_2.2", "wan2.2", "wan22"), ("wan2.2",)),
     Family("ltxv", "ltx-video", ("LTXV",), "", ("ltxv", "ltx_video", "ltx-video"), ("ltx-video", "ltxv")),
-    # Anima (ComfyUI 0.3x, a Cosmos-Predict2 DiT with an LLM adapter): tag and architecture as lora-scripts-next writes them
+    # Anima (ComfyUI 0.3x, a Cosmos-Predict2 DiT with an LLM adapter): tag and architecture as lora-scripts-next
+    # writes them
     Family("anima", "anima-preview", ("Anima",), "", ("anima",), ("anima",)),
 )
 
@@ -60,13 +74,20 @@ def family_of(metadata: dict) -> Family | None:
     """The family a file's metadata names (ss_base_model_version, else modelspec.architecture), if any."""
     tag = str(metadata.get("ss_base_model_version") or "").lower()
     arch = str(metadata.get("modelspec.architecture") or "").lower()
-    return next((f for f in FAMILIES if (tag and tag.startswith(f.tag_prefixes))
-                 or (arch and arch.startswith(f.architecture_prefixes))), None)
+    return next(
+        (
+            f
+            for f in FAMILIES
+            if (tag and tag.startswith(f.tag_prefixes)) or (arch and arch.startswith(f.architecture_prefixes))
+        ),
+        None,
+    )
 
 
 def family_tag_of_comfy(model_config_class: str) -> str:
     """ss_base_model_version for ComfyUI's detected model class ('' when this project has no tag for it)."""
     return next((f.tag for f in FAMILIES if model_config_class in f.comfy), "")
+
 
 # diffusers ResNet sub-module -> LDM ResBlock sub-module
 _RESNET = {
@@ -91,8 +112,16 @@ _TOP_BACK = {v: k for k, v in _TOP.items()}
 
 # Prefixes that pipelines and PEFT put before a component's module names.
 COMPONENT_PREFIXES = ("base_model.model.", "unet.", "text_encoder_2.", "text_encoder.", "transformer.")
-UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out",
-              "time_embedding.", "add_embedding.")
+UNET_ROOTS = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding.",
+    "add_embedding.",
+)
 
 
 def _resnet(rest: str) -> str:
@@ -109,7 +138,7 @@ def diffusers_unet_to_ldm(name: str) -> str | None:
     index depends on whether the level has attention (SD1.x and SDXL differ; PEFT's WaveFT never targets them)."""
     for d, ldm in _TOP.items():
         if name == d or name.startswith(d + "."):
-            return ldm + name[len(d):]
+            return ldm + name[len(d) :]
     try:
         m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(attentions|resnets)\.(\d+)(?:\.(.+))?", name)
         if m:
@@ -140,7 +169,7 @@ def ldm_unet_to_diffusers(name: str) -> str | None:
     """Inverse of diffusers_unet_to_ldm. None when the name is not an SD1.x/SDXL LDM UNet module."""
     for ldm, d in _TOP_BACK.items():
         if name == ldm or name.startswith(ldm + "."):
-            return d + name[len(ldm):]
+            return d + name[len(ldm) :]
     try:
         m = re.fullmatch(r"input_blocks\.(\d+)\.(\d)(?:\.(.+))?", name)
         if m:
@@ -174,14 +203,18 @@ def ldm_unet_to_diffusers(name: str) -> str | None:
 def _resnet_back(rest: str) -> str:
     for ldm, d in _RESNET_BACK.items():
         if rest == ldm or rest.startswith(ldm + "."):
-            return d + rest[len(ldm):]
+            return d + rest[len(ldm) :]
     raise KeyError(rest)
 
 
 # transformers 5 dropped CLIPTextModel's `text_model` wrapper: its modules (and PEFT's names for them) start
 # here. CLIPTextModelWithProjection kept the wrapper; ComfyUI and the checkpoints use the wrapped names.
-_TEXT_MODEL_ROOTS = ("encoder.layers.", "embeddings.token_embedding", "embeddings.position_embedding",
-                     "final_layer_norm")
+_TEXT_MODEL_ROOTS = (
+    "encoder.layers.",
+    "embeddings.token_embedding",
+    "embeddings.position_embedding",
+    "final_layer_norm",
+)
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
@@ -201,7 +234,7 @@ def split_component(name: str) -> tuple[str, str]:
             if name.startswith(prefix):
                 if prefix != "base_model.model.":
                     component = prefix[:-1]
-                name = name[len(prefix):]
+                name = name[len(prefix) :]
                 changed = True
     if not component:
         if name.startswith(UNET_ROOTS):
@@ -234,10 +267,10 @@ def to_native(name: str, clip: str | None = None) -> str:
 def to_peft(native: str) -> tuple[str, str]:
     """ComfyUI-native -> (component, PEFT module name): the inverse of to_native for SD1.x/SDXL."""
     if native.startswith(UNET_PREFIX):
-        d = ldm_unet_to_diffusers(native[len(UNET_PREFIX):])
+        d = ldm_unet_to_diffusers(native[len(UNET_PREFIX) :])
         if d is not None:
             return "unet", d
-        return "unet", native[len(UNET_PREFIX):]
+        return "unet", native[len(UNET_PREFIX) :]
     m = re.fullmatch(r"text_encoders\.(clip_[a-z]+)\.transformer\.(.+)", native)
     if m:
         return ("text_encoder_2" if m[1] == "clip_g" else "text_encoder"), m[2]

@@ -3,6 +3,7 @@
 PEFT stores only the spectra; it draws each layer's positions from `random_loc_seed` and the layer's
 m x n. So an import needs the shape of every target layer (from the model or a base checkpoint) and
 an export is only possible when the positions follow that rule."""
+
 from __future__ import annotations
 
 import functools
@@ -17,9 +18,9 @@ import torch
 from .adapter import DEFAULT_SEED, Adapter, Layer
 from .delta import index_dtype, matrix_shape
 from .limits import check_delta_range
-from .storage import WaveFTFileError, atomic_writes
 from .names import ENCODERS, TEXT_COMPONENTS, split_component, to_native, to_peft
 from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, carried_metadata, settings
+from .storage import WaveFTFileError, atomic_writes
 from .wavelets import UnknownWaveletError, check_wavelet, peft_name
 
 
@@ -49,18 +50,27 @@ class Spelling:
 
 
 PYTHON = Spelling()
-CLI = Spelling("--base <single-file checkpoint or diffusers folder>", "Say which with --clip clip_l or --clip clip_g",
-               "--adapter ", "--wavelet/--scaling/--seed/--use-idwt")
-SETTINGS_LABELS = {"wavelet_family": "wavelet", "scaling": "scaling", "random_loc_seed": "seed",
-                   "use_idwt": "use_idwt"}
+CLI = Spelling(
+    "--base <single-file checkpoint or diffusers folder>",
+    "Say which with --clip clip_l or --clip clip_g",
+    "--adapter ",
+    "--wavelet/--scaling/--seed/--use-idwt",
+)
+SETTINGS_LABELS = {"wavelet_family": "wavelet", "scaling": "scaling", "random_loc_seed": "seed", "use_idwt": "use_idwt"}
 
 
 ShapeLookup = Callable[[str, str], "tuple[int, ...] | None"]  # (peft name, native name) -> weight shape
 
 
-def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None, native_names: bool = True,
-                  encoders: tuple[str, ...] = (), overrides: dict | None = None,
-                  spelling: Spelling = PYTHON) -> Adapter:
+def import_source(
+    source: Source,
+    shape_of: ShapeLookup,
+    clip: str | None = None,
+    native_names: bool = True,
+    encoders: tuple[str, ...] = (),
+    overrides: dict | None = None,
+    spelling: Spelling = PYTHON,
+) -> Adapter:
     """A PEFT folder's or diffusers file's spectra (sources.read_source) -> Adapter with PEFT's positions for
     each layer's shape. Names become ComfyUI-native (the SD1.x/SDXL rules of names.py) or, with
     native_names=False, stay as the tool wrote them minus its wrappers (a host that resolves names against the
@@ -96,21 +106,32 @@ def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None
             shape = tuple(int(s) for s in shape)
             m, n = matrix_shape(shape)
             if spectrum.numel() > m * n:
-                raise WaveFTFileError(source.path, f"{spectrum.numel()} coefficients do not fit the base weight of "
-                                      f"shape {list(shape)}", key=peft_name + SPECTRUM_SUFFIX,
-                                      advice=f"Give the base model it was trained on ({spelling.base})")
+                raise WaveFTFileError(
+                    source.path,
+                    f"{spectrum.numel()} coefficients do not fit the base weight of shape {list(shape)}",
+                    key=peft_name + SPECTRUM_SUFFIX,
+                    advice=f"Give the base model it was trained on ({spelling.base})",
+                )
             # a text encoder's layer keeps the native name: it carries the encoder decided above
             name = native if native_names or encoder else split_component(peft_name)[1]
-            layers[name] = Layer(spectrum=spectrum.float(), indices=peft_positions(shape, spectrum.numel(),
-                                                                                   values["random_loc_seed"]),
-                                 shape=shape, scaling=values["scaling"], wavelet=wavelet, use_idwt=values["use_idwt"])
+            layers[name] = Layer(
+                spectrum=spectrum.float(),
+                indices=peft_positions(shape, spectrum.numel(), values["random_loc_seed"]),
+                shape=shape,
+                scaling=values["scaling"],
+                wavelet=wavelet,
+                use_idwt=values["use_idwt"],
+            )
             check_delta_range(layers[name], source.path, peft_name + SPECTRUM_SUFFIX, "scaling")
         if missing:
             listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             where = f" in {encoder}" if encoder else ""
-            raise WaveFTFileError(source.path, f"the base model has no weight{where} for {len(missing)} of "
-                                  f"{len(part.spectra)} {label} layers ({listed})",
-                                  advice=f"Give the base model this adapter was trained on ({spelling.base})")
+            raise WaveFTFileError(
+                source.path,
+                f"the base model has no weight{where} for {len(missing)} of "
+                f"{len(part.spectra)} {label} layers ({listed})",
+                advice=f"Give the base model this adapter was trained on ({spelling.base})",
+            )
         if encoder:
             notes.append(f"{label} layers go to {encoder}")
         seeds.add(values["random_loc_seed"])
@@ -122,8 +143,14 @@ def import_source(source: Source, shape_of: ShapeLookup, clip: str | None = None
         metadata["waveft.seed"] = str(seeds.pop())
     if notes:
         metadata["waveft.import_notes"] = "; ".join(notes)
-    base_model = next((p.config.get("base_model_name_or_path") for p in source.parts
-                       if p.config and p.config.get("base_model_name_or_path")), None)
+    base_model = next(
+        (
+            p.config.get("base_model_name_or_path")
+            for p in source.parts
+            if p.config and p.config.get("base_model_name_or_path")
+        ),
+        None,
+    )
     if base_model:
         metadata.setdefault("modelspec.description", f"converted from a {source.kind} for {base_model}")
     return Adapter(layers=layers, metadata=metadata, source=str(source.path))
@@ -164,9 +191,12 @@ def _encoder_for(source: Source, part: Part, shape_of: ShapeLookup, encoders, cl
         return fits[0]
     if not fits:
         return next(iter(encoders), "clip_l")  # reported as missing weights by the caller
-    raise WaveFTFileError(source.path, f"its text-encoder layers fit {' and '.join(fits)} alike, and nothing in the "
-                          "adapter says which encoder it was trained on",
-                          advice=f"{spelling.choose_clip} (SDXL's text_encoder is CLIP-L, text_encoder_2 is CLIP-G)")
+    raise WaveFTFileError(
+        source.path,
+        f"its text-encoder layers fit {' and '.join(fits)} alike, and nothing in the "
+        "adapter says which encoder it was trained on",
+        advice=f"{spelling.choose_clip} (SDXL's text_encoder is CLIP-L, text_encoder_2 is CLIP-G)",
+    )
 
 
 def export_peft(adapter: Adapter, out_dir, base_model_name: str | None = None) -> list[Path]:
@@ -198,8 +228,9 @@ def export_peft(adapter: Adapter, out_dir, base_model_name: str | None = None) -
     return written
 
 
-def _write_peft_folder(folder: Path, layers: Mapping[str, Layer], seed: int, base_model_name,
-                       metadata: Mapping[str, str]) -> None:
+def _write_peft_folder(
+    folder: Path, layers: Mapping[str, Layer], seed: int, base_model_name, metadata: Mapping[str, str]
+) -> None:
     from safetensors.torch import save_file
 
     first = next(iter(layers.values()))
@@ -210,8 +241,9 @@ def _write_peft_folder(folder: Path, layers: Mapping[str, Layer], seed: int, bas
         "task_type": None,
         "base_model_name_or_path": base_model_name,
         "n_frequency": n_frequency,
-        "n_frequency_pattern": {name: layer.n_coefficients for name, layer in layers.items()
-                                if layer.n_coefficients != n_frequency},
+        "n_frequency_pattern": {
+            name: layer.n_coefficients for name, layer in layers.items() if layer.n_coefficients != n_frequency
+        },
         "scaling": float(first.scaling),
         "wavelet_family": peft_name(first.wavelet),
         "use_idwt": bool(first.use_idwt),
@@ -223,11 +255,17 @@ def _write_peft_folder(folder: Path, layers: Mapping[str, Layer], seed: int, bas
         "init_weights": True,
         "inference_mode": True,
     }
-    tensors = {f"base_model.model.{name}{SPECTRUM_SUFFIX}": layer.spectrum.detach().float().cpu().contiguous()
-               for name, layer in layers.items()}
+    tensors = {
+        f"base_model.model.{name}{SPECTRUM_SUFFIX}": layer.spectrum.detach().float().cpu().contiguous()
+        for name, layer in layers.items()
+    }
     text = json.dumps(config, indent=2)
     # both files are staged first and then renamed, so an error leaves any earlier export whole
     # title, trigger words and the like ride in the weights file's metadata, which PEFT ignores
     file_metadata = {**metadata, "format": "pt"}
-    atomic_writes({folder / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=file_metadata),
-                   folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8")})
+    atomic_writes(
+        {
+            folder / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=file_metadata),
+            folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+        }
+    )

@@ -1,19 +1,22 @@
 """Text that came from a file, made safe to print or log: a title, a description, trigger words, metadata and
 layer names can hold terminal escapes (set the window title, clear the screen, fake links, write the
 clipboard) and bidirectional overrides. Every such character is shown as an escape (`\\x1b`, `\\u202e`)."""
+
 from __future__ import annotations
 
 import unicodedata
 
 
 def printable(text, keep: str = "") -> str:
-    """`text` with every control, format (bidi override, zero width), separator (but space) or unassigned character written
+    """`text` with every control, format (bidi override, zero width), separator (but space) or unassigned character
+    written
     as a Python escape; the characters in `keep` (e.g. "\\n" for multi-line output we made) stay as they are."""
     text = str(text)
     if text.isprintable() and not any(unicodedata.category(c) == "Cf" for c in text):
         return text
-    return "".join(c if c in keep or (c.isprintable() and unicodedata.category(c) != "Cf") else _escape(c)
-                   for c in text)
+    return "".join(
+        c if c in keep or (c.isprintable() and unicodedata.category(c) != "Cf") else _escape(c) for c in text
+    )
 
 
 def _escape(c: str) -> str:

@@ -36,6 +36,7 @@ whose constants were measured: benchmarks/per_forward.py), never by a flag. Ever
 (float64 stays float64) and rounded once into x's dtype, as the dense path does; nothing here reads the base
 layer's output, so a trainer may call h(x, None).
 """
+
 from __future__ import annotations
 
 import math
@@ -110,10 +111,22 @@ class SeparablePlan:
     def to(self, device, dtype) -> SeparablePlan:
         if self.order.device == torch.device(device) and self.analysis.dtype == dtype:
             return self
-        return SeparablePlan(self.rows, self.cols, self.patch, self.half_rows, self.half_cols, self.block,
-                             self.order.to(device), self.crow.to(device), self.source.to(device),
-                             self.analysis.to(device, dtype), self.synthesis.to(device, dtype),
-                             self.filters.to(device, dtype), self.row_of_coefficient.to(device), self.crow_host)
+        return SeparablePlan(
+            self.rows,
+            self.cols,
+            self.patch,
+            self.half_rows,
+            self.half_cols,
+            self.block,
+            self.order.to(device),
+            self.crow.to(device),
+            self.source.to(device),
+            self.analysis.to(device, dtype),
+            self.synthesis.to(device, dtype),
+            self.filters.to(device, dtype),
+            self.row_of_coefficient.to(device),
+            self.crow_host,
+        )
 
 
 def band_blocks(lo, hi, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,12 +140,12 @@ def band_blocks(lo, hi, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     synthesis = torch.zeros(block, block + red, dtype=torch.float64)
     for half in range(block // 2):
         for b in range(2):
-            analysis[2 * half + b, 2 * half: 2 * half + size] = filters[b]
+            analysis[2 * half + b, 2 * half : 2 * half + size] = filters[b]
     for half in range((block + red) // 2):
         for r in range(block):
             k = r + red - 2 * half
             if 0 <= k < size:
-                synthesis[r, 2 * half: 2 * half + 2] = filters[:, k]
+                synthesis[r, 2 * half : 2 * half + 2] = filters[:, k]
     return analysis, synthesis
 
 
@@ -167,9 +180,22 @@ def separable_plan(plan: DeltaPlan, wavelet: str | None, device=None, dtype=torc
     by_target = torch.argsort(target * (2 * half_cols) + source)
     crow = torch.zeros(k_rows + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(target, minlength=k_rows), 0)
-    return SeparablePlan(m, n, size, half_rows, half_cols, block, cpu.order.long()[by_target], crow,
-                         source[by_target], analysis, synthesis, filters, target[by_target],
-                         tuple(crow.tolist())).to(device or "cpu", dtype)
+    return SeparablePlan(
+        m,
+        n,
+        size,
+        half_rows,
+        half_cols,
+        block,
+        cpu.order.long()[by_target],
+        crow,
+        source[by_target],
+        analysis,
+        synthesis,
+        filters,
+        target[by_target],
+        tuple(crow.tolist()),
+    ).to(device or "cpu", dtype)
 
 
 _workspaces = threading.local()
@@ -196,8 +222,9 @@ def _sparse_matrix(sep: SeparablePlan, spectrum: torch.Tensor, factor: float, dt
     values = spectrum.to(dtype)[sep.order] * factor
     with warnings.catch_warnings():  # "sparse CSR support is in beta": said once per process, not ours to show
         warnings.simplefilter("ignore")
-        return torch.sparse_csr_tensor(sep.crow, sep.source, values, (sep.crow.numel() - 1, cols),
-                                       check_invariants=False)
+        return torch.sparse_csr_tensor(
+            sep.crow, sep.source, values, (sep.crow.numel() - 1, cols), check_invariants=False
+        )
 
 
 def _chunk_tokens(sep: SeparablePlan) -> int:
@@ -215,8 +242,8 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
     out = torch.empty(tokens, sep.rows, dtype=x2d.dtype, device=x2d.device)
     if sep.patch == 1:
         for t0 in range(0, tokens, _chunk_tokens(sep)):
-            chunk = x2d[t0: t0 + _chunk_tokens(sep)]
-            out[t0: t0 + chunk.shape[0]] = torch.sparse.mm(kmat, chunk.t().contiguous()).t()
+            chunk = x2d[t0 : t0 + _chunk_tokens(sep)]
+            out[t0 : t0 + chunk.shape[0]] = torch.sparse.mm(kmat, chunk.t().contiguous()).t()
         return out
     block, red = sep.block, sep.patch - 2
     width = sep.in_blocks * block + red
@@ -227,8 +254,8 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
         # windows below read it column-wise (even unpadded, that is ~10x slower from x itself, out of cache)
         chunk = _workspace("x", k * width, x2d.dtype, x2d.device).view(k, width)
         chunk[:, :red].zero_()
-        chunk[:, red + sep.cols:].zero_()
-        chunk[:, red: red + sep.cols] = x2d[t0: t0 + k]
+        chunk[:, red + sep.cols :].zero_()
+        chunk[:, red : red + sep.cols] = x2d[t0 : t0 + k]
         z = buffers.get(k)
         if z is None:
             z = buffers[k] = _workspace(f"z{k}", kmat.shape[0] * k, x2d.dtype, x2d.device).view(-1, k)
@@ -238,7 +265,7 @@ def structured_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Te
         z.zero_().addmm_(kmat, u)  # step 2: [out_blocks·block + red, k], zero rows past 2·H2
         windows = z.as_strided((sep.out_blocks, block + red, k), (block * k, k, 1))
         y = torch.matmul(sep.synthesis, windows).view(-1, k)  # step 3: yᵀ, [out_blocks·block, k]
-        out[t0: t0 + k] = y[: sep.rows].t()  # the one transposition, of a chunk still in cache
+        out[t0 : t0 + k] = y[: sep.rows].t()  # the one transposition, of a chunk still in cache
     return out
 
 
@@ -264,8 +291,14 @@ def haar_pairs(size: int, dtype, device) -> torch.Tensor:
     return pairs
 
 
-def haar_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, factor: float,
-                 compute: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+def haar_product(
+    x2d: torch.Tensor,
+    sep: SeparablePlan,
+    spectrum: torch.Tensor,
+    factor: float,
+    compute: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """factor · x2d · ΔWᵀ for a db1 (Haar) layer: [T, m] in `out_dtype`, computed in `compute`, ΔW never formed.
 
     With L = 2 and red = 0 the synthesis is a 2x2 block structure and no band is needed. Both Haar filters are
@@ -296,13 +329,13 @@ def haar_product(x2d: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, 
             xf[:, n:].zero_()  # features past n pair with zeros (odd n) or fill the last block
             buffers[k] = xf, u, z, r, yf
         xf, u, z, r, yf = buffers[k]
-        xf[:, :n].copy_(x2d[t0: t0 + k])  # token-major, converted to the compute dtype
+        xf[:, :n].copy_(x2d[t0 : t0 + k])  # token-major, converted to the compute dtype
         torch.matmul(pairs, xf.view(k, in_blocks, block).permute(1, 2, 0), out=u)  # step 1, feature-major
         z.zero_()
         z.view(-1, k).addmm_(kmat, u.view(-1, k))  # step 2
         torch.matmul(z.transpose(1, 2), pairs, out=r)  # step 3 (pairs is symmetric), token-major per block
         yf.copy_(r.permute(1, 0, 2))
-        out[t0: t0 + k].copy_(yf.view(k, -1)[:, :m])  # rounded once
+        out[t0 : t0 + k].copy_(yf.view(k, -1)[:, :m])  # rounded once
     return out
 
 
@@ -325,8 +358,9 @@ def _conv_tokens(x: torch.Tensor, kernel: tuple, kw: dict):
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (x.shape[0], ho, wo)
 
 
-def bypass_output(x: torch.Tensor, plan: DeltaPlan, separable, spectrum: torch.Tensor, factor: float,
-                  conv: dict | None = None) -> torch.Tensor | None:
+def bypass_output(
+    x: torch.Tensor, plan: DeltaPlan, separable, spectrum: torch.Tensor, factor: float, conv: dict | None = None
+) -> torch.Tensor | None:
     """factor · (x · ΔWᵀ) (Linear) or factor · conv(x, ΔW) (conv, `conv` = {kernel, stride, padding, ...}) through
     the separable path when the shapes make it cheaper, else None (the caller takes the dense path).
     `separable(dtype)` returns the layer's SeparablePlan on x's device in that dtype (built once per dtype from
@@ -377,7 +411,9 @@ def conv_arguments(adapter, shape: tuple) -> dict | None:
     return {"kernel": kernel, **dict(getattr(adapter, "kw_dict", {}) or {})}
 
 
-def add_through_filters(weight: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, factor: float) -> torch.Tensor:
+def add_through_filters(
+    weight: torch.Tensor, sep: SeparablePlan, spectrum: torch.Tensor, factor: float
+) -> torch.Tensor:
     """weight += factor · ΔW in place, ΔW formed in float32 through the same factorization, a block of rows at a
     time, each rounded once into the weight's dtype: ΔW = S_m · M with M = K · (S_n)ᵀ. A coefficient adds L values
     to one row of M (its CSR row), so the rows of ΔW from `top` to `bottom` need only the coefficients
@@ -393,8 +429,9 @@ def add_through_filters(weight: torch.Tensor, sep: SeparablePlan, spectrum: torc
     cols = (sep.source - sep.source % 2 - red)[:, None] + torch.arange(size, device=device)  # [p, L]
     keep = (cols >= 0) & (cols < n)
     local = sep.row_of_coefficient[:, None] * n + cols.clamp(0, n - 1)  # flat in M; a clipped tap adds 0 in its row
-    spread = torch.where(keep, values[:, None] * sep.filters[sep.source % 2], torch.zeros((), dtype=compute,
-                                                                                          device=device))
+    spread = torch.where(
+        keep, values[:, None] * sep.filters[sep.source % 2], torch.zeros((), dtype=compute, device=device)
+    )
     crow = sep.crow_host
     matrix = weight.view(m, n)
     blocks_per_pass = max(1, CHUNK_ENTRIES // (block * n))
@@ -439,8 +476,13 @@ def add_delta(weight: torch.Tensor, plan: DeltaPlan, separable, spectrum: torch.
     """weight += factor · ΔW in place, by the cheaper of delta.add_into and add_through_filters for this shape;
     the filtered path serves contiguous fp16/bf16 weights (fp32 takes add_into's direct scatter, no sorting).
     `separable(dtype)` returns the layer's SeparablePlan on the weight's device (only asked for when used)."""
-    if (weight.dtype in (torch.float16, torch.bfloat16) and weight.is_contiguous() and factor != 0
-            and weight.numel() == plan.rows * plan.cols and plan.patch > 1
-            and filtered_merge_is_cheaper(plan.rows, plan.cols, spectrum.numel(), plan.patch)):
+    if (
+        weight.dtype in (torch.float16, torch.bfloat16)
+        and weight.is_contiguous()
+        and factor != 0
+        and weight.numel() == plan.rows * plan.cols
+        and plan.patch > 1
+        and filtered_merge_is_cheaper(plan.rows, plan.cols, spectrum.numel(), plan.patch)
+    ):
         return add_through_filters(weight, separable(torch.float32), spectrum, factor)
     return add_into(weight, plan, spectrum, factor)

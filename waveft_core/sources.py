@@ -12,6 +12,7 @@ settings the tool stored.
 
 Each becomes a Source: one Part per component, each with its spectra, the settings it stored and where
 they came from. Turning a Source into an Adapter needs the base model's shapes (peft_io.import_source)."""
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,13 @@ class Source:
 def carried_metadata(metadata: dict) -> dict:
     """The descriptive metadata that travels with an adapter between formats (title, description, trigger
     words, base model, tag frequencies), not what describes one container."""
-    return {k: str(v) for k, v in metadata.items()
-            if k.startswith("modelspec.") and k not in ("modelspec.sai_model_spec", "modelspec.architecture")
-            or k in ("ss_base_model_version", "ss_tag_frequency")}
+    return {
+        k: str(v)
+        for k, v in metadata.items()
+        if k.startswith("modelspec.")
+        and k not in ("modelspec.sai_model_spec", "modelspec.architecture")
+        or k in ("ss_base_model_version", "ss_tag_frequency")
+    }
 
 
 def is_spectra_file(keys) -> bool:
@@ -95,16 +100,19 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
         chosen = next((p for p in named if p.name == adapter), None)
         if chosen is None:
             have = ["default"] * (path / CONFIG_NAME).is_file() + [p.name for p in named]
-            raise WaveFTFileError(path, f"holds no adapter named '{adapter}'",
-                                  advice=f"Adapters here: {', '.join(have) or 'none'}")
+            raise WaveFTFileError(
+                path, f"holds no adapter named '{adapter}'", advice=f"Adapters here: {', '.join(have) or 'none'}"
+            )
         source = read_source(chosen, component=component)
         source.notes.insert(0, f"adapter '{adapter}' of {path.name}")
         return source
     if (path / CONFIG_NAME).is_file():
         source = Source(path, "PEFT folder", [_peft_part(path, component)])
         if named:
-            source.notes.append(f"{path.name} also holds the adapters {', '.join(p.name for p in named)}; this is "
-                                f"the default one (pick another with {adapter_option}<name>)")
+            source.notes.append(
+                f"{path.name} also holds the adapters {', '.join(p.name for p in named)}; this is "
+                f"the default one (pick another with {adapter_option}<name>)"
+            )
         return source
     if components:
         return Source(path, "PEFT folder", [_peft_part(p, component=p.name) for p in components])
@@ -115,15 +123,24 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
         source.notes.insert(0, f"{path.name} has no adapter at its top; using the one in {named[0].name}/")
         return source
     if named:
-        raise WaveFTFileError(path, f"has no {CONFIG_NAME} of its own but holds the PEFT adapters "
-                              f"{', '.join(p.name for p in named)} in sub-folders",
-                              advice=f"Load one of those folders, or pick one with {adapter_option}<name>")
+        raise WaveFTFileError(
+            path,
+            f"has no {CONFIG_NAME} of its own but holds the PEFT adapters "
+            f"{', '.join(p.name for p in named)} in sub-folders",
+            advice=f"Load one of those folders, or pick one with {adapter_option}<name>",
+        )
     pickled = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickled:
-        raise WaveFTFileError(path / pickled[0], "is a pickle, which WaveFT never loads (it can run code)",
-                              advice="Save the adapter with safe_serialization=True (.safetensors)")
-    raise WaveFTFileError(path, f"is not a WaveFT adapter: no {CONFIG_NAME}, no {DIFFUSERS_WEIGHTS_NAME} and no "
-                          "adapter sub-folders", advice="Give the folder PEFT or diffusers saved, or the file in it")
+        raise WaveFTFileError(
+            path / pickled[0],
+            "is a pickle, which WaveFT never loads (it can run code)",
+            advice="Save the adapter with safe_serialization=True (.safetensors)",
+        )
+    raise WaveFTFileError(
+        path,
+        f"is not a WaveFT adapter: no {CONFIG_NAME}, no {DIFFUSERS_WEIGHTS_NAME} and no adapter sub-folders",
+        advice="Give the folder PEFT or diffusers saved, or the file in it",
+    )
 
 
 def adapter_folders(root, depth: int = 3) -> list[str]:
@@ -184,8 +201,11 @@ def _peft_part(folder: Path, component: str) -> Part:
     if not weights.is_file():
         pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled:
-            raise WaveFTFileError(folder / pickled[0], "is a pickle, which WaveFT never loads (it can run code)",
-                                  advice="Save the adapter with safe_serialization=True (adapter_model.safetensors)")
+            raise WaveFTFileError(
+                folder / pickled[0],
+                "is a pickle, which WaveFT never loads (it can run code)",
+                advice="Save the adapter with safe_serialization=True (adapter_model.safetensors)",
+            )
         raise WaveFTFileError(folder, f"has no {WEIGHTS_NAME}")
     tensors, file_metadata = read_tensors_and_metadata(weights)
     spectra = _spectra(weights, tensors)
@@ -193,20 +213,29 @@ def _peft_part(folder: Path, component: str) -> Part:
     if set(grouped) - {""}:
         # a PEFT save of a whole pipeline-like model keeps component prefixes in its names
         if len(grouped) > 1 or component:
-            raise WaveFTFileError(weights, "mixes modules of several pipeline components in one PEFT adapter",
-                                  advice="Save one adapter per component (unet, text_encoder, ...)")
+            raise WaveFTFileError(
+                weights,
+                "mixes modules of several pipeline components in one PEFT adapter",
+                advice="Save one adapter per component (unet, text_encoder, ...)",
+            )
         component, spectra = next(iter(grouped.items()))
     return Part(component, spectra, config, CONFIG_NAME, carried_metadata(file_metadata), config_path)
 
 
 def _diffusers_file(path: Path) -> Source:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WaveFTFileError(path, f"'{path.suffix}' files are pickles, which WaveFT never loads (they can run code)",
-                              advice="Save the adapter with safe_serialization=True (.safetensors)")
+        raise WaveFTFileError(
+            path,
+            f"'{path.suffix}' files are pickles, which WaveFT never loads (they can run code)",
+            advice="Save the adapter with safe_serialization=True (.safetensors)",
+        )
     tensors, metadata = read_tensors_and_metadata(path)
     if not is_spectra_file(tensors):
-        raise WaveFTFileError(path, "holds no WaveFT spectra without positions", advice="Load it as a native "
-                              "WaveFT file, or as a LoRA with a LoRA loader")
+        raise WaveFTFileError(
+            path,
+            "holds no WaveFT spectra without positions",
+            advice="Load it as a native WaveFT file, or as a LoRA with a LoRA loader",
+        )
     spectra = _spectra(path, tensors)
     configs = _metadata_configs(path, metadata)
     parts = []
@@ -214,8 +243,16 @@ def _diffusers_file(path: Path) -> Source:
         config = configs.get(component, configs.get(""))
         if config is not None:
             _check_config(path, config, key=METADATA_KEY)
-        parts.append(Part(component, group, config, f"the file's {METADATA_KEY}" if config is not None else "",
-                          carried_metadata(metadata), path))
+        parts.append(
+            Part(
+                component,
+                group,
+                config,
+                f"the file's {METADATA_KEY}" if config is not None else "",
+                carried_metadata(metadata),
+                path,
+            )
+        )
     return Source(path, "diffusers file", parts)
 
 
@@ -244,11 +281,16 @@ def _metadata_configs(path: Path, metadata: dict) -> dict[str, dict]:
 def _check_config(path: Path, config: dict, key: str | None = None) -> None:
     peft_type = config.get("peft_type")
     if peft_type is not None and str(peft_type).upper() != "WAVEFT":
-        raise WaveFTFileError(path, f"peft_type is '{peft_type}', not 'WAVEFT'", key=key or "peft_type",
-                              advice="Load LoRA adapters with a LoRA loader")
+        raise WaveFTFileError(
+            path,
+            f"peft_type is '{peft_type}', not 'WAVEFT'",
+            key=key or "peft_type",
+            advice="Load LoRA adapters with a LoRA loader",
+        )
     if config.get("fan_in_fan_out"):
-        raise WaveFTFileError(path, "fan_in_fan_out=true (GPT-2 style Conv1D layers) is not supported",
-                              key=key or "fan_in_fan_out")
+        raise WaveFTFileError(
+            path, "fan_in_fan_out=true (GPT-2 style Conv1D layers) is not supported", key=key or "fan_in_fan_out"
+        )
 
 
 def _spectra(path: Path, tensors: dict) -> dict[str, torch.Tensor]:
@@ -309,8 +351,9 @@ def _number(value, source, key: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise WaveFTFileError(source, f"{value!r} is not a number", key=key,
-                              advice="Set a number such as 25.0") from None
+        raise WaveFTFileError(
+            source, f"{value!r} is not a number", key=key, advice="Set a number such as 25.0"
+        ) from None
 
 
 def _seed(value, source) -> int:
@@ -332,8 +375,12 @@ def _peft_bool(value, source, key: str) -> bool:
         return True
     if word in ("false", "0", "no"):
         return False
-    raise WaveFTFileError(source, f"{value!r} is not true or false", key=key,
-                          advice="Write true or false (JSON booleans, as PEFT saves them)")
+    raise WaveFTFileError(
+        source,
+        f"{value!r} is not true or false",
+        key=key,
+        advice="Write true or false (JSON booleans, as PEFT saves them)",
+    )
 
 
 def describe(source: Source, overrides: dict | None = None) -> str:
@@ -343,10 +390,12 @@ def describe(source: Source, overrides: dict | None = None) -> str:
         values, defaulted = settings(part, overrides)
         count = sum(t.numel() for t in part.spectra.values())
         where = part.origin or "nothing stored"
-        lines.append(f"{part.component or 'model'}: {len(part.spectra)} layers, {count:,} coefficients; wavelet "
-                     f"{values['wavelet_family']}, scaling {values['scaling']:g}, seed {values['random_loc_seed']}, "
-                     f"transform {'inverse DWT' if values['use_idwt'] else 'none (use_idwt=false)'} "
-                     f"(from {where}{'; PEFT defaults for ' + ', '.join(defaulted) if defaulted else ''})")
+        lines.append(
+            f"{part.component or 'model'}: {len(part.spectra)} layers, {count:,} coefficients; wavelet "
+            f"{values['wavelet_family']}, scaling {values['scaling']:g}, seed {values['random_loc_seed']}, "
+            f"transform {'inverse DWT' if values['use_idwt'] else 'none (use_idwt=false)'} "
+            f"(from {where}{'; PEFT defaults for ' + ', '.join(defaulted) if defaulted else ''})"
+        )
         base = (part.config or {}).get("base_model_name_or_path")
         if base:
             lines.append(f"{part.component or 'model'} was trained on: {base}")
@@ -361,5 +410,6 @@ def select_components(source: Source, components) -> Source:
     missing = [c for c in wanted if c not in have]
     if missing:
         raise WaveFTFileError(source.path, f"has no {', '.join(missing)} part", advice=f"It has: {', '.join(have)}")
-    return Source(source.path, source.kind, [p for p in source.parts if (p.component or "(model)") in wanted],
-                  list(source.notes))
+    return Source(
+        source.path, source.kind, [p for p in source.parts if (p.component or "(model)") in wanted], list(source.notes)
+    )

@@ -16,6 +16,7 @@ Layout version 1 means the paper's recipe: wavelet db1, scaling 25, the inverse 
 positions for seed 777 (`peft_positions`, the rule Train WaveFT uses): a loader draws them again from the shape
 and p, and refuses the layer when their checksum is not the stored one (a torch whose randperm draws another
 permutation), rather than apply coefficients at the wrong places."""
+
 from __future__ import annotations
 
 import torch
@@ -64,16 +65,28 @@ def decode_layout(layout: torch.Tensor, where: str, path="<memory>") -> tuple[tu
     """(weight shape, positions checksum) from a layout tensor; WaveFTFileError naming the key otherwise."""
     values = layout.detach().double().reshape(-1).tolist()
     if not values or any(v != int(v) or not 0 <= v <= 255 for v in values):
-        raise WaveFTFileError(path, "is not a WaveFT layout (expected small whole numbers): was the file changed "
-                              "after training?", key=where, advice=DAMAGED)
+        raise WaveFTFileError(
+            path,
+            "is not a WaveFT layout (expected small whole numbers): was the file changed after training?",
+            key=where,
+            advice=DAMAGED,
+        )
     values = [int(v) for v in values]
-    if values[:2] != [_MARKER, _VERSION] or len(values) < 3 or len(values) != 3 + _DIGITS * (values[2] + 1) \
-            or values[2] < 2:
-        raise WaveFTFileError(path, f"layout {values[:3]} is not one this version reads (marker {_MARKER}, "
-                              f"version {_VERSION})", key=where, advice="Update ComfyUI-WaveFT")
+    if (
+        values[:2] != [_MARKER, _VERSION]
+        or len(values) < 3
+        or len(values) != 3 + _DIGITS * (values[2] + 1)
+        or values[2] < 2
+    ):
+        raise WaveFTFileError(
+            path,
+            f"layout {values[:3]} is not one this version reads (marker {_MARKER}, version {_VERSION})",
+            key=where,
+            advice="Update ComfyUI-WaveFT",
+        )
 
     def number(i):
-        return sum(d << (8 * (_DIGITS - 1 - j)) for j, d in enumerate(values[i:i + _DIGITS]))
+        return sum(d << (8 * (_DIGITS - 1 - j)) for j, d in enumerate(values[i : i + _DIGITS]))
 
     dims = [number(3 + _DIGITS * k) for k in range(values[2])]
     if any(d <= 0 for d in dims):
@@ -89,21 +102,34 @@ def stock_layer(module: str, tensors: dict, path="<memory>") -> Layer:
     """The layer `module` of a stock file, its positions drawn again and checked; WaveFTFileError otherwise."""
     key_layout, key_spectrum = f"{module}.{LAYOUT}", f"{module}.{SPECTRUM}"
     if key_spectrum not in tensors:
-        raise WaveFTFileError(path, "missing (a WaveFT layer of the stock Train LoRA node has a spectrum next to "
-                              "its layout)", key=key_spectrum, advice=DAMAGED)
+        raise WaveFTFileError(
+            path,
+            "missing (a WaveFT layer of the stock Train LoRA node has a spectrum next to its layout)",
+            key=key_spectrum,
+            advice=DAMAGED,
+        )
     shape, checksum = decode_layout(tensors[key_layout], key_layout, path)
     spectrum = tensors[key_spectrum]
     m, n = matrix_shape(shape)
     if spectrum.dim() != 1 or not 1 <= spectrum.numel() <= m * n or not spectrum.dtype.is_floating_point:
-        raise WaveFTFileError(path, f"must be 1 to {m * n} float coefficients for weight shape {list(shape)}, got "
-                              f"{spectrum.dtype} {list(spectrum.shape)}", key=key_spectrum, advice=DAMAGED)
+        raise WaveFTFileError(
+            path,
+            f"must be 1 to {m * n} float coefficients for weight shape {list(shape)}, got "
+            f"{spectrum.dtype} {list(spectrum.shape)}",
+            key=key_spectrum,
+            advice=DAMAGED,
+        )
     indices = peft_positions(shape, spectrum.numel(), SEED)
     if positions_checksum(indices) != checksum:
-        raise WaveFTFileError(path, f"the positions this torch ({torch.__version__}) draws for seed {SEED} are not "
-                              "the ones the layer was trained with (their checksums differ), so its coefficients "
-                              "cannot be placed", key=key_layout,
-                              advice="Load it where it was trained (same torch version) and re-save it with "
-                              "'Save WaveFT' or 'waveft convert', which store the positions")
+        raise WaveFTFileError(
+            path,
+            f"the positions this torch ({torch.__version__}) draws for seed {SEED} are not "
+            "the ones the layer was trained with (their checksums differ), so its coefficients "
+            "cannot be placed",
+            key=key_layout,
+            advice="Load it where it was trained (same torch version) and re-save it with "
+            "'Save WaveFT' or 'waveft convert', which store the positions",
+        )
     return Layer(spectrum=spectrum, indices=indices.clone(), shape=shape, scaling=SCALING, wavelet=WAVELET)
 
 
@@ -120,12 +146,18 @@ def as_native(tensors: dict, metadata: dict, path="<memory>") -> tuple[dict, dic
         out[f"{module}.waveft_indices"] = layer.indices
         out[f"{module}.waveft_shape"] = torch.tensor(layer.shape, dtype=torch.int64)
     diffs = sum(1 for k in out if k.endswith((".diff", ".diff_b")))
-    md = {"waveft.format_version": "1", "waveft.wavelet": WAVELET, "waveft.scaling": repr(float(SCALING)),
-          "waveft.use_idwt": "true", "waveft.seed": str(SEED), "ss_network_module": "waveft",
-          "waveft.import_notes": f"ComfyUI's Train LoRA node, algorithm WaveFT (FORMAT.md extension 4): "
-                                 f"{WAVELET}, scaling {SCALING:g}, PEFT positions for seed {SEED}; "
-                                 f"{diffs} full diffs of biases and norms",
-          **dict(metadata or {})}
+    md = {
+        "waveft.format_version": "1",
+        "waveft.wavelet": WAVELET,
+        "waveft.scaling": repr(float(SCALING)),
+        "waveft.use_idwt": "true",
+        "waveft.seed": str(SEED),
+        "ss_network_module": "waveft",
+        "waveft.import_notes": f"ComfyUI's Train LoRA node, algorithm WaveFT (FORMAT.md extension 4): "
+        f"{WAVELET}, scaling {SCALING:g}, PEFT positions for seed {SEED}; "
+        f"{diffs} full diffs of biases and norms",
+        **dict(metadata or {}),
+    }
     return out, md
 
 
@@ -147,12 +179,17 @@ class StockTrainable(TrainableLayer):
     def from_layer(cls, layer: Layer, seed: int = SEED) -> StockTrainable:
         """Continue a layer: only one that follows layout version 1, or its file could not say where it is."""
         rule = peft_positions(layer.shape, layer.n_coefficients, SEED)
-        if (layer.wavelet, float(layer.scaling), bool(layer.use_idwt)) != (WAVELET, float(SCALING), True) \
-                or not torch.equal(layer.indices.to(torch.int64), rule.to(torch.int64)):
-            raise ValueError(f"WaveFT: this layer ({layer.wavelet}, scaling {layer.scaling:g}, own positions) cannot "
-                             f"be continued by the Train LoRA node, whose files hold {WAVELET}, scaling {SCALING:g} "
-                             f"and PEFT's positions for seed {SEED} only; continue it with Train WaveFT's "
-                             "resume_from instead")
+        if (layer.wavelet, float(layer.scaling), bool(layer.use_idwt)) != (
+            WAVELET,
+            float(SCALING),
+            True,
+        ) or not torch.equal(layer.indices.to(torch.int64), rule.to(torch.int64)):
+            raise ValueError(
+                f"WaveFT: this layer ({layer.wavelet}, scaling {layer.scaling:g}, own positions) cannot "
+                f"be continued by the Train LoRA node, whose files hold {WAVELET}, scaling {SCALING:g} "
+                f"and PEFT's positions for seed {SEED} only; continue it with Train WaveFT's "
+                "resume_from instead"
+            )
         return cls(layer.shape, layer.n_coefficients, spectrum=layer.spectrum)
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,7 @@ loaders and the third-party loaders alike) asks the adapters only about the name
 layer whose name the map lacks never reaches this pack's adapter, and the host merely logs "lora key not loaded"
 for its tensors. The image then silently lacks the layer. `unclaimed_layers` finds those layers from the key
 map alone, so the host edge can fail the node before anything is patched."""
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,9 @@ def waveft_layers(keys: Iterable[str]) -> list[str]:
 
 
 def is_text_encoder_layer(name: str) -> bool:
-    return (name.startswith(TE_PREFIX) or bool(_KOHYA_TE.match(name))
-            or split_component(name)[0].startswith("text_encoder"))
+    return (
+        name.startswith(TE_PREFIX) or bool(_KOHYA_TE.match(name)) or split_component(name)[0].startswith("text_encoder")
+    )
 
 
 def _target_key(target) -> str:
@@ -45,16 +47,22 @@ def unclaimed_layers(keys: Iterable[str], key_map: Mapping) -> list[str]:
     targets = [_target_key(t) for t in key_map.values()]
     has_model = any(t.startswith(UNET_PREFIX) for t in targets)
     has_text_encoder = any(not t.startswith(UNET_PREFIX) for t in targets)
-    return [name for name in layers if name not in key_map
-            and (has_text_encoder if is_text_encoder_layer(name) else has_model)]
+    return [
+        name
+        for name in layers
+        if name not in key_map and (has_text_encoder if is_text_encoder_layer(name) else has_model)
+    ]
 
 
 def refuse_layers_on_one_weight(keys: Iterable[str], key_map: Mapping) -> None:
     """matching.SharedTargetError naming both layers when the key map sends two WaveFT layers of a file (one layer
     under its native, kohya and diffusers spellings) to one weight or to overlapping slices of a fused one: the
     host's loader would keep only the last of them, silently."""
-    refuse_overlapping_targets((name, _target_key(key_map[name]), None if isinstance(key_map[name], str)
-                                else key_map[name][1]) for name in waveft_layers(keys) if name in key_map)
+    refuse_overlapping_targets(
+        (name, _target_key(key_map[name]), None if isinstance(key_map[name], str) else key_map[name][1])
+        for name in waveft_layers(keys)
+        if name in key_map
+    )
 
 
 MIRROR_SETTINGS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
@@ -73,8 +81,13 @@ def check_mirrors_against_metadata(path, tensors: Mapping, metadata: Mapping[str
         mirrors.pop("waveft.wavelet", None)
     if scaling is None:
         mirrors.pop("waveft.scaling", None)
-    _check_mirrors(path, mirrors, wavelet, None if scaling is None else _parse_float(path, "waveft.scaling", scaling),
-                   _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true")))
+    _check_mirrors(
+        path,
+        mirrors,
+        wavelet,
+        None if scaling is None else _parse_float(path, "waveft.scaling", scaling),
+        _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true")),
+    )
 
 
 def only_text_encoder_layers(keys: Iterable[str]) -> bool:
@@ -84,15 +97,20 @@ def only_text_encoder_layers(keys: Iterable[str]) -> bool:
 
 
 def text_encoder_only_message(source: str, total: int) -> str:
-    return (f"WaveFT: {source}: all {total} WaveFT layers of this file are for the text encoder, and this loader "
-            "patches the diffusion model only, so it would change nothing. Use Load LoRA (or Load WaveFT) with the "
-            "CLIP connected.")
+    return (
+        f"WaveFT: {source}: all {total} WaveFT layers of this file are for the text encoder, and this loader "
+        "patches the diffusion model only, so it would change nothing. Use Load LoRA (or Load WaveFT) with the "
+        "CLIP connected."
+    )
 
 
 def unclaimed_message(source: str, missing: list[str], total: int, base_model: str | None = None) -> str:
     listed = ", ".join(missing[:SHOWN]) + (f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else "")
     recorded = f" (it records the base model '{base_model}')" if base_model else ""
-    return (f"WaveFT: {source}: the model has no weight for {len(missing)} of its {total} WaveFT layers ({listed}), "
-            "so a LoRA loader would leave them out and the result would silently lack them. The 'Load WaveFT' node "
-            "reports which layers match this model; if none do, the file was made for another model" + recorded
-            + ": use it with that one.")
+    return (
+        f"WaveFT: {source}: the model has no weight for {len(missing)} of its {total} WaveFT layers ({listed}), "
+        "so a LoRA loader would leave them out and the result would silently lack them. The 'Load WaveFT' node "
+        "reports which layers match this model; if none do, the file was made for another model"
+        + recorded
+        + ": use it with that one."
+    )

@@ -2,6 +2,7 @@
 metadata, checked, without loading any tensor data), the error every reader raises, and the one atomic writer.
 
 Only safetensors is ever parsed here: pickled checkpoints (.pt, .ckpt, .bin, ...) are refused unread."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,11 @@ def read_header(path) -> Header:
     safetensors, truncated or damaged."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WaveFTFileError(path, f"'{path.suffix}' files are pickles, which WaveFT never loads (they can run code)",
-                              advice="Convert it to .safetensors with the tool that made it")
+        raise WaveFTFileError(
+            path,
+            f"'{path.suffix}' files are pickles, which WaveFT never loads (they can run code)",
+            advice="Convert it to .safetensors with the tool that made it",
+        )
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -57,9 +61,11 @@ def read_header(path) -> Header:
                 raise WaveFTFileError(path, f"only {size} bytes long, not a safetensors file", advice=DAMAGED)
             (length,) = struct.unpack("<Q", head)
             if 8 + length > size:
-                raise WaveFTFileError(path, f"truncated: the header says {length} bytes but the file has {size}",
-                                      advice="The copy is incomplete (an interrupted download?); download or export "
-                                      "it again")
+                raise WaveFTFileError(
+                    path,
+                    f"truncated: the header says {length} bytes but the file has {size}",
+                    advice="The copy is incomplete (an interrupted download?); download or export it again",
+                )
             if length > MAX_HEADER:
                 raise WaveFTFileError(path, f"a header of {length} bytes is not plausible", advice=DAMAGED)
             raw = f.read(length)
@@ -120,8 +126,11 @@ def refuse_overwrite(out: Path, *inputs, overwrite: bool = False, label: str = "
         if given is None:
             continue
         given = Path(given)
-        if out.exists() and given.exists() and (out.resolve() == given.resolve() or
-                                                (out.is_file() and given.is_file() and out.samefile(given))):
+        if (
+            out.exists()
+            and given.exists()
+            and (out.resolve() == given.resolve() or (out.is_file() and given.is_file() and out.samefile(given)))
+        ):
             raise ValueError(f"{shown}: that is an input of this command; write the result to another path")
     if out.exists() and not overwrite:
         raise ValueError(f"{shown} exists; give another path, or --overwrite to replace it")
@@ -150,8 +159,11 @@ def remove_stale_temporaries(folder: Path) -> None:
         with os.scandir(folder) as entries:
             for entry in entries:
                 try:
-                    if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) and \
-                            now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS:
+                    if (
+                        TEMPORARY.fullmatch(entry.name)
+                        and entry.is_file(follow_symlinks=False)
+                        and now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS
+                    ):
                         os.unlink(entry.path)
                 except OSError:
                     pass

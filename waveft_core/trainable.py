@@ -1,5 +1,6 @@
 """Training WaveFT, without a host: trainable layers (the spectrum is the only parameter; positions follow PEFT's
 rule), what to train, optimizers and schedules, and the state of a run as its checkpoint file holds it."""
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,25 @@ class TrainableLayer(nn.Module):
 
     Positions are PEFT's (seeded randperm of m*n), so a trained adapter exports to PEFT exactly."""
 
-    def __init__(self, shape, n_coefficients: int = 2592, wavelet: str = "db1", scaling: float = DEFAULT_SCALING,
-                 seed: int = DEFAULT_SEED, use_idwt: bool = True, spectrum: torch.Tensor | None = None,
-                 indices: torch.Tensor | None = None):
+    def __init__(
+        self,
+        shape,
+        n_coefficients: int = 2592,
+        wavelet: str = "db1",
+        scaling: float = DEFAULT_SCALING,
+        seed: int = DEFAULT_SEED,
+        use_idwt: bool = True,
+        spectrum: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         m, n = matrix_shape(self.shape)
         p = int(n_coefficients)
         if not 1 <= p <= m * n:
-            raise ValueError(f"n_coefficients must be between 1 and {m * n} for a weight of shape "
-                             f"{list(self.shape)}, got {p}")
+            raise ValueError(
+                f"n_coefficients must be between 1 and {m * n} for a weight of shape {list(self.shape)}, got {p}"
+            )
         self.wavelet = check_wavelet(wavelet)
         self.scaling = float(scaling)
         self.use_idwt = bool(use_idwt)
@@ -62,14 +72,28 @@ class TrainableLayer(nn.Module):
         return f"shape={list(self.shape)}, coefficients={self.spectrum.numel()}, wavelet={self.wavelet}"
 
     def to_layer(self) -> Layer:
-        return Layer(spectrum=self.spectrum.detach().float().cpu().clone(), indices=self.indices.clone(),
-                     shape=self.shape, scaling=self.scaling, wavelet=self.wavelet, use_idwt=self.use_idwt)
+        return Layer(
+            spectrum=self.spectrum.detach().float().cpu().clone(),
+            indices=self.indices.clone(),
+            shape=self.shape,
+            scaling=self.scaling,
+            wavelet=self.wavelet,
+            use_idwt=self.use_idwt,
+        )
 
     @classmethod
     def from_layer(cls, layer: Layer, seed: int = DEFAULT_SEED) -> "TrainableLayer":
         """Continue training a saved layer: its coefficients and positions as they are."""
-        return cls(layer.shape, layer.n_coefficients, layer.wavelet, layer.scaling, seed=seed,
-                   use_idwt=layer.use_idwt, spectrum=layer.spectrum, indices=layer.indices)
+        return cls(
+            layer.shape,
+            layer.n_coefficients,
+            layer.wavelet,
+            layer.scaling,
+            seed=seed,
+            use_idwt=layer.use_idwt,
+            spectrum=layer.spectrum,
+            indices=layer.indices,
+        )
 
 
 def adapter_from_trainables(trainables: dict[str, TrainableLayer], metadata: dict[str, str] | None = None) -> Adapter:
@@ -91,24 +115,48 @@ TARGET_PRESETS = {
 
 # One rule for "which layers are attention", for every model family, in the host's (native) names and in
 # diffusers' names: a projection (leaf) inside an attention module (parent).
-_ATTENTION_MODULES = frozenset({"attn", "attn1", "attn2", "self_attn", "cross_attn", "img_attn", "txt_attn",
-                                "attention"})
-_ATTENTION_PROJECTIONS = frozenset({
-    "to_q", "to_k", "to_v", "to_out", "to_out.0",             # diffusers, SD UNets, LTXV, HiDream, Qwen-Image
-    "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",   # the text stream of joint attention (Qwen, diffusers)
-    "to_q_t", "to_k_t", "to_v_t", "to_out_t",                 # HiDream's text stream
-    "qkv", "proj",                                            # Flux, Chroma, HunyuanVideo, SD3 (fused q/k/v)
-    "q", "k", "v", "o",                                       # Wan
-    "out",                                                    # Lumina 2, Z-Image (grouped q/k/v fused as qkv)
-    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "output_proj"})  # CLIP, Anima
+_ATTENTION_MODULES = frozenset(
+    {"attn", "attn1", "attn2", "self_attn", "cross_attn", "img_attn", "txt_attn", "attention"}
+)
+_ATTENTION_PROJECTIONS = frozenset(
+    {
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "to_out.0",  # diffusers, SD UNets, LTXV, HiDream, Qwen-Image
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",  # the text stream of joint attention (Qwen, diffusers)
+        "to_q_t",
+        "to_k_t",
+        "to_v_t",
+        "to_out_t",  # HiDream's text stream
+        "qkv",
+        "proj",  # Flux, Chroma, HunyuanVideo, SD3 (fused q/k/v)
+        "q",
+        "k",
+        "v",
+        "o",  # Wan
+        "out",  # Lumina 2, Z-Image (grouped q/k/v fused as qkv)
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "out_proj",
+        "output_proj",
+    }
+)  # CLIP, Anima
 # Flux-style single blocks fuse the attention with the MLP: linear1 = [q, k, v, MLP in] rows, linear2 =
 # [attention out, MLP out] columns (diffusers splits the first as attn.to_q/k/v + proj_mlp, keeps proj_out
 # fused). WaveFT spreads its coefficients over a whole weight, so a fused weight is trained whole and counts as
 # attention: its MLP part comes with it, as it does for a LoRA on these layers.
 _FUSED_ATTENTION = {"single_blocks": ("linear1", "linear2"), "single_transformer_blocks": ("proj_out",)}
 # Feed-forward modules of a block (an index above them in the path: timestep/text embedder MLPs are not).
-_FEED_FORWARD_MODULES = frozenset({"ff", "ffn", "mlp", "img_mlp", "txt_mlp", "feed_forward", "ff_i", "ff_t",
-                                   "ff_context"})
+_FEED_FORWARD_MODULES = frozenset(
+    {"ff", "ffn", "mlp", "img_mlp", "txt_mlp", "feed_forward", "ff_i", "ff_t", "ff_context"}
+)
 _FEED_FORWARD_LEAVES = frozenset({"proj_mlp"})  # diffusers' Flux single block: the MLP rows of linear1
 
 
@@ -234,8 +282,11 @@ class TrainingState:
         out = {}
         for param, name in param_names.items():
             for key, value in optimizer.state.get(param, {}).items():
-                t = value.detach().float().cpu().reshape(-1).clone() if isinstance(value, torch.Tensor) \
+                t = (
+                    value.detach().float().cpu().reshape(-1).clone()
+                    if isinstance(value, torch.Tensor)
                     else torch.tensor([float(value)])
+                )
                 out[f"{OPTIM_PREFIX}{name}.{key}"] = t
         self.optimizer_tensors = out
 
@@ -247,9 +298,9 @@ class TrainingState:
             state = {}
             head = f"{OPTIM_PREFIX}{name}."
             for key, value in self.optimizer_tensors.items():
-                if not key.startswith(head) or "." in key[len(head):]:
+                if not key.startswith(head) or "." in key[len(head) :]:
                     continue
-                field_name = key[len(head):]
+                field_name = key[len(head) :]
                 if field_name == "step":
                     state[field_name] = value.reshape(()).clone()
                 elif value.numel() == param.numel():
@@ -287,14 +338,21 @@ class TrainingState:
             seed = DEFAULT_SEED
         step = int(training.get("steps_done", 0)) if isinstance(training, dict) else 0
         trainables = {name: TrainableLayer.from_layer(layer, seed) for name, layer in adapter.layers.items()}
-        return cls(trainables, step, seed, metadata=dict(metadata),
-                   optimizer_tensors={k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)})
+        return cls(
+            trainables,
+            step,
+            seed,
+            metadata=dict(metadata),
+            optimizer_tensors={k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+        )
 
     def check_fits(self, shapes: dict, label: str) -> None:
         """ValueError unless every layer is one of `shapes` (module -> weight shape) with that shape."""
         missing = [n for n in self.trainables if n not in shapes]
         wrong = [n for n in self.trainables if n in shapes and tuple(self.trainables[n].shape) != tuple(shapes[n])]
         if missing or wrong:
-            raise ValueError(f"{label} was trained on another model or other targets: {len(missing)} of its layers "
-                             f"are not in this model's targets, {len(wrong)} have another shape (e.g. "
-                             f"{(missing or wrong)[0]})")
+            raise ValueError(
+                f"{label} was trained on another model or other targets: {len(missing)} of its layers "
+                f"are not in this model's targets, {len(wrong)} have another shape (e.g. "
+                f"{(missing or wrong)[0]})"
+            )

@@ -1,4 +1,5 @@
 """Wavelet filters for WaveFT: every orthogonal PyWavelets family, filters taken from PyWavelets."""
+
 from __future__ import annotations
 
 import functools
@@ -22,9 +23,7 @@ class UnknownWaveletError(ValueError):
 def check_wavelet(name: str) -> str:
     """Return `name` if it is a supported orthogonal wavelet, else raise with the list of valid names."""
     if not isinstance(name, str) or name not in _SUPPORTED_SET:
-        raise UnknownWaveletError(
-            f"unknown wavelet {name!r}: use one of haar, db1..db38, sym2..sym20, coif1..coif17"
-        )
+        raise UnknownWaveletError(f"unknown wavelet {name!r}: use one of haar, db1..db38, sym2..sym20, coif1..coif17")
     return name
 
 

@@ -6,6 +6,7 @@ a host that cannot be used, or any host test that skips, fails the run instead.
 
 A test marked `host_feature(name)` needs a part of the host that older versions lack (see HOST_FEATURES); on
 such a host it is deselected, with one line saying so, rather than skipped: it does not apply there."""
+
 import asyncio
 import os
 import sys
@@ -37,10 +38,13 @@ def _skip_reason():
             args.cpu = True  # as `main.py --cpu`; must precede comfy.model_management's import
         import comfy.sd  # noqa: F401
         import folder_paths  # noqa: F401
+
         import nodes  # noqa: F401
     except Exception as e:  # ImportError, or a host dependency failing at import
-        return (f"ComfyUI at {COMFY} cannot be imported by {sys.executable} ({type(e).__name__}: {e}); "
-                "./dev test runs the host tests with the host's venv (COMFYUI_PYTHON)")
+        return (
+            f"ComfyUI at {COMFY} cannot be imported by {sys.executable} ({type(e).__name__}: {e}); "
+            "./dev test runs the host tests with the host's venv (COMFYUI_PYTHON)"
+        )
     return None
 
 
@@ -62,8 +66,9 @@ def _has_bypass() -> bool:
 
     import comfy.sd
 
-    return importlib.util.find_spec("comfy.weight_adapter.bypass") is not None and \
-        hasattr(comfy.sd, "load_bypass_lora_for_models")
+    return importlib.util.find_spec("comfy.weight_adapter.bypass") is not None and hasattr(
+        comfy.sd, "load_bypass_lora_for_models"
+    )
 
 
 def _has_dynamic_vram() -> bool:
@@ -72,8 +77,9 @@ def _has_dynamic_vram() -> bool:
 
     import comfy.model_patcher as mp
 
-    return hasattr(mp, "ModelPatcherDynamic") and \
-        "disable_dynamic" in inspect.signature(mp.ModelPatcher.clone).parameters
+    return (
+        hasattr(mp, "ModelPatcherDynamic") and "disable_dynamic" in inspect.signature(mp.ModelPatcher.clone).parameters
+    )
 
 
 def _has_anima() -> bool:
@@ -83,8 +89,12 @@ def _has_anima() -> bool:
     return hasattr(comfy.supported_models, "Anima")
 
 
-HOST_FEATURES = {"adapter_rebuild": _has_adapter_rebuild, "bypass": _has_bypass, "dynamic_vram": _has_dynamic_vram,
-                 "anima": _has_anima}
+HOST_FEATURES = {
+    "adapter_rebuild": _has_adapter_rebuild,
+    "bypass": _has_bypass,
+    "dynamic_vram": _has_dynamic_vram,
+    "anima": _has_anima,
+}
 
 
 def host_version() -> str:
@@ -99,10 +109,9 @@ def host_version() -> str:
 def _has_rope_backward() -> bool:
     """The host's rotary-embedding kernel differentiates on this machine (0.8's comfy_kitchen.apply_rope, which
     Flux, Lumina, Wan and the other rotary DiTs call, has no CPU backward; 0.3x uses plain torch while training)."""
-    import torch
-
     import comfy.ldm.flux.math as fm
     import comfy.model_management as mm
+    import torch
 
     q = torch.randn(1, 1, 2, 4, requires_grad=True)
     pe = fm.rope(torch.arange(2.0)[None], 4, 10000)[:, None]
@@ -148,15 +157,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(marker)
         return
     absent = {name for name, present in HOST_FEATURES.items() if not present()}
-    dropped = [item for item in host_items
-               if any(m.args[0] in absent for m in item.iter_markers("host_feature"))]
+    dropped = [item for item in host_items if any(m.args[0] in absent for m in item.iter_markers("host_feature"))]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if item not in dropped]
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"[host] ComfyUI {host_version()} has no {', '.join(sorted(absent))}: "
-                                f"{len(dropped)} test(s) that need it deselected")
+            reporter.write_line(
+                f"[host] ComfyUI {host_version()} has no {', '.join(sorted(absent))}: "
+                f"{len(dropped)} test(s) that need it deselected"
+            )
 
 
 def pytest_runtest_logreport(report):
@@ -168,8 +178,11 @@ def pytest_sessionfinish(session, exitstatus):
     if REQUIRE_HOST and _SKIPPED_HOST_TESTS and session.exitstatus == 0:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"[host] WAVEFT_REQUIRE_HOST: {len(_SKIPPED_HOST_TESTS)} host test(s) skipped, "
-                                f"e.g. {_SKIPPED_HOST_TESTS[0]}", red=True)
+            reporter.write_line(
+                f"[host] WAVEFT_REQUIRE_HOST: {len(_SKIPPED_HOST_TESTS)} host test(s) skipped, "
+                f"e.g. {_SKIPPED_HOST_TESTS[0]}",
+                red=True,
+            )
         session.exitstatus = 1
 
 
@@ -229,10 +242,10 @@ def loras_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, checkpoint_state):
+    from host_tools import Server, adapter_for, make_dataset, merged, tiny_lora
     from safetensors.torch import save_file
 
     import waveft_core as wft
-    from host_tools import Server, adapter_for, make_dataset, merged, tiny_lora
 
     base = tmp_path_factory.mktemp("comfy_base")
     for d in ("models/checkpoints", "models/waveft", "models/loras", "custom_nodes", "input", "output"):
@@ -242,7 +255,7 @@ def server(tmp_path_factory, checkpoint_state):
     wft.save(adapter, base / "models/waveft/e2e.safetensors")
     save_file(checkpoint_state, str(base / "models/checkpoints/tiny.safetensors"))
     save_file(merged(checkpoint_state, adapter, 0.8), str(base / "models/checkpoints/merged.safetensors"))
-    (base / "models/waveft/broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    (base / "models/waveft/broken.safetensors").write_bytes(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
     save_file(tiny_lora(checkpoint_state), str(base / "models/loras/tiny_lora.safetensors"))
     make_dataset(base / "input" / "my_subject")
     srv = Server(base, base / "server.log")

@@ -1,5 +1,6 @@
 """Shared host-test tools: a real ComfyUI server process for the HTTP tests, the weights ComfyUI merges on
 load, and the models and data the server tests use."""
+
 import json
 import os
 import socket
@@ -10,11 +11,10 @@ import urllib.error
 import urllib.request
 
 import torch
+from conftest import COMFY
 
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
-
-from conftest import COMFY
 
 
 def _free_port():
@@ -30,9 +30,24 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(COMFY, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-            cwd=COMFY, stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                os.path.join(COMFY, "main.py"),
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(base),
+                "--database-url",
+                "sqlite:///:memory:",
+                "--disable-auto-launch",
+            ],
+            cwd=COMFY,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -49,8 +64,9 @@ class Server:
             return json.loads(r.read())
 
     def post(self, path, body):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, json.loads(r.read())
@@ -90,9 +106,9 @@ def adapter_for(ckpt):
         if not key.endswith(".weight"):
             continue
         if key.startswith("model.diffusion_model.") and key[: -len(".weight")].endswith(ATTN):
-            name = key[len("model."): -len(".weight")]
+            name = key[len("model.") : -len(".weight")]
         elif key.startswith("cond_stage_model.transformer.text_model.encoder.layers.1") and "self_attn" in key:
-            name = "text_encoders.clip_l.transformer." + key[len("cond_stage_model.transformer."): -len(".weight")]
+            name = "text_encoders.clip_l.transformer." + key[len("cond_stage_model.transformer.") : -len(".weight")]
         else:
             continue
         shape = tuple(w.shape)
@@ -120,7 +136,7 @@ def tiny_lora(ckpt, rank=4):
     out = {}
     for key, w in ckpt.items():
         if key.startswith("model.diffusion_model.") and key.endswith(("attn1.to_q.weight", "attn2.to_v.weight")):
-            name = "lora_unet_" + key[len("model.diffusion_model."): -len(".weight")].replace(".", "_")
+            name = "lora_unet_" + key[len("model.diffusion_model.") : -len(".weight")].replace(".", "_")
             out[name + ".lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.05
             out[name + ".lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.05
             out[name + ".alpha"] = torch.tensor(float(rank))
@@ -155,17 +171,59 @@ def patched_weights(patcher, keys):
 
 # --- tiny models of other families, built by ComfyUI itself ---------------------------------------
 
-FLUX = dict(image_model="flux", guidance_embed=True, in_channels=16, out_channels=16, vec_in_dim=32,
-            context_in_dim=48, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
-            axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True, txt_ids_dims=[])
-SD3 = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_max_size=16,
-           context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}},
-           input_size=None, num_patches=None, pos_embed_scaling_factor=None, qk_norm=None, x_block_self_attn_layers=[])
-SDXL = dict(model_channels=32, use_linear_in_transformer=True, transformer_depth=[0, 0, 1, 1],
-            transformer_depth_output=[0, 0, 0, 1, 1, 1], transformer_depth_middle=1, context_dim=64,
-            adm_in_channels=48, use_temporal_attention=False, num_res_blocks=[2, 2], channel_mult=[1, 2],
-            num_heads=-1, num_head_channels=16, in_channels=4, out_channels=4, image_size=32,
-            use_spatial_transformer=True, legacy=False, num_classes="sequential", use_temporal_resblock=False)
+FLUX = dict(
+    image_model="flux",
+    guidance_embed=True,
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=32,
+    context_in_dim=48,
+    hidden_size=64,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=1,
+    axes_dim=[8, 12, 12],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    txt_ids_dims=[],
+)
+SD3 = dict(
+    in_channels=16,
+    out_channels=16,
+    patch_size=2,
+    depth=2,
+    adm_in_channels=32,
+    pos_embed_max_size=16,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}},
+    input_size=None,
+    num_patches=None,
+    pos_embed_scaling_factor=None,
+    qk_norm=None,
+    x_block_self_attn_layers=[],
+)
+SDXL = dict(
+    model_channels=32,
+    use_linear_in_transformer=True,
+    transformer_depth=[0, 0, 1, 1],
+    transformer_depth_output=[0, 0, 0, 1, 1, 1],
+    transformer_depth_middle=1,
+    context_dim=64,
+    adm_in_channels=48,
+    use_temporal_attention=False,
+    num_res_blocks=[2, 2],
+    channel_mult=[1, 2],
+    num_heads=-1,
+    num_head_channels=16,
+    in_channels=4,
+    out_channels=4,
+    image_size=32,
+    use_spatial_transformer=True,
+    legacy=False,
+    num_classes="sequential",
+    use_temporal_resblock=False,
+)
 
 
 def patcher_for(config_cls, unet_config):
@@ -176,5 +234,6 @@ def patcher_for(config_cls, unet_config):
         model = config_cls(unet_config).get_model({})
         for p in model.parameters():  # comfy ops leave weights uninitialised
             p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )

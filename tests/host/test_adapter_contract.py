@@ -10,14 +10,14 @@ function, an adapter from Train WaveFT), in fp32, fp16 and bf16, against PyWavel
   `comfy.sd.load_bypass_lora_for_models` (the 'Load LoRA (Bypass)' node) takes a WaveFT file.
 
 Tests of a feature the running host lacks are deselected, not skipped (see conftest)."""
+
 import pytest
 import torch
+from host_tools import FLUX, patcher_for
+from reference import reference_delta, rel_err
 
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
-
-from host_tools import FLUX, patcher_for
-from reference import reference_delta, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SD15_WAVELET = "db4"  # one wavelet per native file; db4's 8x8 patches also clip at every edge
@@ -54,8 +54,12 @@ def patched(pack, sd15, tmp_path_factory):
     for kind, (name, shape, p) in SD15_LAYERS.items():
         w = sd[name + ".weight"]
         shape = shape or tuple(w.shape)
-        layers[name] = wft.Layer(spectrum=torch.randn(p, generator=g) * float(w.std()) * 0.2, shape=shape,
-                                 indices=peft_positions(shape, p, 777), wavelet=SD15_WAVELET)
+        layers[name] = wft.Layer(
+            spectrum=torch.randn(p, generator=g) * float(w.std()) * 0.2,
+            shape=shape,
+            indices=peft_positions(shape, p, 777),
+            wavelet=SD15_WAVELET,
+        )
     folder = tmp_path_factory.mktemp("contract_waveft")
     wft.save(wft.Adapter(layers=layers, metadata={"ss_base_model_version": "sd_v1"}), folder / "kinds.safetensors")
     paths, exts = folder_paths.folder_names_and_paths["waveft"]
@@ -74,8 +78,16 @@ def patched(pack, sd15, tmp_path_factory):
     flux = patcher_for(sm.Flux, FLUX)
     h = FLUX["hidden_size"]
     shapes = {"transformer.transformer_blocks.0.attn.to_k": (h, h), "transformer.norm_out.linear": (2 * h, h)}
-    flux_layers = {n: wft.Layer(spectrum=torch.randn(80, generator=g) * 0.01, indices=peft_positions(s, 80, 777),
-                                shape=s, wavelet="db3", scaling=2.0) for n, s in shapes.items()}
+    flux_layers = {
+        n: wft.Layer(
+            spectrum=torch.randn(80, generator=g) * 0.01,
+            indices=peft_positions(s, 80, 777),
+            shape=s,
+            wavelet="db3",
+            scaling=2.0,
+        )
+        for n, s in shapes.items()
+    }
     flux_out, _, summary = pack.nodes.loader.apply_adapter(wft.Adapter(layers=flux_layers), flux, None, 1.3, 0.0, "f")
     assert "2 of 2 layers matched" in summary
     for kind, (_, key) in FLUX_LAYERS.items():
@@ -83,13 +95,29 @@ def patched(pack, sd15, tmp_path_factory):
 
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
     latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
-    settings = dict(steps=2, learning_rate=1e-2, batch_size=1, grad_accumulation_steps=1, n_coefficients=300,
-                    scaling=25.0, wavelet="db2", targets="attention q/k/v/out", seed=1, optimizer="AdamW",
-                    lr_schedule="constant", warmup_steps=0, training_dtype="fp32", gradient_checkpointing=False,
-                    save_every_n_steps=0, filename_prefix="contract", resume_from="none")
+    settings = dict(
+        steps=2,
+        learning_rate=1e-2,
+        batch_size=1,
+        grad_accumulation_steps=1,
+        n_coefficients=300,
+        scaling=25.0,
+        wavelet="db2",
+        targets="attention q/k/v/out",
+        seed=1,
+        optimizer="AdamW",
+        lr_schedule="constant",
+        warmup_steps=0,
+        training_dtype="fp32",
+        gradient_checkpointing=False,
+        save_every_n_steps=0,
+        filename_prefix="contract",
+        resume_from="none",
+    )
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        trained = pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond],
-                                                             **{k: [v] for k, v in settings.items()})[0]
+        trained = pack.nodes.train_nodes.WaveFTTrain().train(
+            [model], [latent], [cond], **{k: [v] for k, v in settings.items()}
+        )[0]
     out["trained"] = (trained, "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight")
     return out
 
@@ -108,8 +136,16 @@ def _reference(patches, weight: torch.Tensor) -> torch.Tensor:
         assert strength_model == 1.0
         view = out.narrow(*offset) if offset is not None else out
         layer = adapter.weights[2]
-        delta = torch.from_numpy(reference_delta(layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet,
-                                                 layer.scaling * strength, layer.use_idwt)).reshape(view.shape)
+        delta = torch.from_numpy(
+            reference_delta(
+                layer.indices,
+                layer.spectrum.double(),
+                layer.shape,
+                layer.wavelet,
+                layer.scaling * strength,
+                layer.use_idwt,
+            )
+        ).reshape(view.shape)
         view += function(delta) if function is not None else delta
     return out
 
@@ -123,8 +159,9 @@ def _assert_rounded_once(got: torch.Tensor, expect: torch.Tensor, base: torch.Te
         return
     base = base.double()
     info = torch.finfo(got.dtype)
-    bound = info.eps * expect.abs().clamp_min(info.tiny) + \
-        2 * torch.finfo(torch.float32).eps * (base.abs() + (expect - base).abs())
+    bound = info.eps * expect.abs().clamp_min(info.tiny) + 2 * torch.finfo(torch.float32).eps * (
+        base.abs() + (expect - base).abs()
+    )
     excess = (got.double() - expect).abs() - bound
     assert bool((excess <= 0).all()), f"off by {float(excess.max()):.3g} beyond one rounding"
     assert not torch.equal(got.double(), base), "the weight did not change"
@@ -183,8 +220,12 @@ def test_prefetch_rebuilds_an_adapter_made_by_the_stock_lora_loader(pack, sd15, 
     name, _, p = SD15_LAYERS["linear"]
     wavelet = SD15_WAVELET
     w = model.model.state_dict()[name + ".weight"]
-    layer = wft.Layer(spectrum=torch.randn(p) * 1e-3, indices=peft_positions(tuple(w.shape), p, 777),
-                      shape=tuple(w.shape), wavelet=wavelet)
+    layer = wft.Layer(
+        spectrum=torch.randn(p) * 1e-3,
+        indices=peft_positions(tuple(w.shape), p, 777),
+        shape=tuple(w.shape),
+        wavelet=wavelet,
+    )
     path = wft.save(wft.Adapter(layers={name: layer}), waveft_dir / "stock.safetensors")
     patched_model, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(path)), 0.5, 0.5)
     adapter = patched_model.patches[name + ".weight"][0][1]
@@ -207,8 +248,15 @@ def _module(patcher, key):
 def _reference_forward(module, x, weight, bias):
     f = torch.nn.functional
     if weight.dim() == 4:
-        return f.conv2d(x, weight, bias, stride=module.stride, padding=module.padding, dilation=module.dilation,
-                        groups=module.groups)
+        return f.conv2d(
+            x,
+            weight,
+            bias,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+        )
     return f.linear(x, weight, bias)
 
 
@@ -223,7 +271,7 @@ def test_bypass_hook_adds_h_with_the_weights_it_moved(pack, patched, kind, dtype
     from comfy.weight_adapter.bypass import BypassForwardHook
 
     patcher, key = patched[kind]
-    (strength, shared, _, offset, function), = patcher.patches[key]
+    ((strength, shared, _, offset, function),) = patcher.patches[key]
     assert offset is None and function is None
     module = copy.deepcopy(_module(patcher, key)).to(dtype)
     adapter = pack.nodes.host.WaveFTAdapter(shared.loaded_keys, shared.weights)  # the hook mutates its adapter
@@ -263,8 +311,12 @@ def test_load_lora_bypass_takes_waveft_files(pack, sd15, waveft_dir):
     for name, shape, p in SD15_LAYERS.values():
         w = sd[name + ".weight"]
         shape = shape or tuple(w.shape)
-        layers[name] = wft.Layer(spectrum=torch.randn(p, generator=g) * float(w.std()) * 0.05, shape=shape,
-                                 indices=peft_positions(shape, p, 777), wavelet=SD15_WAVELET)
+        layers[name] = wft.Layer(
+            spectrum=torch.randn(p, generator=g) * float(w.std()) * 0.05,
+            shape=shape,
+            indices=peft_positions(shape, p, 777),
+            wavelet=SD15_WAVELET,
+        )
     path = wft.save(wft.Adapter(layers=layers), waveft_dir / "bypass.safetensors")
     bypassed, _ = comfy.sd.load_bypass_lora_for_models(model, clip, comfy.utils.load_torch_file(str(path)), 0.6, 0.6)
     assert not bypassed.patches, "WaveFT layers must go through the bypass hooks, not weight patches"
@@ -275,10 +327,10 @@ def test_load_lora_bypass_takes_waveft_files(pack, sd15, waveft_dir):
             weight = module.weight.detach().double()
             assert torch.equal(module.weight, sd[name + ".weight"])  # bypass never merges
             layer = layers[name]
-            delta = torch.from_numpy(reference_delta(layer.indices, layer.spectrum.double(), layer.shape,
-                                                     layer.wavelet, 0.6 * layer.scaling)).reshape(weight.shape)
-            x = torch.randn((1, weight.shape[1], 6, 6) if weight.dim() == 4 else (1, 7, weight.shape[1]),
-                            generator=g)
+            delta = torch.from_numpy(
+                reference_delta(layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, 0.6 * layer.scaling)
+            ).reshape(weight.shape)
+            x = torch.randn((1, weight.shape[1], 6, 6) if weight.dim() == 4 else (1, 7, weight.shape[1]), generator=g)
             with torch.no_grad():
                 got = module(x)
             bias = module.bias.detach().double() if module.bias is not None else None

@@ -2,36 +2,51 @@
 dit_models.py), with the default targets: checkpointed and uncheckpointed runs train the very same coefficients
 (bit for bit; the checkpointed one really recomputes every block), Save WaveFT -> Load WaveFT gives back the
 trained weights bit for bit, and each target preset selects what it says on every family."""
+
 import pytest
 import torch
-
-import waveft_core as wft
-
 from dit_models import FAMILIES, build, conditioning, latent
 from host_tools import patched_weights
 
-SETTINGS = dict(steps=2, learning_rate=5e-3, batch_size=1, grad_accumulation_steps=1, n_coefficients=200,
-                scaling=25.0, wavelet="db1", targets="attention q/k/v/out", seed=3, optimizer="AdamW",
-                lr_schedule="constant", warmup_steps=0, training_dtype="fp32", gradient_checkpointing=True,
-                save_every_n_steps=0, filename_prefix="dit", resume_from="none")
+import waveft_core as wft
+
+SETTINGS = dict(
+    steps=2,
+    learning_rate=5e-3,
+    batch_size=1,
+    grad_accumulation_steps=1,
+    n_coefficients=200,
+    scaling=25.0,
+    wavelet="db1",
+    targets="attention q/k/v/out",
+    seed=3,
+    optimizer="AdamW",
+    lr_schedule="constant",
+    warmup_steps=0,
+    training_dtype="fp32",
+    gradient_checkpointing=True,
+    save_every_n_steps=0,
+    filename_prefix="dit",
+    resume_from="none",
+)
 
 # Selected layers per preset (attention q/k/v/out, + feed-forward, all linear) on the tiny models. Attention:
 # every projection of self and cross attention, image and text streams (a fused qkv weight is one layer), and
 # the fused linear1/linear2 of Flux-style single blocks.
 LAYER_COUNTS = {
-    "flux": (12, 20, 36),           # 2 double x (img, txt) x (qkv, proj) + 2 single x (linear1, linear2); + 2 x 4 MLP
+    "flux": (12, 20, 36),  # 2 double x (img, txt) x (qkv, proj) + 2 single x (linear1, linear2); + 2 x 4 MLP
     "flux2": (12, 20, 29),
     "chroma": (12, 20, 29),
-    "sd3": (7, 13, 24),             # 2 joint x (x, context) x (qkv, proj), the last context block has no proj
-    "lumina2": (8, 20, 29),         # 2 layers, a noise and a context refiner: attention.qkv, .out; + w1, w2, w3
+    "sd3": (7, 13, 24),  # 2 joint x (x, context) x (qkv, proj), the last context block has no proj
+    "lumina2": (8, 20, 29),  # 2 layers, a noise and a context refiner: attention.qkv, .out; + w1, w2, w3
     "z_image": (8, 20, 29),
-    "qwen_image": (16, 24, 34),     # 2 x (to_q, to_k, to_v, to_out.0, add_q/k/v_proj, to_add_out)
-    "hidream": (12, 45, 57),        # double: to_q/k/v/out and the text stream's *_t; single: to_q/k/v/out; + MoE
+    "qwen_image": (16, 24, 34),  # 2 x (to_q, to_k, to_v, to_out.0, add_q/k/v_proj, to_add_out)
+    "hidream": (12, 45, 57),  # double: to_q/k/v/out and the text stream's *_t; single: to_q/k/v/out; + MoE
     "hunyuan_video": (16, 28, 49),  # Flux's 12 + the token refiner's 2 x self_attn (qkv, proj)
-    "wan21": (16, 20, 26),          # 2 x (self_attn, cross_attn) x (q, k, v, o); + ffn.0, ffn.2
+    "wan21": (16, 20, 26),  # 2 x (self_attn, cross_attn) x (q, k, v, o); + ffn.0, ffn.2
     "wan22": (16, 20, 26),
-    "ltxv": (16, 20, 27),           # 2 x (attn1, attn2) x (to_q, to_k, to_v, to_out.0)
-    "anima": (64, 80, 100),         # 2 x (self, cross) x 4 + the LLM adapter's 6 x (self, cross) x 4
+    "ltxv": (16, 20, 27),  # 2 x (attn1, attn2) x (to_q, to_k, to_v, to_out.0)
+    "anima": (64, 80, 100),  # 2 x (self, cross) x 4 + the LLM adapter's 6 x (self, cross) x 4
 }
 PRESETS = ("attention q/k/v/out", "attention + feed-forward", "all linear")
 
@@ -85,7 +100,7 @@ def test_family_trains_checkpointed_as_uncheckpointed_and_reloads_bitwise(pack, 
     for layer_name, layer in with_ckpt.layers.items():
         assert torch.equal(saved.layers[layer_name].spectrum, layer.spectrum)
         assert torch.equal(saved.layers[layer_name].indices, layer.indices)
-    loaded, = pack.nodes.loader.WaveFTLoaderModelOnly().load(model, name, 1.0)["result"]
+    (loaded,) = pack.nodes.loader.WaveFTLoaderModelOnly().load(model, name, 1.0)["result"]
     keys = [f"{n}.weight" for n in with_ckpt.layers]
     expected = patched_weights(trained, keys)
     got = patched_weights(loaded, keys)
@@ -102,8 +117,9 @@ def test_presets_select_the_same_kinds_of_layer_on_every_family(pack, fam):
     print(f"[layers] {fam.name}: " + ", ".join(f"{p}={c}" for p, c in zip(PRESETS, counts)))
     assert counts == LAYER_COUNTS[fam.name]
     attention = pack.nodes.train_loop.target_weights(model, PRESETS[0])
-    assert not any(n.endswith(("_mod.lin", "modulation.1", "adaLN_modulation.1", "img_in", "x_embedder"))
-                   for n in attention)
+    assert not any(
+        n.endswith(("_mod.lin", "modulation.1", "adaLN_modulation.1", "img_in", "x_embedder")) for n in attention
+    )
 
 
 def test_a_model_the_presets_do_not_know_gets_its_layer_names(pack, monkeypatch):
@@ -113,8 +129,11 @@ def test_a_model_the_presets_do_not_know_gets_its_layer_names(pack, monkeypatch)
     fam = FAMILIES[0]
     monkeypatch.setattr(trainable, "_ATTENTION_MODULES", frozenset())
     monkeypatch.setattr(trainable, "_FUSED_ATTENTION", {})
-    with pytest.raises(ValueError, match=r"matches targets 'attention q/k/v/out'\. Its layers are: .*"
-                                         r"double_blocks\.N\.img_attn\.qkv.*Choose 'all linear'"):
+    with pytest.raises(
+        ValueError,
+        match=r"matches targets 'attention q/k/v/out'\. Its layers are: .*"
+        r"double_blocks\.N\.img_attn\.qkv.*Choose 'all linear'",
+    ):
         train(pack, build(fam), fam)
 
 
@@ -127,7 +146,6 @@ def test_on_real_flux_blocks_torch_checkpoint_is_silently_wrong_and_ours_is_exac
 
     import comfy.model_management as mm
     import comfy.supported_models as sm
-
     from dit_models import BY_NAME
 
     checkpointing = sys.modules[pack.__name__ + ".waveft_core.checkpointing"]

@@ -1,6 +1,7 @@
 """Save WaveFT for the tools users combine with it, in a real ComfyUI (in-process, tiny SD1.5): a trained and
 saved file shows its trigger words, hash and training details the way LoRA managers read them, and a file
 saved into models/loras loads through the stock Load LoRA nodes and a stack of them."""
+
 import base64
 import io
 import json
@@ -8,15 +9,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import manager_readers as readers
 import pytest
 import torch
+from host_tools import patched_weights, tiny_lora
+from test_loader_host import CLIP_LAYERS, UNET_LAYERS, make_adapter, state_key
+from test_train_host import SETTINGS
 
 import waveft_core as wft
-
-import manager_readers as readers
-from host_tools import patched_weights, tiny_lora
-from test_loader_host import UNET_LAYERS, CLIP_LAYERS, make_adapter, state_key
-from test_train_host import SETTINGS
 
 
 def save(pack, adapter, prefix, **kw):
@@ -38,13 +38,23 @@ def test_a_trained_file_shows_what_lora_managers_read(pack, checkpoint_state, lo
     kw = {"steps": 4, "filename_prefix": "eco"}
     with torch.inference_mode():
         _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train(
-            [model], [latents], [cond], captions=["a cat, sitting"],
-            **{k: [v] for k, v in {**SETTINGS, **kw}.items()})
+            [model], [latents], [cond], captions=["a cat, sitting"], **{k: [v] for k, v in {**SETTINGS, **kw}.items()}
+        )
     picture = torch.rand(1, 512, 384, 3, generator=torch.Generator().manual_seed(0))
-    out = save(pack, adapter, "people/sks", title="Sks cat", trigger_words="sks cat, photo of sks", save_to="loras",
-               author="Ada", license="CreativeML Open RAIL-M", thumbnail=picture)
+    out = save(
+        pack,
+        adapter,
+        "people/sks",
+        title="Sks cat",
+        trigger_words="sks cat, photo of sks",
+        save_to="loras",
+        author="Ada",
+        license="CreativeML Open RAIL-M",
+        thumbnail=picture,
+    )
     assert out["result"][0] == "loras/people/sks.safetensors" and out["ui"]["text"] == [
-        "saved models/loras/people/sks.safetensors"]
+        "saved models/loras/people/sks.safetensors"
+    ]
     path = loras_dir / "people" / "sks.safetensors"
     view = readers.lora_manager_view(path)
     assert view["trained_words"][:2] == ["sks cat", "photo of sks"] and view["class_tokens"] == "sks cat, photo of sks"
@@ -118,7 +128,6 @@ def test_a_file_from_waveft_train_loads_through_the_node(pack, tmp_path):
     is the tiny ComfyUI one in diffusers' layout: Load WaveFT applies every layer of its file to the ComfyUI model."""
     import comfy.sd
     import folder_paths
-
     from tiny_models import TWO_RES_UNET_CONFIG, make_checkpoint_state
 
     root = Path(__file__).resolve().parents[2]
@@ -126,13 +135,41 @@ def test_a_file_from_waveft_train_loads_through_the_node(pack, tmp_path):
     if not python.exists():
         pytest.skip("needs the project's .venv (./dev makes it) for diffusers and accelerate")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run([str(python), str(root / "tests" / "tiny_pipeline.py"), str(tmp_path), "--comfy-tiny"], check=True,
-                   env=env, timeout=600, capture_output=True)
+    subprocess.run(
+        [str(python), str(root / "tests" / "tiny_pipeline.py"), str(tmp_path), "--comfy-tiny"],
+        check=True,
+        env=env,
+        timeout=600,
+        capture_output=True,
+    )
     out = tmp_path / "waveft" / "trained.safetensors"
-    run = subprocess.run([str(python), "-m", "waveft_core", "train", "--base", str(tmp_path / "pipe"), "--data",
-                          str(tmp_path / "data"), "--output", str(out), "--steps", "2", "--mixed-precision", "no",
-                          "--learning-rate", "1e-3", "--coefficients", "300"], cwd=root, env=env, timeout=900,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "waveft_core",
+            "train",
+            "--base",
+            str(tmp_path / "pipe"),
+            "--data",
+            str(tmp_path / "data"),
+            "--output",
+            str(out),
+            "--steps",
+            "2",
+            "--mixed-precision",
+            "no",
+            "--learning-rate",
+            "1e-3",
+            "--coefficients",
+            "300",
+        ],
+        cwd=root,
+        env=env,
+        timeout=900,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     adapter = wft.load(out)
     assert len(adapter.layers) == 48
@@ -141,8 +178,9 @@ def test_a_file_from_waveft_train_loads_through_the_node(pack, tmp_path):
     folder_paths.filename_list_cache.clear()
     try:
         with torch.inference_mode():
-            model, clip, _, _ = comfy.sd.load_state_dict_guess_config(make_checkpoint_state(
-                unet_config=TWO_RES_UNET_CONFIG))
+            model, clip, _, _ = comfy.sd.load_state_dict_guess_config(
+                make_checkpoint_state(unet_config=TWO_RES_UNET_CONFIG)
+            )
         result = pack.nodes.loader.WaveFTLoader().load(model, clip, "trained.safetensors", 1.0, 1.0)
     finally:
         folder_paths.folder_names_and_paths["waveft"] = (paths, exts)

@@ -4,6 +4,7 @@ between Load WaveFT and the sampler, and filename prefixes that name the output 
 The server gets one extra, test-only node pack: a gate that holds a MODEL until the test says go (so a file
 can be rewritten after the loader ran and before the sampler patches), and a node that hands Save WaveFT an
 adapter read from a path (Save WaveFT otherwise needs a training run)."""
+
 import json
 import os
 
@@ -15,7 +16,7 @@ from test_server_e2e import txt2img
 
 import waveft_core as wft
 
-GATE_PACK = '''
+GATE_PACK = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 
@@ -51,7 +52,7 @@ class HostileAdapterFromPath:
         return (waveft_core.load(path),)
 
 NODE_CLASS_MAPPINGS = {{"HostileGate": HostileGate, "HostileAdapterFromPath": HostileAdapterFromPath}}
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -146,23 +147,56 @@ def test_adapter_rewritten_in_place_between_load_and_sampler(hostile, tmp_path):
 
 def _prefix_graphs(prefix, base):
     return {
-        "WaveFT to LoRA": {"1": {"class_type": "WaveFTToLoRA", "inputs": {
-            "waveft_name": "victim.safetensors", "rank": 2, "filename_prefix": prefix}}},
-        "LoRA to WaveFT": {"1": {"class_type": "WaveFTFromLoRA", "inputs": {
-            "lora_name": "tiny_lora.safetensors", "n_coefficients": 16, "wavelet": "db1", "filename_prefix": prefix}}},
-        "Merge": {"1": {"class_type": "WaveFTMergeCheckpoint", "inputs": {
-            "ckpt_name": "tiny.safetensors", "waveft_name": "victim.safetensors", "strength": 0.5,
-            "filename_prefix": prefix}}},
+        "WaveFT to LoRA": {
+            "1": {
+                "class_type": "WaveFTToLoRA",
+                "inputs": {"waveft_name": "victim.safetensors", "rank": 2, "filename_prefix": prefix},
+            }
+        },
+        "LoRA to WaveFT": {
+            "1": {
+                "class_type": "WaveFTFromLoRA",
+                "inputs": {
+                    "lora_name": "tiny_lora.safetensors",
+                    "n_coefficients": 16,
+                    "wavelet": "db1",
+                    "filename_prefix": prefix,
+                },
+            }
+        },
+        "Merge": {
+            "1": {
+                "class_type": "WaveFTMergeCheckpoint",
+                "inputs": {
+                    "ckpt_name": "tiny.safetensors",
+                    "waveft_name": "victim.safetensors",
+                    "strength": 0.5,
+                    "filename_prefix": prefix,
+                },
+            }
+        },
         "Save WaveFT": {
             "1": {"class_type": "HostileAdapterFromPath", "inputs": {"path": str(base / "adapter.safetensors")}},
-            "2": {"class_type": "WaveFTSave", "inputs": {"waveft": ["1", 0], "filename_prefix": prefix, "title": "",
-                                                         "trigger_words": "", "description": ""}}},
+            "2": {
+                "class_type": "WaveFTSave",
+                "inputs": {
+                    "waveft": ["1", 0],
+                    "filename_prefix": prefix,
+                    "title": "",
+                    "trigger_words": "",
+                    "description": "",
+                },
+            },
+        },
     }
 
 
 def _files(base):
-    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and "custom_nodes" not in p.parts
-                  and "output" not in p.parts and p.suffix == ".safetensors")
+    return sorted(
+        str(p.relative_to(base))
+        for p in base.rglob("*")
+        if p.is_file() and "custom_nodes" not in p.parts and "output" not in p.parts and p.suffix == ".safetensors"
+    )
 
 
 @pytest.mark.parametrize("prefix", [".", "./", "sub/..", " . ", "a/", "sub/../.."])
@@ -183,8 +217,11 @@ def test_plain_prefixes_still_write_inside_the_folder(hostile):
         hist = hostile.run(graph)
         assert hist["status"]["status_str"] == "success", (node, json.dumps(hist["status"])[:1500])
     new = set(_files(hostile.base)) - before
-    assert {os.path.dirname(p) for p in new} == {"models/loras/hostile_ok", "models/waveft/hostile_ok",
-                                                 "models/checkpoints/hostile_ok"}, new
+    assert {os.path.dirname(p) for p in new} == {
+        "models/loras/hostile_ok",
+        "models/waveft/hostile_ok",
+        "models/checkpoints/hostile_ok",
+    }, new
     assert len(new) == 4, new
 
 
@@ -199,16 +236,19 @@ def _layer(shape, seed=0, p=200):
     from waveft_core.peft_io import peft_positions
 
     g = torch.Generator().manual_seed(seed)
-    return wft.Layer(spectrum=torch.randn(p, generator=g) * 1e-3, indices=peft_positions(shape, p, 777), shape=shape,
-                     wavelet="db2")
+    return wft.Layer(
+        spectrum=torch.randn(p, generator=g) * 1e-3, indices=peft_positions(shape, p, 777), shape=shape, wavelet="db2"
+    )
 
 
 def test_one_weight_under_two_spellings_is_refused_naming_both(pack, sd15, waveft_dir):
     model, clip, _ = sd15
     shape = tuple(model.model.state_dict()[f"diffusion_model.{Q}.weight"].shape)
     kohya = "lora_unet_" + Q.replace(".", "_")
-    wft.save(wft.Adapter(layers={f"diffusion_model.{Q}": _layer(shape, 1), kohya: _layer(shape, 2)}),
-             waveft_dir / "twice.safetensors")
+    wft.save(
+        wft.Adapter(layers={f"diffusion_model.{Q}": _layer(shape, 1), kohya: _layer(shape, 2)}),
+        waveft_dir / "twice.safetensors",
+    )
     with pytest.raises(ValueError) as e:
         pack.nodes.loader.WaveFTLoader().load(model, clip, "twice.safetensors", 1.0, 1.0)
     msg = str(e.value)
@@ -231,8 +271,10 @@ def test_layer_names_from_a_file_reach_the_log_escaped(pack, sd15, waveft_dir, c
     model, clip, _ = sd15
     shape = tuple(model.model.state_dict()[f"diffusion_model.{Q}.weight"].shape)
     evil = "diffusion_model.nowhere\x1b]0;pwned\x07\x1b[2J"
-    wft.save(wft.Adapter(layers={f"diffusion_model.{Q}": _layer(shape), evil: _layer((8, 8), p=4)}),
-             waveft_dir / "evil.safetensors")
+    wft.save(
+        wft.Adapter(layers={f"diffusion_model.{Q}": _layer(shape), evil: _layer((8, 8), p=4)}),
+        waveft_dir / "evil.safetensors",
+    )
     with caplog.at_level(logging.INFO, logger="ComfyUI-WaveFT"):
         pack.nodes.loader.WaveFTLoader().load(model, clip, "evil.safetensors", 1.0, 1.0)
     logged = "\n".join(r.getMessage() for r in caplog.records)

@@ -5,6 +5,7 @@ recovered exactly or refused; a WaveFT file the stock loader cannot apply fails 
 The Anima files are fixtures saved by their own module (tests/fixtures/kohya/README.md); ComfyUI 0.8 has no
 Anima, so there the same layout is written for the tiny SD1.5 model by `kohya_layout` below (their save,
 restated: (row, col) positions cast to the save precision with the seed, use_idwt and family code)."""
+
 import shutil
 
 import pytest
@@ -15,15 +16,43 @@ from safetensors.torch import load_file, save_file
 
 FIX = ROOT / "tests" / "fixtures" / "kohya"
 # ComfyUI 0.33's Anima (comfy/ldm/cosmos/predict2.py + anima) at the fixtures' sizes: x 6, context 7, MLP 4099.
-ANIMA = dict(image_model="anima", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16, out_channels=16,
-             patch_spatial=2, patch_temporal=1, model_channels=6, concat_padding_mask=True, crossattn_emb_channels=7,
-             pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30,
-             use_adaln_lora=True, adaln_lora_dim=4, num_blocks=1, num_heads=2, mlp_ratio=683.17,
-             extra_per_block_abs_pos_emb=False, rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0,
-             rope_t_extrapolation_ratio=1.0, extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0,
-             extra_t_extrapolation_ratio=1.0)
-CASES = ["kohya_anima_fp32", "kohya_anima_fp32_noidwt", "kohya_anima_fp16", "kohya_anima_bf16",
-         "kohya_anima_fp32_comfy"]
+ANIMA = dict(
+    image_model="anima",
+    max_img_h=240,
+    max_img_w=240,
+    max_frames=128,
+    in_channels=16,
+    out_channels=16,
+    patch_spatial=2,
+    patch_temporal=1,
+    model_channels=6,
+    concat_padding_mask=True,
+    crossattn_emb_channels=7,
+    pos_emb_cls="rope3d",
+    pos_emb_learnable=True,
+    pos_emb_interpolation="crop",
+    min_fps=1,
+    max_fps=30,
+    use_adaln_lora=True,
+    adaln_lora_dim=4,
+    num_blocks=1,
+    num_heads=2,
+    mlp_ratio=683.17,
+    extra_per_block_abs_pos_emb=False,
+    rope_h_extrapolation_ratio=4.0,
+    rope_w_extrapolation_ratio=4.0,
+    rope_t_extrapolation_ratio=1.0,
+    extra_h_extrapolation_ratio=1.0,
+    extra_w_extrapolation_ratio=1.0,
+    extra_t_extrapolation_ratio=1.0,
+)
+CASES = [
+    "kohya_anima_fp32",
+    "kohya_anima_fp32_noidwt",
+    "kohya_anima_fp16",
+    "kohya_anima_bf16",
+    "kohya_anima_fp32_comfy",
+]
 
 
 def _base():
@@ -31,7 +60,7 @@ def _base():
 
 
 def _unet_keys():
-    return ["diffusion_model." + k[len("unet."):] for k in _base() if k.startswith("unet.")]
+    return ["diffusion_model." + k[len("unet.") :] for k in _base() if k.startswith("unet.")]
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +77,23 @@ def anima(pack):
         sd = model.diffusion_model.state_dict()
         for key, value in base.items():
             if key.startswith("unet."):
-                sd[key[len("unet."):]].copy_(value)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+                sd[key[len("unet.") :]].copy_(value)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 # their text encoder's modules inside ComfyUI 0.33's Anima text encoder (comfy/text_encoders/anima.py)
 TE_IN_CLIP = "qwen3_06b.transformer.model."
 # (base file prefix, weight key prefix, kohya prefix, prefix after their convert_anima_lora_to_comfy.py)
-PARTS = {"unet": ("unet.", "diffusion_model.", "lora_unet_", "diffusion_model."),
-         "te": ("te.", TE_IN_CLIP, "lora_te_", "text_encoders." + TE_IN_CLIP)}
+PARTS = {
+    "unet": ("unet.", "diffusion_model.", "lora_unet_", "diffusion_model."),
+    "te": ("te.", TE_IN_CLIP, "lora_te_", "text_encoders." + TE_IN_CLIP),
+}
 
 
 def _te_keys():
-    return [TE_IN_CLIP + k[len("te."):] for k in _base() if k.startswith("te.")]
+    return [TE_IN_CLIP + k[len("te.") :] for k in _base() if k.startswith("te.")]
 
 
 def _expected(stem, part="unet"):
@@ -73,15 +105,21 @@ def _expected(stem, part="unet"):
     base = _base()
     base_prefix, key_prefix, kohya_prefix, converted_prefix = PARTS[part]
     out = {}
-    for key in (_unet_keys() if part == "unet" else _te_keys()):
-        module = key[len(key_prefix):-len(".weight")]
+    for key in _unet_keys() if part == "unet" else _te_keys():
+        module = key[len(key_prefix) : -len(".weight")]
         name = kohya_prefix + module.replace(".", "_")
         mine = name if f"{name}.waveft_spectrum" in stored else converted_prefix + module
         rows, cols = exact[f"{name}.waveft_indices"].to(torch.int64)
         weight = base[base_prefix + module + ".weight"].double()
         n = weight.shape[1]
-        delta = reference_delta(rows * n + cols, stored[f"{mine}.waveft_spectrum"].double(), tuple(weight.shape),
-                                "db1", float(stored[f"{mine}.waveft_scaling"]), bool(stored[f"{mine}.waveft_use_idwt"]))
+        delta = reference_delta(
+            rows * n + cols,
+            stored[f"{mine}.waveft_spectrum"].double(),
+            tuple(weight.shape),
+            "db1",
+            float(stored[f"{mine}.waveft_scaling"]),
+            bool(stored[f"{mine}.waveft_use_idwt"]),
+        )
         out[key] = weight + torch.as_tensor(delta)
     return out
 
@@ -99,17 +137,27 @@ def anima_clip():
     head_dim = config.head_dim  # a class constant of the config, not one of its fields
     config.head_dim = 3
     try:
-        clip = comfy.sd.CLIP(target=ClipTarget(comfy.text_encoders.anima.AnimaTokenizer, comfy.text_encoders.anima.te()),
-                             model_options={"qwen3_06b_model_config": dict(
-                                 hidden_size=6, intermediate_size=9, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=2, vocab_size=32), "dtype": torch.float32})
+        clip = comfy.sd.CLIP(
+            target=ClipTarget(comfy.text_encoders.anima.AnimaTokenizer, comfy.text_encoders.anima.te()),
+            model_options={
+                "qwen3_06b_model_config": dict(
+                    hidden_size=6,
+                    intermediate_size=9,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    num_key_value_heads=2,
+                    vocab_size=32,
+                ),
+                "dtype": torch.float32,
+            },
+        )
     finally:
         config.head_dim = head_dim
     sd = clip.cond_stage_model.state_dict()
     with torch.no_grad():
         for key, value in _base().items():
             if key.startswith("te."):
-                sd[TE_IN_CLIP + key[len("te."):]].copy_(value)
+                sd[TE_IN_CLIP + key[len("te.") :]].copy_(value)
     return clip
 
 
@@ -132,13 +180,14 @@ def test_their_files_apply_exactly_through_load_waveft_and_the_stock_loader(pack
     if stem in ("kohya_anima_fp16", "kohya_anima_bf16"):
         assert "recovered from seed 777" in report
     node = patched_weights(out["result"][0], keys)
-    stock = patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(anima, f"{stem}.safetensors", 1.0)[0],
-                            keys)
+    stock = patched_weights(
+        nodes.LoraLoaderModelOnly().load_lora_model_only(anima, f"{stem}.safetensors", 1.0)[0], keys
+    )
     assert _max_diff(node, want) < 1e-6
     assert _max_diff(stock, want) < 1e-6
     if stem in ("kohya_anima_fp32", "kohya_anima_fp32_noidwt"):  # their own merge of the same file
         theirs = load_file(str(FIX / f"{stem}.their_merge.safetensors"))
-        assert _max_diff(node, {k: theirs["unet." + k[len("diffusion_model."):]] for k in keys}) < 1e-6
+        assert _max_diff(node, {k: theirs["unet." + k[len("diffusion_model.") :]] for k in keys}) < 1e-6
 
 
 @pytest.mark.host_feature("anima")
@@ -155,7 +204,7 @@ def test_their_text_encoder_layers_apply_exactly_through_load_lora(pack, anima, 
     assert _max_diff(patched_weights(model, _unet_keys()), _expected(stem)) < 1e-6
     if stem == "kohya_anima_fp32":  # their own merge of the same file
         theirs = load_file(str(FIX / f"{stem}.their_merge.safetensors"))
-        assert _max_diff(te, {k: theirs["te." + k[len(TE_IN_CLIP):]] for k in te}) < 1e-6
+        assert _max_diff(te, {k: theirs["te." + k[len(TE_IN_CLIP) :]] for k in te}) < 1e-6
 
 
 def _lost_fp16(path):
@@ -171,8 +220,11 @@ def _lost_fp16(path):
             break
     t[key] = t[key].clone()
     t[key][0, big] = candidate
-    save_file(t, str(path), metadata={"ss_network_args": '{"waveft_use_idwt": "true"}',
-                                      "ss_network_module": "networks.waveft_anima"})
+    save_file(
+        t,
+        str(path),
+        metadata={"ss_network_args": '{"waveft_use_idwt": "true"}', "ss_network_module": "networks.waveft_anima"},
+    )
 
 
 @pytest.mark.host_feature("anima")
@@ -205,8 +257,10 @@ def test_info_node_describes_their_file(pack, anima, waveft_dir):
 
 # --- both hosts: the layout on the tiny SD1.5, and the v1 file without its settings tensors -------------
 
-SD15_LAYERS = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": 300,
-               "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2": 500}
+SD15_LAYERS = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": 300,
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2": 500,
+}
 
 
 def kohya_layout(shapes, counts, dtype=torch.float32, seed=777, scaling=25.0, use_idwt=True):
@@ -217,11 +271,15 @@ def kohya_layout(shapes, counts, dtype=torch.float32, seed=777, scaling=25.0, us
     for name, (m, n) in shapes.items():
         p = counts[name]
         flat = torch.randperm(m * n, generator=torch.Generator().manual_seed(seed))[:p]
-        for suffix, value in {"waveft_spectrum": torch.randn(p, generator=g) * 0.01,
-                              "waveft_indices": torch.stack((flat // n, flat % n)),
-                              "waveft_scaling": torch.tensor(scaling), "waveft_random_loc_seed": torch.tensor(seed),
-                              "waveft_use_idwt": torch.tensor(use_idwt), "waveft_family_code": torch.tensor(1),
-                              "alpha": torch.tensor(float(p))}.items():
+        for suffix, value in {
+            "waveft_spectrum": torch.randn(p, generator=g) * 0.01,
+            "waveft_indices": torch.stack((flat // n, flat % n)),
+            "waveft_scaling": torch.tensor(scaling),
+            "waveft_random_loc_seed": torch.tensor(seed),
+            "waveft_use_idwt": torch.tensor(use_idwt),
+            "waveft_family_code": torch.tensor(1),
+            "alpha": torch.tensor(float(p)),
+        }.items():
             out[f"{name}.{suffix}"] = value.to(dtype)
     return out
 
@@ -242,13 +300,15 @@ def test_the_layout_applies_exactly_on_sd15_through_both_loaders(pack, sd15, wav
     out = pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "k.safetensors", 0.7)
     assert "2 of 2 layers matched" in out["ui"]["text"][0]
     node = patched_weights(out["result"][0], list(keys.values()))
-    stock = patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(model, "k.safetensors", 0.7)[0],
-                            list(keys.values()))
+    stock = patched_weights(
+        nodes.LoraLoaderModelOnly().load_lora_model_only(model, "k.safetensors", 0.7)[0], list(keys.values())
+    )
     for name, key in keys.items():
         rows, cols = tensors[f"{name}.waveft_indices"].to(torch.int64)
         m, n = shapes[name]
-        want = sd[key].double() + 0.7 * torch.as_tensor(reference_delta(
-            rows * n + cols, tensors[f"{name}.waveft_spectrum"].double(), (m, n), "db1", 25.0))
+        want = sd[key].double() + 0.7 * torch.as_tensor(
+            reference_delta(rows * n + cols, tensors[f"{name}.waveft_spectrum"].double(), (m, n), "db1", 25.0)
+        )
         assert float((node[key].double() - want).abs().max()) < 1e-6
         assert float((stock[key].double() - want).abs().max()) < 1e-6
 
@@ -276,33 +336,44 @@ def test_stock_loader_fails_on_a_v1_file_without_settings_tensors(pack, sd15, lo
     assert "old.safetensors" in msg and "Load WaveFT" in msg and "settings tensors" in msg
 
 
-def test_a_format_2_file_with_several_wavelets_applies_per_layer_through_both_loaders(pack, sd15, waveft_dir,
-                                                                                     loras_dir):
+def test_a_format_2_file_with_several_wavelets_applies_per_layer_through_both_loaders(
+    pack, sd15, waveft_dir, loras_dir
+):
     """Each layer's own wavelet and use_idwt (FORMAT.md format 2) reach the stock loader's adapter too."""
     import nodes
-
     import waveft_core as wft
     from waveft_core.peft_io import peft_positions
 
     model, _, _ = sd15
     sd = model.model.state_dict()
-    chosen = {"diffusion_model.middle_block.1.proj_in": ("db1", True),
-              "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q": ("db4", True),
-              "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.2": ("sym3", False)}
+    chosen = {
+        "diffusion_model.middle_block.1.proj_in": ("db1", True),
+        "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q": ("db4", True),
+        "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.2": ("sym3", False),
+    }
     layers = {}
     for i, (name, (wavelet, use_idwt)) in enumerate(chosen.items()):
         shape = tuple(sd[name + ".weight"].shape)
-        layers[name] = wft.Layer(spectrum=torch.randn(40, generator=torch.Generator().manual_seed(i)) * 0.01,
-                                 indices=peft_positions(shape, 40), shape=shape, wavelet=wavelet, use_idwt=use_idwt)
+        layers[name] = wft.Layer(
+            spectrum=torch.randn(40, generator=torch.Generator().manual_seed(i)) * 0.01,
+            indices=peft_positions(shape, 40),
+            shape=shape,
+            wavelet=wavelet,
+            use_idwt=use_idwt,
+        )
     wft.save(wft.Adapter(layers), waveft_dir / "mixed.safetensors")
     shutil.copy(waveft_dir / "mixed.safetensors", loras_dir / "mixed.safetensors")
     keys = [n + ".weight" for n in chosen]
-    node = patched_weights(pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "mixed.safetensors", 1.0)["result"][0],
-                           keys)
+    node = patched_weights(
+        pack.nodes.loader.WaveFTLoaderModelOnly().load(model, "mixed.safetensors", 1.0)["result"][0], keys
+    )
     stock = patched_weights(nodes.LoraLoaderModelOnly().load_lora_model_only(model, "mixed.safetensors", 1.0)[0], keys)
     for name, layer in layers.items():
-        want = sd[name + ".weight"].double() + torch.as_tensor(reference_delta(
-            layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, layer.scaling, layer.use_idwt))
+        want = sd[name + ".weight"].double() + torch.as_tensor(
+            reference_delta(
+                layer.indices, layer.spectrum.double(), layer.shape, layer.wavelet, layer.scaling, layer.use_idwt
+            )
+        )
         assert float((node[name + ".weight"].double() - want).abs().max()) < 1e-6, name
         assert float((stock[name + ".weight"].double() - want).abs().max()) < 1e-6, name
 
@@ -349,8 +420,10 @@ def test_stock_loader_fails_on_spectra_without_positions(pack, sd15, loras_dir):
     import nodes
 
     model, _, _ = sd15
-    save_file({"diffusion_model.middle_block.1.proj_in.waveft_spectrum": torch.randn(30)},
-              str(loras_dir / "spectra.safetensors"))
+    save_file(
+        {"diffusion_model.middle_block.1.proj_in.waveft_spectrum": torch.randn(30)},
+        str(loras_dir / "spectra.safetensors"),
+    )
     with pytest.raises(ValueError) as e:
         nodes.LoraLoaderModelOnly().load_lora_model_only(model, "spectra.safetensors", 1.0)
     msg = str(e.value)
@@ -359,12 +432,17 @@ def test_stock_loader_fails_on_spectra_without_positions(pack, sd15, loras_dir):
 
 # --- both hosts: WaveFT layers the stock loader's key map cannot place fail the node -------------------
 
+
 def _native_layer(shape, count=20, seed=0):
     import waveft_core as wft
     from waveft_core.peft_io import peft_positions
 
-    return wft.Layer(spectrum=torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.01,
-                     indices=peft_positions(shape, count), shape=shape, wavelet="db1")
+    return wft.Layer(
+        spectrum=torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.01,
+        indices=peft_positions(shape, count),
+        shape=shape,
+        wavelet="db1",
+    )
 
 
 def test_stock_loaders_fail_on_waveft_layers_the_model_lacks(pack, sd15, loras_dir):
@@ -375,8 +453,10 @@ def test_stock_loaders_fail_on_waveft_layers_the_model_lacks(pack, sd15, loras_d
     model, clip, _ = sd15
     name = "diffusion_model.middle_block.1.proj_in"
     shape = tuple(model.model.state_dict()[name + ".weight"].shape)
-    kohya = kohya_layout({f"lora_unet_no_such_block_{i}": shape[:2] for i in range(7)},
-                         {f"lora_unet_no_such_block_{i}": 20 for i in range(7)})
+    kohya = kohya_layout(
+        {f"lora_unet_no_such_block_{i}": shape[:2] for i in range(7)},
+        {f"lora_unet_no_such_block_{i}": 20 for i in range(7)},
+    )
     save_file(kohya, str(loras_dir / "elsewhere.safetensors"), metadata={"ss_base_model_version": "anima"})
     with pytest.raises(ValueError) as e:
         nodes.LoraLoaderModelOnly().load_lora_model_only(model, "elsewhere.safetensors", 1.0)
@@ -389,20 +469,25 @@ def test_stock_loaders_fail_on_waveft_layers_the_model_lacks(pack, sd15, loras_d
     import waveft_core as wft
 
     te_name = "lora_te_text_model_encoder_layers_99_self_attn_q_proj"
-    wft.save(wft.Adapter({name: _native_layer(shape), te_name: _native_layer((32, 32), seed=1)}),
-             loras_dir / "te_missing.safetensors")
+    wft.save(
+        wft.Adapter({name: _native_layer(shape), te_name: _native_layer((32, 32), seed=1)}),
+        loras_dir / "te_missing.safetensors",
+    )
     with pytest.raises(ValueError) as e:
         nodes.LoraLoader().load_lora(model, clip, "te_missing.safetensors", 1.0, 1.0)
-    assert "te_missing.safetensors" in str(e.value) and f"no weight for 1 of its 2 WaveFT layers ({te_name})" in \
-        str(e.value)
+    assert "te_missing.safetensors" in str(e.value) and f"no weight for 1 of its 2 WaveFT layers ({te_name})" in str(
+        e.value
+    )
     # … while a model-only loader leaves text-encoder layers out by choice, and applies the model's layer
     patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "te_missing.safetensors", 1.0)[0]
     assert set(patched.patches) == {name + ".weight"}
     # a file of text-encoder layers only would change nothing there: that fails, and Load LoRA applies it
     te_known = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     te_key = pack.nodes.host.key_map(None, clip)[te_known]
-    wft.save(wft.Adapter({te_known: _native_layer(tuple(clip.cond_stage_model.state_dict()[te_key].shape))}),
-             loras_dir / "te_only.safetensors")
+    wft.save(
+        wft.Adapter({te_known: _native_layer(tuple(clip.cond_stage_model.state_dict()[te_key].shape))}),
+        loras_dir / "te_only.safetensors",
+    )
     with pytest.raises(ValueError) as e:
         nodes.LoraLoaderModelOnly().load_lora_model_only(model, "te_only.safetensors", 1.0)
     assert "te_only.safetensors" in str(e.value) and "all 1 WaveFT layers" in str(e.value) and "CLIP" in str(e.value)
@@ -429,10 +514,12 @@ def test_lora_files_pass_the_guard_untouched(pack, sd15, loras_dir, caplog, monk
     model, clip, _ = sd15
     key = "diffusion_model.middle_block.1.proj_in.weight"
     out_features, in_features = model.model.state_dict()[key].shape[:2]
-    lora = {"lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(out_features, 2),
-            "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.randn(2, in_features),
-            "lora_unet_no_such_block.lora_up.weight": torch.randn(4, 2),
-            "lora_unet_no_such_block.lora_down.weight": torch.randn(2, 4)}
+    lora = {
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(out_features, 2),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.randn(2, in_features),
+        "lora_unet_no_such_block.lora_up.weight": torch.randn(4, 2),
+        "lora_unet_no_such_block.lora_down.weight": torch.randn(2, 4),
+    }
     save_file(lora, str(loras_dir / "plain_lora.safetensors"))
     with caplog.at_level(logging.WARNING):
         patched = nodes.LoraLoader().load_lora(model, clip, "plain_lora.safetensors", 0.5, 1.0)[0]

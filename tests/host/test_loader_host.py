@@ -1,15 +1,15 @@
 """Load WaveFT in a real ComfyUI, in-process: the host's ModelPatcher on the full-load and lowvram paths,
 sliced keys, the stock LoRA loader, key maps, errors."""
+
 import os
 
 import pytest
 import torch
+from host_tools import patched_weights
+from reference import reference_delta, rel_err
 
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
-
-from host_tools import patched_weights
-from reference import reference_delta, rel_err
 
 UNET_LAYERS = {  # native name -> how many coefficients
     "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": 2592,
@@ -28,7 +28,7 @@ def state_key(native):
     """ComfyUI state-dict key of a native module name (model or CLIP)."""
     if native.startswith("diffusion_model."):
         return native + ".weight"
-    return native[len("text_encoders."):] + ".weight"
+    return native[len("text_encoders.") :] + ".weight"
 
 
 def make_adapter(model, clip, wavelet="db2", layers=None, seed=0, base="sd_v1"):
@@ -41,8 +41,13 @@ def make_adapter(model, clip, wavelet="db2", layers=None, seed=0, base="sd_v1"):
         key = state_key(name)
         shape = tuple((msd if name.startswith("diffusion_model.") else csd)[key].shape)
         std = float((msd if name.startswith("diffusion_model.") else csd)[key].float().std())
-        out[name] = wft.Layer(spectrum=torch.randn(p, generator=g) * std * 0.02, indices=peft_positions(shape, p, 777),
-                              shape=shape, scaling=25.0, wavelet=wavelet)
+        out[name] = wft.Layer(
+            spectrum=torch.randn(p, generator=g) * std * 0.02,
+            indices=peft_positions(shape, p, 777),
+            shape=shape,
+            scaling=25.0,
+            wavelet=wavelet,
+        )
     return wft.Adapter(layers=out, metadata={"ss_base_model_version": base, "modelspec.title": "test"})
 
 
@@ -53,6 +58,7 @@ def clip_patched_weights(clip, keys):
 def test_pack_registers_nodes_folder_and_adapter_once(pack):
     import comfy.weight_adapter as wa
     import folder_paths
+
     import nodes
 
     ours = [n for n in nodes.NODE_CLASS_MAPPINGS if n.startswith("WaveFT")]
@@ -84,17 +90,19 @@ def test_full_load_adds_exactly_strength_times_delta(pack, sd15, waveft_dir, wav
     cbefore = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items() if k in ckeys}
     after = patched_weights(new_model, ukeys)
     cafter = clip_patched_weights(new_clip, ckeys)
-    for name, strength, b, a in [(n, 0.8, before, after) for n in UNET_LAYERS] + \
-                                [(n, -0.5, cbefore, cafter) for n in CLIP_LAYERS]:
+    for name, strength, b, a in [(n, 0.8, before, after) for n in UNET_LAYERS] + [
+        (n, -0.5, cbefore, cafter) for n in CLIP_LAYERS
+    ]:
         layer = ad.layers[name]
-        ref = torch.from_numpy(reference_delta(layer.indices, layer.spectrum.double(), layer.shape, wavelet,
-                                               strength * 25.0))
+        ref = torch.from_numpy(
+            reference_delta(layer.indices, layer.spectrum.double(), layer.shape, wavelet, strength * 25.0)
+        )
         k = state_key(name)
         if b[k].dtype == torch.float32:
             assert rel_err(a[k] - b[k].float(), ref) < 1e-5, name
         else:  # stored in fp16 (the CLIP here): ComfyUI computes in fp32 and rounds back once
             expect = (b[k].double() + ref).to(b[k].dtype).float()
-            torch.testing.assert_close(a[k], expect, rtol=2 ** -10, atol=1e-7)
+            torch.testing.assert_close(a[k], expect, rtol=2**-10, atol=1e-7)
             assert rel_err(a[k] - b[k].float(), ref) < 2e-2, name
     # the input model is untouched and unpatched weights stay the same
     assert torch.equal(model.model.state_dict()[ukeys[0]], before[ukeys[0]])
@@ -153,13 +161,17 @@ def test_sliced_keys_update_only_their_slice(pack):
 
     hidden = 24
     fused = torch.randn(3 * hidden, hidden)
-    layer = wft.Layer(spectrum=torch.randn(50), indices=peft_positions((hidden, hidden), 50, 777),
-                      shape=(hidden, hidden), wavelet="db2")
+    layer = wft.Layer(
+        spectrum=torch.randn(50),
+        indices=peft_positions((hidden, hidden), 50, 777),
+        shape=(hidden, hidden),
+        wavelet="db2",
+    )
     adapter = pack.nodes.host.WaveFTAdapter.from_layer(layer)
     patches = [(0.7, adapter, 1.0, (0, hidden, hidden), None)]  # the k slice
     out = comfy.lora.calculate_weight(patches, fused.clone(), "x.qkv.weight")
-    assert torch.equal(out[:hidden], fused[:hidden]) and torch.equal(out[2 * hidden:], fused[2 * hidden:])
-    assert torch.allclose(out[hidden:2 * hidden], fused[hidden:2 * hidden] + layer.delta(strength=0.7), atol=1e-6)
+    assert torch.equal(out[:hidden], fused[:hidden]) and torch.equal(out[2 * hidden :], fused[2 * hidden :])
+    assert torch.allclose(out[hidden : 2 * hidden], fused[hidden : 2 * hidden] + layer.delta(strength=0.7), atol=1e-6)
 
 
 def test_delta_function_is_applied(pack):
@@ -189,8 +201,10 @@ def test_stock_lora_loader_understands_waveft_files(pack, sd15, waveft_dir):
     for k in keys:
         assert torch.equal(a[k], b[k]), k
     ck = [state_key(n) for n in CLIP_LAYERS]
-    assert all(torch.equal(x, y) for x, y in zip(clip_patched_weights(c_stock, ck).values(),
-                                                  clip_patched_weights(c_node, ck).values()))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(clip_patched_weights(c_stock, ck).values(), clip_patched_weights(c_node, ck).values())
+    )
 
 
 def test_stacks_with_loras_and_other_waveft(pack, sd15, waveft_dir):
@@ -209,10 +223,16 @@ def test_stacks_with_loras_and_other_waveft(pack, sd15, waveft_dir):
     up, down = torch.randn(w.shape[0], 2) * 0.01, torch.randn(2, w.shape[1]) * 0.01
     import comfy.sd
 
-    m3, _ = comfy.sd.load_lora_for_models(m2, None, {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
-                                                     ".lora_up.weight": up,
-                                                     "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
-                                                     ".lora_down.weight": down}, 1.0, 0.0)
+    m3, _ = comfy.sd.load_lora_for_models(
+        m2,
+        None,
+        {
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up,
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down,
+        },
+        1.0,
+        0.0,
+    )
     got = patched_weights(m3, [key])[key]
     expect = w + a1.layers[name].delta() - 0.5 * a2.layers[name].delta() + up @ down
     assert torch.allclose(got, expect, atol=1e-5)
@@ -231,12 +251,23 @@ def test_peft_folder_in_models_waveft(pack, sd15, waveft_dir):
     folder.mkdir()
     # this tiny UNet has one res block per level, so its diffusers names must come from the host's own map
     # (the fixed SD1.x/SDXL rule would say output_blocks.3 here)
-    spec = {"base_model.model.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v.waveft_spectrum":
-            torch.randn(300) * 0.001}
+    spec = {
+        "base_model.model.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v.waveft_spectrum": torch.randn(300)
+        * 0.001
+    }
     save_file(spec, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "WAVEFT", "n_frequency": 300, "scaling": 25.0, "wavelet_family": "db1",
-        "random_loc_seed": 777, "use_idwt": True}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "WAVEFT",
+                "n_frequency": 300,
+                "scaling": 25.0,
+                "wavelet_family": "db1",
+                "random_loc_seed": 777,
+                "use_idwt": True,
+            }
+        )
+    )
     assert "my_peft/" in pack.nodes.loader.list_adapters()
     out = pack.nodes.loader.WaveFTLoader().load(model, clip, "my_peft/", 1.0, 1.0)
     new_model = out["result"][0]
@@ -253,8 +284,14 @@ def test_errors_name_the_file_and_what_to_do(pack, sd15, waveft_dir):
     model, clip, _ = sd15
     loader = pack.nodes.loader.WaveFTLoader()
     # layers of another model
-    other = wft.Adapter(layers={"diffusion_model.joint_blocks.0.x_block.attn.qkv": wft.Layer(
-        spectrum=torch.ones(4), indices=torch.arange(4), shape=(96, 32))}, metadata={"ss_base_model_version": "sd3"})
+    other = wft.Adapter(
+        layers={
+            "diffusion_model.joint_blocks.0.x_block.attn.qkv": wft.Layer(
+                spectrum=torch.ones(4), indices=torch.arange(4), shape=(96, 32)
+            )
+        },
+        metadata={"ss_base_model_version": "sd3"},
+    )
     wft.save(other, waveft_dir / "sd3.safetensors")
     with pytest.raises(ValueError, match=r"sd3.safetensors: none of its 1 layers match.*made for sd3.*SD15"):
         loader.load(model, clip, "sd3.safetensors", 1.0, 1.0)
@@ -270,8 +307,9 @@ def test_errors_name_the_file_and_what_to_do(pack, sd15, waveft_dir):
         loader.load(model, clip, "broken.safetensors", 1.0, 1.0)
     # a partial match loads what matches and says how much
     part = make_adapter(model, clip, layers={"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": 10})
-    part.layers["diffusion_model.nowhere.to_q"] = wft.Layer(spectrum=torch.ones(2), indices=torch.arange(2),
-                                                            shape=(4, 4), wavelet="db2")
+    part.layers["diffusion_model.nowhere.to_q"] = wft.Layer(
+        spectrum=torch.ones(2), indices=torch.arange(2), shape=(4, 4), wavelet="db2"
+    )
     wft.save(part, waveft_dir / "part.safetensors")
     out = loader.load(model, clip, "part.safetensors", 1.0, 1.0)
     assert "1 of 2 layers matched" in out["ui"]["text"][0] and "1 did not match" in out["ui"]["text"][0]
@@ -294,8 +332,14 @@ def test_info_node_reports_metadata_and_matches(pack, sd15, waveft_dir):
     ad.metadata["modelspec.trigger_phrase"] = "sks cat"
     wft.save(ad, waveft_dir / "info.safetensors")
     text = pack.nodes.loader.WaveFTInfo().info("info.safetensors", model=model, clip=clip)["result"][0]
-    for words in ("layers: 7", "wavelet: db2", "scaling: 25", "base model: sd_v1", "trigger words: sks cat",
-                  "matches this model (SD15): 7 of 7 layers"):
+    for words in (
+        "layers: 7",
+        "wavelet: db2",
+        "scaling: 25",
+        "base model: sd_v1",
+        "trigger words: sks cat",
+        "matches this model (SD15): 7 of 7 layers",
+    ):
         assert words in text, text
 
 
@@ -322,14 +366,33 @@ def test_our_unet_names_agree_with_comfyui_for_sd15_and_sdxl():
     """waveft_core's fixed diffusers->LDM rule (used offline) against ComfyUI's own map for real configs."""
     import comfy.supported_models
     import comfy.utils
+
     from waveft_core.names import diffusers_unet_to_ldm
 
-    sd15 = dict(comfy.supported_models.SD15.unet_config, num_res_blocks=[2] * 4, channel_mult=[1, 2, 4, 4],
-                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
-                transformer_depth_middle=1, num_heads=8, num_head_channels=-1, in_channels=4, out_channels=4)
-    sdxl = dict(comfy.supported_models.SDXL.unet_config, num_res_blocks=[2] * 3, channel_mult=[1, 2, 4],
-                transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-                transformer_depth_middle=10, num_heads=-1, num_head_channels=64, in_channels=4, out_channels=4)
+    sd15 = dict(
+        comfy.supported_models.SD15.unet_config,
+        num_res_blocks=[2] * 4,
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        transformer_depth_output=[1] * 9 + [0] * 3,
+        transformer_depth_middle=1,
+        num_heads=8,
+        num_head_channels=-1,
+        in_channels=4,
+        out_channels=4,
+    )
+    sdxl = dict(
+        comfy.supported_models.SDXL.unet_config,
+        num_res_blocks=[2] * 3,
+        channel_mult=[1, 2, 4],
+        transformer_depth=[0, 0, 2, 2, 10, 10],
+        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+        transformer_depth_middle=10,
+        num_heads=-1,
+        num_head_channels=64,
+        in_channels=4,
+        out_channels=4,
+    )
     for config in (sd15, sdxl):
         checked = 0
         for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(config).items():
@@ -404,11 +467,23 @@ def test_host_tests_run_from_a_checkout_named_like_a_user_install(tmp_path):
 
     copy = tmp_path / "ComfyUI-WaveFT"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache"))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          "tests/host/test_loader_host.py::test_pack_registers_nodes_folder_and_adapter_once",
-                          "tests/host/test_loader_host.py::test_sliced_keys_update_only_their_slice"],
-                         cwd=copy, env={**os.environ, "COMFYUI_PATH": COMFY, "WAVEFT_REQUIRE_HOST": "1"},
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/host/test_loader_host.py::test_pack_registers_nodes_folder_and_adapter_once",
+            "tests/host/test_loader_host.py::test_sliced_keys_update_only_their_slice",
+        ],
+        cwd=copy,
+        env={**os.environ, "COMFYUI_PATH": COMFY, "WAVEFT_REQUIRE_HOST": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0 and "2 passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]
 
 
@@ -424,14 +499,26 @@ def test_a_diffusers_file_among_loras_loads_through_the_node(pack, sd15, tmp_pat
     model, clip, _ = sd15
     unet_name, te_name = "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v", "encoder.layers.0.self_attn.q_proj"
     g = torch.Generator().manual_seed(4)
-    spectra = {f"unet.{unet_name}.waveft_spectrum": torch.randn(300, generator=g) * 1e-3,
-               f"text_encoder.{te_name}.waveft_spectrum": torch.randn(200, generator=g) * 1e-2}
-    settings = {"unet.wavelet_family": "db2", "unet.scaling": 10.0, "unet.random_loc_seed": 5, "unet.use_idwt": True,
-                "text_encoder.wavelet_family": "db1", "text_encoder.scaling": 3.0, "text_encoder.random_loc_seed": 9}
+    spectra = {
+        f"unet.{unet_name}.waveft_spectrum": torch.randn(300, generator=g) * 1e-3,
+        f"text_encoder.{te_name}.waveft_spectrum": torch.randn(200, generator=g) * 1e-2,
+    }
+    settings = {
+        "unet.wavelet_family": "db2",
+        "unet.scaling": 10.0,
+        "unet.random_loc_seed": 5,
+        "unet.use_idwt": True,
+        "text_encoder.wavelet_family": "db1",
+        "text_encoder.scaling": 3.0,
+        "text_encoder.random_loc_seed": 9,
+    }
     loras = tmp_path / "loras"
     loras.mkdir()
-    save_file(spectra, str(loras / "from_diffusers.safetensors"),
-              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(settings)})
+    save_file(
+        spectra,
+        str(loras / "from_diffusers.safetensors"),
+        metadata={"format": "pt", "lora_adapter_metadata": json.dumps(settings)},
+    )
     paths, exts = folder_paths.folder_names_and_paths["loras"]
     folder_paths.folder_names_and_paths["loras"] = ([str(loras)], exts)
     folder_paths.filename_list_cache.clear()
@@ -449,10 +536,15 @@ def test_a_diffusers_file_among_loras_loads_through_the_node(pack, sd15, tmp_pat
     ckey = "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
     w = model.model.state_dict()[ukey]
     cw = clip.cond_stage_model.state_dict()[ckey]
-    ref = reference_delta(peft_positions(tuple(w.shape), 300, 5), spectra[f"unet.{unet_name}.waveft_spectrum"].double(),
-                          tuple(w.shape), "db2", 10.0)
+    ref = reference_delta(
+        peft_positions(tuple(w.shape), 300, 5),
+        spectra[f"unet.{unet_name}.waveft_spectrum"].double(),
+        tuple(w.shape),
+        "db2",
+        10.0,
+    )
     assert rel_err(patched_weights(new_model, [ukey])[ukey] - w.float(), torch.from_numpy(ref)) < 1e-5
     te_spectrum = spectra[f"text_encoder.{te_name}.waveft_spectrum"].double()
     cref = reference_delta(peft_positions(tuple(cw.shape), 200, 9), te_spectrum, tuple(cw.shape), "db1", 0.5 * 3.0)
     expect = (cw.double() + torch.from_numpy(cref)).to(cw.dtype).float()
-    torch.testing.assert_close(clip_patched_weights(new_clip, [ckey])[ckey], expect, rtol=2 ** -10, atol=1e-7)
+    torch.testing.assert_close(clip_patched_weights(new_clip, [ckey])[ckey], expect, rtol=2**-10, atol=1e-7)

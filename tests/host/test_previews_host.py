@@ -1,13 +1,29 @@
 """Sample previews in Train WaveFT (nodes/previews.py), in-process on the tiny SD1.5: every N steps one image is
 sampled with the adapter as trained so far and shown as the node's progress preview; the IMAGE output holds them
 in order; the run's coefficients and losses are exactly those of a run without previews."""
+
 import pytest
 import torch
 
-SETTINGS = dict(steps=5, learning_rate=2e-3, batch_size=1, grad_accumulation_steps=1, n_coefficients=300,
-                scaling=25.0, wavelet="db1", targets="attention q/k/v/out", seed=3, optimizer="AdamW",
-                lr_schedule="constant", warmup_steps=0, training_dtype="fp32", gradient_checkpointing=False,
-                save_every_n_steps=0, filename_prefix="p", resume_from="none")
+SETTINGS = dict(
+    steps=5,
+    learning_rate=2e-3,
+    batch_size=1,
+    grad_accumulation_steps=1,
+    n_coefficients=300,
+    scaling=25.0,
+    wavelet="db1",
+    targets="attention q/k/v/out",
+    seed=3,
+    optimizer="AdamW",
+    lr_schedule="constant",
+    warmup_steps=0,
+    training_dtype="fp32",
+    gradient_checkpointing=False,
+    save_every_n_steps=0,
+    filename_prefix="p",
+    resume_from="none",
+)
 PREVIEW = dict(preview_every_n_steps=2, preview_width=64, preview_height=64, preview_steps=2, preview_cfg=4.0)
 
 
@@ -47,8 +63,9 @@ def test_previews_show_progress_and_never_change_the_run(pack, sd15, data, wavef
     old = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: shown.append((value, preview)))
     try:
-        _, adapter, losses, steps, images = train(pack, model, latent, cond, preview_vae=vae, preview_positive=cond,
-                                                  preview_negative=negative, **PREVIEW)
+        _, adapter, losses, steps, images = train(
+            pack, model, latent, cond, preview_vae=vae, preview_positive=cond, preview_negative=negative, **PREVIEW
+        )
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
     assert steps == 5

@@ -3,6 +3,7 @@
 A txt2img graph through 'Load WaveFT' on the tiny SD1.5 checkpoint must give the same image (within fp16
 rounding) as a checkpoint with the same deltas merged offline, and a visibly different one from no
 adapter. Bad input must come back as a node error while the server keeps running."""
+
 import json
 
 import numpy as np
@@ -14,15 +15,35 @@ def txt2img(ckpt, prefix, waveft=None, strength=0.8, seed=42):
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "seed": seed, "steps": 4, "cfg": 5.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": seed,
+                "steps": 4,
+                "cfg": 5.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     }
     if waveft:
-        g["8"] = {"class_type": "WaveFTLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "waveft_name": waveft,
-                                                          "strength_model": strength, "strength_clip": strength}}
+        g["8"] = {
+            "class_type": "WaveFTLoader",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["1", 1],
+                "waveft_name": waveft,
+                "strength_model": strength,
+                "strength_clip": strength,
+            },
+        }
         g["2"]["inputs"]["clip"] = g["3"]["inputs"]["clip"] = ["8", 1]
         g["5"]["inputs"]["model"] = ["8", 0]
     return g
@@ -60,8 +81,9 @@ def test_image_matches_offline_merge_and_differs_from_no_adapter(server):
 
 
 def test_bad_inputs_are_node_errors_and_the_server_keeps_running(server):
-    status, body = server.post("/prompt", {"prompt": txt2img("tiny.safetensors", "x", waveft="e2e.safetensors",
-                                                             strength=1000.0)})
+    status, body = server.post(
+        "/prompt", {"prompt": txt2img("tiny.safetensors", "x", waveft="e2e.safetensors", strength=1000.0)}
+    )
     assert status == 400 and "8" in body["node_errors"]
     status, body = server.post("/prompt", {"prompt": txt2img("tiny.safetensors", "x", waveft="missing.safetensors")})
     assert status == 400 and "8" in body["node_errors"]
@@ -86,5 +108,10 @@ def test_web_script_help_pages_and_templates_are_served(server):
         with urllib.request.urlopen(f"{server.url}/extensions/ComfyUI-WaveFT/docs/{name}.md", timeout=30) as r:
             assert r.status == 200 and r.read().startswith(b"# ")
     templates = server.get("/workflow_templates")
-    assert set(templates["ComfyUI-WaveFT"]) >= {"waveft_txt2img", "waveft_train", "waveft_with_lora",
-                                                "waveft_strength_sweep", "waveft_export_lora"}
+    assert set(templates["ComfyUI-WaveFT"]) >= {
+        "waveft_txt2img",
+        "waveft_train",
+        "waveft_with_lora",
+        "waveft_strength_sweep",
+        "waveft_export_lora",
+    }

@@ -1,6 +1,7 @@
 """The stock Load LoRA path (ComfyUI's LoraLoader / LoraLoaderModelOnly) and Load WaveFT apply one weight change
 per file, or both refuse it (issue 22, items 5 and 6): settings tensors that disagree with the file's metadata, and
 one weight under two spellings, fail the stock node naming the file and the key or both layers."""
+
 import shutil
 
 import pytest
@@ -18,8 +19,12 @@ def _layer(shape, seed=0, count=30):
     import waveft_core as wft
     from waveft_core.peft_io import peft_positions
 
-    return wft.Layer(spectrum=torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.01,
-                     indices=peft_positions(shape, count), shape=shape, wavelet="db2")
+    return wft.Layer(
+        spectrum=torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.01,
+        indices=peft_positions(shape, count),
+        shape=shape,
+        wavelet="db2",
+    )
 
 
 def _read(path):
@@ -44,18 +49,25 @@ def test_a_normal_file_applies_the_same_weights_through_both_loaders(pack, sd15,
     import nodes
 
     model, clip, _ = sd15
-    node = patched_weights(pack.nodes.loader.WaveFTLoader().load(model, clip, "good.safetensors", 0.8, 1.0)
-                           ["result"][0], [saved])[saved]
+    node = patched_weights(
+        pack.nodes.loader.WaveFTLoader().load(model, clip, "good.safetensors", 0.8, 1.0)["result"][0], [saved]
+    )[saved]
     stock = patched_weights(nodes.LoraLoader().load_lora(model, clip, "good.safetensors", 0.8, 1.0)[0], [saved])[saved]
     assert not torch.equal(stock, model.model.state_dict()[saved].float())
     assert torch.allclose(node, stock, atol=1e-6)
 
 
-@pytest.mark.parametrize("key,mirror", [("waveft.scaling", torch.tensor([1e4])),
-                                        ("waveft.wavelet", torch.tensor(list(b"db4"), dtype=torch.uint8)),
-                                        ("waveft.use_idwt", torch.tensor([False]))])
-def test_settings_tensors_that_disagree_with_the_metadata_fail_the_stock_node(pack, sd15, saved, waveft_dir,
-                                                                              loras_dir, key, mirror):
+@pytest.mark.parametrize(
+    "key,mirror",
+    [
+        ("waveft.scaling", torch.tensor([1e4])),
+        ("waveft.wavelet", torch.tensor(list(b"db4"), dtype=torch.uint8)),
+        ("waveft.use_idwt", torch.tensor([False])),
+    ],
+)
+def test_settings_tensors_that_disagree_with_the_metadata_fail_the_stock_node(
+    pack, sd15, saved, waveft_dir, loras_dir, key, mirror
+):
     """The stock loader sees the tensors only; it used to apply a scaling of 1e4 where the metadata (the reference,
     what Load WaveFT applies) says 25: 400 times the change. Now both refuse, naming the file and the key."""
     import nodes
@@ -66,8 +78,10 @@ def test_settings_tensors_that_disagree_with_the_metadata_fail_the_stock_node(pa
     tensors[key] = mirror.to(tensors[key].dtype) if key != "waveft.wavelet" else mirror
     save_file(tensors, str(loras_dir / "mirror.safetensors"), metadata)
     shutil.copy(loras_dir / "mirror.safetensors", waveft_dir / "mirror.safetensors")
-    for load in (lambda: nodes.LoraLoader().load_lora(model, clip, "mirror.safetensors", 1.0, 1.0),
-                 lambda: nodes.LoraLoaderModelOnly().load_lora_model_only(model, "mirror.safetensors", 1.0)):
+    for load in (
+        lambda: nodes.LoraLoader().load_lora(model, clip, "mirror.safetensors", 1.0, 1.0),
+        lambda: nodes.LoraLoaderModelOnly().load_lora_model_only(model, "mirror.safetensors", 1.0),
+    ):
         with pytest.raises(ValueError) as e:
             load()
         msg = str(e.value)
@@ -94,10 +108,13 @@ def test_one_weight_under_two_spellings_fails_the_stock_node_naming_both(pack, s
     kmap = comfy.lora.model_lora_keys_unet(model.model, {})
     assert all(kmap.get(name, NATIVE + ".weight" if name == NATIVE else None) == saved for name in spellings)
     shape = tuple(model.model.state_dict()[saved].shape)
-    wft.save(wft.Adapter({name: _layer(shape, seed=i) for i, name in enumerate(spellings)}),
-             loras_dir / "twice.safetensors")
-    for load in (lambda: nodes.LoraLoader().load_lora(model, clip, "twice.safetensors", 1.0, 1.0),
-                 lambda: nodes.LoraLoaderModelOnly().load_lora_model_only(model, "twice.safetensors", 1.0)):
+    wft.save(
+        wft.Adapter({name: _layer(shape, seed=i) for i, name in enumerate(spellings)}), loras_dir / "twice.safetensors"
+    )
+    for load in (
+        lambda: nodes.LoraLoader().load_lora(model, clip, "twice.safetensors", 1.0, 1.0),
+        lambda: nodes.LoraLoaderModelOnly().load_lora_model_only(model, "twice.safetensors", 1.0),
+    ):
         with pytest.raises(ValueError) as e:
             load()
         msg = str(e.value)
@@ -128,6 +145,7 @@ def test_overlapping_slices_of_a_fused_weight_fail_the_stock_node_and_disjoint_o
     wft.save(wft.Adapter({to_q: _layer((h, h)), to_k: _layer((h, h), seed=1)}), loras_dir / "thirds.safetensors")
     patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, "thirds.safetensors", 1.0)[0]
     assert len(patched.patches[qkv + ".weight"]) == 2  # one patch per third
-    out, _, summary = pack.nodes.loader.apply_adapter(wft.load(loras_dir / "thirds.safetensors"), model, None, 1.0,
-                                                       0.0, "thirds")
+    out, _, summary = pack.nodes.loader.apply_adapter(
+        wft.load(loras_dir / "thirds.safetensors"), model, None, 1.0, 0.0, "thirds"
+    )
     assert "2 of 2 layers matched" in summary and len(out.patches[qkv + ".weight"]) == 2

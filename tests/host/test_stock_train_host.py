@@ -2,6 +2,7 @@
 SD1.5: the stock TrainLoraNode -> SaveLoRA -> stock LoraLoader (and Load WaveFT) give the trained model's weights
 bit for bit, the layers are PEFT-positioned db1 WaveFT (checked against PyWavelets in float64), and resuming
 through `existing_lora` continues the same run."""
+
 import inspect
 import shutil
 import sys
@@ -13,10 +14,26 @@ from reference import reference_delta
 import waveft_core as wft
 from waveft_core.peft_io import peft_positions
 
-DEFAULTS = dict(batch_size=1, steps=4, grad_accumulation_steps=1, learning_rate=1e-3, rank=1, optimizer="AdamW",
-                loss_function="MSE", seed=3, training_dtype="fp32", lora_dtype="fp32", quantized_backward=False,
-                algorithm="WaveFT", gradient_checkpointing=False, checkpoint_depth=1, offloading=False,
-                existing_lora="[None]", bucket_mode=False, bypass_mode=False)
+DEFAULTS = dict(
+    batch_size=1,
+    steps=4,
+    grad_accumulation_steps=1,
+    learning_rate=1e-3,
+    rank=1,
+    optimizer="AdamW",
+    loss_function="MSE",
+    seed=3,
+    training_dtype="fp32",
+    lora_dtype="fp32",
+    quantized_backward=False,
+    algorithm="WaveFT",
+    gradient_checkpointing=False,
+    checkpoint_depth=1,
+    offloading=False,
+    existing_lora="[None]",
+    bucket_mode=False,
+    bypass_mode=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +120,9 @@ def test_waveft_is_an_algorithm_of_the_stock_node(pack):
     assert "WaveFT" in algorithm.options
 
 
-def test_stock_train_save_and_load_lora_give_the_trained_weights_exactly(pack, sd15, data, monkeypatch, output_dir,
-                                                                         loras_dir, waveft_dir):
+def test_stock_train_save_and_load_lora_give_the_trained_weights_exactly(
+    pack, sd15, data, monkeypatch, output_dir, loras_dir, waveft_dir
+):
     from host_tools import patched_weights
 
     from nodes import LoraLoader
@@ -113,8 +131,12 @@ def test_stock_train_save_and_load_lora_give_the_trained_weights_exactly(pack, s
     lora, steps, wrappers, trained_model = stock_train(model, data, monkeypatch)
     assert steps == 4
     layouts = [k for k in lora if k.endswith(".waveft_layout")]
-    convs = [k for k in layouts if lora[k.replace(".waveft_layout", ".spectrum")].numel()
-             and model.model.state_dict()[k.replace(".waveft_layout", ".weight")].dim() == 4]
+    convs = [
+        k
+        for k in layouts
+        if lora[k.replace(".waveft_layout", ".spectrum")].numel()
+        and model.model.state_dict()[k.replace(".waveft_layout", ".weight")].dim() == 4
+    ]
     assert layouts and convs, "every 2-D and 4-D weight is trained as WaveFT (convolutions as m x n matrices)"
     assert any(k.endswith(".diff_b") for k in lora)  # the host's own full diffs of biases (and norms)
     # rank 1: as many coefficients as a rank-1 LoRA, at PEFT's positions for seed 777
@@ -143,8 +165,11 @@ def test_stock_train_save_and_load_lora_give_the_trained_weights_exactly(pack, s
 
     # the math, against PyWavelets in float64: db1, scaling 25, PEFT's positions for seed 777
     spectrum = lora[key + ".spectrum"].double()
-    ref = torch.from_numpy(reference_delta(peft_positions(tuple(w.shape), spectrum.numel(), 777).numpy(),
-                                           spectrum.numpy(), tuple(w.shape), "db1", 25.0))
+    ref = torch.from_numpy(
+        reference_delta(
+            peft_positions(tuple(w.shape), spectrum.numel(), 777).numpy(), spectrum.numpy(), tuple(w.shape), "db1", 25.0
+        )
+    )
     torch.testing.assert_close(got[key + ".weight"].double() - w.double(), ref, rtol=1e-5, atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 """Train WaveFT inside a real ComfyUI (in-process, tiny SD1.5): the loss falls, save -> load gives the
 trained model, resume continues exactly, Cancel keeps a partial file, the base model is untouched."""
+
 import json
 
 import pytest
@@ -7,10 +8,25 @@ import torch
 
 import waveft_core as wft
 
-SETTINGS = dict(steps=30, learning_rate=2e-3, batch_size=1, grad_accumulation_steps=1, n_coefficients=400,
-                scaling=25.0, wavelet="db1", targets="attention q/k/v/out", seed=3, optimizer="AdamW",
-                lr_schedule="constant", warmup_steps=0, training_dtype="fp32", gradient_checkpointing=True,
-                save_every_n_steps=0, filename_prefix="t", resume_from="none")
+SETTINGS = dict(
+    steps=30,
+    learning_rate=2e-3,
+    batch_size=1,
+    grad_accumulation_steps=1,
+    n_coefficients=400,
+    scaling=25.0,
+    wavelet="db1",
+    targets="attention q/k/v/out",
+    seed=3,
+    optimizer="AdamW",
+    lr_schedule="constant",
+    warmup_steps=0,
+    training_dtype="fp32",
+    gradient_checkpointing=True,
+    save_every_n_steps=0,
+    filename_prefix="t",
+    resume_from="none",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +57,9 @@ def eval_loss(pack, model, latent, cond, sigmas=(0.3, 1.0, 3.0, 8.0)):
         with torch.no_grad():
             for s in sigmas:
                 sigma = torch.tensor([s])
-                pred = model_wrap(inner.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), sigma,
-                                  **extra_args)
+                pred = model_wrap(
+                    inner.model_sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0), sigma, **extra_args
+                )
                 out.append(float(torch.nn.functional.mse_loss(pred, x0)))
 
     guider = training.PositiveGuider(model)
@@ -143,7 +160,7 @@ def test_cancel_keeps_a_partial_file(pack, sd15, data, waveft_dir):
         mm.interrupt_current_processing(False)
     # the host's training flag (ComfyUI 0.3x) is up while the loop runs, and down again after Cancel
     assert all(flags) and not getattr(mm, "in_training", False)
-    stopped_at, = cancelled_at
+    (stopped_at,) = cancelled_at
     assert seen[-1] == stopped_at, "training went on after Cancel"
     partial = waveft_dir / f"cancelled_partial_{stopped_at:05d}.safetensors"
     assert partial.is_file(), sorted(p.name for p in waveft_dir.iterdir())
@@ -170,8 +187,11 @@ def test_clear_errors(pack, sd15, data, waveft_dir):
         t.train([model], [two], [cond, cond, cond], **kw)
     with pytest.raises(ValueError, match="steps must be at least 1"):
         t.train([model], [latent], [cond], **{**kw, "steps": [0]})
-    other = wft.Adapter(layers={"diffusion_model.somewhere.else": wft.Layer(spectrum=torch.ones(3),
-                                                                            indices=torch.arange(3), shape=(4, 4))})
+    other = wft.Adapter(
+        layers={
+            "diffusion_model.somewhere.else": wft.Layer(spectrum=torch.ones(3), indices=torch.arange(3), shape=(4, 4))
+        }
+    )
     wft.save(other, waveft_dir / "other.safetensors")
     with pytest.raises(ValueError, match="trained on another model"):
         t.train([model], [latent], [cond], **{**kw, "resume_from": ["other.safetensors"]})
@@ -194,7 +214,8 @@ def test_captions_become_tag_frequencies(pack, sd15, data, waveft_dir):
     kw = {k: [v] for k, v in {**SETTINGS, "steps": 1}.items()}
     with torch.inference_mode():
         _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train(
-            [model], [latent], [cond], captions=["sks cat, sitting", "sks cat, on grass"], **kw)
+            [model], [latent], [cond], captions=["sks cat, sitting", "sks cat, on grass"], **kw
+        )
     assert json.loads(adapter.metadata["ss_tag_frequency"]) == {"img": {"sks cat": 2, "sitting": 1, "on grass": 1}}
 
 

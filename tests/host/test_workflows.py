@@ -4,24 +4,38 @@ they must be exactly what the generator makes, on older ones they must still loa
 
 The API form is derived from the UI form here (tools/workflows.py), the way the browser does it; model
 names are swapped for the test's files and sizes shrunk so each graph runs in seconds on a CPU."""
+
 import json
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
+import waveft_core as wft  # noqa: E402
 from workflows import made_for, render, ui_to_api  # noqa: E402
 
-import waveft_core as wft  # noqa: E402
-
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-SMALL = {"width": 64, "height": 64, "steps": 2, "grad_accumulation_steps": 1, "save_every_n_steps": 0,
-         "training_dtype": "fp32", "n_coefficients": 300, "preview_width": 64, "preview_height": 64,
-         "preview_steps": 2, "preview_every_n_steps": 2, "gradient_checkpointing": False}
-NAMES = {"ckpt_name": "tiny.safetensors", "waveft_name": "e2e.safetensors", "lora_name": "tiny_lora.safetensors",
-         "folder": "my_subject"}
+SMALL = {
+    "width": 64,
+    "height": 64,
+    "steps": 2,
+    "grad_accumulation_steps": 1,
+    "save_every_n_steps": 0,
+    "training_dtype": "fp32",
+    "n_coefficients": 300,
+    "preview_width": 64,
+    "preview_height": 64,
+    "preview_steps": 2,
+    "preview_every_n_steps": 2,
+    "gradient_checkpointing": False,
+}
+NAMES = {
+    "ckpt_name": "tiny.safetensors",
+    "waveft_name": "e2e.safetensors",
+    "lora_name": "tiny_lora.safetensors",
+    "folder": "my_subject",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +44,14 @@ def object_info(server):
 
 
 def test_there_are_six_workflows():
-    assert {p.stem for p in WORKFLOWS} == {"waveft_txt2img", "waveft_with_lora", "waveft_train",
-                                           "waveft_strength_sweep", "waveft_export_lora", "waveft_stock_train"}
+    assert {p.stem for p in WORKFLOWS} == {
+        "waveft_txt2img",
+        "waveft_with_lora",
+        "waveft_train",
+        "waveft_strength_sweep",
+        "waveft_export_lora",
+        "waveft_stock_train",
+    }
 
 
 def _version(text: str) -> tuple:
@@ -46,8 +66,9 @@ def test_shipped_workflows_are_the_generators_output_for_their_host(server, obje
     if version == target:
         fresh = render(object_info, version)
         for path in WORKFLOWS:
-            assert json.loads(path.read_text()) == fresh[path.stem], \
+            assert json.loads(path.read_text()) == fresh[path.stem], (
                 f"{path.name} is not what tools/workflows.py makes for ComfyUI {version}: regenerate it"
+            )
     else:  # an older supported host: the workflow must still load there (the next test runs it)
         assert _version(version) < _version(target), f"made for {target}, older than this ComfyUI {version}"
 
@@ -79,13 +100,33 @@ def test_workflow_is_valid_and_runs(server, object_info, path):
         # the exported LoRA loads in the stock LoRA loader
         check = {
             "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
-            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": name,
-                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+            "2": {
+                "class_type": "LoraLoader",
+                "inputs": {
+                    "model": ["1", 0],
+                    "clip": ["1", 1],
+                    "lora_name": name,
+                    "strength_model": 1.0,
+                    "strength_clip": 1.0,
+                },
+            },
             "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["2", 1]}},
             "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-            "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["3", 0],
-                                                       "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 1.0,
-                                                       "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "5": {
+                "class_type": "KSampler",
+                "inputs": {
+                    "model": ["2", 0],
+                    "positive": ["3", 0],
+                    "negative": ["3", 0],
+                    "latent_image": ["4", 0],
+                    "seed": 1,
+                    "steps": 2,
+                    "cfg": 1.0,
+                    "sampler_name": "euler",
+                    "scheduler": "normal",
+                    "denoise": 1.0,
+                },
+            },
             "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
             "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "lora_check"}},
         }

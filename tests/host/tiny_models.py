@@ -4,15 +4,30 @@ ComfyUI fixes some sizes: SD15 detection wants model_channels 320 and context_di
 text encoder is always built at full size (12 layers, 768 wide), so it must be complete. The UNet is
 kept small through depth (2 levels, 1 res block each); the VAE is TAESD, which ComfyUI detects from its
 keys and which is tiny. Must run inside a Python that imports ComfyUI."""
+
 from __future__ import annotations
 
 import torch
 
 UNET_CONFIG = dict(
-    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1], channel_mult=[1, 1],
-    transformer_depth=[1, 0], transformer_depth_output=[1, 1, 0, 0], transformer_depth_middle=1, num_heads=8,
-    num_head_channels=-1, context_dim=768, use_linear_in_transformer=False, use_spatial_transformer=True,
-    legacy=False, adm_in_channels=None, use_checkpoint=False, use_temporal_resblock=False,
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 1],
+    transformer_depth=[1, 0],
+    transformer_depth_output=[1, 1, 0, 0],
+    transformer_depth_middle=1,
+    num_heads=8,
+    num_head_channels=-1,
+    context_dim=768,
+    use_linear_in_transformer=False,
+    use_spatial_transformer=True,
+    legacy=False,
+    adm_in_channels=None,
+    use_checkpoint=False,
+    use_temporal_resblock=False,
     use_temporal_attention=False,
 )
 
@@ -20,23 +35,37 @@ UNET_CONFIG = dict(
 # The real SD1.5 UNet (860M parameters): 4 levels of 2 res blocks, attention on the first three. For measurements
 # at full size (benchmarks/comfy_train.py --size sd15); the tests use the tiny one.
 SD15_UNET_CONFIG = dict(
-    UNET_CONFIG, image_size=64, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    UNET_CONFIG,
+    image_size=64,
+    num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
 )
 
 
 # Two res blocks per level (as SD1.x and SDXL have, so diffusers names map to these): the layout of the tiny
 # pipeline tests/tiny_pipeline.py builds with comfy_tiny=True, for a file `waveft train` writes.
-TWO_RES_UNET_CONFIG = dict(UNET_CONFIG, num_res_blocks=[2, 2], transformer_depth=[1, 1, 0, 0],
-                           transformer_depth_output=[1, 1, 1, 0, 0, 0])
+TWO_RES_UNET_CONFIG = dict(
+    UNET_CONFIG, num_res_blocks=[2, 2], transformer_depth=[1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 0, 0, 0]
+)
 
 
 # The SDXL base UNet (2.6B parameters) as ComfyUI detects it from a UNet-only file: 3 levels, transformer depth 2 and
 # 10, 2048-wide context, the 2816-wide pooled/size vector. For benchmarks/comfy_train.py --size sdxl only.
 SDXL_UNET_CONFIG = dict(
-    UNET_CONFIG, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4],
-    transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
-    transformer_depth_middle=10, use_linear_in_transformer=True, context_dim=2048, num_heads=-1, num_head_channels=64,
+    UNET_CONFIG,
+    num_classes="sequential",
+    adm_in_channels=2816,
+    num_res_blocks=[2, 2, 2],
+    channel_mult=[1, 2, 4],
+    transformer_depth=[0, 0, 2, 2, 10, 10],
+    transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+    transformer_depth_middle=10,
+    use_linear_in_transformer=True,
+    context_dim=2048,
+    num_heads=-1,
+    num_head_channels=64,
 )
 
 
@@ -82,7 +111,7 @@ def make_checkpoint_state(seed: int = 1234, unet_config: dict = UNET_CONFIG) -> 
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
     clip_sd = _randomize(clip.transformer, gen)
     taesd = comfy.taesd.taesd.TAESD()
-    tae_sd = {k: v for k, v in _randomize(taesd, gen, gain=2 ** 0.5).items() if k not in ("vae_scale", "vae_shift")}
+    tae_sd = {k: v for k, v in _randomize(taesd, gen, gain=2**0.5).items() if k not in ("vae_scale", "vae_shift")}
     # Scale the decoder's last conv so that random latents decode to mid-grey +- 0.2 instead of saturating.
     tae_sd["vae_scale"] = torch.tensor(0.005)
     tae_sd["vae_shift"] = torch.tensor(0.0)
@@ -98,8 +127,9 @@ def make_checkpoint_state(seed: int = 1234, unet_config: dict = UNET_CONFIG) -> 
         return {k: (v.half() if v.is_floating_point() and v.dim() > 0 else v).contiguous() for k, v in sd.items()}
 
     ckpt = {f"model.diffusion_model.{k}": v for k, v in half(unet_sd).items()}
-    ckpt.update({f"cond_stage_model.transformer.{k}": v for k, v in half(clip_sd).items()
-                 if k != "text_projection.weight"})
+    ckpt.update(
+        {f"cond_stage_model.transformer.{k}": v for k, v in half(clip_sd).items() if k != "text_projection.weight"}
+    )
     ckpt.update({f"first_stage_model.{k}": v for k, v in half(tae_sd).items()})
     return ckpt
 
