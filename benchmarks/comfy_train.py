@@ -18,13 +18,13 @@ per layer), for its own figures.
 `--size flux-blocks` is a DiT at real width: Flux.1's own blocks (width 3072, 24 heads, the real text and pooled
 widths) built by ComfyUI with random weights, saved once as a bf16 diffusion-model file every run loads,
 `--double`/`--single` of each (default 1 and 2), every
-linear trained; LoRA at checkpoint depth 1 and 2. Its time per step is timed inside the run: a timestamp at each
-optimizer step (both trainers step once per training step), the first step a warm-up, the spread over the
-remaining steps of all runs.
+linear trained; LoRA at checkpoint depth 1 and 2.
 
-UNet sizes: time per step = (T(1 + steps) - T(1)) / steps, which cancels set-up; memory = the highest resident memory
-while
-the node runs minus what the process held before (model loaded, both node packs imported), sampled every 10 ms.
+Every size is timed the same way, inside each run: a timestamp at each optimizer step (both trainers step once per
+training step), the first step a warm-up, the spread over the remaining steps of all runs; a step time that is
+missing, zero or negative stops the benchmark instead of printing. (Timing a step as T(1 + steps) - T(1) across two
+processes printed negative steps on a loaded machine.) Memory = the highest resident memory while the node runs
+minus what the process held before (model loaded, both node packs imported), sampled every 10 ms.
 Batch 1, gradient checkpointing on, AdamW.
 """
 
@@ -59,7 +59,7 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
     import nodes
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    stamps = []  # one per optimizer step: per-step times measured inside the run (DiT size)
+    stamps = []  # one per optimizer step: per-step times measured inside the run
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
@@ -278,7 +278,7 @@ def main():
     ap.add_argument("--double", type=int, default=1, help="flux-blocks: double blocks")
     ap.add_argument("--single", type=int, default=2, help="flux-blocks: single blocks")
     ap.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px, 128 = 1024 px)")
-    ap.add_argument("--steps", type=int, default=20, help="steps measured per run (after one set-up step)")
+    ap.add_argument("--steps", type=int, default=20, help="steps timed per run (after one warm-up step)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per method, each in a fresh process")
     ap.add_argument("--dtypes", default="bf16,fp32", help="training dtypes, comma-separated")
     ap.add_argument("--recipe", action="store_true", help="also WaveFT with the paper's recipe (attention, 2592)")
@@ -294,15 +294,19 @@ def main():
         "waveft": "Train WaveFT (same count, every layer)",
         "waveft-recipe": "Train WaveFT (paper: attention q/k/v/out, 2592)",
     }
+    size = f"flux-blocks-{args.double}-{args.single}" if args.size == "flux-blocks" else args.size
     if args.size == "flux-blocks":
-        return main_dit(args, loras, methods, labels)
+        what = f"Flux.1 blocks at full width ({args.double} double, {args.single} single; width 3072, 24 heads)"
+    else:
+        what = f"the {args.size} UNet"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "models").mkdir()
-        ckpt = Path(tmp) / f"{args.size}.safetensors"
-        make_checkpoint(args.size, ckpt)
+        ckpt = Path(tmp) / f"{size}.safetensors"
+        make_checkpoint(size, ckpt)
         print(
-            f"Training the {args.size} UNet on 4 latents of {args.latent}x{args.latent}, batch 1, gradient "
-            f"checkpointing on; {args.repeats} fresh processes per method, min / median / max\n"
+            f"Training {what} on 4 latents of {args.latent}x{args.latent}, batch 1, gradient checkpointing on; "
+            f"{args.repeats} fresh process(es) per method, {args.steps} steps timed inside each run after a warm-up "
+            "step; min / median / max\n"
         )
         against = " (median; against each LoRA row)" if len(loras) > 1 else " (median)"
         print(
@@ -314,13 +318,13 @@ def main():
             res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
             for _ in range(args.repeats):
                 for method in methods:  # interleaved, so a busy spell hits every method
-                    short = run(method, 1, dtype, str(ckpt), args.latent, args.size, tmp)
-                    long = run(method, 1 + args.steps, dtype, str(ckpt), args.latent, args.size, tmp)
-                    res[method]["step"].append((long["time"] - short["time"]) / args.steps)
-                    res[method]["rss"].append(long["train_peak_mb"])
-                    res[method]["params"] = long["params"]
+                    r = run(method, 1 + args.steps, dtype, str(ckpt), args.latent, size, tmp)
+                    res[method]["step"] += checked_step_times(r["step_times"], args.steps, method)
+                    res[method]["rss"].append(r["train_peak_mb"])
+                    res[method]["params"] = r["params"]
                     print(
-                        f"# {dtype} {method}: {res[method]['step'][-1]:.3f} s/step, {res[method]['rss'][-1]:.0f} MB",
+                        f"# {dtype} {method}: steps {', '.join(f'{v:.3f}' for v in r['step_times'])} s, "
+                        f"{r['train_peak_mb']:.0f} MB",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -338,52 +342,15 @@ def main():
                 )
 
 
-def main_dit(args, loras, methods, labels):
-    """Full-width Flux blocks: per-step times from inside each run (after a warm-up step), peak memory per run."""
-    import tempfile
-
-    size = f"flux-blocks-{args.double}-{args.single}"
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "models").mkdir()
-        ckpt = Path(tmp) / f"{size}.safetensors"
-        make_checkpoint(size, ckpt)
-        print(
-            f"Training Flux.1 blocks at full width ({args.double} double, {args.single} single; width 3072, 24 heads) "
-            f"on 4 latents of {args.latent}x{args.latent}, batch 1, gradient checkpointing on; {args.repeats} "
-            f"fresh process(es) per method, {args.steps} timed steps each after a warm-up step; min / median / "
-            "max\n"
+def checked_step_times(times: list, expected: int, method: str) -> list:
+    """Per-step times measured inside one run. A figure no clock can give (none, or a step of zero or negative
+    time) stops the benchmark rather than reach a table."""
+    if len(times) != expected or any(t <= 0 for t in times):
+        raise RuntimeError(
+            f"{method}: {len(times)} step time(s) {times} where {expected} positive ones were expected (one optimizer "
+            "step per training step): not a measurement, not printed"
         )
-        print(
-            "| dtype | method | trainable params | s/step | peak MB over the loaded model | WaveFT / LoRA time "
-            "(median) | WaveFT / LoRA memory (median) |"
-        )
-        print("|---|---|---|---|---|---|---|")
-        for dtype in args.dtypes.split(","):
-            res = {m: {"step": [], "rss": [], "params": 0} for m in methods}
-            for _ in range(args.repeats):
-                for method in methods:  # interleaved, so a busy spell hits every method
-                    r = run(method, 1 + args.steps, dtype, str(ckpt), args.latent, size, tmp)
-                    res[method]["step"] += r["step_times"]
-                    res[method]["rss"].append(r["train_peak_mb"])
-                    res[method]["params"] = r["params"]
-                    print(
-                        f"# {dtype} {method}: steps {', '.join(f'{v:.2f}' for v in r['step_times'])} s, "
-                        f"{r['train_peak_mb']:.0f} MB",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-
-            def ratio(r, key):
-                return ", ".join(f"{statistics.median(r[key]) / statistics.median(res[b][key]):.2f}x" for b in loras)
-
-            for method in methods:
-                r = res[method]
-                ratios = ("", "") if method in loras else (ratio(r, "step"), ratio(r, "rss"))
-                print(
-                    f"| {dtype} | {labels[method]} | {r['params']:,} | {spread(r['step'], lambda v: f'{v:.2f}')} | "
-                    f"{spread(r['rss'], lambda v: f'{v:.0f}')} | {ratios[0]} | {ratios[1]} |",
-                    flush=True,
-                )
+    return times
 
 
 if __name__ == "__main__":
