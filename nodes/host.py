@@ -93,6 +93,8 @@ def free_path(folder: str, prefix: str, suffix: str = "", label: str = "") -> st
     root = os.path.realpath(folder)
     label = label or folder
     prefix = (prefix or "").strip().replace("\\", "/")
+    while prefix.startswith("./"):  # './name' is 'name', as before; a bare '.' or './' is still refused below
+        prefix = prefix[2:].lstrip()
     if not prefix or prefix.startswith("/") or os.path.isabs(prefix) or ":" in prefix:
         raise ValueError(f"WaveFT: filename_prefix '{prefix}' must be a relative name inside {label}")
     if any(part.strip() in ("", ".", "..") for part in prefix.split("/")):

@@ -225,6 +225,18 @@ def test_plain_prefixes_still_write_inside_the_folder(hostile):
     assert len(new) == 4, new
 
 
+def test_prefix_rules_in_process(pack, tmp_path):
+    """The final path is checked: './name' stays the plain name it always was; what names the folder or leaves it
+    is refused."""
+    free_path = pack.nodes.host.free_path
+    assert free_path(str(tmp_path), "./x") == os.path.join(os.path.realpath(tmp_path), "x.safetensors")
+    assert free_path(str(tmp_path), "sub/x").endswith(os.path.join("sub", "x.safetensors"))
+    for bad in (".", "./", " . ", "./ ", "a/", "sub/..", "../x", "sub/../..", "/abs"):
+        with pytest.raises(ValueError, match="filename_prefix"):
+            free_path(str(tmp_path), bad)
+    assert sorted(os.listdir(tmp_path)) == ["sub"]
+
+
 # --- in-process: the host's own key map and loaders ---------------------------------------------------------
 
 Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
