@@ -92,32 +92,6 @@ _FLUX2 = (
     (r"single_blocks\.(\d+)\.linear1", r"single_transformer_blocks.\1.attn.to_qkv_mlp_proj"),
     (r"single_blocks\.(\d+)\.linear2", r"single_transformer_blocks.\1.attn.to_out"),
 )
-# Anima's DiT (Cosmos-Predict2) as diffusers names it (CosmosTransformer3DModel, the transformer of diffusers' Anima
-# pipeline) <- ComfyUI's MiniTrainDIT modules; its LLM adapter has no diffusers names here
-_ANIMA = (
-    (r"blocks\.(\d+)\.self_attn\.([qkv])_proj", r"transformer_blocks.\1.attn1.to_\2"),
-    (r"blocks\.(\d+)\.self_attn\.output_proj", r"transformer_blocks.\1.attn1.to_out.0"),
-    (r"blocks\.(\d+)\.cross_attn\.([qkv])_proj", r"transformer_blocks.\1.attn2.to_\2"),
-    (r"blocks\.(\d+)\.cross_attn\.output_proj", r"transformer_blocks.\1.attn2.to_out.0"),
-    (r"blocks\.(\d+)\.mlp\.layer1", r"transformer_blocks.\1.ff.net.0.proj"),
-    (r"blocks\.(\d+)\.mlp\.layer2", r"transformer_blocks.\1.ff.net.2"),
-    (r"blocks\.(\d+)\.adaln_modulation_self_attn\.([12])", r"transformer_blocks.\1.norm1.linear_\2"),
-    (r"blocks\.(\d+)\.adaln_modulation_cross_attn\.([12])", r"transformer_blocks.\1.norm2.linear_\2"),
-    (r"blocks\.(\d+)\.adaln_modulation_mlp\.([12])", r"transformer_blocks.\1.norm3.linear_\2"),
-    (r"x_embedder\.proj\.1", "patch_embed.proj"),
-    (r"t_embedder\.1\.linear_([12])", r"time_embed.t_embedder.linear_\1"),
-    (r"final_layer\.adaln_modulation\.([12])", r"norm_out.linear_\1"),
-    (r"final_layer\.linear", "proj_out"),
-)
-RENAMES = {
-    "anima": _ANIMA,
-    "lumina2": _LUMINA2,
-    "wan_2.1": _WAN,
-    "wan_2.2": _WAN,
-    "ltxv": _LTXV,
-    "chroma": _CHROMA,
-    "flux2": _FLUX2,
-}
 # HunyuanVideo as diffusers names it (HunyuanVideoTransformer3DModel) <- ComfyUI's modules (Flux-like); its fused
 # q/k/v weights come apart below
 _HUNYUAN_VIDEO = (
