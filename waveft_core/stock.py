@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import kinds
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Layer
 from .delta import dense_delta, matrix_shape
 from .peft_io import peft_positions
@@ -30,7 +31,7 @@ from .trainable import TrainableLayer
 
 ALGORITHM = "WaveFT"  # the name in the stock node's `algorithm` list
 SPECTRUM = "spectrum"
-LAYOUT = "waveft_layout"
+LAYOUT = kinds.STOCK_LAYOUT.lstrip(".")  # "waveft_layout": kinds.py is the home of the file-kind markers
 WAVELET, SCALING, SEED = "db1", DEFAULT_SCALING, DEFAULT_SEED
 _MARKER, _VERSION, _DIGITS = 87, 1, 4
 _CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
@@ -95,7 +96,7 @@ def decode_layout(layout: torch.Tensor, where: str, path="<memory>") -> tuple[tu
 
 
 def is_stock_file(keys) -> bool:
-    return any(k.endswith("." + LAYOUT) for k in keys)
+    return any(k.endswith(kinds.STOCK_LAYOUT) for k in keys)
 
 
 def stock_layer(module: str, tensors: dict, path="<memory>") -> Layer:
