@@ -23,7 +23,7 @@ import os
 import torch
 
 import waveft_core as wft
-from waveft_core.matching import SharedTargetError, refuse_shared_targets
+from waveft_core.names.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
 from .common import load_adapter, log, patch_version_detection, redetect_versions, short_list

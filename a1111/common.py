@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import waveft_core as wft
-from waveft_core.cache import AdapterCache, fingerprint
-from waveft_core.peft_io import Spelling
-from waveft_core.printable import printable
+from waveft_core.convert.peft_io import Spelling
+from waveft_core.files.printable import printable
+from waveft_core.hosts.cache import AdapterCache, fingerprint
 
 from . import keymap
 

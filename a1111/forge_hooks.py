@@ -9,7 +9,7 @@ each value into a float32 copy of the weight. What a value may be differs, and i
   (backend.patcher.lora / ldm_patched.modules.model_patcher); WaveFT registers "waveft", whose calculator adds
   strength * ΔW sparsely in place (`Layer.add_to_`).
 - reForge: an instance of its `ldm_patched.modules.weight_adapter.WeightAdapterBase`, ComfyUI's adapter protocol;
-  the WaveFT adapter is waveft_core/host_adapter.py's, built on reForge's base (and registered with its stock
+  the WaveFT adapter is waveft_core/hosts/weight_adapter.py's, built on reForge's base (and registered with its stock
   loader too).
 
 `networks.load_lora_for_models` is wrapped: a WaveFT file is loaded and validated by waveft_core (clear errors), its
@@ -28,7 +28,7 @@ import os
 import traceback
 
 import waveft_core as wft
-from waveft_core.matching import SharedTargetError, refuse_shared_targets
+from waveft_core.names.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
 from .common import load_adapter, log, patch_version_detection, redetect_versions, short_list
@@ -271,7 +271,7 @@ def install_forge_classic(networks, network, model_patcher) -> None:
 def install_reforge(networks, network, weight_adapter) -> None:
     """Hook into reForge: its ldm_patched.modules.weight_adapter registry gets the WaveFT adapter (so its stock
     loaders understand WaveFT files too) and the Lora extension's load_lora_for_models is wrapped."""
-    from waveft_core.host_adapter import adapter_class
+    from waveft_core.hosts.weight_adapter import adapter_class
 
     base = getattr(weight_adapter, "WeightAdapterBase", None)
     registry = getattr(weight_adapter, "adapters", None)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from waveft_core import kinds
-from waveft_core.names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
-from waveft_core.storage import peek_header
+from waveft_core.files import kinds
+from waveft_core.files.storage import peek_header
+from waveft_core.names.families import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
 
 QKV = ("q", "k", "v")
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import per_forward
 
 import waveft_core as wft
-from waveft_core.host_adapter import adapter_class
+from waveft_core.hosts.weight_adapter import adapter_class
 
 WaveFTAdapter = adapter_class(object)
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 6e-3}
@@ -305,7 +305,7 @@ def dit_training(device, comfy_path: str | None, steps: int, hidden: int = 128) 
     import comfy.ops
     from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
 
-    from waveft_core.trainable import TrainableLayer
+    from waveft_core.training.trainable import TrainableLayer
 
     torch.manual_seed(0)
     dtype, heads = torch.bfloat16, 2

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import waveft_core as wft
-from waveft_core.host_adapter import adapter_class
+from waveft_core.hosts.weight_adapter import adapter_class
 from waveft_core.separable import filtered_merge_is_cheaper, structured_is_cheaper
 from waveft_core.wavelets import reconstruction_filters
 

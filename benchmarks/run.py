@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import waveft_core as wft  # noqa: E402
-from waveft_core.peft_io import peft_positions  # noqa: E402
-from waveft_core.trainable import TrainableLayer  # noqa: E402
+from waveft_core.convert.peft_io import peft_positions  # noqa: E402
+from waveft_core.training.trainable import TrainableLayer  # noqa: E402
 
 SHAPES = [(640, 640), (1280, 1280), (640, 2048), (1280, 2048), (5120, 1280)]
 P = 2592

@@ -6,7 +6,9 @@ import os
 
 import torch
 
-from ..waveft_core import WaveFTFileError, extract, fileformat, lora, merge
+from ..waveft_core import WaveFTFileError
+from ..waveft_core.convert import extract, lora, merge
+from ..waveft_core.files import fileformat
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader
 

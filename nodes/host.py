@@ -14,15 +14,15 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..waveft_core import stock_loader
-from ..waveft_core.dit_names import Heads, diffusers_key_map, merge_into
-from ..waveft_core.host_adapter import adapter_class
-from ..waveft_core.kinds import SPECTRUM
-from ..waveft_core.matching import SharedTargetError, match_layers
-from ..waveft_core.names import family_tag_of_comfy
-from ..waveft_core.printable import printable
-from ..waveft_core.stock import ALGORITHM as STOCK_ALGORITHM
-from ..waveft_core.storage import WaveFTFileError, peek_header
+from ..waveft_core.files.kinds import SPECTRUM
+from ..waveft_core.files.printable import printable
+from ..waveft_core.files.storage import WaveFTFileError, peek_header
+from ..waveft_core.hosts import stock_loader
+from ..waveft_core.hosts.stock import ALGORITHM as STOCK_ALGORITHM
+from ..waveft_core.hosts.weight_adapter import adapter_class
+from ..waveft_core.names.dit import Heads, diffusers_key_map, merge_into
+from ..waveft_core.names.families import family_tag_of_comfy
+from ..waveft_core.names.matching import SharedTargetError, match_layers
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
@@ -167,7 +167,7 @@ def stock_lora_file() -> str | None:
     return None
 
 
-# The adapter's code is host-agnostic (waveft_core/host_adapter.py); here it becomes ComfyUI's class.
+# The adapter's code is host-agnostic (waveft_core/hosts/weight_adapter.py); here it becomes ComfyUI's class.
 WaveFTAdapter = adapter_class(_AdapterBase, (_QuantizedTensor,), log, source_of=stock_lora_file)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 
-from ..waveft_core import Adapter, WaveFTFileError, cache, fileformat, kinds, kohya_waveft, peft_io, sources
-from ..waveft_core.matching import SharedTargetError
-from ..waveft_core.names import ENCODERS, TE_PREFIX
-from ..waveft_core.printable import printable
-from ..waveft_core.storage import peek_header
+from ..waveft_core import Adapter, WaveFTFileError
+from ..waveft_core.convert import peft_io, sources
+from ..waveft_core.files import fileformat, kinds, kohya
+from ..waveft_core.files.printable import printable
+from ..waveft_core.files.storage import peek_header
+from ..waveft_core.hosts import cache
+from ..waveft_core.names.families import ENCODERS, TE_PREFIX
+from ..waveft_core.names.matching import SharedTargetError
 from . import host
 
 log = logging.getLogger("ComfyUI-WaveFT")
@@ -134,7 +137,7 @@ def load_adapter(path: str, model=None, clip=None) -> Adapter:
     clip_keys = set(host.weight_shapes(None, clip)) if clip is not None else set()
     kmap = host.key_map(model, clip)
     encoders = tuple(e for e in ENCODERS if any(k.startswith(e + ".") for k in clip_keys))
-    from ..waveft_core.matching import resolve
+    from ..waveft_core.names.matching import resolve
 
     def shape_of(peft_name, native):
         if native.startswith(TE_PREFIX):  # the encoder is decided: that encoder's weight, nothing else
@@ -146,8 +149,8 @@ def load_adapter(path: str, model=None, clip=None) -> Adapter:
 
         def make_kohya():
             tensors, metadata = fileformat.read_tensors_and_metadata(path)
-            return kohya_waveft.to_adapter(
-                kohya_waveft.read(tensors, metadata, path), lambda name: shape_of(name, name), skip_missing=True
+            return kohya.to_adapter(
+                kohya.read(tensors, metadata, path), lambda name: shape_of(name, name), skip_missing=True
             )
 
         return _ADAPTERS.get(("kohya", cache.fingerprint(path), tuple(sorted(shapes.items()))), make_kohya)
@@ -350,7 +353,7 @@ class WaveFTInfo:
         if not stores_positions(path) and model is None and clip is None:
             try:
                 if file_kind(path) == kinds.KOHYA:
-                    text = kohya_waveft.describe(kohya_waveft.read(*fileformat.read_tensors_and_metadata(path), path))
+                    text = kohya.describe(kohya.read(*fileformat.read_tensors_and_metadata(path), path))
                 else:
                     text = sources.describe(sources.read_source(path))
                 text += "\n(connect a model to see its layers)"

@@ -14,9 +14,9 @@ import comfy.utils
 import torch
 
 from ..waveft_core import Adapter
-from ..waveft_core.checkpointing import checkpointed, saved_tensors_guard
-from ..waveft_core.names import UNET_PREFIX, family_tag_of_comfy
-from ..waveft_core.trainable import TrainableLayer, TrainingState, is_target, lr_factor, make_optimizer
+from ..waveft_core.names.families import UNET_PREFIX, family_tag_of_comfy
+from ..waveft_core.training.checkpointing import checkpointed, saved_tensors_guard
+from ..waveft_core.training.trainable import TrainableLayer, TrainingState, is_target, lr_factor, make_optimizer
 from . import host
 
 log = logging.getLogger("ComfyUI-WaveFT")
@@ -154,7 +154,7 @@ def checkpoint_units(module: torch.nn.Module) -> list:
 def enable_checkpointing(diffusion_model: torch.nn.Module) -> list:
     """Recompute each checkpoint unit in the backward instead of keeping its activations. Not with
     torch.utils.checkpoint: DiT blocks write into their inputs in place, which it either refuses or recomputes
-    from (waveft_core/checkpointing.py)."""
+    from (waveft_core/training/checkpointing.py)."""
     patched = []
     for unit in checkpoint_units(diffusion_model):
         unit.forward = checkpointed(unit.forward)

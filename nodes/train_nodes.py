@@ -11,8 +11,16 @@ import time
 import comfy.model_management as mm
 import torch
 
-from ..waveft_core import Adapter, WaveFTFileError, fileformat, metadata
-from ..waveft_core.trainable import OPTIMIZERS, SCHEDULES, TARGET_PRESETS, TrainableLayer, TrainingState, layer_patterns
+from ..waveft_core import Adapter, WaveFTFileError
+from ..waveft_core.files import fileformat, metadata
+from ..waveft_core.training.trainable import (
+    OPTIMIZERS,
+    SCHEDULES,
+    TARGET_PRESETS,
+    TrainableLayer,
+    TrainingState,
+    layer_patterns,
+)
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader, previews, train_loop
 

@@ -43,8 +43,8 @@ from manager_readers import addnet_hash  # noqa: E402  (what the webuis show as 
 
 import waveft_core as wft  # noqa: E402
 from a1111 import a1111_hooks, forge_hooks, keymap, webui  # noqa: E402
-from waveft_core import metadata as shared_keys  # noqa: E402
-from waveft_core.names import to_native  # noqa: E402
+from waveft_core.files import metadata as shared_keys  # noqa: E402
+from waveft_core.names.families import to_native  # noqa: E402
 
 WAVELET = "db2"  # a 4-tap filter: the deltas are not the Haar special case
 TOL = 1e-6
@@ -272,7 +272,7 @@ def test_is_waveft_file(tmp_path):
     assert keymap.is_waveft_file(native) and keymap.is_waveft_file(peft)
     assert not keymap.is_waveft_file(lora) and not keymap.is_waveft_file(junk) and not keymap.is_waveft_file(ckpt)
     assert keymap.is_waveft_file(ckpt, {"ss_network_module": "waveft"})  # the host's cached metadata also counts
-    from waveft_core.storage import peek_header
+    from waveft_core.files.storage import peek_header
 
     header = peek_header(native)
     assert UNET_Q + ".waveft_spectrum" in header.tensors and header.metadata["ss_network_module"] == "waveft"

@@ -18,7 +18,8 @@ pytest.importorskip("diffusers", reason="the real diffusers gives the UNet, VAE 
 import tiny_pipeline  # noqa: E402
 
 import waveft_core as wft  # noqa: E402
-from waveft_core.peft_io import peft_positions  # noqa: E402
+from waveft_core.convert.peft_io import peft_positions  # noqa: E402
+from waveft_core.files import storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,14 +173,14 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_result(sd1, tmp_pat
         _, alive = psutil.wait_procs(family, timeout=60)
     assert not alive, alive
     assert checkpoint.exists() and not killed.exists()
-    state_keys = [k for k in wft.storage.read_header(checkpoint).tensors if k.startswith("waveft_train.")]
+    state_keys = [k for k in storage.read_header(checkpoint).tensors if k.startswith("waveft_train.")]
     assert state_keys, "the checkpoint holds the optimizer's moments"
     again = tmp_path / "again.safetensors"
     train(*args, "--steps", 4, "--output", again, "--resume", checkpoint, processes=2)
     a, b = spectra(whole), spectra(again)
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-8), name
-    assert not any(k.startswith("waveft_train.") for k in wft.storage.read_header(whole).tensors)
+    assert not any(k.startswith("waveft_train.") for k in storage.read_header(whole).tensors)
 
 
 def test_the_output_is_the_nodes_file(sd1, tmp_path):

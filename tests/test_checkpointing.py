@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from waveft_core.checkpointing import checkpointed, saved_tensors_guard
+from waveft_core.training.checkpointing import checkpointed, saved_tensors_guard
 
 
 class InPlaceBlock(nn.Module):
@@ -117,7 +117,7 @@ def test_torch_checkpoint_refuses_per_block_and_is_silently_wrong_around_all():
 
 def test_only_overwritten_tensors_are_copied():
     """A block that writes nothing it kept makes no copy: the guard costs no memory there."""
-    from waveft_core import checkpointing
+    from waveft_core.training import checkpointing
 
     clones = []
     original = torch.Tensor.clone
@@ -151,7 +151,7 @@ def test_only_overwritten_tensors_are_copied():
 
 
 def test_the_registry_is_empty_after_a_training_step():
-    from waveft_core import checkpointing
+    from waveft_core.training import checkpointing
 
     run("checkpointed")
     run("guarded")

@@ -47,7 +47,7 @@ def test_info_and_bad_input(tmp_path):
 
 
 def test_convert_native_to_peft_and_back(tmp_path):
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     shape = (24, 40)
     name = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"

@@ -15,11 +15,18 @@ from safetensors.torch import load_file, save_file
 
 import waveft_core as wft
 from waveft_core import cli
-from waveft_core.extract import SupportOperator, analysis, checkpoint_deltas, extract
-from waveft_core.layouts import checkpoint_module_names
-from waveft_core.lora import kohya_prefix, lora_deltas, lora_module_name, resolve_underscores, save_lora, to_lora
-from waveft_core.merge import merge_into_checkpoint
-from waveft_core.names import ldm_unet_to_diffusers
+from waveft_core.convert.extract import SupportOperator, analysis, checkpoint_deltas, extract
+from waveft_core.convert.lora import (
+    kohya_prefix,
+    lora_deltas,
+    lora_module_name,
+    resolve_underscores,
+    save_lora,
+    to_lora,
+)
+from waveft_core.convert.merge import merge_into_checkpoint
+from waveft_core.names.families import ldm_unet_to_diffusers
+from waveft_core.names.layouts import checkpoint_module_names
 
 Q = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 CONV = "diffusion_model.input_blocks.1.0.in_layers.2"

@@ -1,7 +1,7 @@
-"""Diffusers names of the DiT families the host's key map lacks or places wrong (waveft_core/dit_names.py); the
+"""Diffusers names of the DiT families the host's key map lacks or places wrong (waveft_core/names/dit.py); the
 end-to-end proof against real diffusers models is tests/host/test_dit_names_host.py."""
 
-from waveft_core.dit_names import Heads, diffusers_key_map, merge_into
+from waveft_core.names.dit import Heads, diffusers_key_map, merge_into
 
 
 def test_grouped_kv_heads_take_their_own_rows_at_full_lumina2_size():

@@ -10,7 +10,8 @@ from reference import random_layer, reference_delta
 from safetensors.torch import load_file, save_file
 
 import waveft_core as wft
-from waveft_core.fileformat import read_tensors_and_metadata
+from waveft_core.files import fileformat
+from waveft_core.files.fileformat import read_tensors_and_metadata
 
 NAME = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 
@@ -256,7 +257,7 @@ def test_layers_keep_their_own_wavelet_and_use_idwt_in_format_2(tmp_path):
     """Per-layer wavelet/use_idwt tensors (FORMAT.md, format 2), written only when layers differ: a reader that
     knows only format 1 refuses such a file instead of applying those layers with the file's wavelet."""
     a = make_adapter()
-    assert wft.fileformat.to_tensors_and_metadata(a)[1]["waveft.format_version"] == "1"  # uniform: still v1
+    assert fileformat.to_tensors_and_metadata(a)[1]["waveft.format_version"] == "1"  # uniform: still v1
     a.layers["diffusion_model.other"] = random_layer((32, 48), 10, "db4", use_idwt=False)
     a.layers["diffusion_model.third"] = random_layer((20, 9), 12, "sym3")
     path = wft.save(a, tmp_path / "x.safetensors")
@@ -272,7 +273,7 @@ def test_layers_keep_their_own_wavelet_and_use_idwt_in_format_2(tmp_path):
 
 
 def test_layers_sharing_one_positions_tensor_can_be_saved(tmp_path):
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     shared = peft_positions((16, 16), 20, 777)  # equal-size layers get the very same tensor
     layers = {f"m{i}": wft.Layer(spectrum=torch.randn(20), indices=shared, shape=(16, 16)) for i in range(3)}

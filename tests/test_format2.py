@@ -8,7 +8,7 @@ from reference import reference_delta
 from safetensors.torch import save_file
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
+from waveft_core.convert.peft_io import peft_positions
 
 UNET = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 TE = "text_model.encoder.layers.0.self_attn.q_proj"

@@ -16,9 +16,12 @@ from reference import ROOT, random_layer, reference_delta
 from safetensors.torch import save_file
 
 import waveft_core as wft
-from waveft_core import cache, cli, delta, sources, storage
-from waveft_core.matching import match_layers
-from waveft_core.peft_io import import_source
+from waveft_core import cli, delta
+from waveft_core.convert import sources
+from waveft_core.convert.peft_io import import_source
+from waveft_core.files import storage
+from waveft_core.hosts import cache
+from waveft_core.names.matching import match_layers
 
 NAME = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 
@@ -168,7 +171,7 @@ def test_a_shape_past_any_weight_is_refused_not_a_traceback(tmp_path, capsys):
 
 
 def storage_roundtrip(tmp_path):
-    from waveft_core.fileformat import read_tensors_and_metadata
+    from waveft_core.files.fileformat import read_tensors_and_metadata
 
     return read_tensors_and_metadata(native_file(tmp_path / "ok.safetensors"))
 
@@ -222,7 +225,7 @@ def test_peft_use_idwt_values_peft_writes_still_read(tmp_path, value, expected):
 
 
 def test_two_layers_on_one_weight_are_refused_naming_both():
-    from waveft_core.matching import SharedTargetError
+    from waveft_core.names.matching import SharedTargetError
 
     key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
     kohya = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"

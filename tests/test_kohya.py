@@ -11,8 +11,8 @@ from reference import ROOT, reference_delta
 from safetensors.torch import load_file, save_file
 
 import waveft_core as wft
-from waveft_core import kinds, kohya_waveft
-from waveft_core.fileformat import read_tensors_and_metadata
+from waveft_core.files import fileformat, kinds, kohya
+from waveft_core.files.fileformat import read_tensors_and_metadata
 
 FIX = ROOT / "tests" / "fixtures" / "kohya"
 SAME_DRAW = ["kohya_anima_fp32", "kohya_anima_fp16", "kohya_anima_bf16"]  # one seed, one spectrum draw
@@ -33,12 +33,12 @@ def _weight_key(name):
 
 def _read(stem, metadata=True):
     tensors, md = read_tensors_and_metadata(FIX / f"{stem}.safetensors")
-    return kohya_waveft.read(tensors, md if metadata else {}, FIX / f"{stem}.safetensors")
+    return kohya.read(tensors, md if metadata else {}, FIX / f"{stem}.safetensors")
 
 
 def _adapter(stem, metadata=True):
     base = _base()
-    return kohya_waveft.to_adapter(_read(stem, metadata), lambda name: tuple(base[_weight_key(name)].shape))
+    return kohya.to_adapter(_read(stem, metadata), lambda name: tuple(base[_weight_key(name)].shape))
 
 
 def test_kinds_tell_the_layouts_apart(tmp_path):
@@ -129,9 +129,7 @@ def _edited(tmp_path, stem, edit, metadata=None):
     save_file(t, str(path), metadata=metadata)
     tensors, md = read_tensors_and_metadata(path)
     base = _base()
-    return lambda: kohya_waveft.to_adapter(
-        kohya_waveft.read(tensors, md, path), lambda name: tuple(base[_weight_key(name)].shape)
-    )
+    return lambda: kohya.to_adapter(kohya.read(tensors, md, path), lambda name: tuple(base[_weight_key(name)].shape))
 
 
 def test_rounded_positions_no_seed_reproduces_are_refused(tmp_path):
@@ -199,7 +197,7 @@ def test_rows_past_the_weight_are_refused_separately(tmp_path):
 
 def test_the_native_reader_names_the_layout_instead_of_calling_it_damaged():
     with pytest.raises(wft.WaveFTFileError) as e:
-        wft.fileformat.read(FIX / "kohya_anima_fp32.safetensors")
+        fileformat.read(FIX / "kohya_anima_fp32.safetensors")
     assert "kohya-style WaveFT file from another trainer" in str(e.value) and "damaged" not in str(e.value)
 
 
@@ -233,7 +231,7 @@ def test_cli_info_describes_and_convert_writes_a_native_file(tmp_path):
         out = tmp_path / f"{stem}.native.safetensors"
         r = cli("convert", FIX / f"{stem}.safetensors", out, "--base", base)
         assert r.returncode == 0, r.stderr
-        native = wft.fileformat.read(out)
+        native = fileformat.read(out)
         fp32 = _adapter("kohya_anima_fp32")
         assert len(native.layers) == 17
         for name, layer in fp32.layers.items():

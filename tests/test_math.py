@@ -203,7 +203,7 @@ def test_a_packed_layer_computes_from_the_tensors_it_is_given():
 def test_training_state_round_trips_through_its_checkpoint(tmp_path):
     """A run's checkpoint holds its layers, steps, seed, settings and optimizer moments; loading it back and
     restoring the optimizer continues exactly where the run stopped."""
-    from waveft_core.trainable import TrainableLayer, TrainingState, make_optimizer
+    from waveft_core.training.trainable import TrainableLayer, TrainingState, make_optimizer
 
     def fresh():
         return {"a": TrainableLayer((12, 20), 30, "db2", seed=5), "b": TrainableLayer((8, 8, 3, 3), 40, "db2", seed=5)}

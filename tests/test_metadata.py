@@ -1,4 +1,4 @@
-"""The metadata other tools read (waveft_core/metadata.py), checked by reading saved files the way those tools
+"""The metadata other tools read (waveft_core/files/metadata.py), checked by reading saved files the way those tools
 do (tests/manager_readers.py): kohya's hashes, trigger words where LoRA managers look, training details in
 kohya's keys, base-model tags managers map."""
 
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import waveft_core as wft
-from waveft_core import lora, metadata
-from waveft_core.names import FAMILIES, family_of, family_tag_of_comfy
-from waveft_core.peft_io import peft_positions
-from waveft_core.trainable import TrainableLayer, TrainingState
+from waveft_core.convert import lora
+from waveft_core.convert.peft_io import peft_positions
+from waveft_core.files import metadata
+from waveft_core.names.families import FAMILIES, family_of, family_tag_of_comfy
+from waveft_core.training.trainable import TrainableLayer, TrainingState
 
 BIG = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 SMALL = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from waveft_core.names import diffusers_unet_to_ldm, ldm_unet_to_diffusers, split_component, to_native, to_peft
+from waveft_core.names.families import diffusers_unet_to_ldm, ldm_unet_to_diffusers, split_component, to_native, to_peft
 
 PAIRS = [
     ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),

@@ -53,7 +53,9 @@ def test_the_wheel_holds_the_library_only(installed):
     names = zipfile.ZipFile(wheel).namelist()
     packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert packages == {"waveft_core"}
-    assert "waveft_core/storage.py" in names and not any(n.startswith(("nodes/", "a1111/", "tests/")) for n in names)
+    assert "waveft_core/files/storage.py" in names and not any(
+        n.startswith(("nodes/", "a1111/", "tests/")) for n in names
+    )
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "waveft = waveft_core.cli:main" in entry_points
 

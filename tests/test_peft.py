@@ -7,7 +7,7 @@ import torch
 from reference import reference_delta, rel_err
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
+from waveft_core.convert.peft_io import peft_positions
 
 peft = pytest.importorskip("peft", reason="the real PEFT package is the reference; pip install peft")
 from peft import PeftModel, WaveFTConfig, get_peft_model  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 from reference import rel_err
 
 import waveft_core as wft
-from waveft_core.names import diffusers_unet_to_ldm
+from waveft_core.names.families import diffusers_unet_to_ldm
 
 peft = pytest.importorskip("peft", reason="the real PEFT package is the reference")
 diffusers = pytest.importorskip("diffusers", reason="the real diffusers package saves the adapters under test")
@@ -484,7 +484,7 @@ def test_cli_components_with_different_wavelets_convert_in_one_command(saved, ba
 def test_base_layouts_agree_on_every_weight(bases):
     """The three base forms name the same weights with the same shapes (CLIP-G's fused q/k/v split included),
     and a ComfyUI CLIP's own state-dict keys read the same."""
-    from waveft_core.layouts import base_shapes
+    from waveft_core.names.layouts import base_shapes
 
     single, folder, state = (base_shapes(bases[k]) for k in ("single file", "diffusers folder", "state dict"))
     wanted = {n for n in folder.shapes if n.endswith(("_proj", "to_q", "to_k", "to_v", "to_out.0"))}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from reference import random_layer, reference_delta, rel_err
 
 import waveft_core.separable as bypass
-from waveft_core.host_adapter import adapter_class
+from waveft_core.hosts.weight_adapter import adapter_class
 
 WaveFTAdapter = adapter_class(object)
 # Output rounded once into the dtype (and the spectrum cast to it by the hook): about one rounding of each

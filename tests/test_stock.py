@@ -1,5 +1,5 @@
 """FORMAT.md extension 4: the layers ComfyUI's own Train LoRA node trains and saves with algorithm "WaveFT"
-(waveft_core/stock.py), without a host: the same math as Train WaveFT, a layout that survives every float dtype
+(waveft_core/hosts/stock.py), without a host: the same math as Train WaveFT, a layout that survives every float dtype
 the node casts to, and files every reader (and `waveft info`) takes, or refuses naming the key."""
 
 import subprocess
@@ -11,9 +11,10 @@ from reference import ROOT, reference_delta
 from safetensors.torch import save_file
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
-from waveft_core.stock import StockTrainable, as_native, coefficient_count, decode_layout, stock_layer
-from waveft_core.trainable import TrainableLayer
+from waveft_core.convert.peft_io import peft_positions
+from waveft_core.files import fileformat
+from waveft_core.hosts.stock import StockTrainable, as_native, coefficient_count, decode_layout, stock_layer
+from waveft_core.training.trainable import TrainableLayer
 
 
 def trained(shape, rank, seed=0):
@@ -126,7 +127,7 @@ def test_damaged_stock_files_are_refused_naming_the_key(tmp_path):
     nan["m.q.spectrum"] = tensors["m.q.spectrum"].clone()
     nan["m.q.spectrum"][0] = float("nan")
     with pytest.raises(wft.WaveFTFileError, match="NaN"):
-        wft.fileformat.adapter_from_tensors(nan, {}, "f.safetensors")
+        fileformat.adapter_from_tensors(nan, {}, "f.safetensors")
 
 
 def test_only_layers_that_follow_the_rule_can_be_continued_by_the_stock_node():

@@ -1,6 +1,6 @@
-"""The stock LoRA loader's blind spot: WaveFT layers its key map cannot place (waveft_core/stock_loader.py)."""
+"""The stock LoRA loader's blind spot: WaveFT layers its key map cannot place (waveft_core/hosts/stock_loader.py)."""
 
-from waveft_core.stock_loader import (
+from waveft_core.hosts.stock_loader import (
     is_text_encoder_layer,
     only_text_encoder_layers,
     unclaimed_layers,
@@ -59,8 +59,8 @@ def test_message_names_the_file_the_layers_shortened_and_what_to_do():
 def test_layers_on_one_weight_or_overlapping_slices_are_refused_naming_both():
     import pytest
 
-    from waveft_core.matching import SharedTargetError
-    from waveft_core.stock_loader import refuse_layers_on_one_weight
+    from waveft_core.hosts.stock_loader import refuse_layers_on_one_weight
+    from waveft_core.names.matching import SharedTargetError
 
     qkv = "diffusion_model.blocks.0.qkv.weight"
     kmap = {
@@ -87,8 +87,8 @@ def test_settings_tensors_are_checked_against_the_metadata_they_mirror():
     import pytest
     import torch
 
-    from waveft_core.stock_loader import check_mirrors_against_metadata
-    from waveft_core.storage import WaveFTFileError
+    from waveft_core.files.storage import WaveFTFileError
+    from waveft_core.hosts.stock_loader import check_mirrors_against_metadata
 
     mirrors = {
         "waveft.wavelet": torch.tensor(list(b"db2"), dtype=torch.uint8),

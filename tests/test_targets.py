@@ -5,7 +5,7 @@ output of Flux's single blocks; "+ feed-forward" adds exactly the blocks' feed-f
 import pytest
 import torch
 
-from waveft_core.trainable import is_target
+from waveft_core.training.trainable import is_target
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -108,7 +108,7 @@ def main() -> int:
     from selenium import webdriver
 
     import waveft_core as wft
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     base = Path(tempfile.mkdtemp(prefix="waveft_frontend_"))
     for d in ("models/waveft", "custom_nodes", "input", "output", "user"):

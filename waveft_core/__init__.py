@@ -21,8 +21,8 @@ except ImportError as e:  # the one dependency this package cannot install for y
     ) from e
 
 from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
-from .fileformat import FORMAT_VERSION
-from .storage import WaveFTFileError
+from .files.fileformat import FORMAT_VERSION
+from .files.storage import WaveFTFileError
 from .wavelets import SUPPORTED_WAVELETS, UnknownWaveletError
 
 __all__ = [
@@ -73,7 +73,7 @@ def load(
 ) -> Adapter:
     """Load a WaveFT adapter: a native v1 file, or one that stores no positions or shapes: a PEFT folder (one
     adapter, several by name, or one sub-folder per pipeline component), a diffusers .safetensors file, or a
-    kohya-style file from another trainer (lora-scripts-next; kohya_waveft.py). Those need
+    kohya-style file from another trainer (lora-scripts-next; kohya.py). Those need
     `base`, the model it was trained on (a single-file checkpoint, a diffusers folder, a state dict or
     {name: shape}, or a function (peft_name, native_name) -> shape), to draw each layer's positions.
 
@@ -81,14 +81,15 @@ def load(
     adapter: the adapter's name in a folder holding several. overrides: wavelet_family, scaling,
     random_loc_seed, use_idwt, for adapters saved without them (PEFT's defaults otherwise). components: only
     these pipeline components ('unet', 'text_encoder', 'text_encoder_2', 'transformer') of a multi-part one."""
-    from . import fileformat, kinds, kohya_waveft, peft_io, sources
+    from .convert import peft_io, sources
+    from .files import fileformat, kinds, kohya
 
     spelling = spelling or peft_io.PYTHON
     path = Path(path)
     if path.is_file() and path.name != sources.CONFIG_NAME:
         tensors, metadata = fileformat.read_tensors_and_metadata(path)
         if kinds.file_kind(tensors, metadata) == kinds.KOHYA:
-            return kohya_waveft.load(tensors, metadata, path, base, spelling.base)
+            return kohya.load(tensors, metadata, path, base, spelling.base)
         if not sources.is_spectra_file(tensors) or "waveft.format_version" in metadata:
             return fileformat.adapter_from_tensors(tensors, metadata, path)
     return load_peft(
@@ -106,7 +107,8 @@ def load_peft(
     spelling=None,
 ) -> Adapter:
     """A PEFT folder or diffusers file (see `load`) resolved against `base`."""
-    from . import layouts, peft_io, sources
+    from .convert import peft_io, sources
+    from .names import layouts
 
     spelling = spelling or peft_io.PYTHON
     source = sources.read_source(path, adapter, spelling.adapter)  # a bad path is reported before a missing base
@@ -135,13 +137,13 @@ def load_peft(
 
 def save(adapter: Adapter, path) -> Path:
     """Write a native v1 file atomically."""
-    from . import fileformat
+    from .files import fileformat
 
     return fileformat.write(adapter, path)
 
 
 def save_peft(adapter: Adapter, out_dir, base_model_name: str | None = None):
     """Write PEFT folder(s); refuses adapters whose positions PEFT could not reproduce."""
-    from . import peft_io
+    from .convert import peft_io
 
     return peft_io.export_peft(adapter, out_dir, base_model_name)

@@ -7,16 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .names import ENCODERS
-from .printable import PrintableStream, printable
-from .storage import refuse_overwrite
+from .files.printable import PrintableStream, printable
+from .files.storage import refuse_overwrite
+from .names.families import ENCODERS
 
 
 def _stores_positions(path: Path) -> bool:
     """A native file; anything else (PEFT folder, diffusers file) needs a base model for its positions."""
-    from .fileformat import read_tensors_and_metadata
-    from .kinds import KOHYA, file_kind
-    from .sources import CONFIG_NAME, is_spectra_file
+    from .convert.sources import CONFIG_NAME, is_spectra_file
+    from .files.fileformat import read_tensors_and_metadata
+    from .files.kinds import KOHYA, file_kind
 
     if not path.is_file() or path.name == CONFIG_NAME:
         return False
@@ -28,16 +28,16 @@ def _stores_positions(path: Path) -> bool:
 
 def _describe_without_base(path: Path, args) -> str:
     """What a file that needs a base model holds, told without one."""
-    from . import kohya_waveft
-    from .fileformat import read_tensors_and_metadata
-    from .kinds import KOHYA, file_kind
-    from .peft_io import CLI
-    from .sources import describe, read_source
+    from .convert.peft_io import CLI
+    from .convert.sources import describe, read_source
+    from .files import kohya
+    from .files.fileformat import read_tensors_and_metadata
+    from .files.kinds import KOHYA, file_kind
 
     if path.is_file() and path.suffix == ".safetensors":
         tensors, metadata = read_tensors_and_metadata(path)
         if file_kind(tensors, metadata) == KOHYA:
-            return kohya_waveft.describe(kohya_waveft.read(tensors, metadata, path))
+            return kohya.describe(kohya.read(tensors, metadata, path))
     return describe(read_source(path, args.adapter_name, CLI.adapter), _overrides(args))
 
 
@@ -54,7 +54,7 @@ def _overrides(args) -> dict:
 def _load(args, path, base=None):
     """Any adapter form, with the command's --base/--clip/--adapter/settings, and messages in flags."""
     from . import load
-    from .peft_io import CLI
+    from .convert.peft_io import CLI
 
     return load(
         path,
@@ -121,7 +121,7 @@ def _cmd_convert(args) -> int:
 def _cmd_to_lora(args) -> int:
     import torch
 
-    from .lora import save_lora, to_lora
+    from .convert.lora import save_lora, to_lora
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     refuse_overwrite(Path(args.dst), args.src, args.base, overwrite=args.overwrite)
@@ -144,9 +144,9 @@ def _cmd_to_lora(args) -> int:
 
 def _cmd_extract(args) -> int:
     from . import save
-    from .extract import checkpoint_deltas, extract
-    from .layouts import checkpoint_module_names
-    from .lora import lora_deltas
+    from .convert.extract import checkpoint_deltas, extract
+    from .convert.lora import lora_deltas
+    from .names.layouts import checkpoint_module_names
 
     dst = Path(args.dst)
     if dst.suffix.lower() != ".safetensors":
@@ -155,7 +155,7 @@ def _cmd_extract(args) -> int:
     if args.lora:
         if args.finetuned:
             raise ValueError("give either --lora or --finetuned, not both")
-        from .fileformat import read_tensors_and_metadata
+        from .files.fileformat import read_tensors_and_metadata
 
         tensors, source_md = read_tensors_and_metadata(args.lora)
         known = checkpoint_module_names(args.base) if args.base else None
@@ -199,7 +199,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .merge import merge_into_checkpoint
+    from .convert.merge import merge_into_checkpoint
 
     refuse_overwrite(Path(args.out), args.checkpoint, args.adapter, overwrite=args.overwrite)
     ad = _load(args, args.adapter, base=args.checkpoint)  # the checkpoint is the base of a PEFT/diffusers adapter
@@ -215,7 +215,7 @@ def _cmd_merge(args) -> int:
 
 def _cmd_train(args) -> int:
     try:
-        from .accelerate_train import run
+        from .training.accelerate_train import run
     except ImportError as e:  # the optional extra
         raise ValueError(
             f"training from the command line needs accelerate, diffusers and transformers ({e}); "
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.set_defaults(func=_cmd_merge)
 
-    from .accelerate_train import add_arguments as train_arguments
+    from .training.accelerate_train import add_arguments as train_arguments
 
     train = sub.add_parser(
         "train",

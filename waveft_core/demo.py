@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import load, save
-from .trainable import TrainableLayer, adapter_from_trainables
+from .training.trainable import TrainableLayer, adapter_from_trainables
 
 
 def _make_models(seed: int):

@@ -14,7 +14,7 @@ import torch
 from conftest import COMFY
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
+from waveft_core.convert.peft_io import peft_positions
 
 
 def _free_port():

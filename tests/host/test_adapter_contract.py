@@ -17,7 +17,7 @@ from host_tools import FLUX, patcher_for
 from reference import reference_delta, rel_err
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
+from waveft_core.convert.peft_io import peft_positions
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SD15_WAVELET = "db4"  # one wavelet per native file; db4's 8x8 patches also clip at every edge

@@ -534,8 +534,8 @@ def test_anima_is_a_known_family_and_its_native_files_apply_exactly(pack, waveft
     import comfy.supported_models as sm
 
     import waveft_core as wft
-    from waveft_core.names import family_of
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
+    from waveft_core.names.families import family_of
 
     mp = patcher_for(sm.Anima, ANIMA)
     assert pack.nodes.train_loop.base_model_version(mp) == "anima"  # what Train/Save WaveFT write into the file
@@ -579,7 +579,7 @@ def test_a_layer_that_does_not_fit_its_rows_is_refused_naming_it_and_nothing_is_
     import comfy.supported_models as sm
 
     import waveft_core as wft
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     mp = patcher_for(sm.Lumina2, LUMINA2)
     width, kv_rows = LUMINA2["dim"], LUMINA2["dim"] // LUMINA2["n_heads"] * LUMINA2["n_kv_heads"]
@@ -606,7 +606,7 @@ def test_every_spelling_of_a_lumina2_name_the_host_lists_gets_the_grouped_rows(p
     each with rows a third of the fused weight would have if k and v had q's heads: none of them may keep those."""
     import comfy.supported_models as sm
 
-    from waveft_core.matching import resolve
+    from waveft_core.names.matching import resolve
 
     mp = patcher_for(sm.Lumina2, LUMINA2)
     kmap, shapes = pack.nodes.host.key_map(mp), pack.nodes.host.weight_shapes(mp)

@@ -125,7 +125,7 @@ def test_presets_select_the_same_kinds_of_layer_on_every_family(pack, fam):
 def test_a_model_the_presets_do_not_know_gets_its_layer_names(pack, monkeypatch):
     import sys
 
-    trainable = sys.modules[pack.__name__ + ".waveft_core.trainable"]  # the pack's own copy
+    trainable = sys.modules[pack.__name__ + ".waveft_core.training.trainable"]  # the pack's own copy
     fam = FAMILIES[0]
     monkeypatch.setattr(trainable, "_ATTENTION_MODULES", frozenset())
     monkeypatch.setattr(trainable, "_FUSED_ATTENTION", {})
@@ -148,7 +148,7 @@ def test_on_real_flux_blocks_torch_checkpoint_is_silently_wrong_and_ours_is_exac
     import comfy.supported_models as sm
     from dit_models import BY_NAME
 
-    checkpointing = sys.modules[pack.__name__ + ".waveft_core.checkpointing"]
+    checkpointing = sys.modules[pack.__name__ + ".waveft_core.training.checkpointing"]
     train_loop = pack.nodes.train_loop
     fam = BY_NAME["flux"]
     torch.manual_seed(0)

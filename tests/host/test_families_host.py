@@ -7,7 +7,7 @@ import torch
 from host_tools import FLUX, SD3, SDXL, patched_weights, patcher_for
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
+from waveft_core.convert.peft_io import peft_positions
 
 
 def layers_for(shapes: dict) -> wft.Adapter:
@@ -146,7 +146,7 @@ class FakeSDXLClip(torch.nn.Module):
 def test_sdxl_text_encoder_names(pack, spelling, encoder):
     import comfy.lora
 
-    from waveft_core.matching import match_layers
+    from waveft_core.names.matching import match_layers
 
     clip = FakeSDXLClip()
     kmap = comfy.lora.model_lora_keys_clip(clip, {})

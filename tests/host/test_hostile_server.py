@@ -245,7 +245,7 @@ Q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
 def _layer(shape, seed=0, p=200):
     import torch
 
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     g = torch.Generator().manual_seed(seed)
     return wft.Layer(

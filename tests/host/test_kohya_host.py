@@ -318,7 +318,7 @@ def test_stock_loader_fails_on_a_v1_file_without_settings_tensors(pack, sd15, lo
     so it cannot apply it; the node fails naming the file and the node that can, instead of patching nothing."""
     import nodes
     import waveft_core as wft
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     model, _, _ = sd15
     shape = tuple(model.model.state_dict()["diffusion_model.middle_block.1.proj_in.weight"].shape)
@@ -342,7 +342,7 @@ def test_a_format_2_file_with_several_wavelets_applies_per_layer_through_both_lo
     """Each layer's own wavelet and use_idwt (FORMAT.md format 2) reach the stock loader's adapter too."""
     import nodes
     import waveft_core as wft
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     model, _, _ = sd15
     sd = model.model.state_dict()
@@ -435,7 +435,7 @@ def test_stock_loader_fails_on_spectra_without_positions(pack, sd15, loras_dir):
 
 def _native_layer(shape, count=20, seed=0):
     import waveft_core as wft
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     return wft.Layer(
         spectrum=torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.01,

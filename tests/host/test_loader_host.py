@@ -9,7 +9,7 @@ from host_tools import patched_weights
 from reference import reference_delta, rel_err
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
+from waveft_core.convert.peft_io import peft_positions
 
 UNET_LAYERS = {  # native name -> how many coefficients
     "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": 2592,
@@ -367,7 +367,7 @@ def test_our_unet_names_agree_with_comfyui_for_sd15_and_sdxl():
     import comfy.supported_models
     import comfy.utils
 
-    from waveft_core.names import diffusers_unet_to_ldm
+    from waveft_core.names.families import diffusers_unet_to_ldm
 
     sd15 = dict(
         comfy.supported_models.SD15.unet_config,

@@ -17,7 +17,7 @@ DIFFUSERS = "unet.mid_block.attentions.0.proj_in"
 
 def _layer(shape, seed=0, count=30):
     import waveft_core as wft
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     return wft.Layer(
         spectrum=torch.randn(count, generator=torch.Generator().manual_seed(seed)) * 0.01,

@@ -12,7 +12,8 @@ import torch
 from reference import reference_delta
 
 import waveft_core as wft
-from waveft_core.peft_io import peft_positions
+from waveft_core.convert.peft_io import peft_positions
+from waveft_core.files import fileformat
 
 DEFAULTS = dict(
     batch_size=1,
@@ -228,7 +229,7 @@ def test_a_damaged_layout_is_refused_naming_the_key(pack, sd15, data, monkeypatc
     broken[key] = broken[key].clone()
     broken[key][-1] += 1  # the positions' checksum no longer fits
     with pytest.raises(wft.WaveFTFileError, match=key.replace(".", r"\.") + ".*checksums differ"):
-        wft.fileformat.adapter_from_tensors(broken, {}, "x.safetensors")
+        fileformat.adapter_from_tensors(broken, {}, "x.safetensors")
     with pytest.raises(ValueError, match="checksums differ"):  # no silent no-op: the stock loader's node fails
         pack.nodes.host.WaveFTAdapter.load(key[: -len(".waveft_layout")], broken)
 

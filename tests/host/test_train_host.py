@@ -90,7 +90,7 @@ def test_loss_falls_and_base_model_is_untouched(pack, sd15, data, waveft_dir):
     assert torch.equal(model.model.state_dict()[key], before_w) and not model.patches
     assert eval_loss(pack, model, latent, cond) == pytest.approx(base_loss, rel=1e-6)
     # PEFT's positions for the stored seed
-    from waveft_core.peft_io import peft_positions
+    from waveft_core.convert.peft_io import peft_positions
 
     layer = adapter.layers[key[: -len(".weight")]]
     assert torch.equal(layer.indices, peft_positions(layer.shape, 400, 3))

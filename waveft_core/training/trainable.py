@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
-from .delta import DeltaPlan, compute_dtype, index_dtype, make_plan, matrix_shape, weight_plus_delta
-from .metadata import training_keys
-from .peft_io import peft_positions
-from .wavelets import check_wavelet
+from ..adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
+from ..convert.peft_io import peft_positions
+from ..delta import DeltaPlan, compute_dtype, index_dtype, make_plan, matrix_shape, weight_plus_delta
+from ..files.metadata import training_keys
+from ..wavelets import check_wavelet
 
 
 class TrainableLayer(nn.Module):
@@ -315,7 +315,7 @@ class TrainingState:
         return True
 
     def save(self, path) -> Path:
-        from .fileformat import write
+        from ..files.fileformat import write
 
         adapter = self.adapter()
         adapter.extra_tensors.update(self.optimizer_tensors)
@@ -324,7 +324,7 @@ class TrainingState:
     @classmethod
     def load(cls, path) -> "TrainingState":
         """A checkpoint (or any native file) to continue: WaveFTFileError when it cannot be read."""
-        from .fileformat import adapter_from_tensors, read_tensors_and_metadata
+        from ..files.fileformat import adapter_from_tensors, read_tensors_and_metadata
 
         tensors, metadata = read_tensors_and_metadata(path)
         adapter = adapter_from_tensors(tensors, metadata, path)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, Layer
-from .delta import index_dtype, matrix_shape
+from ..adapter import Adapter, Layer
+from ..delta import index_dtype, matrix_shape
+from ..names.families import family_of
+from ..wavelets import UnknownWaveletError, check_wavelet
 from .kinds import DESCRIPTIONS, KOHYA, file_kind
 from .limits import MAX_WEIGHT_ENTRIES, check_delta_range, check_setting
 from .metadata import content_hashes
-from .names import family_of
 from .storage import DAMAGED as _DAMAGED
 from .storage import WaveFTFileError, atomic_write, read_header
-from .wavelets import UnknownWaveletError, check_wavelet
 
 FORMAT_VERSION = 2  # 2 = 1 + per-layer wavelet/use_idwt tensors (FORMAT.md 3.2); written only when layers differ
 SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling", "waveft_wavelet", "waveft_use_idwt")
@@ -126,7 +126,7 @@ def looks_like_waveft(keys) -> bool:
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path="<memory>") -> Adapter:
     """Validate native v1 tensors and metadata (every rule of FORMAT.md section 3) into an Adapter."""
-    from .stock import as_native, is_stock_file  # (stock imports the trainer, which needs this module)
+    from ..hosts.stock import as_native, is_stock_file  # (stock imports the trainer, which needs this module)
 
     if is_stock_file(tensors):  # saved by ComfyUI's Train LoRA node: the same layers, in the native form
         tensors, metadata = as_native(tensors, metadata, path)

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import DEFAULT_SEED, Adapter, Layer
-from .delta import matrix_shape
+from ..adapter import DEFAULT_SEED, Adapter, Layer
+from ..convert.peft_io import peft_positions
+from ..delta import matrix_shape
+from ..names.families import TE_PREFIX, UNET_PREFIX
 from .kinds import DESCRIPTIONS, KOHYA, KOHYA_MARKERS
-from .names import TE_PREFIX, UNET_PREFIX
-from .peft_io import peft_positions
 from .storage import WaveFTFileError
 
 SUFFIXES = (
@@ -463,7 +463,7 @@ def load(
 ) -> Adapter:
     """A kohya-style file as an Adapter with ComfyUI-native names, on the weights of `base` (a checkpoint, a
     diffusers folder, a state dict or {name: shape}, or a function (name, name) -> shape)."""
-    from . import layouts
+    from ..names import layouts
 
     kfile = read(tensors, metadata, path)
     if base is None:

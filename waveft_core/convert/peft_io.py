@@ -15,13 +15,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from .adapter import DEFAULT_SEED, Adapter, Layer
-from .delta import index_dtype, matrix_shape
-from .limits import check_delta_range
-from .names import ENCODERS, TEXT_COMPONENTS, split_component, to_native, to_peft
+from ..adapter import DEFAULT_SEED, Adapter, Layer
+from ..delta import index_dtype, matrix_shape
+from ..files.limits import check_delta_range
+from ..files.storage import WaveFTFileError, atomic_writes
+from ..names.families import ENCODERS, TEXT_COMPONENTS, split_component, to_native, to_peft
+from ..wavelets import UnknownWaveletError, check_wavelet, peft_name
 from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, carried_metadata, settings
-from .storage import WaveFTFileError, atomic_writes
-from .wavelets import UnknownWaveletError, check_wavelet, peft_name
 
 
 def peft_positions(shape, count: int, seed: int = DEFAULT_SEED) -> torch.Tensor:

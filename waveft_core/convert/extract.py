@@ -11,12 +11,12 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
-from .delta import band_kernels, dense_delta, index_dtype, make_plan, matrix_shape, padded_grid, patch_corners
-from .layouts import Location, checkpoint_layout, detect_base_model, location_shape
-from .storage import checked_safetensors, open_safetensors, read_header
-from .trainable import is_attention
-from .wavelets import check_wavelet
+from ..adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
+from ..delta import band_kernels, dense_delta, index_dtype, make_plan, matrix_shape, padded_grid, patch_corners
+from ..files.storage import checked_safetensors, open_safetensors, read_header
+from ..names.layouts import Location, checkpoint_layout, detect_base_model, location_shape
+from ..training.trainable import is_attention
+from ..wavelets import check_wavelet
 
 # ---------------------------------------------------------------------------------------------------------
 # Lazily computed ΔW: a checkpoint's worth of dense matrices would not fit in memory at once

@@ -9,7 +9,7 @@ import os
 from collections import OrderedDict
 from typing import Callable, Hashable
 
-from .sources import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, WEIGHTS_NAME
+from ..convert.sources import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, WEIGHTS_NAME
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
 

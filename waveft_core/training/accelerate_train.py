@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from .metadata import tag_frequency
-from .names import UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy
-from .storage import refuse_overwrite
+from ..files.metadata import tag_frequency
+from ..files.storage import refuse_overwrite
+from ..names.families import UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy
+from ..wavelets import SUPPORTED_WAVELETS
 from .trainable import (
     OPTIMIZERS,
     SCHEDULES,
@@ -42,7 +43,6 @@ from .trainable import (
     lr_factor,
     make_optimizer,
 )
-from .wavelets import SUPPORTED_WAVELETS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # The paper's DreamBooth recipe (Bilican et al., SDXL): attention projections, 2592 coefficients, scaling 25, db1.
@@ -261,7 +261,7 @@ def native_name(diffusers_module: str) -> str | None:
 
 
 def diffusers_name(native: str) -> str:
-    from .names import ldm_unet_to_diffusers
+    from ..names.families import ldm_unet_to_diffusers
 
     name = ldm_unet_to_diffusers(native[len(UNET_PREFIX) :])
     if name is None:

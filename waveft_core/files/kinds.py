@@ -6,7 +6,7 @@ extension. No torch here.
   or a file the stock Train LoRA node saved with algorithm WaveFT (extension 4: `.waveft_layout`; the native reader
   turns it into the native form)
 - kohya: a kohya sd-scripts WaveFT network's file (lora-scripts-next): (row, col) positions, a seed and a
-  family code per layer, no shapes (kohya_waveft.py)
+  family code per layer, no shapes (kohya.py)
 - spectra: PEFT's adapter_model.safetensors or a diffusers LoRA file: spectra without positions (sources.py)
 - lora: a LoRA/LyCORIS file (lora_up/lora_down, lora_A/lora_B, hada_, lokr_ …), not WaveFT at all
 - other: none of those"""

@@ -22,12 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import kinds
-from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Layer
-from .delta import dense_delta, matrix_shape
-from .peft_io import peft_positions
-from .storage import DAMAGED, WaveFTFileError
-from .trainable import TrainableLayer
+from ..adapter import DEFAULT_SCALING, DEFAULT_SEED, Layer
+from ..convert.peft_io import peft_positions
+from ..delta import dense_delta, matrix_shape
+from ..files import kinds
+from ..files.storage import DAMAGED, WaveFTFileError
+from ..training.trainable import TrainableLayer
 
 ALGORITHM = "WaveFT"  # the name in the stock node's `algorithm` list
 SPECTRUM = "spectrum"

@@ -63,7 +63,7 @@ def delta_gain(wavelet: str | None) -> float:
     product of the largest same-parity sums of |taps| of the row and column filters."""
     if wavelet is None:
         return 1.0
-    from .wavelets import reconstruction_filters
+    from ..wavelets import reconstruction_filters
 
     lo, hi = reconstruction_filters(wavelet)
     parity = [max(float(abs(f[0::2]).sum()), float(abs(f[1::2]).sum())) for f in (lo, hi)]

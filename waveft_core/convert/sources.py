@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .fileformat import read_tensors_and_metadata
-from .limits import check_setting
-from .names import TEXT_COMPONENTS
-from .storage import PICKLE_SUFFIXES, WaveFTFileError
+from ..files.fileformat import read_tensors_and_metadata
+from ..files.limits import check_setting
+from ..files.storage import PICKLE_SUFFIXES, WaveFTFileError
+from ..names.families import TEXT_COMPONENTS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

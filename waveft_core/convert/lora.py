@@ -13,12 +13,12 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .adapter import Adapter
+from ..adapter import Adapter
+from ..files.limits import check_dense
+from ..files.metadata import content_hashes
+from ..files.storage import atomic_write
+from ..names.families import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_of, to_native
 from .extract import LazyDeltas
-from .limits import check_dense
-from .metadata import content_hashes
-from .names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_of, to_native
-from .storage import atomic_write
 
 # ---------------------------------------------------------------------------------------------------------
 # Names: native <-> kohya

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from .fileformat import _check_mirrors, _parse_bool, _parse_float
-from .kinds import SPECTRUM
-from .matching import refuse_overlapping_targets
-from .names import TE_PREFIX, UNET_PREFIX, split_component
+from ..files.fileformat import _check_mirrors, _parse_bool, _parse_float
+from ..files.kinds import SPECTRUM
+from ..names.families import TE_PREFIX, UNET_PREFIX, split_component
+from ..names.matching import refuse_overlapping_targets
 
 # kohya's text-encoder spellings: lora_te_, lora_te1_ … lora_te3_, lora_prior_te_ (Stable Cascade)
 _KOHYA_TE = re.compile(r"lora_(prior_)?te\d?_")

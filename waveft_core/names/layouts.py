@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .names import ENCODERS, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy, hf_text_model_name
-from .storage import checked_safetensors, read_header
+from ..files.storage import checked_safetensors, read_header
+from .families import ENCODERS, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy, hf_text_model_name
 
 _CLIP_L_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 _OPENCLIP_PREFIXES = {"conditioner.embedders.1.model.": "clip_g", "cond_stage_model.model.": "clip_h"}

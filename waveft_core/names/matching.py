@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from .names import ENCODERS, TE_PREFIX, split_component, to_native
+from .families import ENCODERS, TE_PREFIX, split_component, to_native
 
 _TE_KOHYA = {
     "text_encoder": ("lora_te1_", "lora_te_"),

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, Layer
-from .delta import compute_dtype, matrix_shape
-from .layouts import Location, checkpoint_layout, location_shape
-from .storage import atomic_write, checked_safetensors, open_safetensors, read_header
+from ..adapter import Adapter, Layer
+from ..delta import compute_dtype, matrix_shape
+from ..files.storage import atomic_write, checked_safetensors, open_safetensors, read_header
+from ..names.layouts import Location, checkpoint_layout, location_shape
 
 
 def merge_into_checkpoint(
@@ -26,7 +26,7 @@ def merge_into_checkpoint(
 
     A layer that matches no weight or whose shape differs raises ValueError naming it; with strict=False such
     layers are skipped and listed in report['skipped']. Report: {'merged', 'tensors_changed', 'skipped'}."""
-    from . import load
+    from .. import load
 
     if not isinstance(adapter, Adapter):
         adapter = load(adapter)

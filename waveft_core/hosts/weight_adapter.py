@@ -15,19 +15,19 @@ import logging
 
 import torch
 
-from . import kinds
-from .adapter import Layer
-from .delta import compute_dtype, dense_delta
-from .fileformat import FORMAT_VERSION, adapter_from_tensors
-from .fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
-from .kohya_waveft import SUFFIXES as KOHYA_SUFFIXES
-from .kohya_waveft import PendingLayer, seed_hint_of_file
-from .kohya_waveft import read as read_kohya
-from .matching import same_matrix
-from .printable import printable
-from .separable import add_delta, bypass_output, conv_arguments, separable_plan
+from ..adapter import Layer
+from ..delta import compute_dtype, dense_delta
+from ..files import kinds
+from ..files.fileformat import FORMAT_VERSION, adapter_from_tensors
+from ..files.fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
+from ..files.kohya import SUFFIXES as KOHYA_SUFFIXES
+from ..files.kohya import PendingLayer, seed_hint_of_file
+from ..files.kohya import read as read_kohya
+from ..files.printable import printable
+from ..files.storage import WaveFTFileError
+from ..names.matching import same_matrix
+from ..separable import add_delta, bypass_output, conv_arguments, separable_plan
 from .stock import LAYOUT, SPECTRUM, StockTrainable, stock_layer
-from .storage import WaveFTFileError
 
 MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
 SPARSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -63,7 +63,7 @@ def mirrored_metadata(tensors: dict) -> dict:
 
 
 def _is_pending(weights) -> bool:
-    """weights of a layer whose shape is not known yet (kohya_waveft.PendingLayer), duck-typed like check_packed."""
+    """weights of a layer whose shape is not known yet (kohya.PendingLayer), duck-typed like check_packed."""
     return (
         isinstance(weights, (tuple, list))
         and len(weights) == 3

@@ -1,0 +1,3 @@
+"""Training: trainable WaveFT layers, optimisers and schedules (trainable), per-block checkpointing for blocks
+that write into their inputs (checkpointing), and the accelerate trainer behind `waveft train`
+(accelerate_train)."""
