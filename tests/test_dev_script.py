@@ -46,3 +46,22 @@ def test_dev_hosts_leaves_a_fresh_checkout_clean(tmp_path):
     assert logs == ["host-0.33.0.log", "host-0.8.0.log"]
     assert "building ComfyUI 0.8.0" in (repo / ".venv" / "logs" / "host-0.8.0.log").read_text()
     assert _git(repo, "status", "--porcelain") == ""
+
+
+def _repo_with_commit(dest: Path, subject: str) -> Path:
+    (dest / "tools").mkdir(parents=True)
+    shutil.copy2(ROOT / "tools" / "check_subjects.py", dest / "tools" / "check_subjects.py")
+    _git(dest, "init", "-q")
+    _git(dest, "add", "-A")
+    _git(dest, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", subject, "-m", "body")
+    return dest
+
+
+def test_a_commit_subject_longer_than_a_line_fails_the_check(tmp_path):
+    check = [sys.executable, "tools/check_subjects.py"]
+    short = _repo_with_commit(tmp_path / "short", "x" * 72)
+    assert subprocess.run(check, cwd=short, capture_output=True, text=True).returncode == 0
+    long = _repo_with_commit(tmp_path / "long", "y" * 73)
+    run = subprocess.run(check, cwd=long, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "subject is 73 characters, more than 72" in run.stderr
