@@ -1,4 +1,4 @@
-"""WaveFT to LoRA and LoRA to WaveFT as nodes (the conversions live in waveft_core.convert)."""
+"""WaveFT to LoRA, LoRA to WaveFT and Merge into Checkpoint as nodes (the conversions live in waveft_core/convert/)."""
 
 from __future__ import annotations
 

@@ -75,11 +75,6 @@ def save_folder(kind: str = FOLDER) -> str:
     return dirs[0] if dirs else os.path.join(folder_paths.models_dir, kind)
 
 
-def output_folder() -> str:
-    """Where trained adapters and training checkpoints are written: the first models/waveft folder."""
-    return save_folder(FOLDER)
-
-
 def new_adapter_path(prefix: str, suffix: str = "", kind: str = FOLDER) -> str:
     """A new file under models/<kind> (waveft or loras) for `prefix` (see free_path)."""
     return free_path(save_folder(kind), prefix, suffix, f"models/{kind}")

@@ -323,7 +323,7 @@ class TrainRun:
                     )
                     xt = sampling.noise_scaling(sigma.view(-1, *([1] * (x0.dim() - 1))), noise, x0)
                     model_wrap.conds["positive"] = per_image[members[0]]
-                    # the guard: DiT blocks add into tensors autograd keeps (checkpointing.py)
+                    # the guard: DiT blocks add into tensors autograd keeps (waveft_core/training/checkpointing.py)
                     with torch.autocast(device.type, dtype=dtype, enabled=autocast), saved_tensors_guard():
                         pred = model_wrap(xt, sigma, **extra_args)
                     loss = torch.nn.functional.mse_loss(pred.float(), x0.float())

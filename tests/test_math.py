@@ -175,17 +175,19 @@ def test_unknown_wavelet_is_refused():
 
 
 def test_a_packed_layer_computes_from_the_tensors_it_is_given():
-    """Layer.packed() is what a host that moves adapter tensors itself holds (ComfyUI's adapter rebuild): the
-    spectrum and the plan as tensors, and the layer as a plain value. unpack() uses the tensors handed back,
-    not the layer's own, and falls back to the layer's plan only when a host has cast the plan's tensors."""
+    """weight_adapter.packed(layer) is what a host that moves adapter tensors itself holds (ComfyUI's adapter
+    rebuild): the spectrum and the plan as tensors, and the layer as a plain value. unpack() uses the tensors
+    handed back, not the layer's own, and falls back to the layer's plan only when a host has cast the plan's
+    tensors."""
     from waveft_core.delta import add_into
+    from waveft_core.hosts.weight_adapter import packed, unpack
 
     layer = random_layer((21, 34), 60, "db3")
-    spectrum, plan_tensors, same = layer.packed()
+    spectrum, plan_tensors, same = packed(layer)
     assert same is layer and spectrum is layer.spectrum and len(plan_tensors) == 7
     # a host's copies (as prefetch_prepared_value makes them): new storage, same values
     moved = (spectrum.clone() * 2, tuple(t.clone() for t in plan_tensors), layer)
-    got_layer, got_spectrum, plan = wft.Layer.unpack(moved, "cpu")
+    got_layer, got_spectrum, plan = unpack(moved, "cpu")
     assert got_layer is layer and got_spectrum is moved[0]
     assert all(a is b for a, b in zip(plan.tensors(), moved[1]))  # the plan is not rebuilt, its tensors are used
     w = torch.zeros(21, 34)
@@ -194,10 +196,10 @@ def test_a_packed_layer_computes_from_the_tensors_it_is_given():
     assert rel_err(w, ref) < 1e-6
     # positions cast to a float type (as a bypass hook casts top-level weights) are not positions any more
     cast = (spectrum, tuple(t.to(torch.bfloat16) for t in plan_tensors), layer)
-    assert wft.Layer.unpack(cast, "cpu")[2] is layer.plan("cpu", torch.float32)
+    assert unpack(cast, "cpu")[2] is layer.plan("cpu", torch.float32)
     assert layer.plan().with_tensors(plan_tensors[:-1]) is None
     with pytest.raises(TypeError, match="packed WaveFT layer"):
-        wft.Layer.unpack((spectrum, plan_tensors), "cpu")
+        unpack((spectrum, plan_tensors), "cpu")
 
 
 def test_training_state_round_trips_through_its_checkpoint(tmp_path):

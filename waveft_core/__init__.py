@@ -73,7 +73,7 @@ def load(
 ) -> Adapter:
     """Load a WaveFT adapter: a native v1 file, or one that stores no positions or shapes: a PEFT folder (one
     adapter, several by name, or one sub-folder per pipeline component), a diffusers .safetensors file, or a
-    kohya-style file from another trainer (lora-scripts-next; kohya.py). Those need
+    kohya-style file from another trainer (lora-scripts-next; files/kohya.py). Those need
     `base`, the model it was trained on (a single-file checkpoint, a diffusers folder, a state dict or
     {name: shape}, or a function (peft_name, native_name) -> shape), to draw each layer's positions.
 

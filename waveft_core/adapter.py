@@ -68,42 +68,6 @@ class Layer:
         plan = self.plan(weight.device, compute)
         return add_into(weight, plan, self.spectrum, float(self.scaling) * float(strength))
 
-    # --- the layer as a bundle a host moves itself --------------------------------------------------
-
-    def packed(self) -> tuple:
-        """(spectrum, plan tensors, layer): everything the weight change needs, for a host that moves and
-        rebuilds an adapter's tensors itself (ComfyUI's adapter rebuild and bypass hook). The per-layer plan
-        travels as tensors, so a rebuilt adapter never recomputes it and finds it on the device the host put
-        it; the layer itself is a plain value a host passes through, holding the scaling and the plan's
-        plain fields, and a fallback when a host has cast the plan tensors (see `unpack`)."""
-        return (self.spectrum, self.plan(torch.device("cpu"), torch.float32).tensors(), self)
-
-    @staticmethod
-    def check_packed(packed) -> None:
-        """TypeError unless `packed` has the form `packed()` gives (cheap: no tensor is looked at)."""
-        # duck-typed: a second import of this library under another package name makes another Layer class
-        if not (
-            isinstance(packed, (tuple, list))
-            and len(packed) == 3
-            and isinstance(packed[0], torch.Tensor)
-            and callable(getattr(packed[2], "plan", None))
-            and hasattr(packed[2], "scaling")
-        ):
-            raise TypeError("not a packed WaveFT layer: expected (spectrum, plan tensors, Layer) from Layer.packed()")
-
-    @staticmethod
-    def unpack(packed, device) -> tuple["Layer", torch.Tensor, DeltaPlan]:
-        """(layer, spectrum, plan) from what `packed()` made, after a host moved its tensors. The tensors are
-        used where they are; a plan whose tensors are not on `device`, or were cast, comes from the layer's
-        own cache for that device instead (built once per device)."""
-        Layer.check_packed(packed)
-        spectrum, plan_tensors, layer = packed
-        device = torch.device(device)  # from a tensor, so it carries its index (cuda:0)
-        plan = layer.plan(torch.device("cpu"), torch.float32).with_tensors(plan_tensors)
-        if plan is None or plan.order.device != device:
-            plan = layer.plan(device, torch.float32)
-        return layer, spectrum, plan
-
 
 @dataclass(eq=False)
 class Adapter:

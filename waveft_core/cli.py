@@ -1,5 +1,5 @@
-"""waveft (or python -m waveft_core): inspect, convert, extract, merge and demo WaveFT adapters. Errors: one line
-on stderr, exit 1."""
+"""python -m waveft_core (installed with pip, also `waveft`): inspect, convert, extract, merge and demo WaveFT
+adapters. Errors: one line on stderr, exit 1."""
 
 from __future__ import annotations
 
@@ -283,7 +283,8 @@ def _source_options(p, base_help: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="waveft", description=__doc__, formatter_class=_Help)
+    # One name in every message: `python -m waveft_core` also works in a ComfyUI folder, without installing
+    p = argparse.ArgumentParser(prog="python -m waveft_core", description=__doc__, formatter_class=_Help)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_parser_with_defaults)
 
     info = sub.add_parser("info", help="layers, parameters, wavelet, scaling, base model and metadata of an adapter")

@@ -18,6 +18,7 @@ from reference import reference_delta, rel_err
 
 import waveft_core as wft
 from waveft_core.convert.peft_io import peft_positions
+from waveft_core.hosts.weight_adapter import packed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SD15_WAVELET = "db4"  # one wavelet per native file; db4's 8x8 patches also clip at every edge
@@ -367,5 +368,5 @@ def test_adapter_needs_its_packed_weights(pack):
     layer = wft.Layer(spectrum=torch.ones(3), indices=torch.arange(3), shape=(4, 4))
     with pytest.raises(TypeError, match="packed WaveFT layer"):
         pack.nodes.host.WaveFTAdapter(set(), layer)
-    adapter = pack.nodes.host.WaveFTAdapter(set(), layer.packed())
+    adapter = pack.nodes.host.WaveFTAdapter(set(), packed(layer))
     assert adapter.calculate_shape("k") is None

@@ -64,7 +64,3 @@ def is_waveft(keys: Iterable[str], metadata: Mapping[str, str] | None = None) ->
         or metadata.get("ss_adapter_algorithm") == "waveft"
         or file_kind(keys, metadata) in (NATIVE, KOHYA, SPECTRA)
     )
-
-
-def describe_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
-    return DESCRIPTIONS[file_kind(keys, metadata)]

@@ -36,7 +36,7 @@ from ..adapter import DEFAULT_SEED, Adapter, Layer
 from ..convert.peft_io import peft_positions
 from ..delta import matrix_shape
 from ..names.families import TE_PREFIX, UNET_PREFIX
-from .kinds import DESCRIPTIONS, KOHYA, KOHYA_MARKERS
+from .kinds import DESCRIPTIONS, KOHYA
 from .storage import WaveFTFileError
 
 SUFFIXES = (
@@ -55,11 +55,6 @@ TRAINER = DESCRIPTIONS[KOHYA]
 RESAVE = (
     "re-save it from the training state with save_precision float (their GUI: 'save precision' fp32), or train again"
 )
-
-
-def is_kohya_waveft(keys) -> bool:
-    """Keys (or a header's tensor names) of a kohya-style WaveFT file."""
-    return any(k.endswith(KOHYA_MARKERS) for k in keys)
 
 
 @dataclass

@@ -71,6 +71,3 @@ class AdapterCache:
         while len(self._items) > self.size:
             self._items.popitem(last=False)
         return value
-
-    def clear(self) -> None:
-        self._items.clear()

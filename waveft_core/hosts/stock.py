@@ -129,7 +129,7 @@ def stock_layer(module: str, tensors: dict, path="<memory>") -> Layer:
             "cannot be placed",
             key=key_layout,
             advice="Load it where it was trained (same torch version) and re-save it with "
-            "'Save WaveFT' or 'waveft convert', which store the positions",
+            "'Save WaveFT' or 'python -m waveft_core convert', which store the positions",
         )
     return Layer(spectrum=spectrum, indices=indices.clone(), shape=shape, scaling=SCALING, wavelet=WAVELET)
 

@@ -7,7 +7,7 @@ strength * ΔW to `weight` in place and returns it (with an offset the host keep
 `calculate_shape` says whether the shape changes; `h(x, base_out)`/`g(y)` serve the bypass mode. Since ComfyUI
 0.21 the host rebuilds adapters as type(v)(v.loaded_keys, <v.weights moved into a buffer on the GPU>) for
 low-VRAM and dynamic-VRAM loads, and the bypass hook moves and casts the top-level tensors of `weights`: so
-`weights` is `Layer.packed()`, and every method computes from the tensors it holds now, on their device."""
+`weights` is `packed(layer)`, and every method computes from the tensors it holds now, on their device."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import logging
 import torch
 
 from ..adapter import Layer
-from ..delta import compute_dtype, dense_delta
+from ..delta import DeltaPlan, compute_dtype, dense_delta
 from ..files import kinds
 from ..files.fileformat import FORMAT_VERSION, adapter_from_tensors
 from ..files.fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
@@ -62,6 +62,46 @@ def mirrored_metadata(tensors: dict) -> dict:
     return md
 
 
+# --- a layer as a bundle the host moves itself ----------------------------------------------------------
+
+
+def packed(layer: Layer) -> tuple:
+    """(spectrum, plan tensors, layer): everything the weight change needs, for a host that moves and rebuilds an
+    adapter's tensors itself (ComfyUI's adapter rebuild and bypass hook). The per-layer plan travels as tensors,
+    so a rebuilt adapter never recomputes it and finds it on the device the host put it; the layer itself is a
+    plain value a host passes through, holding the scaling and the plan's plain fields, and a fallback when a
+    host has cast the plan tensors (see `unpack`)."""
+    return (layer.spectrum, layer.plan(torch.device("cpu"), torch.float32).tensors(), layer)
+
+
+def check_packed(weights) -> None:
+    """TypeError unless `weights` has the form `packed()` gives (cheap: no tensor is looked at)."""
+    # duck-typed: a second import of this library under another package name makes another Layer class
+    if not (
+        isinstance(weights, (tuple, list))
+        and len(weights) == 3
+        and isinstance(weights[0], torch.Tensor)
+        and callable(getattr(weights[2], "plan", None))
+        and hasattr(weights[2], "scaling")
+    ):
+        raise TypeError(
+            "not a packed WaveFT layer: expected (spectrum, plan tensors, Layer) from weight_adapter.packed()"
+        )
+
+
+def unpack(weights, device) -> tuple[Layer, torch.Tensor, DeltaPlan]:
+    """(layer, spectrum, plan) from what `packed()` made, after a host moved its tensors. The tensors are used
+    where they are; a plan whose tensors are not on `device`, or were cast, comes from the layer's own cache for
+    that device instead (built once per device)."""
+    check_packed(weights)
+    spectrum, plan_tensors, layer = weights
+    device = torch.device(device)  # from a tensor, so it carries its index (cuda:0)
+    plan = layer.plan(torch.device("cpu"), torch.float32).with_tensors(plan_tensors)
+    if plan is None or plan.order.device != device:
+        plan = layer.plan(device, torch.float32)
+    return layer, spectrum, plan
+
+
 def _is_pending(weights) -> bool:
     """weights of a layer whose shape is not known yet (kohya.PendingLayer), duck-typed like check_packed."""
     return (
@@ -102,7 +142,7 @@ def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it 
         )
 
     class WaveFTAdapter(base):
-        """A WaveFT layer as the host's weight adapter; `weights` is Layer.packed() = (spectrum, plan tensors,
+        """A WaveFT layer as the host's weight adapter; `weights` is packed(layer) = (spectrum, plan tensors,
         Layer). calculate_weight adds strength * ΔW in place (sparse scatter, computed in fp32, rounded once into
         fp16/bf16). Immutable after creation: clones share it."""
 
@@ -110,13 +150,13 @@ def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it 
 
         def __init__(self, loaded_keys: set, weights):
             if not _is_pending(weights):
-                Layer.check_packed(weights)  # a clear TypeError now, not an AttributeError at the first sampling step
+                check_packed(weights)  # a clear TypeError now, not an AttributeError at the first sampling step
             self.loaded_keys = loaded_keys
             self.weights = weights
 
         @classmethod
         def from_layer(cls, layer: Layer, loaded_keys: set | None = None):
-            return cls(set() if loaded_keys is None else loaded_keys, layer.packed())
+            return cls(set() if loaded_keys is None else loaded_keys, packed(layer))
 
         # Called by the stock LoRA loader for every key-map entry with every adapter class: a dict lookup.
         @classmethod
@@ -189,12 +229,12 @@ def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it 
             return StockTrainable.from_layer(layer)
 
         def _unpacked(self, device):
-            """Layer.unpack(self.weights, device), remembered for the weights object it was made from (the
+            """unpack(self.weights, device), remembered for the weights object it was made from (the
             bypass hook replaces `weights` with a moved copy; a rebuild makes a new adapter)."""
             memo = self.__dict__.get("_memo")
             if memo is not None and memo[0] is self.weights and memo[1] == device:
                 return memo[2]
-            unpacked = Layer.unpack(self.weights, device)
+            unpacked = unpack(self.weights, device)
             if unpacked[1].device != unpacked[2].order.device:  # GGUF leaves adapters where they were loaded:
                 unpacked = (unpacked[0], unpacked[1].to(unpacked[2].order.device), unpacked[2])  # move once
             self._memo = (self.weights, device, unpacked)
