@@ -26,6 +26,7 @@ from ..files.fileformat import read_tensors_and_metadata
 from ..files.limits import check_setting
 from ..files.storage import PICKLE_SUFFIXES, WaveFTFileError
 from ..keys import (
+    DEFAULT_SCALING,
     DIFFUSERS_METADATA_KEY,
     DIFFUSERS_WEIGHTS_NAME,
     META_ARCHITECTURE,
@@ -355,12 +356,14 @@ def settings(part: Part, overrides: dict | None = None) -> tuple[dict, list[str]
 
 def _number(value, source, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise WaveFTFileError(source, f"{value!r} is not a number", key=key, advice="Set a number such as 25.0")
+        raise WaveFTFileError(
+            source, f"{value!r} is not a number", key=key, advice=f"Set a number such as {DEFAULT_SCALING}"
+        )
     try:
         return float(value)
     except ValueError:
         raise WaveFTFileError(
-            source, f"{value!r} is not a number", key=key, advice="Set a number such as 25.0"
+            source, f"{value!r} is not a number", key=key, advice=f"Set a number such as {DEFAULT_SCALING}"
         ) from None
 
 
