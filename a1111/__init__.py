@@ -1,7 +1,7 @@
 """A1111 / Forge-family companion of ComfyUI-WaveFT: native WaveFT files work with `<lora:name:weight>`.
 
-The webui loads this package through the repo root's `scripts/waveft_webui.py` (see
-`root_files/`); ComfyUI never imports it. Modules:
+The webui loads this package through the repo root's `scripts/waveft_webui.py`; ComfyUI never imports it.
+Modules:
 
     keymap       pure name mapping: ComfyUI-native module names -> A1111 layer names / Forge parameter keys
     a1111_hooks  the A1111 built-in Lora extension: a module type, a loader for WaveFT files, SD version detection

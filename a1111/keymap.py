@@ -1,6 +1,6 @@
 """ComfyUI-native module names (FORMAT.md section 3) -> the names A1111 and Forge give the same layers.
 
-Pure functions: no webui; the header reader and the names come from waveft_core (storage.py, names.py).
+Pure functions: no webui; the header reader and the names come from waveft_core (files/storage.py, names/families.py).
 The A1111 names are those of `networks.assign_network_names_to_compvis_modules`:
 every module path of the loaded model with dots turned into underscores,
 

@@ -82,7 +82,7 @@ def import_source(
     spelling: Spelling = PYTHON,
 ) -> Adapter:
     """A PEFT folder's or diffusers file's spectra (sources.read_source) -> Adapter with PEFT's positions for
-    each layer's shape. Names become ComfyUI-native (the SD1.x/SDXL rules of names.py) or, with
+    each layer's shape. Names become ComfyUI-native (the SD1.x/SDXL rules of names/families.py) or, with
     native_names=False, stay as the tool wrote them minus its wrappers (a host that resolves names against the
     actual model does better than the fixed rules for other families); a text encoder's layers always get
     the native name of the encoder decided for them.
