@@ -23,6 +23,7 @@ import os
 import torch
 
 import waveft_core as wft
+from waveft_core.keys import SUFFIX_INDICES, SUFFIX_SCALING, SUFFIX_SHAPE, SUFFIX_SPECTRUM
 from waveft_core.names.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
@@ -159,10 +160,10 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
             continue
         resolved.append((native, target.module_key))
         w = {
-            "waveft_spectrum": layer.spectrum,
-            "waveft_indices": layer.indices,
-            "waveft_shape": torch.tensor(layer.shape, dtype=torch.int64),
-            "waveft_scaling": torch.tensor(float(layer.scaling)),
+            SUFFIX_SPECTRUM: layer.spectrum,  # the file's tensors of the layer, as A1111 keeps a network's
+            SUFFIX_INDICES: layer.indices,
+            SUFFIX_SHAPE: torch.tensor(layer.shape, dtype=torch.int64),
+            SUFFIX_SCALING: torch.tensor(float(layer.scaling)),
             "waveft_layer": layer,
         }
         weights = network.NetworkWeights(network_key=native, sd_key=target.module_key, w=w, sd_module=module)

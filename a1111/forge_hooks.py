@@ -28,6 +28,7 @@ import os
 import traceback
 
 import waveft_core as wft
+from waveft_core.keys import SUFFIX_SPECTRUM
 from waveft_core.names.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
@@ -77,7 +78,7 @@ class _WaveFTFile(dict):
     """What the wrapped load_lora_state_dict returns for a WaveFT file: a marker; waveft_core reads the file."""
 
     def __init__(self, path):
-        super().__init__({"waveft_file.waveft_spectrum": None})
+        super().__init__({f"waveft_file.{SUFFIX_SPECTRUM}": None})  # read by keymap.is_waveft_state_dict
         self.path = path
 
 

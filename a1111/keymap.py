@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from waveft_core.files import kinds
 from waveft_core.files.storage import peek_header
+from waveft_core.keys import META_NETWORK_MODULE, NETWORK_MODULE, SUFFIX_SPECTRUM
 from waveft_core.names.families import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
 
 QKV = ("q", "k", "v")
@@ -132,7 +133,7 @@ def forge_key(native: str) -> tuple[str, str] | None:
 def sd_version(metadata: dict) -> str | None:
     """'SD1', 'SD2', 'SDXL', 'SD3', 'Flux' or 'Unknown' for a WaveFT file's metadata (FORMAT.md section 3);
     None when the metadata is not a WaveFT file's (leave those to the host's own detection)."""
-    if str(metadata.get("ss_network_module", "")) != "waveft":
+    if str(metadata.get(META_NETWORK_MODULE, "")) != NETWORK_MODULE:
         return None
     family = family_of(metadata)
     return family.webui if family and family.webui else "Unknown"
@@ -150,4 +151,4 @@ def is_waveft_file(path, metadata: dict | None = None) -> bool:
 
 
 def is_waveft_state_dict(sd) -> bool:
-    return any(isinstance(k, str) and k.endswith(".waveft_spectrum") for k in sd)
+    return any(isinstance(k, str) and k.endswith("." + SUFFIX_SPECTRUM) for k in sd)

@@ -49,8 +49,9 @@ import nodes  # noqa: E402
 sys.path.insert(1, str(ROOT))
 import waveft_core as wft  # noqa: E402
 from waveft_core.convert.peft_io import peft_positions  # noqa: E402
+from waveft_core.keys import DEFAULT_COEFFICIENTS  # noqa: E402
 
-P = 2592
+P = DEFAULT_COEFFICIENTS
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 

@@ -140,15 +140,16 @@ def child(method: str, steps: str, dtype: str, ckpt: str, latent: str, size: str
         TrainLoraNode.execute(**kw)
         params = lora_params
     else:
-        per_layer = 2592 if recipe else lora_params // len(shapes)
+        keys = pack.waveft_core.keys
+        per_layer = keys.DEFAULT_COEFFICIENTS if recipe else lora_params // len(shapes)
         kw = dict(
             steps=steps,
             learning_rate=1e-4,
             batch_size=1,
             grad_accumulation_steps=1,
             n_coefficients=per_layer,
-            scaling=25.0,
-            wavelet="db1",
+            scaling=keys.DEFAULT_SCALING,
+            wavelet=keys.DEFAULT_WAVELET,
             seed=0,
             targets="attention q/k/v/out"
             if recipe

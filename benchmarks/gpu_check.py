@@ -43,6 +43,7 @@ import per_forward
 
 import waveft_core as wft
 from waveft_core.hosts.weight_adapter import adapter_class
+from waveft_core.keys import DEFAULT_COEFFICIENTS, META_BASE_MODEL
 
 WaveFTAdapter = adapter_class(object)
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 6e-3}
@@ -156,13 +157,13 @@ def _tiny_files(base: Path):
         if key.startswith("model.diffusion_model.") and key.endswith(("attn1.to_q.weight", "attn2.to_out.0.weight")):
             shape = tuple(w.shape)
             layers[key[len("model.") : -len(".weight")]] = wft.Layer(
-                spectrum=torch.randn(2592, generator=g) * float(w.float().std()) * 0.3,
+                spectrum=torch.randn(DEFAULT_COEFFICIENTS, generator=g) * float(w.float().std()) * 0.3,
                 shape=shape,
-                indices=torch.randperm(shape[0] * shape[1], generator=g)[:2592],
+                indices=torch.randperm(shape[0] * shape[1], generator=g)[:DEFAULT_COEFFICIENTS],
                 wavelet="db4",
             )
     wft.save(
-        wft.Adapter(layers=layers, metadata={"ss_base_model_version": "sd_v1"}),
+        wft.Adapter(layers=layers, metadata={META_BASE_MODEL: "sd_v1"}),
         base / "models" / "waveft" / "check.safetensors",
     )
     return len(layers)

@@ -34,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import waveft_core as wft
 from waveft_core.hosts.weight_adapter import adapter_class
+from waveft_core.keys import DEFAULT_COEFFICIENTS
 from waveft_core.separable import filtered_merge_is_cheaper, structured_is_cheaper
 from waveft_core.wavelets import reconstruction_filters
 
 SHAPES = [(640, 640), (1280, 1280), (640, 2048), (1280, 2048), (5120, 1280), (3072, 3072), (3072, 12288)]
 WAVELETS = ("db1", "db4")
-PAPER_P = 2592
+PAPER_P = DEFAULT_COEFFICIENTS
 TOKENS = 2 * 1024
 WaveFTAdapter = adapter_class(object)
 

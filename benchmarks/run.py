@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import waveft_core as wft  # noqa: E402
 from waveft_core.convert.peft_io import peft_positions  # noqa: E402
+from waveft_core.keys import DEFAULT_COEFFICIENTS, DEFAULT_SCALING, DEFAULT_SEED  # noqa: E402
 from waveft_core.training.trainable import TrainableLayer  # noqa: E402
 
 SHAPES = [(640, 640), (1280, 1280), (640, 2048), (1280, 2048), (5120, 1280)]
-P = 2592
+P = DEFAULT_COEFFICIENTS
 
 
 def timeit(fn, device, repeat):
@@ -89,7 +90,7 @@ def bench_apply(device, repeat, with_peft, with_ptwt):
     for wavelet in ("db1", "db4"):
         for m, n in SHAPES:
             g = torch.Generator().manual_seed(0)
-            idx = peft_positions((m, n), P, 777)
+            idx = peft_positions((m, n), P, DEFAULT_SEED)
             layer = wft.Layer(spectrum=torch.randn(P, generator=g), indices=idx, shape=(m, n), wavelet=wavelet)
             w = torch.randn(m, n, device=device)
             r = lora_rank(m, n)
@@ -109,7 +110,9 @@ def bench_apply(device, repeat, with_peft, with_ptwt):
             if with_ptwt:
                 vals = layer.spectrum.to(device)
                 idx_d = idx.to(device)
-                res["ptwt"] = timeit(lambda: ptwt_add(w, idx_d, vals, wavelet, 25.0), device, max(5, repeat // 5))
+                res["ptwt"] = timeit(
+                    lambda: ptwt_add(w, idx_d, vals, wavelet, DEFAULT_SCALING), device, max(5, repeat // 5)
+                )
             rows.append(res)
     return rows
 
@@ -119,7 +122,9 @@ def bench_low_precision(device, repeat, shape=(1280, 2048)):
     m, n = shape
     rows = []
     for wavelet in ("db1", "db4"):
-        layer = wft.Layer(spectrum=torch.randn(P), indices=peft_positions(shape, P, 777), shape=shape, wavelet=wavelet)
+        layer = wft.Layer(
+            spectrum=torch.randn(P), indices=peft_positions(shape, P, DEFAULT_SEED), shape=shape, wavelet=wavelet
+        )
         for dtype in (torch.float16, torch.bfloat16):
             w = torch.randn(m, n, device=device).to(dtype)
             r = lora_rank(m, n)

@@ -54,6 +54,7 @@ def main():
     asyncio.run(nodes.load_custom_node(str(link)))
     pack = sys.modules[str(link).replace(".", "_x_")]
     previews = pack.nodes.previews
+    keys = pack.waveft_core.keys
     marks = []
 
     class Timed(previews.Previewer):
@@ -74,9 +75,9 @@ def main():
         learning_rate=1e-4,
         batch_size=1,
         grad_accumulation_steps=1,
-        n_coefficients=2592,
-        scaling=25.0,
-        wavelet="db1",
+        n_coefficients=keys.DEFAULT_COEFFICIENTS,
+        scaling=keys.DEFAULT_SCALING,
+        wavelet=keys.DEFAULT_WAVELET,
         targets="attention q/k/v/out",
         seed=0,
         optimizer="AdamW",

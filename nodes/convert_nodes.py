@@ -9,6 +9,7 @@ import torch
 from ..waveft_core import WaveFTFileError
 from ..waveft_core.convert import extract, lora, merge
 from ..waveft_core.files import fileformat
+from ..waveft_core.keys import DEFAULT_COEFFICIENTS, DEFAULT_WAVELET
 from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import host, loader
 
@@ -80,14 +81,17 @@ class WaveFTFromLoRA:
                 "n_coefficients": (
                     "INT",
                     {
-                        "default": 2592,
+                        "default": DEFAULT_COEFFICIENTS,
                         "min": 1,
                         "max": 10**7,
                         "tooltip": "Wavelet coefficients "
                         "kept per layer: the largest ones, then refined by least squares.",
                     },
                 ),
-                "wavelet": (list(SUPPORTED_WAVELETS), {"default": "db1", "tooltip": "Wavelet of the new adapter."}),
+                "wavelet": (
+                    list(SUPPORTED_WAVELETS),
+                    {"default": DEFAULT_WAVELET, "tooltip": "Wavelet of the new adapter."},
+                ),
                 "filename_prefix": (
                     "STRING",
                     {

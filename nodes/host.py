@@ -14,12 +14,12 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..waveft_core.files.kinds import SPECTRUM
 from ..waveft_core.files.printable import printable
 from ..waveft_core.files.storage import WaveFTFileError, peek_header
 from ..waveft_core.hosts import stock_loader
 from ..waveft_core.hosts.stock import ALGORITHM as STOCK_ALGORITHM
 from ..waveft_core.hosts.weight_adapter import adapter_class
+from ..waveft_core.keys import META_ARCHITECTURE, META_BASE_MODEL, SUFFIX_SPECTRUM
 from ..waveft_core.names.dit import Heads, diffusers_key_map, merge_into
 from ..waveft_core.names.families import family_tag_of_comfy
 from ..waveft_core.names.matching import SharedTargetError, match_layers
@@ -208,7 +208,7 @@ def _checked_load_lora(load_lora):
     WaveFT layers goes straight through: LoRAs load as before, warnings and all."""
 
     def checked(lora, to_load, *args, **kwargs):
-        if not any(k.endswith(SPECTRUM) for k in lora):
+        if not any(k.endswith("." + SUFFIX_SPECTRUM) for k in lora):
             return load_lora(lora, to_load, *args, **kwargs)
         missing = stock_loader.unclaimed_layers(lora.keys(), to_load)
         models = _LOADING_FOR.get()
@@ -221,7 +221,7 @@ def _checked_load_lora(load_lora):
                     path or "the file given to the LoRA loader",
                     missing,
                     len(stock_loader.waveft_layers(lora)),
-                    metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture"),
+                    metadata.get(META_BASE_MODEL) or metadata.get(META_ARCHITECTURE),
                 )
             )
         if models is not None and models[1] is None and stock_loader.only_text_encoder_layers(lora):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..waveft_core import Adapter, WaveFTFileError
+from ..waveft_core import Adapter, WaveFTFileError, keys
 from ..waveft_core.convert import peft_io, sources
 from ..waveft_core.files import fileformat, kinds, kohya
 from ..waveft_core.files.printable import printable
@@ -82,7 +82,7 @@ def resolve_path(name: str) -> str:
             candidate = os.path.realpath(os.path.join(root, rel))
             if os.path.commonpath([candidate, os.path.realpath(root)]) != os.path.realpath(root):
                 continue
-            if os.path.isfile(os.path.join(candidate, sources.CONFIG_NAME)):
+            if os.path.isfile(os.path.join(candidate, keys.PEFT_CONFIG_NAME)):
                 return candidate
         raise ValueError(f"WaveFT: no PEFT adapter folder '{rel}' in models/{host.FOLDER}")
     if name.startswith(LORA_PREFIX):
@@ -214,8 +214,8 @@ def apply_adapter(adapter: Adapter, model, clip, strength_model: float, strength
         f"{label}: {report.matched} of {len(adapter.layers)} layers matched "
         f"({len(model_patches)} model, {len(clip_patches)} text encoder)"
     )
-    if adapter.metadata.get("waveft.import_notes"):
-        summary += f"; read as: {adapter.metadata['waveft.import_notes']}"
+    if adapter.metadata.get(keys.META_IMPORT_NOTES):
+        summary += f"; read as: {adapter.metadata[keys.META_IMPORT_NOTES]}"
     if report.unmatched:
         summary += f"; {len(report.unmatched)} did not match (names in the log)"
         log.warning(

@@ -237,18 +237,20 @@ def test_write_is_atomic_and_failure_keeps_the_old_file(tmp_path):
         wft.save(bad, path)
     assert path.read_bytes() == before
 
-    import safetensors.torch as st
+    from waveft_core.files import storage
 
-    def exploding(*a, **k):
+    def exploding(tmp, parts):  # the disk fills up after a first few bytes
+        with open(tmp, "wb") as f:
+            f.write(bytes(parts[0])[:10])
         raise OSError("disk full")
 
-    real = st.save_file
-    st.save_file = exploding
+    real = storage.write_parts
+    storage.write_parts = exploding
     try:
         with pytest.raises(OSError):
             wft.save(make_adapter(), path)
     finally:
-        st.save_file = real
+        storage.write_parts = real
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["keep.safetensors"]
 

@@ -109,19 +109,20 @@ def main() -> int:
 
     import waveft_core as wft
     from waveft_core.convert.peft_io import peft_positions
+    from waveft_core.keys import DEFAULT_SEED, META_BASE_MODEL, META_TITLE, META_TRIGGER_PHRASE
 
     base = Path(tempfile.mkdtemp(prefix="waveft_frontend_"))
     for d in ("models/waveft", "custom_nodes", "input", "output", "user"):
         (base / d).mkdir(parents=True)
     (base / "custom_nodes" / "ComfyUI-WaveFT").symlink_to(ROOT, target_is_directory=True)
-    layer = wft.Layer(spectrum=torch.randn(40), indices=peft_positions((32, 32), 40, 777), shape=(32, 32))
+    layer = wft.Layer(spectrum=torch.randn(40), indices=peft_positions((32, 32), 40, DEFAULT_SEED), shape=(32, 32))
     wft.save(
         wft.Adapter(
             layers={"diffusion_model.input_blocks.1.1.proj_in": layer},
             metadata={
-                "ss_base_model_version": "sd_1.5",
-                "modelspec.title": "frontend check",
-                "modelspec.trigger_phrase": "sks",
+                META_BASE_MODEL: "sd_1.5",
+                META_TITLE: "frontend check",
+                META_TRIGGER_PHRASE: "sks",
             },
         ),
         base / "models/waveft/check.safetensors",

@@ -14,6 +14,7 @@ shipped workflow headless through the API on every supported host."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,18 @@ from pathlib import Path
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _keys():
+    """waveft_core/keys.py (the paper's defaults), read without importing waveft_core, which needs torch: this
+    script runs with any Python."""
+    spec = importlib.util.spec_from_file_location("_waveft_keys", ROOT / "waveft_core" / "keys.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+keys = _keys()
 
 
 def _inputs(info: dict) -> list[tuple[str, list]]:
@@ -323,9 +336,9 @@ def specs(object_info: dict | None = None) -> dict:
             "learning_rate": 1e-4,
             "batch_size": 1,
             "grad_accumulation_steps": 4,
-            "n_coefficients": 2592,
-            "scaling": 25.0,
-            "wavelet": "db1",
+            "n_coefficients": keys.DEFAULT_COEFFICIENTS,
+            "scaling": keys.DEFAULT_SCALING,
+            "wavelet": keys.DEFAULT_WAVELET,
             "targets": "attention q/k/v/out",
             "seed": 0,
             "optimizer": "AdamW",

@@ -20,9 +20,10 @@ except ImportError as e:  # the one dependency this package cannot install for y
         "the command from pytorch.org), then waveft_core"
     ) from e
 
-from .adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
+from .adapter import Adapter, Layer
 from .files.fileformat import FORMAT_VERSION
 from .files.storage import WaveFTFileError
+from .keys import DEFAULT_SCALING, DEFAULT_SEED, META_BASE_MODEL, META_FORMAT_VERSION, PEFT_CONFIG_NAME
 from .wavelets import SUPPORTED_WAVELETS, UnknownWaveletError
 
 __all__ = [
@@ -86,11 +87,11 @@ def load(
 
     spelling = spelling or peft_io.PYTHON
     path = Path(path)
-    if path.is_file() and path.name != sources.CONFIG_NAME:
+    if path.is_file() and path.name != PEFT_CONFIG_NAME:
         tensors, metadata = fileformat.read_tensors_and_metadata(path)
         if kinds.file_kind(tensors, metadata) == kinds.KOHYA:
             return kohya.load(tensors, metadata, path, base, spelling.base)
-        if not sources.is_spectra_file(tensors) or "waveft.format_version" in metadata:
+        if not sources.is_spectra_file(tensors) or META_FORMAT_VERSION in metadata:
             return fileformat.adapter_from_tensors(tensors, metadata, path)
     return load_peft(
         path, base, clip=clip, adapter=adapter, overrides=overrides, components=components, spelling=spelling
@@ -131,7 +132,7 @@ def load_peft(
         spelling=spelling,
     )
     if shapes is not None and shapes.family:
-        adapter_obj.metadata.setdefault("ss_base_model_version", shapes.family)
+        adapter_obj.metadata.setdefault(META_BASE_MODEL, shapes.family)
     return adapter_obj
 
 

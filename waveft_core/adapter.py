@@ -8,10 +8,23 @@ from dataclasses import dataclass, field
 import torch
 
 from .delta import DeltaPlan, add_into, compute_dtype, dense_delta, make_plan, matrix_shape
+from .keys import (
+    DEFAULT_SCALING,
+    DEFAULT_SEED,  # noqa: F401 (re-exported: the package and older importers read it here)
+    DEFAULT_USE_IDWT,
+    DEFAULT_WAVELET,
+    META_ARCHITECTURE,
+    META_BASE_MODEL,
+    META_DATE,
+    META_DESCRIPTION,
+    META_IMPORT_NOTES,
+    META_SCALING,
+    META_TITLE,
+    META_TRIGGER_PHRASE,
+    META_USE_IDWT,
+    META_WAVELET,
+)
 from .wavelets import check_wavelet
-
-DEFAULT_SCALING = 25.0
-DEFAULT_SEED = 777
 
 
 @dataclass(eq=False)
@@ -24,8 +37,8 @@ class Layer:
     indices: torch.Tensor  # int [p]: flat positions on the unpadded m x n grid
     shape: tuple[int, ...]  # the full weight shape
     scaling: float = DEFAULT_SCALING
-    wavelet: str = "db1"
-    use_idwt: bool = True
+    wavelet: str = DEFAULT_WAVELET
+    use_idwt: bool = DEFAULT_USE_IDWT
     _plans: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -85,7 +98,7 @@ class Adapter:
     @property
     def wavelet(self) -> str:
         names = {layer.wavelet for layer in self.layers.values()}
-        return names.pop() if len(names) == 1 else self.metadata.get("waveft.wavelet", "db1")
+        return names.pop() if len(names) == 1 else self.metadata.get(META_WAVELET, DEFAULT_WAVELET)
 
     @property
     def scaling(self) -> float:
@@ -93,18 +106,18 @@ class Adapter:
         if len(values) == 1:
             return values.pop()
         try:
-            return float(self.metadata.get("waveft.scaling", DEFAULT_SCALING))
+            return float(self.metadata.get(META_SCALING, DEFAULT_SCALING))
         except ValueError:
             return DEFAULT_SCALING
 
     @property
     def use_idwt(self) -> bool:
         values = {bool(layer.use_idwt) for layer in self.layers.values()}
-        return values.pop() if len(values) == 1 else self.metadata.get("waveft.use_idwt", "true") != "false"
+        return values.pop() if len(values) == 1 else self.metadata.get(META_USE_IDWT, "true") != "false"
 
     @property
     def base_model(self) -> str:
-        return self.metadata.get("ss_base_model_version", "") or self.metadata.get("modelspec.architecture", "")
+        return self.metadata.get(META_BASE_MODEL, "") or self.metadata.get(META_ARCHITECTURE, "")
 
     def summary(self) -> str:
         """Human-readable description used by the CLI and the Info node."""
@@ -119,11 +132,11 @@ class Adapter:
             f"base model: {self.base_model or 'unknown'}",
         ]
         for key, label in (
-            ("modelspec.title", "title"),
-            ("modelspec.trigger_phrase", "trigger words"),
-            ("modelspec.description", "description"),
-            ("modelspec.date", "date"),
-            ("waveft.import_notes", "read as"),
+            (META_TITLE, "title"),
+            (META_TRIGGER_PHRASE, "trigger words"),
+            (META_DESCRIPTION, "description"),
+            (META_DATE, "date"),
+            (META_IMPORT_NOTES, "read as"),
         ):
             if md.get(key):
                 lines.append(f"{label}: {md[key]}")

@@ -9,21 +9,32 @@ from pathlib import Path
 
 from .files.printable import PrintableStream, printable
 from .files.storage import refuse_overwrite
+from .keys import (
+    DEFAULT_COEFFICIENTS,
+    DEFAULT_SCALING,
+    DEFAULT_SEED,
+    DEFAULT_WAVELET,
+    META_BASE_MODEL,
+    META_FORMAT_VERSION,
+    META_IMPORT_NOTES,
+    PEFT_CONFIG_NAME,
+    SPEC_PREFIX,
+)
 from .names.families import ENCODERS
 
 
 def _stores_positions(path: Path) -> bool:
     """A native file; anything else (PEFT folder, diffusers file) needs a base model for its positions."""
-    from .convert.sources import CONFIG_NAME, is_spectra_file
+    from .convert.sources import is_spectra_file
     from .files.fileformat import read_tensors_and_metadata
     from .files.kinds import KOHYA, file_kind
 
-    if not path.is_file() or path.name == CONFIG_NAME:
+    if not path.is_file() or path.name == PEFT_CONFIG_NAME:
         return False
     tensors, metadata = read_tensors_and_metadata(path)
     if file_kind(tensors, metadata) == KOHYA:  # positions, but no shapes: those come from --base
         return False
-    return "waveft.format_version" in metadata or not is_spectra_file(tensors)
+    return META_FORMAT_VERSION in metadata or not is_spectra_file(tensors)
 
 
 def _describe_without_base(path: Path, args) -> str:
@@ -75,7 +86,7 @@ def _cmd_info(args) -> int:
         return 0
     ad = _load(args, path)
     print(ad.summary())
-    extra = {k: v for k, v in ad.metadata.items() if not k.startswith(("waveft.format_version",))}
+    extra = {k: v for k, v in ad.metadata.items() if not k.startswith(META_FORMAT_VERSION)}
     if extra:
         print("metadata:")
         for k in sorted(extra):
@@ -98,13 +109,13 @@ def _cmd_convert(args) -> int:
             raise ValueError(f"{dst}: the native file needs a .safetensors name")
         ad = _load(args, src)
         if args.base_model:
-            ad.metadata["ss_base_model_version"] = args.base_model
+            ad.metadata[META_BASE_MODEL] = args.base_model
         save(ad, dst)
         print(
             f"wrote {dst}: {len(ad.layers)} layers, {ad.n_parameters:,} coefficients"
             + (f", base model {ad.base_model}" if ad.base_model else "")
         )
-        for note in filter(None, ad.metadata.get("waveft.import_notes", "").split("; ")):
+        for note in filter(None, ad.metadata.get(META_IMPORT_NOTES, "").split("; ")):
             print(f"note: {note}")
         return 0
     ad = _load(args, src)
@@ -160,7 +171,7 @@ def _cmd_extract(args) -> int:
         tensors, source_md = read_tensors_and_metadata(args.lora)
         known = checkpoint_module_names(args.base) if args.base else None
         deltas = lora_deltas(tensors, known, source=args.lora)
-        metadata = {k: v for k, v in source_md.items() if k == "ss_base_model_version" or k.startswith("modelspec.")}
+        metadata = {k: v for k, v in source_md.items() if k == META_BASE_MODEL or k.startswith(SPEC_PREFIX)}
     elif args.finetuned:
         if not args.base:
             raise ValueError("--finetuned needs --base <the checkpoint it was fine-tuned from>")
@@ -169,7 +180,7 @@ def _cmd_extract(args) -> int:
     else:
         raise ValueError("give --lora LORA.safetensors, or --finetuned FT.safetensors with --base BASE.safetensors")
     if args.base_model:
-        metadata["ss_base_model_version"] = args.base_model
+        metadata[META_BASE_MODEL] = args.base_model
     ad, report = extract(
         deltas,
         args.coefficients,
@@ -274,9 +285,13 @@ def _source_options(p, base_help: str | None) -> None:
         choices=["unet", "transformer", "text_encoder", "text_encoder_2"],
         help="only this pipeline component of a multi-part adapter (repeat for several)",
     )
-    p.add_argument("--wavelet", help="wavelet for an adapter saved without its settings (PEFT default db1)")
-    p.add_argument("--scaling", type=float, help="scaling for an adapter saved without its settings (default 25)")
-    p.add_argument("--seed", type=int, help="random_loc_seed for an adapter saved without it (default 777)")
+    p.add_argument(
+        "--wavelet", help=f"wavelet for an adapter saved without its settings (PEFT default {DEFAULT_WAVELET})"
+    )
+    p.add_argument(
+        "--scaling", type=float, help=f"scaling for an adapter saved without its settings (default {DEFAULT_SCALING:g})"
+    )
+    p.add_argument("--seed", type=int, help=f"random_loc_seed for an adapter saved without it (default {DEFAULT_SEED})")
     p.add_argument(
         "--use-idwt", choices=["true", "false"], help="use_idwt for an adapter saved without it (default true)"
     )
@@ -324,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--lora", help="LoRA .safetensors (kohya, ComfyUI-native or PEFT key names)")
     ext.add_argument("--finetuned", help="fine-tuned single-file .safetensors checkpoint")
     ext.add_argument("--base", help="base checkpoint: required with --finetuned; with --lora it settles layer names")
-    ext.add_argument("--coefficients", type=int, default=2592, help="coefficients per layer")
-    ext.add_argument("--wavelet", default="db1", help="wavelet of the WaveFT adapter to write")
-    ext.add_argument("--scaling", type=float, default=25.0, help="scaling of the WaveFT adapter to write")
+    ext.add_argument("--coefficients", type=int, default=DEFAULT_COEFFICIENTS, help="coefficients per layer")
+    ext.add_argument("--wavelet", default=DEFAULT_WAVELET, help="wavelet of the WaveFT adapter to write")
+    ext.add_argument("--scaling", type=float, default=DEFAULT_SCALING, help="scaling of the WaveFT adapter to write")
     ext.add_argument(
         "--targets",
         choices=["attention", "linear", "all"],
@@ -364,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo_waveft.safetensors", help="where the fitted adapter is written")
     demo.add_argument("--steps", type=int, default=400, help="optimizer steps")
     demo.add_argument("--coefficients", type=int, default=2000, help="coefficients per layer")
-    demo.add_argument("--wavelet", default="db1", help="wavelet family")
+    demo.add_argument("--wavelet", default=DEFAULT_WAVELET, help="wavelet family")
     demo.set_defaults(func=_cmd_demo)
     return p
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import load, save
+from .keys import DEFAULT_SCALING, DEFAULT_SEED, DEFAULT_WAVELET, META_DESCRIPTION, META_TITLE, META_TRAINING
 from .training.trainable import TrainableLayer, adapter_from_trainables
 
 
@@ -36,8 +37,8 @@ def run(
     out: str | Path = "out/demo_waveft.safetensors",
     steps: int = 400,
     coefficients: int = 2000,
-    wavelet: str = "db1",
-    scaling: float = 25.0,
+    wavelet: str = DEFAULT_WAVELET,
+    scaling: float = DEFAULT_SCALING,
     lr: float = 5e-4,
     seed: int = 0,
     log=print,
@@ -55,7 +56,8 @@ def run(
 
     names = {"0": "mlp.0", "2": "mlp.2"}
     trainables = {
-        names[i]: TrainableLayer(base[int(i)].weight.shape, coefficients, wavelet, scaling, seed=777) for i in names
+        names[i]: TrainableLayer(base[int(i)].weight.shape, coefficients, wavelet, scaling, seed=DEFAULT_SEED)
+        for i in names
     }
 
     def forward(x, layers, strength=1.0):
@@ -91,9 +93,9 @@ def run(
     adapter = adapter_from_trainables(
         trainables,
         {
-            "modelspec.title": "WaveFT demo",
-            "modelspec.description": "fitted by 'python -m waveft_core demo' on data made in code",
-            "waveft.training": f'{{"steps": {steps}, "lr": {lr}, "optimizer": "Adam", "batch": 64}}',
+            META_TITLE: "WaveFT demo",
+            META_DESCRIPTION: "fitted by 'python -m waveft_core demo' on data made in code",
+            META_TRAINING: f'{{"steps": {steps}, "lr": {lr}, "optimizer": "Adam", "batch": 64}}',
         },
     )
     path = save(adapter, out)

@@ -22,7 +22,21 @@ META_NETWORK_ARGS = "ss_network_args"
 META_TAG_FREQUENCY = "ss_tag_frequency"
 META_ARCHITECTURE = "modelspec.architecture"
 META_TITLE = "modelspec.title"
-HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+META_DESCRIPTION = "modelspec.description"
+META_TRIGGER_PHRASE = "modelspec.trigger_phrase"
+META_DATE = "modelspec.date"
+META_SPEC_VERSION = "modelspec.sai_model_spec"
+META_DATASETS = "ss_datasets"
+META_NETWORK_DIM = "ss_network_dim"
+META_NETWORK_ALPHA = "ss_network_alpha"
+SPEC_PREFIX = "modelspec."  # every model-spec key
+KOHYA_PREFIX = "ss_"  # every kohya sd-scripts key
+SPEC_VERSION = "1.0.0"  # the model spec version written
+NETWORK_MODULE = "waveft"  # ss_network_module of a native WaveFT file
+META_MODEL_HASH = "sshs_model_hash"  # the content hashes (files/metadata.py says how each is computed)
+META_LEGACY_HASH = "sshs_legacy_hash"
+META_SPEC_HASH = "modelspec.hash_sha256"
+HASH_KEYS = (META_MODEL_HASH, META_LEGACY_HASH, META_SPEC_HASH)
 
 # ---- per-layer tensor names: "<layer>.<suffix>"
 SUFFIX_SPECTRUM = "waveft_spectrum"
@@ -35,6 +49,8 @@ NATIVE_SUFFIXES = (SUFFIX_SPECTRUM, SUFFIX_INDICES, SUFFIX_SHAPE, SUFFIX_SCALING
 SUFFIX_STOCK_LAYOUT = "waveft_layout"  # extension 4: a file the stock Train LoRA node saved with algorithm WaveFT
 SUFFIX_KOHYA_SEED = "waveft_random_loc_seed"  # lora-scripts-next's networks.waveft_anima
 SUFFIX_KOHYA_FAMILY = "waveft_family_code"
+KOHYA_ONLY_SUFFIXES = (SUFFIX_KOHYA_SEED, SUFFIX_KOHYA_FAMILY)  # tell a kohya-style WaveFT file from the others
+KOHYA_ARG_SEED = SUFFIX_KOHYA_SEED  # their ss_network_args spell the seed as the tensor does
 KOHYA_SUFFIXES = (
     SUFFIX_SPECTRUM,
     SUFFIX_INDICES,

@@ -11,9 +11,20 @@ from typing import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
+from ..adapter import Adapter, Layer
 from ..delta import band_kernels, dense_delta, index_dtype, make_plan, matrix_shape, padded_grid, patch_corners
 from ..files.storage import checked_safetensors, open_safetensors, read_header
+from ..keys import (
+    DEFAULT_SCALING,
+    DEFAULT_SEED,
+    DEFAULT_WAVELET,
+    META_ARCHITECTURE,
+    META_BASE_MODEL,
+    META_SCALING,
+    META_SEED,
+    META_SOURCE,
+    META_WAVELET,
+)
 from ..names.layouts import Location, checkpoint_layout, detect_base_model, location_shape
 from ..training.trainable import is_attention
 from ..wavelets import check_wavelet
@@ -128,7 +139,7 @@ def least_squares(
 def extract_layer(
     delta: torch.Tensor,
     n_coefficients: int,
-    wavelet: str = "db1",
+    wavelet: str = DEFAULT_WAVELET,
     iterations: int = 100,
     support_rounds: int = 4,
     device=None,
@@ -186,7 +197,7 @@ def extract_layer(
 def extract(
     deltas: Mapping[str, torch.Tensor],
     n_coefficients: int,
-    wavelet: str = "db1",
+    wavelet: str = DEFAULT_WAVELET,
     scaling: float = DEFAULT_SCALING,
     seed: int = DEFAULT_SEED,
     iterations: int = 100,
@@ -242,14 +253,14 @@ def extract(
         raise ValueError("no layer has a non-zero ΔW; nothing to extract")
     report["relative_error"] = math.sqrt(err_sq / energy)
     md = {k: str(v) for k, v in (metadata or {}).items()}
-    if md.get("modelspec.architecture"):
-        md["modelspec.architecture"] = re.sub(r"/lora$", "/waveft", md["modelspec.architecture"])
+    if md.get(META_ARCHITECTURE):
+        md[META_ARCHITECTURE] = re.sub(r"/lora$", "/waveft", md[META_ARCHITECTURE])
     md.update(
         {
-            "waveft.source": "extracted",
-            "waveft.seed": str(int(seed)),
-            "waveft.wavelet": wavelet,
-            "waveft.scaling": repr(scaling),
+            META_SOURCE: "extracted",
+            META_SEED: str(int(seed)),
+            META_WAVELET: wavelet,
+            META_SCALING: repr(scaling),
         }
     )
     return Adapter(layers=layers, metadata=md), report
@@ -314,5 +325,5 @@ def checkpoint_deltas(finetuned_path, base_path, targets: str = "attention") -> 
     md = {}
     base_model = detect_base_model(ft_header)
     if base_model:
-        md["ss_base_model_version"] = base_model
+        md[META_BASE_MODEL] = base_model
     return LazyDeltas(makers, skipped, md)

@@ -15,8 +15,20 @@ import torch
 
 from ..adapter import Adapter
 from ..files.limits import check_dense
-from ..files.metadata import content_hashes
+from ..files.metadata import hashed_file
 from ..files.storage import atomic_write
+from ..keys import (
+    META_ARCHITECTURE,
+    META_BASE_MODEL,
+    META_DATASETS,
+    META_NETWORK_ALPHA,
+    META_NETWORK_DIM,
+    META_NETWORK_MODULE,
+    META_SPEC_VERSION,
+    META_TAG_FREQUENCY,
+    SPEC_PREFIX,
+    SPEC_VERSION,
+)
 from ..names.families import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, diffusers_unet_to_ldm, family_of, to_native
 from .extract import LazyDeltas
 
@@ -189,30 +201,27 @@ def to_lora(
 
 def lora_metadata(source: Mapping[str, str], rank: int) -> dict[str, str]:
     """kohya-style LoRA metadata, keeping the source's base model, model-spec fields and trigger words."""
-    md = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
+    md = {META_NETWORK_MODULE: "networks.lora", META_NETWORK_DIM: str(rank), META_NETWORK_ALPHA: str(rank)}
     for key, value in source.items():
-        if key in ("ss_base_model_version", "ss_tag_frequency", "ss_datasets") or key.startswith("modelspec."):
+        if key in (META_BASE_MODEL, META_TAG_FREQUENCY, META_DATASETS) or key.startswith(SPEC_PREFIX):
             md[key] = str(value)
-    arch = md.get("modelspec.architecture")
+    arch = md.get(META_ARCHITECTURE)
     if arch:
-        md["modelspec.architecture"] = re.sub(r"/waveft$", "/lora", arch)
+        md[META_ARCHITECTURE] = re.sub(r"/waveft$", "/lora", arch)
     elif family_of(md):
-        md["modelspec.architecture"] = family_of(md).architecture + "/lora"
-    md.setdefault("modelspec.sai_model_spec", "1.0.0")
+        md[META_ARCHITECTURE] = family_of(md).architecture + "/lora"
+    md.setdefault(META_SPEC_VERSION, SPEC_VERSION)
     return md
 
 
 def save_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path) -> Path:
-    """Write a LoRA .safetensors file atomically."""
-    from safetensors.torch import save_file
-
+    """Write a LoRA .safetensors file atomically, its tensors serialized once (metadata.hashed_file)."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: a LoRA file needs a .safetensors name")
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    md = {str(k): str(v) for k, v in metadata.items()}
-    md.update(content_hashes(data, md))
-    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=md))
+    _, write_to = hashed_file(data, {str(k): str(v) for k, v in metadata.items()})
+    return atomic_write(path, write_to)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,13 +15,23 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..adapter import DEFAULT_SEED, Adapter, Layer
+from ..adapter import Adapter, Layer
 from ..delta import index_dtype, matrix_shape
 from ..files.limits import check_delta_range
 from ..files.storage import WaveFTFileError, atomic_writes
+from ..keys import (
+    DEFAULT_SEED,
+    META_DESCRIPTION,
+    META_IMPORT_NOTES,
+    META_SEED,
+    META_SOURCE,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    SUFFIX_SPECTRUM,
+)
 from ..names.families import ENCODERS, TEXT_COMPONENTS, split_component, to_native, to_peft
 from ..wavelets import UnknownWaveletError, check_wavelet, peft_name
-from .sources import CONFIG_NAME, SPECTRUM_SUFFIX, WEIGHTS_NAME, Part, Source, carried_metadata, settings
+from .sources import Part, Source, carried_metadata, settings
 
 
 def peft_positions(shape, count: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
@@ -109,7 +119,7 @@ def import_source(
                 raise WaveFTFileError(
                     source.path,
                     f"{spectrum.numel()} coefficients do not fit the base weight of shape {list(shape)}",
-                    key=peft_name + SPECTRUM_SUFFIX,
+                    key=peft_name + "." + SUFFIX_SPECTRUM,
                     advice=f"Give the base model it was trained on ({spelling.base})",
                 )
             # a text encoder's layer keeps the native name: it carries the encoder decided above
@@ -122,7 +132,7 @@ def import_source(
                 wavelet=wavelet,
                 use_idwt=values["use_idwt"],
             )
-            check_delta_range(layers[name], source.path, peft_name + SPECTRUM_SUFFIX, "scaling")
+            check_delta_range(layers[name], source.path, peft_name + "." + SUFFIX_SPECTRUM, "scaling")
         if missing:
             listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             where = f" in {encoder}" if encoder else ""
@@ -135,14 +145,14 @@ def import_source(
         if encoder:
             notes.append(f"{label} layers go to {encoder}")
         seeds.add(values["random_loc_seed"])
-    metadata = {"waveft.source": "peft" if source.kind == "PEFT folder" else "diffusers"}
+    metadata = {META_SOURCE: "peft" if source.kind == "PEFT folder" else "diffusers"}
     for part in source.parts:
         for key, value in part.metadata.items():
             metadata.setdefault(key, value)
     if len(seeds) == 1:
-        metadata["waveft.seed"] = str(seeds.pop())
+        metadata[META_SEED] = str(seeds.pop())
     if notes:
-        metadata["waveft.import_notes"] = "; ".join(notes)
+        metadata[META_IMPORT_NOTES] = "; ".join(notes)
     base_model = next(
         (
             p.config.get("base_model_name_or_path")
@@ -152,7 +162,7 @@ def import_source(
         None,
     )
     if base_model:
-        metadata.setdefault("modelspec.description", f"converted from a {source.kind} for {base_model}")
+        metadata.setdefault(META_DESCRIPTION, f"converted from a {source.kind} for {base_model}")
     return Adapter(layers=layers, metadata=metadata, source=str(source.path))
 
 
@@ -204,7 +214,7 @@ def export_peft(adapter: Adapter, out_dir, base_model_name: str | None = None) -
     sub-folder per pipeline component (unet/, text_encoder/, text_encoder_2/). Returns the folders.
 
     Refuses (ValueError) when a layer's positions are not the ones PEFT would draw for the file's seed."""
-    seed = int(adapter.metadata.get("waveft.seed", DEFAULT_SEED))
+    seed = int(adapter.metadata.get(META_SEED, DEFAULT_SEED))
     scalings = {float(layer.scaling) for layer in adapter.layers.values()}
     if len(scalings) > 1:
         raise ValueError(f"PEFT has one scaling per adapter but the layers use {sorted(scalings)}")
@@ -256,7 +266,7 @@ def _write_peft_folder(
         "inference_mode": True,
     }
     tensors = {
-        f"base_model.model.{name}{SPECTRUM_SUFFIX}": layer.spectrum.detach().float().cpu().contiguous()
+        f"base_model.model.{name}.{SUFFIX_SPECTRUM}": layer.spectrum.detach().float().cpu().contiguous()
         for name, layer in layers.items()
     }
     text = json.dumps(config, indent=2)
@@ -265,7 +275,7 @@ def _write_peft_folder(
     file_metadata = {**metadata, "format": "pt"}
     atomic_writes(
         {
-            folder / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=file_metadata),
-            folder / CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
+            folder / PEFT_WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=file_metadata),
+            folder / PEFT_CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8"),
         }
     )

@@ -25,17 +25,24 @@ import torch
 from ..files.fileformat import read_tensors_and_metadata
 from ..files.limits import check_setting
 from ..files.storage import PICKLE_SUFFIXES, WaveFTFileError
+from ..keys import (
+    DEFAULT_SCALING,
+    DIFFUSERS_METADATA_KEY,
+    DIFFUSERS_WEIGHTS_NAME,
+    META_ARCHITECTURE,
+    META_BASE_MODEL,
+    META_SPEC_VERSION,
+    META_TAG_FREQUENCY,
+    PEFT_CONFIG_NAME,
+    PEFT_DEFAULTS,
+    PEFT_WEIGHTS_NAME,
+    SPEC_PREFIX,
+    SUFFIX_INDICES,
+    SUFFIX_SPECTRUM,
+)
 from ..names.families import TEXT_COMPONENTS
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-SPECTRUM_SUFFIX = ".waveft_spectrum"
-METADATA_KEY = "lora_adapter_metadata"
 COMPONENTS = ("unet", "transformer", *TEXT_COMPONENTS)
-# PEFT's WaveFTConfig defaults, used for what a file does not say.
-PEFT_DEFAULTS = {"wavelet_family": "db1", "scaling": 25.0, "random_loc_seed": 777, "use_idwt": True}
-SETTINGS = ("wavelet_family", "scaling", "random_loc_seed", "use_idwt")
 
 
 @dataclass
@@ -64,16 +71,18 @@ def carried_metadata(metadata: dict) -> dict:
     return {
         k: str(v)
         for k, v in metadata.items()
-        if k.startswith("modelspec.")
-        and k not in ("modelspec.sai_model_spec", "modelspec.architecture")
-        or k in ("ss_base_model_version", "ss_tag_frequency")
+        if k.startswith(SPEC_PREFIX)
+        and k not in (META_SPEC_VERSION, META_ARCHITECTURE)
+        or k in (META_BASE_MODEL, META_TAG_FREQUENCY)
     }
 
 
 def is_spectra_file(keys) -> bool:
     """A safetensors file of spectra without stored positions (diffusers, or a PEFT adapter_model)."""
     keys = list(keys)
-    return any(k.endswith(SPECTRUM_SUFFIX) for k in keys) and not any(k.endswith(".waveft_indices") for k in keys)
+    return any(k.endswith("." + SUFFIX_SPECTRUM) for k in keys) and not any(
+        k.endswith("." + SUFFIX_INDICES) for k in keys
+    )
 
 
 def read_source(path, adapter: str | None = None, adapter_option: str = "adapter=", component: str = "") -> Source:
@@ -85,28 +94,28 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
     path = Path(path)
     if path.is_dir() and path.name in COMPONENTS:
         component = path.name
-    if path.is_file() and path.name == CONFIG_NAME:
+    if path.is_file() and path.name == PEFT_CONFIG_NAME:
         path = path.parent
     if path.is_file():
-        if path.name == WEIGHTS_NAME and (path.parent / CONFIG_NAME).is_file():
+        if path.name == PEFT_WEIGHTS_NAME and (path.parent / PEFT_CONFIG_NAME).is_file():
             return read_source(path.parent, adapter, adapter_option)
         return _diffusers_file(path)
     if not path.is_dir():
         raise WaveFTFileError(path, "no such file or folder")
-    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
+    subs = sorted(p for p in path.iterdir() if p.is_dir() and (p / PEFT_CONFIG_NAME).is_file())
     components = [p for p in subs if p.name in COMPONENTS]
     named = [p for p in subs if p.name not in COMPONENTS]
     if adapter is not None and adapter != "default":
         chosen = next((p for p in named if p.name == adapter), None)
         if chosen is None:
-            have = ["default"] * (path / CONFIG_NAME).is_file() + [p.name for p in named]
+            have = ["default"] * (path / PEFT_CONFIG_NAME).is_file() + [p.name for p in named]
             raise WaveFTFileError(
                 path, f"holds no adapter named '{adapter}'", advice=f"Adapters here: {', '.join(have) or 'none'}"
             )
         source = read_source(chosen, component=component)
         source.notes.insert(0, f"adapter '{adapter}' of {path.name}")
         return source
-    if (path / CONFIG_NAME).is_file():
+    if (path / PEFT_CONFIG_NAME).is_file():
         source = Source(path, "PEFT folder", [_peft_part(path, component)])
         if named:
             source.notes.append(
@@ -125,7 +134,7 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
     if named:
         raise WaveFTFileError(
             path,
-            f"has no {CONFIG_NAME} of its own but holds the PEFT adapters "
+            f"has no {PEFT_CONFIG_NAME} of its own but holds the PEFT adapters "
             f"{', '.join(p.name for p in named)} in sub-folders",
             advice=f"Load one of those folders, or pick one with {adapter_option}<name>",
         )
@@ -138,7 +147,7 @@ def read_source(path, adapter: str | None = None, adapter_option: str = "adapter
         )
     raise WaveFTFileError(
         path,
-        f"is not a WaveFT adapter: no {CONFIG_NAME}, no {DIFFUSERS_WEIGHTS_NAME} and no adapter sub-folders",
+        f"is not a WaveFT adapter: no {PEFT_CONFIG_NAME}, no {DIFFUSERS_WEIGHTS_NAME} and no adapter sub-folders",
         advice="Give the folder PEFT or diffusers saved, or the file in it",
     )
 
@@ -151,7 +160,7 @@ def adapter_folders(root, depth: int = 3) -> list[str]:
     if not root.is_dir():
         return found
     for level in range(1, depth + 1):
-        for config in root.glob("/".join(["*"] * level) + "/" + CONFIG_NAME):
+        for config in root.glob("/".join(["*"] * level) + "/" + PEFT_CONFIG_NAME):
             folder = config.parent
             if any(part.startswith(".") for part in folder.relative_to(root).parts):
                 continue
@@ -189,7 +198,7 @@ def listed_peft_type(config: Path) -> str:
 
 
 def _peft_part(folder: Path, component: str) -> Part:
-    config_path = folder / CONFIG_NAME
+    config_path = folder / PEFT_CONFIG_NAME
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -197,7 +206,7 @@ def _peft_part(folder: Path, component: str) -> Part:
     if not isinstance(config, dict):
         raise WaveFTFileError(config_path, "is not a JSON object")
     _check_config(config_path, config)
-    weights = folder / WEIGHTS_NAME
+    weights = folder / PEFT_WEIGHTS_NAME
     if not weights.is_file():
         pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
         if pickled:
@@ -206,7 +215,7 @@ def _peft_part(folder: Path, component: str) -> Part:
                 "is a pickle, which WaveFT never loads (it can run code)",
                 advice="Save the adapter with safe_serialization=True (adapter_model.safetensors)",
             )
-        raise WaveFTFileError(folder, f"has no {WEIGHTS_NAME}")
+        raise WaveFTFileError(folder, f"has no {PEFT_WEIGHTS_NAME}")
     tensors, file_metadata = read_tensors_and_metadata(weights)
     spectra = _spectra(weights, tensors)
     grouped = _by_component(spectra)
@@ -219,7 +228,7 @@ def _peft_part(folder: Path, component: str) -> Part:
                 advice="Save one adapter per component (unet, text_encoder, ...)",
             )
         component, spectra = next(iter(grouped.items()))
-    return Part(component, spectra, config, CONFIG_NAME, carried_metadata(file_metadata), config_path)
+    return Part(component, spectra, config, PEFT_CONFIG_NAME, carried_metadata(file_metadata), config_path)
 
 
 def _diffusers_file(path: Path) -> Source:
@@ -242,13 +251,13 @@ def _diffusers_file(path: Path) -> Source:
     for component, group in _by_component(spectra).items():
         config = configs.get(component, configs.get(""))
         if config is not None:
-            _check_config(path, config, key=METADATA_KEY)
+            _check_config(path, config, key=DIFFUSERS_METADATA_KEY)
         parts.append(
             Part(
                 component,
                 group,
                 config,
-                f"the file's {METADATA_KEY}" if config is not None else "",
+                f"the file's {DIFFUSERS_METADATA_KEY}" if config is not None else "",
                 carried_metadata(metadata),
                 path,
             )
@@ -259,15 +268,15 @@ def _diffusers_file(path: Path) -> Source:
 def _metadata_configs(path: Path, metadata: dict) -> dict[str, dict]:
     """component ('' for all) -> config from `lora_adapter_metadata`: one flat config (save_lora_adapter), or
     settings prefixed with their component (a pipeline's save_lora_weights)."""
-    text = metadata.get(METADATA_KEY)
+    text = metadata.get(DIFFUSERS_METADATA_KEY)
     if not text:
         return {}
     try:
         data = json.loads(text)
     except ValueError as e:
-        raise WaveFTFileError(path, f"is not valid JSON ({e})", key=METADATA_KEY) from None
+        raise WaveFTFileError(path, f"is not valid JSON ({e})", key=DIFFUSERS_METADATA_KEY) from None
     if not isinstance(data, dict):
-        raise WaveFTFileError(path, "is not a JSON object", key=METADATA_KEY)
+        raise WaveFTFileError(path, "is not a JSON object", key=DIFFUSERS_METADATA_KEY)
     out: dict[str, dict] = {}
     for key, value in data.items():
         component, _, setting = key.partition(".")
@@ -296,18 +305,18 @@ def _check_config(path: Path, config: dict, key: str | None = None) -> None:
 def _spectra(path: Path, tensors: dict) -> dict[str, torch.Tensor]:
     spectra = {}
     for key, t in tensors.items():
-        if not key.endswith(SPECTRUM_SUFFIX):
+        if not key.endswith("." + SUFFIX_SPECTRUM):
             continue
         if not t.dtype.is_floating_point or t.dim() != 1:
             raise WaveFTFileError(path, f"must be a 1-D float tensor, got {t.dtype} {list(t.shape)}", key=key)
         if not torch.isfinite(t).all():
             raise WaveFTFileError(path, "has NaN or infinite coefficients", key=key)
-        name = key[: -len(SPECTRUM_SUFFIX)]
+        name = key[: -len("." + SUFFIX_SPECTRUM)]
         if name.endswith(".default"):  # PEFT drops the adapter name when saving; hand-made files may not
             name = name[: -len(".default")]
         spectra[name] = t
     if not spectra:
-        raise WaveFTFileError(path, f"holds no '*{SPECTRUM_SUFFIX}' tensors")
+        raise WaveFTFileError(path, f"holds no '*.{SUFFIX_SPECTRUM}' tensors")
     return spectra
 
 
@@ -330,7 +339,7 @@ def settings(part: Part, overrides: dict | None = None) -> tuple[dict, list[str]
     config = dict(part.config or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     out, defaulted = {}, []
-    for name in SETTINGS:
+    for name in PEFT_DEFAULTS:
         if name in overrides:
             out[name] = overrides[name]
         elif config.get(name) is not None:
@@ -347,12 +356,14 @@ def settings(part: Part, overrides: dict | None = None) -> tuple[dict, list[str]
 
 def _number(value, source, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise WaveFTFileError(source, f"{value!r} is not a number", key=key, advice="Set a number such as 25.0")
+        raise WaveFTFileError(
+            source, f"{value!r} is not a number", key=key, advice=f"Set a number such as {DEFAULT_SCALING}"
+        )
     try:
         return float(value)
     except ValueError:
         raise WaveFTFileError(
-            source, f"{value!r} is not a number", key=key, advice="Set a number such as 25.0"
+            source, f"{value!r} is not a number", key=key, advice=f"Set a number such as {DEFAULT_SCALING}"
         ) from None
 
 

@@ -12,16 +12,34 @@ import torch
 
 from ..adapter import Adapter, Layer
 from ..delta import index_dtype, matrix_shape
+from ..keys import (
+    META_ARCHITECTURE,
+    META_FORMAT_VERSION,
+    META_NETWORK_MODULE,
+    META_SCALING,
+    META_SPEC_VERSION,
+    META_USE_IDWT,
+    META_WAVELET,
+    NATIVE_SUFFIXES,
+    NETWORK_MODULE,
+    SPEC_VERSION,
+    SUFFIX_INDICES,
+    SUFFIX_SCALING,
+    SUFFIX_SHAPE,
+    SUFFIX_SPECTRUM,
+    SUFFIX_STOCK_LAYOUT,
+    SUFFIX_USE_IDWT,
+    SUFFIX_WAVELET,
+)
 from ..names.families import family_of
 from ..wavelets import UnknownWaveletError, check_wavelet
 from .kinds import DESCRIPTIONS, KOHYA, file_kind
 from .limits import MAX_WEIGHT_ENTRIES, check_delta_range, check_setting
-from .metadata import content_hashes
+from .metadata import content_hashes, hashed_file
 from .storage import DAMAGED as _DAMAGED
 from .storage import WaveFTFileError, atomic_write, read_header
 
 FORMAT_VERSION = 2  # 2 = 1 + per-layer wavelet/use_idwt tensors (FORMAT.md 3.2); written only when layers differ
-SUFFIXES = ("waveft_spectrum", "waveft_indices", "waveft_shape", "waveft_scaling", "waveft_wavelet", "waveft_use_idwt")
 SPECTRUM_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 INDEX_DTYPES = {torch.int32, torch.int64}
 
@@ -121,7 +139,10 @@ def _parse_float(path, key: str, value: str) -> float:
 
 
 def looks_like_waveft(keys) -> bool:
-    return any(k.endswith((".waveft_spectrum", ".waveft_layout")) for k in keys)  # .waveft_layout: extension 4
+    return any(k.endswith(_WAVEFT_ENDINGS) for k in keys)
+
+
+_WAVEFT_ENDINGS = ("." + SUFFIX_SPECTRUM, "." + SUFFIX_STOCK_LAYOUT)  # the layout: extension 4
 
 
 def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path="<memory>") -> Adapter:
@@ -133,10 +154,10 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     if not looks_like_waveft(tensors):
         raise WaveFTFileError(
             path,
-            "holds no '<module>.waveft_spectrum' tensors, so it is not a WaveFT adapter",
+            f"holds no '<module>.{SUFFIX_SPECTRUM}' tensors, so it is not a WaveFT adapter",
             advice="If it is a LoRA, load it with a LoRA loader",
         )
-    version_text = metadata.get("waveft.format_version")
+    version_text = metadata.get(META_FORMAT_VERSION)
     if version_text is None and file_kind(tensors, metadata) == KOHYA:  # not damaged: another trainer's layout
         raise WaveFTFileError(
             path,
@@ -145,52 +166,53 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
             "'python -m waveft_core convert <file> <out.safetensors> --base <checkpoint>'",
         )
     if version_text is None:
-        if not any(k.endswith(".waveft_indices") for k in tensors):
+        if not any(k.endswith("." + SUFFIX_INDICES) for k in tensors):
             raise WaveFTFileError(
                 path,
-                "has WaveFT spectra but no stored positions and no 'waveft.format_version': this is a "
+                f"has WaveFT spectra but no stored positions and no '{META_FORMAT_VERSION}': this is a "
                 "PEFT adapter_model.safetensors",
                 advice="Load the PEFT folder (with its adapter_config.json) instead, or convert it with "
                 "'python -m waveft_core convert <folder> <out.safetensors> --base <checkpoint>'",
             )
-        raise WaveFTFileError(path, "missing", key="waveft.format_version", advice=_DAMAGED)
+        raise WaveFTFileError(path, "missing", key=META_FORMAT_VERSION, advice=_DAMAGED)
     try:
         version = int(version_text)
     except ValueError:
-        raise WaveFTFileError(path, f"'{version_text}' is not a version number", key="waveft.format_version") from None
+        raise WaveFTFileError(path, f"'{version_text}' is not a version number", key=META_FORMAT_VERSION) from None
     if version > FORMAT_VERSION:
         raise WaveFTFileError(
             path,
             f"format version {version} is newer than this reader knows ({FORMAT_VERSION})",
-            key="waveft.format_version",
+            key=META_FORMAT_VERSION,
             advice="Update ComfyUI-WaveFT",
         )
     if version < 1:
-        raise WaveFTFileError(path, f"format version {version} does not exist", key="waveft.format_version")
-    for key in ("waveft.wavelet", "waveft.scaling"):
+        raise WaveFTFileError(path, f"format version {version} does not exist", key=META_FORMAT_VERSION)
+    for key in (META_WAVELET, META_SCALING):
         if key not in metadata:
             raise WaveFTFileError(path, "missing", key=key, advice=_DAMAGED)
-    module_type = metadata.get("ss_network_module")
-    if module_type is not None and module_type != "waveft":
+    module_type = metadata.get(META_NETWORK_MODULE)
+    if module_type is not None and module_type != NETWORK_MODULE:
         raise WaveFTFileError(
-            path, f"ss_network_module is '{module_type}', not 'waveft'", key="ss_network_module", advice=_DAMAGED
+            path,
+            f"{META_NETWORK_MODULE} is '{module_type}', not '{NETWORK_MODULE}'",
+            key=META_NETWORK_MODULE,
+            advice=_DAMAGED,
         )
-    wavelet = metadata["waveft.wavelet"]
+    wavelet = metadata[META_WAVELET]
     try:
         check_wavelet(wavelet)
     except UnknownWaveletError as e:
-        raise WaveFTFileError(
-            path, str(e), key="waveft.wavelet", advice="Update ComfyUI-WaveFT or fix the file"
-        ) from None
-    scaling = _parse_float(path, "waveft.scaling", metadata["waveft.scaling"])
-    use_idwt = _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true"))
+        raise WaveFTFileError(path, str(e), key=META_WAVELET, advice="Update ComfyUI-WaveFT or fix the file") from None
+    scaling = _parse_float(path, META_SCALING, metadata[META_SCALING])
+    use_idwt = _parse_bool(path, META_USE_IDWT, metadata.get(META_USE_IDWT, "true"))
     _check_mirrors(path, tensors, wavelet, scaling, use_idwt)
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         module, _, suffix = key.rpartition(".")
-        if module and suffix in SUFFIXES:
+        if module and suffix in NATIVE_SUFFIXES:
             modules.setdefault(module, {})[suffix] = t
         else:
             extra[key] = t  # unknown keys are kept and ignored
@@ -198,7 +220,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     layers: dict[str, Layer] = {}
     for module in sorted(modules):
         parts = modules[module]
-        for suffix in ("waveft_spectrum", "waveft_indices", "waveft_shape"):
+        for suffix in (SUFFIX_SPECTRUM, SUFFIX_INDICES, SUFFIX_SHAPE):
             if suffix not in parts:
                 raise WaveFTFileError(
                     path,
@@ -216,26 +238,24 @@ def _check_mirrors(path, tensors, wavelet: str, scaling: float, use_idwt: bool) 
     reference), so a disagreement would give one file two different weight changes."""
     said = {}
     try:
-        if "waveft.scaling" in tensors:
-            said["waveft.scaling"] = (float(tensors["waveft.scaling"].reshape(-1)[0]), scaling)
-        if "waveft.wavelet" in tensors:
-            said["waveft.wavelet"] = (
-                bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii"),
+        if META_SCALING in tensors:
+            said[META_SCALING] = (float(tensors[META_SCALING].reshape(-1)[0]), scaling)
+        if META_WAVELET in tensors:
+            said[META_WAVELET] = (
+                bytes(tensors[META_WAVELET].to(torch.uint8).tolist()).decode("ascii"),
                 wavelet,
             )
-        if "waveft.use_idwt" in tensors:
-            said["waveft.use_idwt"] = (bool(tensors["waveft.use_idwt"].reshape(-1)[0]), use_idwt)
+        if META_USE_IDWT in tensors:
+            said[META_USE_IDWT] = (bool(tensors[META_USE_IDWT].reshape(-1)[0]), use_idwt)
     except (RuntimeError, IndexError, UnicodeDecodeError, ValueError):
         raise WaveFTFileError(
             path,
             "is not a valid mirror of the metadata setting",
-            key=next(
-                k for k in ("waveft.scaling", "waveft.wavelet", "waveft.use_idwt") if k in tensors and k not in said
-            ),
+            key=next(k for k in (META_SCALING, META_WAVELET, META_USE_IDWT) if k in tensors and k not in said),
             advice=_DAMAGED,
         ) from None
     for key, (mirror, reference) in said.items():
-        same = math.isclose(mirror, reference, rel_tol=1e-6) if key == "waveft.scaling" else mirror == reference
+        same = math.isclose(mirror, reference, rel_tol=1e-6) if key == META_SCALING else mirror == reference
         if not same:
             raise WaveFTFileError(
                 path,
@@ -248,8 +268,8 @@ def _check_mirrors(path, tensors, wavelet: str, scaling: float, use_idwt: bool) 
 
 
 def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
-    spectrum, indices, shape_t = parts["waveft_spectrum"], parts["waveft_indices"], parts["waveft_shape"]
-    k_spec, k_idx, k_shape = (f"{module}.{s}" for s in ("waveft_spectrum", "waveft_indices", "waveft_shape"))
+    spectrum, indices, shape_t = parts[SUFFIX_SPECTRUM], parts[SUFFIX_INDICES], parts[SUFFIX_SHAPE]
+    k_spec, k_idx, k_shape = (f"{module}.{s}" for s in (SUFFIX_SPECTRUM, SUFFIX_INDICES, SUFFIX_SHAPE))
     if spectrum.dtype not in SPECTRUM_DTYPES or spectrum.dim() != 1:
         raise WaveFTFileError(
             path,
@@ -324,9 +344,9 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
             )
     wavelet, use_idwt = _layer_settings(path, module, parts, wavelet, use_idwt)
     layer_scaling = scaling
-    if "waveft_scaling" in parts:
-        t = parts["waveft_scaling"]
-        k_sc = f"{module}.waveft_scaling"
+    if SUFFIX_SCALING in parts:
+        t = parts[SUFFIX_SCALING]
+        k_sc = f"{module}.{SUFFIX_SCALING}"
         if not t.dtype.is_floating_point or t.numel() != 1:
             raise WaveFTFileError(
                 path, f"must be a float scalar, got {t.dtype} of shape {list(t.shape)}", key=k_sc, advice=_DAMAGED
@@ -335,14 +355,14 @@ def _validate_layer(path, module, parts, scaling, wavelet, use_idwt) -> Layer:
     layer = Layer(
         spectrum=spectrum, indices=indices, shape=shape, scaling=layer_scaling, wavelet=wavelet, use_idwt=use_idwt
     )
-    check_delta_range(layer, path, k_spec, k_sc if "waveft_scaling" in parts else "waveft.scaling")
+    check_delta_range(layer, path, k_spec, k_sc if SUFFIX_SCALING in parts else META_SCALING)
     return layer
 
 
 def _layer_settings(path, module, parts, wavelet: str, use_idwt: bool) -> tuple[str, bool]:
     """A layer's own wavelet and use_idwt (format 2) over the file's defaults."""
-    if "waveft_wavelet" in parts:
-        t, key = parts["waveft_wavelet"], f"{module}.waveft_wavelet"
+    if SUFFIX_WAVELET in parts:
+        t, key = parts[SUFFIX_WAVELET], f"{module}.{SUFFIX_WAVELET}"
         if t.dtype != torch.uint8 or t.dim() != 1:
             raise WaveFTFileError(
                 path, f"must be a 1-D uint8 tensor (the name in ASCII), got {t.dtype}", key=key, advice=_DAMAGED
@@ -352,8 +372,8 @@ def _layer_settings(path, module, parts, wavelet: str, use_idwt: bool) -> tuple[
             check_wavelet(wavelet)
         except UnknownWaveletError as e:
             raise WaveFTFileError(path, str(e), key=key, advice="Update ComfyUI-WaveFT or fix the file") from None
-    if "waveft_use_idwt" in parts:
-        t, key = parts["waveft_use_idwt"], f"{module}.waveft_use_idwt"
+    if SUFFIX_USE_IDWT in parts:
+        t, key = parts[SUFFIX_USE_IDWT], f"{module}.{SUFFIX_USE_IDWT}"
         if t.numel() != 1 or t.dtype.is_floating_point or int(t.reshape(())) not in (0, 1):
             raise WaveFTFileError(path, "must be a 0 or 1 integer scalar", key=key, advice=_DAMAGED)
         use_idwt = bool(int(t.reshape(())))
@@ -370,7 +390,8 @@ def _most_common(values):
     return Counter(values).most_common(1)[0][0]
 
 
-def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _unhashed(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors and metadata, without the content hashes."""
     if not adapter.layers:
         raise ValueError("the adapter has no layers; nothing to save")
     # The most common wavelet and use_idwt are the file's defaults; a layer that differs carries its own (format 2,
@@ -390,46 +411,52 @@ def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], 
             raise ValueError(f"layer {name}: the spectrum has NaN or infinite values; refusing to save it")
         # Copies: layers may share one positions tensor (PEFT's rule gives equal-size layers the same
         # positions), and safetensors refuses tensors that share memory.
-        tensors[f"{name}.waveft_spectrum"] = spectrum.contiguous().clone()
-        tensors[f"{name}.waveft_indices"] = layer.indices.detach().to("cpu", index_dtype(m * n)).contiguous().clone()
-        tensors[f"{name}.waveft_shape"] = torch.tensor(layer.shape, dtype=torch.int64)
+        tensors[f"{name}.{SUFFIX_SPECTRUM}"] = spectrum.contiguous().clone()
+        indices = layer.indices.detach().to("cpu", index_dtype(m * n)).contiguous().clone()
+        tensors[f"{name}.{SUFFIX_INDICES}"] = indices
+        tensors[f"{name}.{SUFFIX_SHAPE}"] = torch.tensor(layer.shape, dtype=torch.int64)
         if float(layer.scaling) != scaling:
-            tensors[f"{name}.waveft_scaling"] = torch.tensor(float(layer.scaling), dtype=torch.float32)
+            tensors[f"{name}.{SUFFIX_SCALING}"] = torch.tensor(float(layer.scaling), dtype=torch.float32)
         if layer.wavelet != wavelet:
-            tensors[f"{name}.waveft_wavelet"] = torch.tensor(list(layer.wavelet.encode("ascii")), dtype=torch.uint8)
+            tensors[f"{name}.{SUFFIX_WAVELET}"] = torch.tensor(list(layer.wavelet.encode("ascii")), dtype=torch.uint8)
             version = 2
         if bool(layer.use_idwt) != use_idwt:
-            tensors[f"{name}.waveft_use_idwt"] = torch.tensor(int(bool(layer.use_idwt)), dtype=torch.uint8)
+            tensors[f"{name}.{SUFFIX_USE_IDWT}"] = torch.tensor(int(bool(layer.use_idwt)), dtype=torch.uint8)
             version = 2
     # Mirrors of the settings the math needs, for hosts that hand an adapter the tensors without the
     # metadata (ComfyUI's stock LoRA loader). A backward-compatible extension: v1 readers ignore them.
-    tensors["waveft.wavelet"] = torch.tensor(list(wavelet.encode("ascii")), dtype=torch.uint8)
-    tensors["waveft.scaling"] = torch.tensor(scaling, dtype=torch.float64)
-    tensors["waveft.use_idwt"] = torch.tensor(1 if use_idwt else 0, dtype=torch.uint8)
+    tensors[META_WAVELET] = torch.tensor(list(wavelet.encode("ascii")), dtype=torch.uint8)
+    tensors[META_SCALING] = torch.tensor(scaling, dtype=torch.float64)
+    tensors[META_USE_IDWT] = torch.tensor(1 if use_idwt else 0, dtype=torch.uint8)
     for key, t in adapter.extra_tensors.items():
         tensors.setdefault(key, t.detach().to("cpu").contiguous())
     metadata = {str(k): str(v) for k, v in adapter.metadata.items()}
     metadata.update(
         {
-            "waveft.format_version": str(version),
-            "waveft.wavelet": wavelet,
-            "waveft.scaling": repr(scaling),
-            "waveft.use_idwt": "true" if use_idwt else "false",
-            "ss_network_module": "waveft",
-            "modelspec.sai_model_spec": "1.0.0",
+            META_FORMAT_VERSION: str(version),
+            META_WAVELET: wavelet,
+            META_SCALING: repr(scaling),
+            META_USE_IDWT: "true" if use_idwt else "false",
+            META_NETWORK_MODULE: NETWORK_MODULE,
+            META_SPEC_VERSION: SPEC_VERSION,
         }
     )
     family = family_of(metadata)
-    if family and "modelspec.architecture" not in metadata:
-        metadata["modelspec.architecture"] = f"{family.architecture}/waveft"
+    if family and META_ARCHITECTURE not in metadata:
+        metadata[META_ARCHITECTURE] = f"{family.architecture}/waveft"
+    return tensors, metadata
+
+
+def to_tensors_and_metadata(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of the file `write` writes, content hashes included."""
+    tensors, metadata = _unhashed(adapter)
     # Always recomputed: hashes carried over from a source file would name other bytes.
     metadata.update(content_hashes(tensors, metadata))
     return tensors, metadata
 
 
 def write(adapter: Adapter, path) -> Path:
-    """Write a native v1 file atomically (temporary file in the same folder, then rename)."""
-    from safetensors.torch import save_file
-
-    tensors, metadata = to_tensors_and_metadata(adapter)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    """Write a native v1 file atomically (temporary file in the same folder, then rename). The tensors are
+    serialized once, for the content hashes and the file both (metadata.hashed_file)."""
+    _, write_to = hashed_file(*_unhashed(adapter))
+    return atomic_write(path, write_to)

@@ -15,10 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from ..keys import (
+    KOHYA_ONLY_SUFFIXES,
+    META_FORMAT_VERSION,
+    META_NETWORK_MODULE,
+    NETWORK_MODULE,
+    SUFFIX_INDICES,
+    SUFFIX_SPECTRUM,
+    SUFFIX_STOCK_LAYOUT,
+)
+
 NATIVE, KOHYA, SPECTRA, LORA, OTHER = "native", "kohya", "spectra", "lora", "other"
-SPECTRUM = ".waveft_spectrum"
-STOCK_LAYOUT = ".waveft_layout"  # FORMAT.md extension 4 (stock.py); such files also hold LoRA-style .diff keys
-KOHYA_MARKERS = (".waveft_random_loc_seed", ".waveft_family_code")  # keys only a kohya-style WaveFT file has
+_KOHYA_ENDINGS = tuple("." + s for s in KOHYA_ONLY_SUFFIXES)
 _LORA_MARKERS = (
     ".lora_up.weight",
     ".lora_down.weight",
@@ -42,12 +50,12 @@ DESCRIPTIONS = {
 def file_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
     keys = [k for k in keys if k != "__metadata__"]
     metadata = metadata or {}
-    if any(k.endswith(KOHYA_MARKERS) for k in keys):
+    if any(k.endswith(_KOHYA_ENDINGS) for k in keys):
         return KOHYA
-    spectra = any(k.endswith(SPECTRUM) for k in keys)
-    if any(k.endswith(STOCK_LAYOUT) for k in keys):
+    spectra = any(k.endswith("." + SUFFIX_SPECTRUM) for k in keys)
+    if any(k.endswith("." + SUFFIX_STOCK_LAYOUT) for k in keys):  # such files also hold LoRA-style .diff keys
         return NATIVE
-    if "waveft.format_version" in metadata or (spectra and any(k.endswith(".waveft_indices") for k in keys)):
+    if META_FORMAT_VERSION in metadata or (spectra and any(k.endswith("." + SUFFIX_INDICES) for k in keys)):
         return NATIVE
     if spectra:
         return SPECTRA
@@ -60,7 +68,7 @@ def is_waveft(keys: Iterable[str], metadata: Mapping[str, str] | None = None) ->
     """Any WaveFT file, so WaveFT's readers should take it (they say what is wrong with a damaged one)."""
     metadata = metadata or {}
     return (
-        metadata.get("ss_network_module") == "waveft"
+        metadata.get(META_NETWORK_MODULE) == NETWORK_MODULE
         or metadata.get("ss_adapter_algorithm") == "waveft"
         or file_kind(keys, metadata) in (NATIVE, KOHYA, SPECTRA)
     )

@@ -32,22 +32,34 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapter import DEFAULT_SEED, Adapter, Layer
+from ..adapter import Adapter, Layer
 from ..convert.peft_io import peft_positions
 from ..delta import matrix_shape
+from ..keys import (
+    DEFAULT_SEED,
+    KOHYA_ARG_SEED,
+    KOHYA_SUFFIXES,
+    META_ARCHITECTURE,
+    META_BASE_MODEL,
+    META_IMPORT_NOTES,
+    META_LEGACY_HASH,
+    META_MODEL_HASH,
+    META_NETWORK_ARGS,
+    META_NETWORK_MODULE,
+    META_SEED,
+    META_SOURCE,
+    SUFFIX_INDICES,
+    SUFFIX_KOHYA_FAMILY,
+    SUFFIX_KOHYA_SEED,
+    SUFFIX_SCALING,
+    SUFFIX_SPECTRUM,
+    SUFFIX_USE_IDWT,
+)
 from ..names.families import TE_PREFIX, UNET_PREFIX
 from .kinds import DESCRIPTIONS, KOHYA
 from .storage import WaveFTFileError
 
-SUFFIXES = (
-    "waveft_spectrum",
-    "waveft_indices",
-    "waveft_scaling",
-    "waveft_random_loc_seed",
-    "waveft_use_idwt",
-    "waveft_family_code",
-)
-FAMILY_CODES = {1: "db1"}
+FAMILY_CODES = {1: "db1"}  # their wavelet family codes
 # Integers a float type stores exactly and unambiguously: every stored value below this is the saved integer.
 EXACT_BELOW = {torch.float32: 2**24, torch.float16: 2**11, torch.bfloat16: 2**8, torch.float64: 2**53}
 PRECISION_NAMES = {torch.float32: "float", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "float64"}
@@ -119,12 +131,12 @@ def seed_hint_of_file(path) -> int | None:
 
 
 def _seed_hint(metadata: Mapping[str, str]) -> int | None:
-    text = metadata.get("ss_network_args")
+    text = metadata.get(META_NETWORK_ARGS)
     if not text:
         return None
     try:
         args = json.loads(text)
-        return int(str(args.get("waveft_random_loc_seed", DEFAULT_SEED)).strip())  # their default is PEFT's 777
+        return int(str(args.get(KOHYA_ARG_SEED, DEFAULT_SEED)).strip())  # their default is PEFT's 777
     except (ValueError, TypeError, AttributeError):
         return None
 
@@ -136,18 +148,18 @@ def read(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path=
     extra = {}
     for key, t in tensors.items():
         module, _, suffix = key.rpartition(".")
-        if module and suffix in SUFFIXES:
+        if module and suffix in KOHYA_SUFFIXES:
             groups.setdefault(module, {})[suffix] = t
         else:
             extra[key] = t  # kohya's alpha and anything else: kept, not used
     layers = {}
     for name in sorted(groups):
         parts = groups[name]
-        for suffix in SUFFIXES:
+        for suffix in KOHYA_SUFFIXES:
             if suffix not in parts:
                 raise WaveFTFileError(
                     path,
-                    f"missing: every layer of {TRAINER} has {', '.join(SUFFIXES)}",
+                    f"missing: every layer of {TRAINER} has {', '.join(KOHYA_SUFFIXES)}",
                     key=f"{name}.{suffix}",
                     advice=_advice(),
                 )
@@ -158,20 +170,20 @@ def read(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path=
 
 
 def _stored_layer(path, name: str, parts: Mapping[str, torch.Tensor]) -> StoredLayer:
-    spectrum, indices = parts["waveft_spectrum"], parts["waveft_indices"]
+    spectrum, indices = parts[SUFFIX_SPECTRUM], parts[SUFFIX_INDICES]
     k = f"{name}.%s"
     if not spectrum.dtype.is_floating_point or spectrum.dim() != 1:
         raise WaveFTFileError(
             path,
             f"must be a 1-D float tensor, got {spectrum.dtype} {list(spectrum.shape)}",
-            key=k % "waveft_spectrum",
+            key=k % SUFFIX_SPECTRUM,
             advice=_advice(),
         )
     if not torch.isfinite(spectrum).all():
         raise WaveFTFileError(
             path,
             "has NaN or infinite coefficients",
-            key=k % "waveft_spectrum",
+            key=k % SUFFIX_SPECTRUM,
             advice="The training diverged; use an earlier save or a lower learning rate",
         )
     if indices.dim() != 2 or indices.shape[0] != 2 or indices.shape[1] != spectrum.numel():
@@ -179,46 +191,44 @@ def _stored_layer(path, name: str, parts: Mapping[str, torch.Tensor]) -> StoredL
             path,
             f"must be [2, {spectrum.numel()}] (row, col) for {spectrum.numel()} coefficients, "
             f"got {list(indices.shape)}",
-            key=k % "waveft_indices",
+            key=k % SUFFIX_INDICES,
             advice=_advice(),
         )
     if indices.dtype == torch.bool or indices.is_complex():
-        raise WaveFTFileError(
-            path, f"{indices.dtype} cannot hold positions", key=k % "waveft_indices", advice=_advice()
-        )
+        raise WaveFTFileError(path, f"{indices.dtype} cannot hold positions", key=k % SUFFIX_INDICES, advice=_advice())
     if indices.dtype.is_floating_point and indices.numel():
         if not torch.isfinite(indices).all() or (indices != indices.round()).any() or (indices < 0).any():
             raise WaveFTFileError(
-                path, "holds values that are not whole non-negative numbers", key=k % "waveft_indices", advice=_advice()
+                path, "holds values that are not whole non-negative numbers", key=k % SUFFIX_INDICES, advice=_advice()
             )
     elif indices.numel() and int(indices.min()) < 0:
         raise WaveFTFileError(
-            path, f"position {int(indices.min())} is negative", key=k % "waveft_indices", advice=_advice()
+            path, f"position {int(indices.min())} is negative", key=k % SUFFIX_INDICES, advice=_advice()
         )
-    family = _scalar(path, k % "waveft_family_code", parts["waveft_family_code"])
+    family = _scalar(path, k % SUFFIX_KOHYA_FAMILY, parts[SUFFIX_KOHYA_FAMILY])
     if family not in FAMILY_CODES:
         raise WaveFTFileError(
             path,
             f"wavelet family code {family:g} is unknown: the trainer's own module knows only "
             "1 (db1) and refuses this layer too",
-            key=k % "waveft_family_code",
+            key=k % SUFFIX_KOHYA_FAMILY,
             advice="Load it with the trainer that wrote it, or re-save it with db1",
         )
-    use_idwt = _scalar(path, k % "waveft_use_idwt", parts["waveft_use_idwt"])
+    use_idwt = _scalar(path, k % SUFFIX_USE_IDWT, parts[SUFFIX_USE_IDWT])
     if use_idwt not in (0.0, 1.0):
         raise WaveFTFileError(
-            path, f"{use_idwt:g} is not true (1) or false (0)", key=k % "waveft_use_idwt", advice=_advice()
+            path, f"{use_idwt:g} is not true (1) or false (0)", key=k % SUFFIX_USE_IDWT, advice=_advice()
         )
-    seed_t = parts["waveft_random_loc_seed"]
-    seed = _scalar(path, k % "waveft_random_loc_seed", seed_t)
+    seed_t = parts[SUFFIX_KOHYA_SEED]
+    seed = _scalar(path, k % SUFFIX_KOHYA_SEED, seed_t)
     if seed < 0 or seed != int(seed):
-        raise WaveFTFileError(path, f"{seed:g} is not a seed", key=k % "waveft_random_loc_seed", advice=_advice())
+        raise WaveFTFileError(path, f"{seed:g} is not a seed", key=k % SUFFIX_KOHYA_SEED, advice=_advice())
     return StoredLayer(
         name=name,
         spectrum=spectrum,
         rows=indices[0],
         cols=indices[1],
-        scaling=_scalar(path, k % "waveft_scaling", parts["waveft_scaling"]),
+        scaling=_scalar(path, k % SUFFIX_SCALING, parts[SUFFIX_SCALING]),
         seed=seed,
         seed_dtype=seed_t.dtype,
         use_idwt=bool(use_idwt),
@@ -271,7 +281,7 @@ def recover_positions(layer: StoredLayer, shape, hint: int | None, path) -> tupl
         path,
         f"saved with save_precision {layer.precision}: positions lost (the stored positions "
         f"were rounded and {why}, for weight shape {list(shape)})",
-        key=f"{layer.name}.waveft_indices",
+        key=f"{layer.name}.{SUFFIX_INDICES}",
         advice=f"It is {TRAINER}; {RESAVE}",
     )
 
@@ -288,13 +298,13 @@ def layer_for(kfile: KohyaFile, name: str, shape) -> tuple[Layer, int | None]:
         raise WaveFTFileError(
             path,
             f"{p} coefficients do not fit a weight of shape {list(shape)}",
-            key=f"{name}.waveft_spectrum",
+            key=f"{name}.{SUFFIX_SPECTRUM}",
             advice="Apply it to the model it was trained on",
         )
     seed = None
     if stored.positions_exact:
         rows, cols = stored.rows.to(torch.int64), stored.cols.to(torch.int64)
-        key = f"{name}.waveft_indices"
+        key = f"{name}.{SUFFIX_INDICES}"
         if p and int(rows.max()) >= m:
             raise WaveFTFileError(
                 path,
@@ -358,7 +368,7 @@ def to_adapter(
             f"the model has no weight for {len(missing)} of its {len(kfile.layers)} layers ({listed})",
             advice=base_advice
             or "Apply it to the model it was trained on (its base model: "
-            + (kfile.metadata.get("ss_base_model_version") or "not recorded")
+            + (kfile.metadata.get(META_BASE_MODEL) or "not recorded")
             + ")",
         )
     notes = [TRAINER]
@@ -373,14 +383,14 @@ def to_adapter(
         )
     # their ss_network_module and 'anima-preview/lora' architecture describe their container, not this adapter
     metadata = {
-        k: v for k, v in kfile.metadata.items() if k not in ("ss_network_module", "sshs_model_hash", "sshs_legacy_hash")
+        k: v for k, v in kfile.metadata.items() if k not in (META_NETWORK_MODULE, META_MODEL_HASH, META_LEGACY_HASH)
     }
-    if metadata.get("modelspec.architecture", "").endswith("/lora"):
-        metadata["modelspec.architecture"] = metadata["modelspec.architecture"][: -len("/lora")] + "/waveft"
-    metadata["waveft.source"] = "kohya"
-    metadata["waveft.import_notes"] = "; ".join(notes)
+    if metadata.get(META_ARCHITECTURE, "").endswith("/lora"):
+        metadata[META_ARCHITECTURE] = metadata[META_ARCHITECTURE][: -len("/lora")] + "/waveft"
+    metadata[META_SOURCE] = "kohya"
+    metadata[META_IMPORT_NOTES] = "; ".join(notes)
     metadata.setdefault(
-        "waveft.seed",
+        META_SEED,
         str(kfile.seed_hint if kfile.seed_hint is not None else int(next(iter(kfile.layers.values())).seed)),
     )
     return Adapter(layers=layers, metadata=metadata, source=kfile.path)
@@ -437,8 +447,7 @@ def describe(kfile: KohyaFile) -> str:
         ),
         f"seed: {kfile.seed_hint if kfile.seed_hint is not None else int(layers[0].seed)}",
         f"saved with save_precision: {kfile.precision}",
-        "base model: "
-        + (kfile.metadata.get("ss_base_model_version") or kfile.metadata.get("modelspec.architecture") or "unknown"),
+        "base model: " + (kfile.metadata.get(META_BASE_MODEL) or kfile.metadata.get(META_ARCHITECTURE) or "unknown"),
     ]
     rounded = [layer.name for layer in layers if not layer.positions_exact]
     if rounded:
@@ -482,7 +491,7 @@ def load(
         base_advice=f"Give the base model it was trained on ({base_advice})",
     )
     if shapes.family:
-        adapter.metadata.setdefault("ss_base_model_version", shapes.family)
+        adapter.metadata.setdefault(META_BASE_MODEL, shapes.family)
     return adapter
 
 

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..keys import DEFAULT_SCALING
 from .storage import WaveFTFileError
 
 FP32_MAX = float(torch.finfo(torch.float32).max)  # 3.4e38
@@ -51,7 +52,7 @@ def check_setting(value: float, source, key: str) -> float:
             source,
             f"{value!r} is not a finite float32 number",
             key=key,
-            advice="The file is damaged or was edited by hand; set a plain value such as 25.0",
+            advice=f"The file is damaged or was edited by hand; set a plain value such as {DEFAULT_SCALING}",
         )
     return value
 

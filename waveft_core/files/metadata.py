@@ -19,9 +19,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Mapping
+from typing import Callable, Mapping
 
-HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+from ..keys import (
+    HASH_KEYS,
+    KOHYA_PREFIX,
+    META_DATASETS,
+    META_LEGACY_HASH,
+    META_MODEL_HASH,
+    META_SPEC_HASH,
+    META_TAG_FREQUENCY,
+    META_TRIGGER_PHRASE,
+)
+
 DEFAULT_DATASET_DIR = "img"  # the folder name kohya's examples use; managers read the counts, not the name
 
 
@@ -63,9 +73,9 @@ def with_trigger_words(metadata: Mapping, text: str) -> dict:
     phrases = trigger_phrases(text)
     if not phrases:
         return md
-    md["modelspec.trigger_phrase"] = ", ".join(phrases)
+    md[META_TRIGGER_PHRASE] = ", ".join(phrases)
 
-    folders = _json(md, "ss_tag_frequency", dict) or {}
+    folders = _json(md, META_TAG_FREQUENCY, dict) or {}
     first = next(iter(folders), DEFAULT_DATASET_DIR)
     counts = folders.get(first) if isinstance(folders.get(first), dict) else {}
     images = _as_int(md.get("ss_num_train_images"))
@@ -73,9 +83,9 @@ def with_trigger_words(metadata: Mapping, text: str) -> dict:
     merged = {p: top for p in phrases}
     merged.update({tag: c for tag, c in counts.items() if tag not in merged})
     folders = {first: merged, **{k: v for k, v in folders.items() if k != first}}
-    md["ss_tag_frequency"] = json.dumps(folders, ensure_ascii=False)
+    md[META_TAG_FREQUENCY] = json.dumps(folders, ensure_ascii=False)
 
-    datasets = _json(md, "ss_datasets", list) or []
+    datasets = _json(md, META_DATASETS, list) or []
     if not datasets or not isinstance(datasets[0], dict):
         datasets = [{"is_dreambooth": True, **({"num_train_images": images} if images else {})}] + datasets[1:]
     subsets = datasets[0].get("subsets") if isinstance(datasets[0].get("subsets"), list) else []
@@ -83,7 +93,7 @@ def with_trigger_words(metadata: Mapping, text: str) -> dict:
         subsets = [{"image_dir": first, **({"img_count": images} if images else {})}] + subsets[1:]
     subsets[0] = {**subsets[0], "class_tokens": ", ".join(phrases)}
     datasets[0] = {**datasets[0], "subsets": subsets}
-    md["ss_datasets"] = json.dumps(datasets, ensure_ascii=False)
+    md[META_DATASETS] = json.dumps(datasets, ensure_ascii=False)
     return md
 
 
@@ -156,15 +166,35 @@ def tensor_data_sha256(serialized: bytes) -> str:
     return hashlib.sha256(memoryview(serialized)[8 + header_length :]).hexdigest()
 
 
-def content_hashes(tensors: Mapping, metadata: Mapping) -> dict:
-    """The three hash keys (HASH_KEYS) for a file of `tensors` and `metadata`, as kohya computes them."""
+def _serialized_for_hashes(tensors: Mapping, metadata: Mapping) -> bytes:
+    """The file as kohya hashes it: the tensors with the `ss_*` keys alone (the legacy hash reads its bytes)."""
     from safetensors.torch import save
 
-    training_only = {k: str(v) for k, v in metadata.items() if k.startswith("ss_")}
-    serialized = save(dict(tensors), training_only)
+    return save(dict(tensors), {k: str(v) for k, v in metadata.items() if k.startswith(KOHYA_PREFIX)})
+
+
+def _hashes(serialized: bytes) -> dict:
     data_hash = tensor_data_sha256(serialized)
     legacy = hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
-    return {"sshs_model_hash": data_hash, "sshs_legacy_hash": legacy, "modelspec.hash_sha256": "0x" + data_hash}
+    return {META_MODEL_HASH: data_hash, META_LEGACY_HASH: legacy, META_SPEC_HASH: "0x" + data_hash}
+
+
+def content_hashes(tensors: Mapping, metadata: Mapping) -> dict:
+    """The three hash keys (HASH_KEYS) for a file of `tensors` and `metadata`, as kohya computes them."""
+    return _hashes(_serialized_for_hashes(tensors, metadata))
+
+
+def hashed_file(tensors: Mapping, metadata: Mapping) -> tuple[dict[str, str], Callable[[str], None]]:
+    """`metadata` with the hash keys (always recomputed: hashes carried over from a source would name other
+    bytes), and a function writing the file of `tensors` and that metadata to a path (for atomic_write), from
+    one serialization of the tensors: the one the hashes are computed from."""
+    from .storage import with_metadata, write_parts
+
+    serialized = _serialized_for_hashes(tensors, metadata)
+    full = {str(k): str(v) for k, v in metadata.items() if k not in HASH_KEYS}
+    full.update(_hashes(serialized))
+    parts = with_metadata(serialized, full)
+    return full, lambda path: write_parts(path, parts)
 
 
 def data_uri(image: bytes, mime: str = "image/png") -> str:

@@ -171,6 +171,27 @@ def remove_stale_temporaries(folder: Path) -> None:
         pass
 
 
+def with_metadata(serialized: bytes, metadata: Mapping[str, str]) -> tuple[bytes, memoryview]:
+    """The bytes of a serialized safetensors file with its metadata replaced by `metadata`, as (length and
+    header, tensor data): what safetensors writes for the same tensors and this metadata (its header is compact
+    JSON in UTF-8, the metadata first, padded with spaces to a multiple of 8 bytes), without serializing the
+    tensors again. The tensor data is a view of `serialized`, not a copy."""
+    length = int.from_bytes(serialized[:8], "little")
+    entries = json.loads(bytes(serialized[8 : 8 + length]))
+    entries.pop("__metadata__", None)
+    header = json.dumps({"__metadata__": dict(metadata), **entries}, ensure_ascii=False, separators=(",", ":"))
+    raw = header.encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, memoryview(serialized)[8 + length :]
+
+
+def write_parts(path, parts) -> None:
+    """Write byte strings (or views) one after the other into the file `path`."""
+    with open(path, "wb") as f:
+        for part in parts:
+            f.write(part)
+
+
 def atomic_write(path, write_to: Callable[[str], None]) -> Path:
     """Call write_to(temp_path) for a temporary file beside `path`, then rename it into place."""
     return atomic_writes({path: write_to})[0]

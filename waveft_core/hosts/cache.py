@@ -9,9 +9,9 @@ import os
 from collections import OrderedDict
 from typing import Callable, Hashable
 
-from ..convert.sources import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, WEIGHTS_NAME
+from ..keys import DIFFUSERS_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
+ADAPTER_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME)
 
 
 # Files up to this size are hashed whole for the fingerprint (an adapter is a few MB); larger ones by their

@@ -22,17 +22,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapter import DEFAULT_SCALING, DEFAULT_SEED, Layer
+from ..adapter import Layer
 from ..convert.peft_io import peft_positions
 from ..delta import dense_delta, matrix_shape
-from ..files import kinds
 from ..files.storage import DAMAGED, WaveFTFileError
+from ..keys import (
+    DEFAULT_SCALING,
+    DEFAULT_SEED,
+    DEFAULT_WAVELET,
+    META_FORMAT_VERSION,
+    META_IMPORT_NOTES,
+    META_NETWORK_MODULE,
+    META_SCALING,
+    META_SEED,
+    META_USE_IDWT,
+    META_WAVELET,
+    NETWORK_MODULE,
+    SUFFIX_INDICES,
+    SUFFIX_SHAPE,
+    SUFFIX_SPECTRUM,
+    SUFFIX_STOCK_LAYOUT,
+)
 from ..training.trainable import TrainableLayer
 
 ALGORITHM = "WaveFT"  # the name in the stock node's `algorithm` list
-SPECTRUM = "spectrum"
-LAYOUT = kinds.STOCK_LAYOUT.lstrip(".")  # "waveft_layout": kinds.py is the home of the file-kind markers
-WAVELET, SCALING, SEED = "db1", DEFAULT_SCALING, DEFAULT_SEED
+SPECTRUM = "spectrum"  # the stock node's parameter name, not the native file's suffix
+WAVELET, SCALING, SEED = DEFAULT_WAVELET, DEFAULT_SCALING, DEFAULT_SEED  # layout version 1: the paper's recipe
 _MARKER, _VERSION, _DIGITS = 87, 1, 4
 _CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
 
@@ -96,12 +111,12 @@ def decode_layout(layout: torch.Tensor, where: str, path="<memory>") -> tuple[tu
 
 
 def is_stock_file(keys) -> bool:
-    return any(k.endswith(kinds.STOCK_LAYOUT) for k in keys)
+    return any(k.endswith("." + SUFFIX_STOCK_LAYOUT) for k in keys)
 
 
 def stock_layer(module: str, tensors: dict, path="<memory>") -> Layer:
     """The layer `module` of a stock file, its positions drawn again and checked; WaveFTFileError otherwise."""
-    key_layout, key_spectrum = f"{module}.{LAYOUT}", f"{module}.{SPECTRUM}"
+    key_layout, key_spectrum = f"{module}.{SUFFIX_STOCK_LAYOUT}", f"{module}.{SPECTRUM}"
     if key_spectrum not in tensors:
         raise WaveFTFileError(
             path,
@@ -138,23 +153,23 @@ def as_native(tensors: dict, metadata: dict, path="<memory>") -> tuple[dict, dic
     """A stock file's tensors and metadata in the native form (FORMAT.md): each layer's spectrum, positions and
     shape, the settings of layout version 1, and every other tensor (the node's full diffs of biases and norms,
     `.diff` and `.diff_b`) kept as it is."""
-    modules = sorted(k[: -len(LAYOUT) - 1] for k in tensors if k.endswith("." + LAYOUT))
-    claimed = {f"{m}.{s}" for m in modules for s in (LAYOUT, SPECTRUM)}
+    modules = sorted(k[: -len(SUFFIX_STOCK_LAYOUT) - 1] for k in tensors if k.endswith("." + SUFFIX_STOCK_LAYOUT))
+    claimed = {f"{m}.{s}" for m in modules for s in (SUFFIX_STOCK_LAYOUT, SPECTRUM)}
     out = {k: v for k, v in tensors.items() if k not in claimed}
     for module in modules:
         layer = stock_layer(module, tensors, path)
-        out[f"{module}.waveft_spectrum"] = layer.spectrum
-        out[f"{module}.waveft_indices"] = layer.indices
-        out[f"{module}.waveft_shape"] = torch.tensor(layer.shape, dtype=torch.int64)
+        out[f"{module}.{SUFFIX_SPECTRUM}"] = layer.spectrum
+        out[f"{module}.{SUFFIX_INDICES}"] = layer.indices
+        out[f"{module}.{SUFFIX_SHAPE}"] = torch.tensor(layer.shape, dtype=torch.int64)
     diffs = sum(1 for k in out if k.endswith((".diff", ".diff_b")))
     md = {
-        "waveft.format_version": "1",
-        "waveft.wavelet": WAVELET,
-        "waveft.scaling": repr(float(SCALING)),
-        "waveft.use_idwt": "true",
-        "waveft.seed": str(SEED),
-        "ss_network_module": "waveft",
-        "waveft.import_notes": f"ComfyUI's Train LoRA node, algorithm WaveFT (FORMAT.md extension 4): "
+        META_FORMAT_VERSION: "1",
+        META_WAVELET: WAVELET,
+        META_SCALING: repr(float(SCALING)),
+        META_USE_IDWT: "true",
+        META_SEED: str(SEED),
+        META_NETWORK_MODULE: NETWORK_MODULE,
+        META_IMPORT_NOTES: f"ComfyUI's Train LoRA node, algorithm WaveFT (FORMAT.md extension 4): "
         f"{WAVELET}, scaling {SCALING:g}, PEFT positions for seed {SEED}; "
         f"{diffs} full diffs of biases and norms",
         **dict(metadata or {}),

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..files.fileformat import _check_mirrors, _parse_bool, _parse_float
-from ..files.kinds import SPECTRUM
+from ..keys import META_SCALING, META_USE_IDWT, META_WAVELET, MIRROR_KEYS, SUFFIX_SPECTRUM
 from ..names.families import TE_PREFIX, UNET_PREFIX, split_component
 from ..names.matching import refuse_overlapping_targets
 
@@ -23,7 +23,7 @@ SHOWN = 5  # layer names listed in a message before "and N more"
 
 def waveft_layers(keys: Iterable[str]) -> list[str]:
     """The layer names of a file's WaveFT layers (every layout stores `<layer>.waveft_spectrum`)."""
-    return [k[: -len(SPECTRUM)] for k in keys if k.endswith(SPECTRUM)]
+    return [k[: -len(SUFFIX_SPECTRUM) - 1] for k in keys if k.endswith("." + SUFFIX_SPECTRUM)]
 
 
 def is_text_encoder_layer(name: str) -> bool:
@@ -65,28 +65,25 @@ def refuse_layers_on_one_weight(keys: Iterable[str], key_map: Mapping) -> None:
     )
 
 
-MIRROR_SETTINGS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
-
-
 def check_mirrors_against_metadata(path, tensors: Mapping, metadata: Mapping[str, str]) -> None:
     """WaveFTFileError naming the file and the key when a settings tensor the stock loader applies says another
     thing than the file's metadata, the reference every other reader applies (fileformat's rule). A file whose
     metadata states no WaveFT setting (stripped on the way) has nothing to disagree with."""
-    if not any(k in metadata for k in MIRROR_SETTINGS) or not any(k in tensors for k in MIRROR_SETTINGS):
+    if not any(k in metadata for k in MIRROR_KEYS) or not any(k in tensors for k in MIRROR_KEYS):
         return
-    mirrors = {k: tensors[k] for k in MIRROR_SETTINGS if k in tensors}
-    wavelet = metadata.get("waveft.wavelet")
-    scaling = metadata.get("waveft.scaling")
+    mirrors = {k: tensors[k] for k in MIRROR_KEYS if k in tensors}  # FORMAT.md extension 1
+    wavelet = metadata.get(META_WAVELET)
+    scaling = metadata.get(META_SCALING)
     if wavelet is None:  # only what the metadata states is compared
-        mirrors.pop("waveft.wavelet", None)
+        mirrors.pop(META_WAVELET, None)
     if scaling is None:
-        mirrors.pop("waveft.scaling", None)
+        mirrors.pop(META_SCALING, None)
     _check_mirrors(
         path,
         mirrors,
         wavelet,
-        None if scaling is None else _parse_float(path, "waveft.scaling", scaling),
-        _parse_bool(path, "waveft.use_idwt", metadata.get("waveft.use_idwt", "true")),
+        None if scaling is None else _parse_float(path, META_SCALING, scaling),
+        _parse_bool(path, META_USE_IDWT, metadata.get(META_USE_IDWT, "true")),
     )
 
 

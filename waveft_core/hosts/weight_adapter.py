@@ -19,17 +19,30 @@ from ..adapter import Layer
 from ..delta import DeltaPlan, compute_dtype, dense_delta
 from ..files import kinds
 from ..files.fileformat import FORMAT_VERSION, adapter_from_tensors
-from ..files.fileformat import SUFFIXES as LAYER_SUFFIXES  # with format 2's per-layer wavelet and use_idwt
-from ..files.kohya import SUFFIXES as KOHYA_SUFFIXES
 from ..files.kohya import PendingLayer, seed_hint_of_file
 from ..files.kohya import read as read_kohya
 from ..files.printable import printable
 from ..files.storage import WaveFTFileError
+from ..keys import (
+    DEFAULT_SCALING,
+    KOHYA_ONLY_SUFFIXES,
+    KOHYA_SUFFIXES,
+    META_FORMAT_VERSION,
+    META_NETWORK_MODULE,
+    META_SCALING,
+    META_USE_IDWT,
+    META_WAVELET,
+    MIRROR_KEYS,
+    NATIVE_SUFFIXES,  # with format 2's per-layer wavelet and use_idwt
+    NETWORK_MODULE,
+    SUFFIX_INDICES,
+    SUFFIX_SPECTRUM,
+    SUFFIX_STOCK_LAYOUT,
+)
 from ..names.matching import same_matrix
 from ..separable import add_delta, bypass_output, conv_arguments, separable_plan
-from .stock import LAYOUT, SPECTRUM, StockTrainable, stock_layer
+from .stock import SPECTRUM, StockTrainable, stock_layer
 
-MIRROR_KEYS = ("waveft.wavelet", "waveft.scaling", "waveft.use_idwt")  # FORMAT.md extension 1
 SPARSE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 
@@ -47,18 +60,18 @@ def _is_identity(function) -> bool:
 def mirrored_metadata(tensors: dict) -> dict:
     """The metadata a native file's mirrored settings tensors stand for (a stock LoRA loader hands an adapter
     the tensors only, not the file's metadata). KeyError when the file has no mirrors."""
-    if "waveft.wavelet" not in tensors:
+    if META_WAVELET not in tensors:
         raise KeyError(
-            "it is a WaveFT file without the settings tensors ('waveft.wavelet', 'waveft.scaling', "
-            "'waveft.use_idwt'; FORMAT.md extension 1), and a stock LoRA loader is given no metadata, "
+            f"it is a WaveFT file without the settings tensors ('{META_WAVELET}', '{META_SCALING}', "
+            f"'{META_USE_IDWT}'; FORMAT.md extension 1), and a stock LoRA loader is given no metadata, "
             "so it cannot tell the wavelet. Load it with the 'Load WaveFT' node instead, or re-save it "
             "with this version: python -m waveft_core convert <file> <new.safetensors>"
         )
-    wavelet = bytes(tensors["waveft.wavelet"].to(torch.uint8).tolist()).decode("ascii", "replace")
-    md = {"waveft.format_version": str(FORMAT_VERSION), "waveft.wavelet": wavelet, "ss_network_module": "waveft"}
-    md["waveft.scaling"] = repr(float(tensors["waveft.scaling"])) if "waveft.scaling" in tensors else "25.0"
-    if "waveft.use_idwt" in tensors:
-        md["waveft.use_idwt"] = "true" if bool(tensors["waveft.use_idwt"]) else "false"
+    wavelet = bytes(tensors[META_WAVELET].to(torch.uint8).tolist()).decode("ascii", "replace")
+    md = {META_FORMAT_VERSION: str(FORMAT_VERSION), META_WAVELET: wavelet, META_NETWORK_MODULE: NETWORK_MODULE}
+    md[META_SCALING] = repr(float(tensors[META_SCALING]) if META_SCALING in tensors else DEFAULT_SCALING)
+    if META_USE_IDWT in tensors:
+        md[META_USE_IDWT] = "true" if bool(tensors[META_USE_IDWT]) else "false"
     return md
 
 
@@ -161,13 +174,13 @@ def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it 
         # Called by the stock LoRA loader for every key-map entry with every adapter class: a dict lookup.
         @classmethod
         def load(cls, x, lora, alpha=None, dora_scale=None, loaded_keys=None):
-            if f"{x}.{LAYOUT}" in lora:  # saved by the stock Train LoRA node (FORMAT.md extension 4)
+            if f"{x}.{SUFFIX_STOCK_LAYOUT}" in lora:  # saved by the stock Train LoRA node (FORMAT.md extension 4)
                 return cls.load_stock(x, lora, loaded_keys)
-            if f"{x}.waveft_spectrum" not in lora:
+            if f"{x}.{SUFFIX_SPECTRUM}" not in lora:
                 return None
             if loaded_keys is None:
                 loaded_keys = set()
-            if any(f"{x}.{s}" in lora for s in ("waveft_random_loc_seed", "waveft_family_code")):
+            if any(f"{x}.{s}" in lora for s in KOHYA_ONLY_SUFFIXES):
                 # a kohya-style file from another trainer: no shape stored; bound to the weight's at first use
                 keys = [f"{x}.{s}" for s in KOHYA_SUFFIXES]
                 try:
@@ -178,7 +191,7 @@ def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it 
                 # the header's seed spares drawing every seed a bf16-rounded one may stand for (verified all the same)
                 hint = None if stored.positions_exact else seed_hint_of_file(source_file())
                 return cls(loaded_keys, (stored.spectrum.to(torch.float32), (), PendingLayer(stored, source(), hint)))
-            if f"{x}.waveft_indices" not in lora:
+            if f"{x}.{SUFFIX_INDICES}" not in lora:
                 raise refuse(
                     x,
                     f"it is {kinds.DESCRIPTIONS[kinds.SPECTRA]}, so a LoRA loader cannot place its "
@@ -186,7 +199,7 @@ def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it 
                     "connected model), or convert it: python -m waveft_core convert <file> "
                     "<new.safetensors> --base <checkpoint>",
                 )
-            keys = [f"{x}.{s}" for s in LAYER_SUFFIXES]
+            keys = [f"{x}.{s}" for s in NATIVE_SUFFIXES]
             # copies: the host may hand tensors mapped from the file, which a rewrite in place would change
             tensors = {k: lora[k].clone() for k in keys if k in lora}
             try:
@@ -215,7 +228,7 @@ def adapter_class(  # noqa: C901 (a class factory: mccabe counts the methods it 
                 raise refuse(x, e) from None
             if loaded_keys is None:
                 loaded_keys = set()
-            loaded_keys.update((f"{x}.{LAYOUT}", f"{x}.{SPECTRUM}"))
+            loaded_keys.update((f"{x}.{SUFFIX_STOCK_LAYOUT}", f"{x}.{SPECTRUM}"))
             return cls.from_layer(layer, loaded_keys)
 
         # The stock Train LoRA node (algorithm "WaveFT"): a fresh trainable layer per weight, or one that

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..keys import META_ARCHITECTURE, META_BASE_MODEL
+
 UNET_PREFIX = "diffusion_model."
 TE_PREFIX = "text_encoders."
 ENCODERS = ("clip_l", "clip_g", "clip_h")  # ComfyUI's names of the CLIP text encoders, the usual order
@@ -72,8 +74,8 @@ FAMILIES = (
 
 def family_of(metadata: dict) -> Family | None:
     """The family a file's metadata names (ss_base_model_version, else modelspec.architecture), if any."""
-    tag = str(metadata.get("ss_base_model_version") or "").lower()
-    arch = str(metadata.get("modelspec.architecture") or "").lower()
+    tag = str(metadata.get(META_BASE_MODEL) or "").lower()
+    arch = str(metadata.get(META_ARCHITECTURE) or "").lower()
     return next(
         (
             f
