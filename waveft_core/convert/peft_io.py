@@ -18,6 +18,7 @@ import torch
 from ..adapter import DEFAULT_SEED, Adapter, Layer
 from ..delta import index_dtype, matrix_shape
 from ..files.limits import check_delta_range
+from ..files.printable import short_list
 from ..files.storage import WaveFTFileError, atomic_writes
 from ..names.families import ENCODERS, TEXT_COMPONENTS, split_component, to_native, to_peft
 from ..wavelets import UnknownWaveletError, check_wavelet, peft_name
@@ -124,7 +125,7 @@ def import_source(
             )
             check_delta_range(layers[name], source.path, peft_name + SPECTRUM_SUFFIX, "scaling")
         if missing:
-            listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            listed = short_list(missing, 5)
             where = f" in {encoder}" if encoder else ""
             raise WaveFTFileError(
                 source.path,

@@ -13,7 +13,11 @@ extension. No torch here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
+
+from ..keys import PEFT_CONFIG_NAME
+from .storage import peek_header
 
 NATIVE, KOHYA, SPECTRA, LORA, OTHER = "native", "kohya", "spectra", "lora", "other"
 SPECTRUM = ".waveft_spectrum"
@@ -68,3 +72,29 @@ def is_waveft(keys: Iterable[str], metadata: Mapping[str, str] | None = None) ->
 
 def describe_kind(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
     return DESCRIPTIONS[file_kind(keys, metadata)]
+
+
+def kind_of(path) -> str:
+    """NATIVE, KOHYA or SPECTRA: which reader takes `path`, from its safetensors header only. What is not a file
+    (a PEFT folder, or a path that is missing) and a PEFT folder's adapter_config.json are SPECTRA: the PEFT reader
+    takes them and says what is missing. A file that is no WaveFT file, or whose header cannot be read, is NATIVE:
+    the native reader names what is wrong with it."""
+    if not os.path.isfile(path) or os.path.basename(path) == PEFT_CONFIG_NAME:
+        return SPECTRA
+    header = peek_header(path)
+    if header is None:
+        return NATIVE
+    kind = file_kind(header.tensors, header.metadata)
+    return NATIVE if kind in (LORA, OTHER) else kind
+
+
+def stores_positions(path) -> bool:
+    """Whether `path` holds everything an adapter is (a native file). PEFT folders and diffusers files store spectra
+    only, kohya-style files from other trainers no shapes: those come from the model they are applied to."""
+    return kind_of(path) == NATIVE
+
+
+def is_waveft_file(path) -> bool:
+    """Any WaveFT safetensors file (native, kohya-style, PEFT or diffusers), judged from its header only."""
+    header = peek_header(path)
+    return header is not None and is_waveft(header.tensors, header.metadata)

@@ -37,6 +37,7 @@ from ..convert.peft_io import peft_positions
 from ..delta import matrix_shape
 from ..names.families import TE_PREFIX, UNET_PREFIX
 from .kinds import DESCRIPTIONS, KOHYA, KOHYA_MARKERS
+from .printable import short_list
 from .storage import WaveFTFileError
 
 SUFFIXES = (
@@ -356,7 +357,7 @@ def to_adapter(
         layers[name_of(name)] = layer
         if seed is not None:
             recovered[name] = seed
-    listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    listed = short_list(missing, 5)
     if missing and (not skip_missing or not layers):
         raise WaveFTFileError(
             kfile.path,
