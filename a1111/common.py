@@ -32,12 +32,6 @@ def load_adapter(path) -> "wft.Adapter":
     return _ADAPTERS.get(fingerprint(path), lambda: wft.load(path, spelling=WEBUI))
 
 
-def short_list(items, n: int = 3) -> str:
-    items = list(items)
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return "; ".join(items[:n]) + more
-
-
 def patch_version_detection(network) -> None:
     """Make the host's `NetworkOnDisk.detect_version` read WaveFT metadata (FORMAT.md section 3), so the Lora tab
     shows a WaveFT file for the right base model. Files that are not WaveFT keep the host's own detection."""

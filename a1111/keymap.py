@@ -24,7 +24,6 @@ import re
 from typing import NamedTuple
 
 from waveft_core.files import kinds
-from waveft_core.files.storage import peek_header
 from waveft_core.names.families import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
 
 QKV = ("q", "k", "v")
@@ -143,10 +142,7 @@ def is_waveft_file(path, metadata: dict | None = None) -> bool:
     it then says clearly what is wrong with a damaged or PEFT one."""
     if metadata and kinds.is_waveft((), {k: str(v) for k, v in metadata.items()}):
         return True
-    if not str(path).lower().endswith(".safetensors"):
-        return False
-    header = peek_header(path)
-    return header is not None and kinds.is_waveft(header.tensors, header.metadata)
+    return str(path).lower().endswith(".safetensors") and kinds.is_waveft_file(path)
 
 
 def is_waveft_state_dict(sd) -> bool:
