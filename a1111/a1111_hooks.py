@@ -23,7 +23,7 @@ import os
 import torch
 
 import waveft_core as wft
-from waveft_core.hosts.plan import plan_patches
+from waveft_core.hosts import plan_patches
 
 from . import keymap
 from .common import load_adapter, log, patch_version_detection, redetect_versions

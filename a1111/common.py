@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import waveft_core as wft
-from waveft_core.convert.peft_io import Spelling
-from waveft_core.files.printable import printable
-from waveft_core.hosts.cache import AdapterCache, fingerprint
+from waveft_core.convert import Spelling
+from waveft_core.files import printable
+from waveft_core.hosts import AdapterCache, fingerprint
 
 from . import keymap
 

@@ -28,7 +28,7 @@ import os
 import traceback
 
 import waveft_core as wft
-from waveft_core.hosts.plan import PatchPlan, plan_patches
+from waveft_core.hosts import PatchPlan, plan_patches
 
 from . import keymap
 from .common import load_adapter, log, patch_version_detection, redetect_versions
@@ -272,7 +272,7 @@ def install_forge_classic(networks, network, model_patcher) -> None:
 def install_reforge(networks, network, weight_adapter) -> None:
     """Hook into reForge: its ldm_patched.modules.weight_adapter registry gets the WaveFT adapter (so its stock
     loaders understand WaveFT files too) and the Lora extension's load_lora_for_models is wrapped."""
-    from waveft_core.hosts.weight_adapter import adapter_class
+    from waveft_core.hosts import adapter_class
 
     base = getattr(weight_adapter, "WeightAdapterBase", None)
     registry = getattr(weight_adapter, "adapters", None)

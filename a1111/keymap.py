@@ -24,7 +24,7 @@ import re
 from typing import NamedTuple
 
 from waveft_core.files import kinds
-from waveft_core.names.families import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
+from waveft_core.names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
 
 QKV = ("q", "k", "v")
 

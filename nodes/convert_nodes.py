@@ -6,10 +6,9 @@ import os
 
 import torch
 
+from ..waveft_core import SUPPORTED_WAVELETS
 from ..waveft_core.convert import extract, lora, merge
-from ..waveft_core.files import fileformat
-from ..waveft_core.files.storage import reporting_file_errors
-from ..waveft_core.wavelets import SUPPORTED_WAVELETS
+from ..waveft_core.files import fileformat, reporting_file_errors
 from . import catalog, host, loader
 
 

@@ -14,16 +14,16 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..waveft_core.files.kinds import SPECTRUM
-from ..waveft_core.files.printable import printable
-from ..waveft_core.files.storage import peek_header, reporting_file_errors
-from ..waveft_core.hosts import stock_loader
-from ..waveft_core.hosts.plan import PatchPlan, plan_from_match
-from ..waveft_core.hosts.stock import ALGORITHM as STOCK_ALGORITHM
-from ..waveft_core.hosts.weight_adapter import adapter_class
-from ..waveft_core.names.dit import Heads, diffusers_key_map, merge_into
-from ..waveft_core.names.families import family_tag_of_comfy
-from ..waveft_core.names.matching import SharedTargetError, match_layers
+from ..waveft_core.files import SPECTRUM, peek_header, printable, reporting_file_errors
+from ..waveft_core.hosts import STOCK_ALGORITHM, PatchPlan, adapter_class, plan_from_match, stock_loader
+from ..waveft_core.names import (
+    Heads,
+    SharedTargetError,
+    diffusers_key_map,
+    family_tag_of_comfy,
+    match_layers,
+    merge_into,
+)
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"

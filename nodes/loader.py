@@ -7,17 +7,14 @@ import os
 
 from ..waveft_core import Adapter
 from ..waveft_core.convert import peft_io, sources
-from ..waveft_core.files import fileformat, kinds, kohya
-from ..waveft_core.files.printable import printable
-from ..waveft_core.files.storage import reporting_file_errors
-from ..waveft_core.hosts import cache
-from ..waveft_core.names.families import ENCODERS, TE_PREFIX
-from ..waveft_core.names.matching import SharedTargetError, resolve
+from ..waveft_core.files import fileformat, kinds, kohya, printable, reporting_file_errors
+from ..waveft_core.hosts import AdapterCache, cache
+from ..waveft_core.names import ENCODERS, TE_PREFIX, SharedTargetError, resolve
 from . import host
 from .catalog import fingerprint, list_adapters, resolve_path
 
 log = logging.getLogger("ComfyUI-WaveFT")
-_ADAPTERS = cache.AdapterCache(8)
+_ADAPTERS = AdapterCache(8)
 # What a PEFT/diffusers file lacks comes from the connected model; messages say so in the node's terms.
 NODE_SPELLING = peft_io.Spelling(
     base="connect the model and CLIP it was trained on",

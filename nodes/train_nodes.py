@@ -11,10 +11,9 @@ import time
 import comfy.model_management as mm
 import torch
 
-from ..waveft_core import Adapter
-from ..waveft_core.files import fileformat, metadata
-from ..waveft_core.files.storage import reporting_file_errors
-from ..waveft_core.training.trainable import (
+from ..waveft_core import SUPPORTED_WAVELETS, Adapter
+from ..waveft_core.files import fileformat, metadata, reporting_file_errors
+from ..waveft_core.training import (
     OPTIMIZERS,
     SCHEDULES,
     TARGET_PRESETS,
@@ -22,7 +21,6 @@ from ..waveft_core.training.trainable import (
     TrainingState,
     layer_patterns,
 )
-from ..waveft_core.wavelets import SUPPORTED_WAVELETS
 from . import catalog, host, loader, previews, train_loop
 
 log = logging.getLogger("ComfyUI-WaveFT")
