@@ -1,5 +1,6 @@
 """What the hosts (ComfyUI, A1111, Forge) run: the weight-adapter class (weight_adapter), the stock trainer's
-WaveFT (stock, stock_loader), and the cache of loaded adapters (cache)."""
+WaveFT (stock, stock_loader), the cache of loaded adapters (cache), and the patch plan every host executes
+(plan)."""
 
 from . import cache, stock_loader
 from .cache import AdapterCache, fingerprint
