@@ -23,11 +23,11 @@ import os
 import torch
 
 import waveft_core as wft
+from waveft_core.hosts import plan_patches
 from waveft_core.keys import SUFFIX_INDICES, SUFFIX_SCALING, SUFFIX_SHAPE, SUFFIX_SPECTRUM
-from waveft_core.names.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
-from .common import load_adapter, log, patch_version_detection, redetect_versions, short_list
+from .common import load_adapter, log, patch_version_detection, redetect_versions
 
 MARK = "_waveft_hooked"
 TYPE_NAME = "ModuleTypeWaveFT"
@@ -147,18 +147,19 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
 
     net = network.Network(name, network_on_disk)
     net.mtime = os.path.getmtime(path)
-    skipped: list[str] = []
-    attentions: dict[str, set] = {}  # MultiheadAttention key -> parts the file adapts
-    resolved = []
-    for native, layer in adapter.layers.items():
+
+    def place(native, layer):
         target, module, expected = resolve(native, mapping)
         if target is None:
-            skipped.append(f"{native}: {expected}")
-            continue
+            return None, expected
         if not shape_fits(layer.shape, expected):
-            skipped.append(f"{native}: shape {list(layer.shape)}, the model's layer is {list(expected)}")
-            continue
-        resolved.append((native, target.module_key))
+            return None, f"shape {list(layer.shape)}, the model's layer is {list(expected)}"
+        return (target, module), ""
+
+    plan = plan_patches(adapter.layers, place, path, adapter.base_model, weight_of=lambda placed: placed[0].module_key)
+    attentions: dict[str, set] = {}  # MultiheadAttention key -> parts the file adapts
+    for native, (target, module) in plan.targets.items():
+        layer = adapter.layers[native]
         w = {
             SUFFIX_SPECTRUM: layer.spectrum,  # the file's tensors of the layer, as A1111 keeps a network's
             SUFFIX_INDICES: layer.indices,
@@ -170,11 +171,6 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
         net.modules[target.module_key] = _create(networks, module_type, net, weights)
         if target.mha_key is not None:
             attentions.setdefault(target.mha_key, set()).add(target.part)
-
-    try:
-        refuse_shared_targets(resolved)
-    except SharedTargetError as e:
-        raise wft.WaveFTFileError(path, str(e)) from None
 
     for mha_key, parts in attentions.items():  # A1111 updates a MultiheadAttention only with all four parts
         mha = mapping.get(mha_key)
@@ -198,15 +194,10 @@ def load_waveft_network(networks, network, module_type, name, network_on_disk):
             )
             net.modules[key] = _create(networks, module_type, net, weights)
 
-    total = len(adapter.layers)
-    if skipped and len(skipped) == total:
-        base = adapter.base_model or "an unknown base model"
-        log(
-            f"{os.path.basename(path)}: none of its {total} layers fit the loaded model (the file is for {base}): "
-            f"{short_list(skipped)}"
-        )
-    elif skipped:
-        log(f"{os.path.basename(path)}: {len(skipped)} of {total} layers not applied: {short_list(skipped)}")
+    if plan.none_fit:
+        log(plan.none_fit_line(os.path.basename(path)))
+    elif plan.skipped:
+        log(plan.not_applied_line(os.path.basename(path)))
     return net
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import waveft_core as wft
-from waveft_core.convert.peft_io import Spelling
-from waveft_core.files.printable import printable
-from waveft_core.hosts.cache import AdapterCache, fingerprint
+from waveft_core.convert import Spelling
+from waveft_core.files import printable
+from waveft_core.hosts import AdapterCache, fingerprint
 
 from . import keymap
 
@@ -30,12 +30,6 @@ def load_adapter(path) -> "wft.Adapter":
     """wft.load through the adapter cache (keyed by the file's path, size and mtime): the layers keep their
     scatter plans, so a prompt that changes only the weight does not rebuild them. Raises wft.WaveFTFileError."""
     return _ADAPTERS.get(fingerprint(path), lambda: wft.load(path, spelling=WEBUI))
-
-
-def short_list(items, n: int = 3) -> str:
-    items = list(items)
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return "; ".join(items[:n]) + more
 
 
 def patch_version_detection(network) -> None:

@@ -28,11 +28,11 @@ import os
 import traceback
 
 import waveft_core as wft
+from waveft_core.hosts import PatchPlan, plan_patches
 from waveft_core.keys import SUFFIX_SPECTRUM
-from waveft_core.names.matching import SharedTargetError, refuse_shared_targets
 
 from . import keymap
-from .common import load_adapter, log, patch_version_detection, redetect_versions, short_list
+from .common import load_adapter, log, patch_version_detection, redetect_versions
 
 PATCH_TYPE = "waveft"
 MARK = "_waveft_hooked"
@@ -104,31 +104,37 @@ def adapter_flavor(adapter_cls) -> Flavor:
     return Flavor("reforge", lambda layer, native, source: adapter_cls.from_layer(layer), "comfy")
 
 
-def build_patches(adapter, unet_params: dict, clip_params: dict, source: str = "", flavor: Flavor | None = None):
-    """({param_key: patch value} for the UNet, the same for CLIP, [skipped 'name: reason'])."""
-    flavor = flavor or calculator_flavor("forge")
-    unet, clip, skipped, resolved = {}, {}, [], []
-    for native, layer in adapter.layers.items():
+def plan_forge(adapter, unet_params: dict, clip_params: dict, source: str = "") -> PatchPlan:
+    """The patch plan on Forge's patchers: each layer's target is ('unet' | 'clip', parameter key)."""
+
+    def place(native, layer):
         where = keymap.forge_key(native)
         if where is None:
-            skipped.append(f"{native}: not a UNet or text-encoder module name")
-            continue
+            return None, "not a UNet or text-encoder module name"
         which, key = where
-        params, out = (unet_params, unet) if which == "unet" else (clip_params, clip)
-        param = params.get(key)
+        param = (unet_params if which == "unet" else clip_params).get(key)
         if param is None:
-            skipped.append(f"{native}: the loaded model has no {key}")
-            continue
+            return None, f"the loaded model has no {key}"
         if tuple(param.shape) != layer.shape:
-            skipped.append(f"{native}: shape {list(layer.shape)}, the model's is {list(param.shape)}")
-            continue
-        out[key] = flavor.patch_value(layer, native, source)
-        resolved.append((native, (which, key)))
-    try:
-        refuse_shared_targets(resolved)
-    except SharedTargetError as e:
-        raise wft.WaveFTFileError(source or "the adapter", str(e)) from None
-    return unet, clip, skipped
+            return None, f"shape {list(layer.shape)}, the model's is {list(param.shape)}"
+        return where, ""
+
+    return plan_patches(adapter.layers, place, source or "the adapter", adapter.base_model)
+
+
+def patches_of(plan: PatchPlan, adapter, source: str = "", flavor: Flavor | None = None):
+    """({param_key: patch value} for the UNet, the same for CLIP) of a plan."""
+    flavor = flavor or calculator_flavor("forge")
+    unet, clip = {}, {}
+    for native, (which, key) in plan.targets.items():
+        (unet if which == "unet" else clip)[key] = flavor.patch_value(adapter.layers[native], native, source)
+    return unet, clip
+
+
+def build_patches(adapter, unet_params: dict, clip_params: dict, source: str = "", flavor: Flavor | None = None):
+    """({param_key: patch value} for the UNet, the same for CLIP, [skipped 'name: reason'])."""
+    plan = plan_forge(adapter, unet_params, clip_params, source)
+    return (*patches_of(plan, adapter, source, flavor), plan.skipped)
 
 
 def _params(patcher):
@@ -150,31 +156,26 @@ def apply_waveft(model, clip, filename, strength_model, strength_clip, online_mo
     flavor = flavor or calculator_flavor("forge")
     adapter = load_adapter(filename)
     clip_patcher = getattr(clip, "patcher", None)
-    unet, clip_patches, skipped = build_patches(
+    plan = plan_forge(
         adapter,
         _params(model) if model is not None else {},
         _params(clip_patcher) if clip is not None else {},
         source=str(filename),
-        flavor=flavor,
     )
     name = os.path.basename(str(filename))
-    total = len(adapter.layers)
-    if skipped and len(skipped) == total:
-        log(
-            f"{name}: none of its {total} layers fit the loaded model (the file is for "
-            f"{adapter.base_model or 'an unknown base model'}): {short_list(skipped)}"
-        )
+    if plan.none_fit:
+        log(plan.none_fit_line(name))
         return model, clip
+    unet, clip_patches = patches_of(plan, adapter, str(filename), flavor)
     if unet:
         model = model.clone()
         _add_patches(model, unet, strength_model, filename, online_mode, flavor)
     if clip_patches:
         clip = clip.clone()
         _add_patches(clip, clip_patches, strength_clip, filename, online_mode, flavor)
-    note = f"; {len(skipped)} not applied: {short_list(skipped)}" if skipped else ""
     log(
         f"{name}: {len(unet)} UNet layers at weight {strength_model}, {len(clip_patches)} text-encoder layers at "
-        f"weight {strength_clip}{note}"
+        f"weight {strength_clip}{plan.not_applied_note()}"
     )
     return model, clip
 
@@ -272,7 +273,7 @@ def install_forge_classic(networks, network, model_patcher) -> None:
 def install_reforge(networks, network, weight_adapter) -> None:
     """Hook into reForge: its ldm_patched.modules.weight_adapter registry gets the WaveFT adapter (so its stock
     loaders understand WaveFT files too) and the Lora extension's load_lora_for_models is wrapped."""
-    from waveft_core.hosts.weight_adapter import adapter_class
+    from waveft_core.hosts import adapter_class
 
     base = getattr(weight_adapter, "WeightAdapterBase", None)
     registry = getattr(weight_adapter, "adapters", None)

@@ -24,9 +24,8 @@ import re
 from typing import NamedTuple
 
 from waveft_core.files import kinds
-from waveft_core.files.storage import peek_header
 from waveft_core.keys import META_NETWORK_MODULE, NETWORK_MODULE, SUFFIX_SPECTRUM
-from waveft_core.names.families import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
+from waveft_core.names import NATIVE_CLIP, TE_PREFIX, UNET_PREFIX, family_of
 
 QKV = ("q", "k", "v")
 
@@ -144,10 +143,7 @@ def is_waveft_file(path, metadata: dict | None = None) -> bool:
     it then says clearly what is wrong with a damaged or PEFT one."""
     if metadata and kinds.is_waveft((), {k: str(v) for k, v in metadata.items()}):
         return True
-    if not str(path).lower().endswith(".safetensors"):
-        return False
-    header = peek_header(path)
-    return header is not None and kinds.is_waveft(header.tensors, header.metadata)
+    return str(path).lower().endswith(".safetensors") and kinds.is_waveft_file(path)
 
 
 def is_waveft_state_dict(sd) -> bool:

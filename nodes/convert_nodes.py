@@ -6,12 +6,11 @@ import os
 
 import torch
 
-from ..waveft_core import WaveFTFileError
+from ..waveft_core import SUPPORTED_WAVELETS
 from ..waveft_core.convert import extract, lora, merge
-from ..waveft_core.files import fileformat
+from ..waveft_core.files import fileformat, reporting_file_errors
 from ..waveft_core.keys import DEFAULT_COEFFICIENTS, DEFAULT_WAVELET
-from ..waveft_core.wavelets import SUPPORTED_WAVELETS
-from . import host, loader
+from . import catalog, host, loader
 
 
 class WaveFTToLoRA:
@@ -19,7 +18,7 @@ class WaveFTToLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "waveft_name": (loader.list_adapters(), {"tooltip": "The WaveFT adapter to export."}),
+                "waveft_name": (catalog.list_adapters(), {"tooltip": "The WaveFT adapter to export."}),
                 "rank": (
                     "INT",
                     {
@@ -50,19 +49,17 @@ class WaveFTToLoRA:
 
     @classmethod
     def IS_CHANGED(cls, waveft_name, **kwargs):
-        return loader.fingerprint(waveft_name)
+        return catalog.fingerprint(waveft_name)
 
     def export(self, waveft_name, rank, filename_prefix):
-        path = loader.resolve_path(waveft_name)
+        path = catalog.resolve_path(waveft_name)
         if os.path.isdir(path):
             raise ValueError(
                 "WaveFT to LoRA: convert the PEFT folder to a native file first (Load WaveFT reads it "
                 "for a model; 'python -m waveft_core convert' writes a file)"
             )
-        try:
+        with reporting_file_errors():
             adapter = fileformat.read(path)
-        except WaveFTFileError as e:
-            raise ValueError(f"WaveFT: {e}") from None
         tensors, metadata, report = lora.to_lora(adapter, rank, dtype=torch.float16)
         out = host.new_adapter_path(filename_prefix, kind="loras")
         lora.save_lora(tensors, metadata, out)
@@ -124,16 +121,14 @@ class WaveFTFromLoRA:
     @classmethod
     def IS_CHANGED(cls, lora_name, **kwargs):
         path = host.full_path("loras", lora_name)
-        return loader.fingerprint_path(path) if path else lora_name
+        return catalog.fingerprint_path(path) if path else lora_name
 
     def convert(self, lora_name, n_coefficients, wavelet, filename_prefix, save_to=host.FOLDER):
         path = host.full_path("loras", lora_name)
         if not path:
             raise ValueError(f"WaveFT: LoRA '{lora_name}' not found in models/loras")
-        try:
+        with reporting_file_errors():
             state, _ = fileformat.read_tensors_and_metadata(path)
-        except WaveFTFileError as e:
-            raise ValueError(f"WaveFT: {e}") from None
         deltas = lora.lora_deltas(state, source=path)
         if not deltas:
             raise ValueError(f"WaveFT: {lora_name} holds no LoRA layers this converter understands")
@@ -143,7 +138,7 @@ class WaveFTFromLoRA:
         text = (
             f"saved models/{save_to}/{rel}: {len(adapter.layers)} layers, relative error {report['relative_error']:.3f}"
         )
-        return {"ui": {"text": [text]}, "result": (loader.listed_name(out, save_to),)}
+        return {"ui": {"text": [text]}, "result": (catalog.listed_name(out, save_to),)}
 
 
 class WaveFTMergeCheckpoint:
@@ -153,7 +148,7 @@ class WaveFTMergeCheckpoint:
         return {
             "required": {
                 "ckpt_name": (ckpts, {"tooltip": "The single-file checkpoint (.safetensors) to merge into."}),
-                "waveft_name": (loader.list_adapters(), {"tooltip": "The adapter to bake in."}),
+                "waveft_name": (catalog.list_adapters(), {"tooltip": "The adapter to bake in."}),
                 "strength": ("FLOAT", {**loader.STRENGTH, "tooltip": "Multiplier of the weight change."}),
                 "filename_prefix": (
                     "STRING",
@@ -180,13 +175,13 @@ class WaveFTMergeCheckpoint:
     @classmethod
     def IS_CHANGED(cls, ckpt_name, waveft_name, **kwargs):
         path = host.full_path("checkpoints", ckpt_name)
-        return (loader.fingerprint_path(path) if path else ckpt_name) + loader.fingerprint(waveft_name)
+        return (catalog.fingerprint_path(path) if path else ckpt_name) + catalog.fingerprint(waveft_name)
 
     def merge(self, ckpt_name, waveft_name, strength, filename_prefix):
         src = host.full_path("checkpoints", ckpt_name)
         if not src:
             raise ValueError(f"WaveFT: checkpoint '{ckpt_name}' not found in models/checkpoints")
-        path = loader.resolve_path(waveft_name)
+        path = catalog.resolve_path(waveft_name)
         if os.path.isdir(path):
             raise ValueError(
                 "WaveFT merge: convert the PEFT folder to a native file first "
@@ -196,10 +191,8 @@ class WaveFTMergeCheckpoint:
         out = host.free_path(
             folders[0] if folders else os.path.dirname(src), filename_prefix, label="models/checkpoints"
         )
-        try:
+        with reporting_file_errors():
             report = merge.merge_into_checkpoint(src, fileformat.read(path), strength, out)
-        except WaveFTFileError as e:
-            raise ValueError(f"WaveFT: {e}") from None
         name = os.path.basename(out)
         text = f"saved models/checkpoints/{name}: {report['merged']} layers merged at strength {strength:g}"
         return {"ui": {"text": [text]}, "result": (name,)}

@@ -14,15 +14,17 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..waveft_core.files.printable import printable
-from ..waveft_core.files.storage import WaveFTFileError, peek_header
-from ..waveft_core.hosts import stock_loader
-from ..waveft_core.hosts.stock import ALGORITHM as STOCK_ALGORITHM
-from ..waveft_core.hosts.weight_adapter import adapter_class
+from ..waveft_core.files import peek_header, printable, reporting_file_errors
+from ..waveft_core.hosts import STOCK_ALGORITHM, PatchPlan, adapter_class, plan_from_match, stock_loader
 from ..waveft_core.keys import META_ARCHITECTURE, META_BASE_MODEL, SUFFIX_SPECTRUM
-from ..waveft_core.names.dit import Heads, diffusers_key_map, merge_into
-from ..waveft_core.names.families import family_tag_of_comfy
-from ..waveft_core.names.matching import SharedTargetError, match_layers
+from ..waveft_core.names import (
+    Heads,
+    SharedTargetError,
+    diffusers_key_map,
+    family_tag_of_comfy,
+    match_layers,
+    merge_into,
+)
 
 log = logging.getLogger("ComfyUI-WaveFT")
 FOLDER = "waveft"
@@ -253,10 +255,8 @@ def _refuse_what_load_waveft_refuses(lora, to_load) -> None:
         raise ValueError(printable(f"WaveFT: {source}: {e}")) from None
     header = peek_header(path) if path else None
     if header is not None:
-        try:
+        with reporting_file_errors(safe=True):
             stock_loader.check_mirrors_against_metadata(path, lora, header.metadata)
-        except WaveFTFileError as e:
-            raise ValueError(printable(f"WaveFT: {e}")) from None
 
 
 def _with_models_known(load_for_models):
@@ -308,28 +308,52 @@ def register_training_algorithm() -> None:
         algorithms[STOCK_ALGORITHM] = WaveFTAdapter
 
 
-def full_diff_patches(tensors: dict, model=None, clip=None) -> dict:
+def full_diff_patches(tensors: dict, view: ModelView) -> dict:
     """weight key -> the host's own "diff" patch for the `<module>.diff` / `.diff_b` tensors of a file (the
     stock Train LoRA node trains every bias and norm as such a full diff), as its LoRA loader makes them."""
     diffs = {k: v for k, v in tensors.items() if k.endswith((".diff", ".diff_b"))}
     if not diffs:
         return {}
-    return comfy.lora.load_lora(diffs, key_map(model, clip), log_missing=False)
+    return comfy.lora.load_lora(diffs, view.key_map, log_missing=False)
 
 
 # --- key maps and matching -----------------------------------------------------------------------
 
 
-def key_map(model=None, clip=None) -> dict:
-    """The host's own map of LoRA spellings -> weights for this model and text encoder."""
+class ModelView:
+    """A model and CLIP as one load reads them: their weights' shapes and the host's key map, each built once and
+    only when asked for (walking a model's state dict and building its key map are a load's costs besides the
+    file; the loader, the patch plan and the full-diff patches all read them)."""
+
+    def __init__(self, model=None, clip=None):
+        self.model, self.clip = model, clip
+
+    @functools.cached_property
+    def model_shapes(self) -> dict:
+        return weight_shapes(self.model)
+
+    @functools.cached_property
+    def clip_shapes(self) -> dict:
+        return weight_shapes(None, self.clip)
+
+    @functools.cached_property
+    def shapes(self) -> dict:
+        return {**self.model_shapes, **self.clip_shapes}
+
+    @functools.cached_property
+    def key_map(self) -> dict:
+        return key_map(self.model, self.clip, self.model_shapes)
+
+
+def key_map(model=None, clip=None, model_shapes: dict | None = None) -> dict:
+    """The host's own map of LoRA spellings -> weights for this model and text encoder (`model_shapes`: the
+    model's weight shapes when the caller has them already)."""
     kmap: dict = {}
     if model is not None:
         kmap = comfy.lora.model_lora_keys_unet(model.model, kmap)
+        shapes = model_shapes if model_shapes is not None else weight_shapes(model)
         # diffusers names the host's map lacks or places wrong (Wan, LTXV, Lumina 2's grouped k/v heads)
-        merge_into(
-            kmap,
-            diffusers_key_map(family_tag_of_comfy(model_family(model)), weight_shapes(model), attention_heads(model)),
-        )
+        merge_into(kmap, diffusers_key_map(family_tag_of_comfy(model_family(model)), shapes, attention_heads(model)))
     if clip is not None:
         kmap = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, kmap)
     return kmap
@@ -363,9 +387,14 @@ def weight_shapes(model=None, clip=None):
     return shapes
 
 
-def match(adapter_layers: dict, model=None, clip=None):
-    shapes = weight_shapes(model, clip)
-    return match_layers({n: layer.shape for n, layer in adapter_layers.items()}, key_map(model, clip), shapes.get)
+def match(adapter_layers: dict, model=None, clip=None, view: ModelView | None = None):
+    view = view or ModelView(model, clip)
+    return match_layers({n: layer.shape for n, layer in adapter_layers.items()}, view.key_map, view.shapes.get)
+
+
+def plan(adapter, view: ModelView) -> PatchPlan:
+    """The patch plan of `adapter` on this model and CLIP (waveft_core/hosts/plan.py), through the host's key map."""
+    return plan_from_match(match(adapter.layers, view=view), len(adapter.layers), adapter.base_model)
 
 
 def checkpoint_name(model) -> str:

@@ -14,9 +14,16 @@ import comfy.utils
 import torch
 
 from ..waveft_core import Adapter
-from ..waveft_core.names.families import UNET_PREFIX, family_tag_of_comfy
-from ..waveft_core.training.checkpointing import checkpointed, saved_tensors_guard
-from ..waveft_core.training.trainable import TrainableLayer, TrainingState, is_target, lr_factor, make_optimizer
+from ..waveft_core.names import UNET_PREFIX, family_tag_of_comfy
+from ..waveft_core.training import (
+    TrainableLayer,
+    TrainingState,
+    checkpointed,
+    is_target,
+    lr_factor,
+    make_optimizer,
+    saved_tensors_guard,
+)
 from . import host
 
 log = logging.getLogger("ComfyUI-WaveFT")

@@ -11,9 +11,9 @@ import time
 import comfy.model_management as mm
 import torch
 
-from ..waveft_core import Adapter, WaveFTFileError
-from ..waveft_core.files import fileformat, metadata
-from ..waveft_core.training.trainable import (
+from ..waveft_core import SUPPORTED_WAVELETS, Adapter
+from ..waveft_core.files import fileformat, metadata, reporting_file_errors
+from ..waveft_core.training import (
     OPTIMIZERS,
     SCHEDULES,
     TARGET_PRESETS,
@@ -21,8 +21,7 @@ from ..waveft_core.training.trainable import (
     TrainingState,
     layer_patterns,
 )
-from ..waveft_core.wavelets import SUPPORTED_WAVELETS
-from . import host, loader, previews, train_loop
+from . import catalog, host, loader, previews, train_loop
 
 log = logging.getLogger("ComfyUI-WaveFT")
 NONE = "none"
@@ -162,7 +161,7 @@ class WaveFTTrain:
                     },
                 ),
                 "resume_from": (
-                    [NONE] + loader.list_adapters(),
+                    [NONE] + catalog.list_adapters(),
                     {
                         "default": NONE,
                         "tooltip": "Continue a saved run: its "
@@ -287,11 +286,9 @@ class WaveFTTrain:
 
     @staticmethod
     def _resume(name, shapes) -> TrainingState:
-        path = loader.resolve_path(name)
-        try:
+        path = catalog.resolve_path(name)
+        with reporting_file_errors("WaveFT Train: cannot resume"):
             state = TrainingState.load(path)
-        except WaveFTFileError as e:
-            raise ValueError(f"WaveFT Train: cannot resume: {e}") from None
         state.check_fits(shapes, f"WaveFT Train: {name}")
         log.info(
             "WaveFT Train: resuming %s at step %d (%s optimizer state)",
@@ -402,7 +399,7 @@ class WaveFTSave:
         fileformat.write(Adapter(layers=waveft.layers, metadata=md), path)
         log.info("WaveFT: saved %s", path)
         rel = os.path.relpath(path, host.save_folder(save_to)).replace(os.sep, "/")
-        return {"ui": {"text": [f"saved models/{save_to}/{rel}"]}, "result": (loader.listed_name(path, save_to),)}
+        return {"ui": {"text": [f"saved models/{save_to}/{rel}"]}, "result": (catalog.listed_name(path, save_to),)}
 
 
 class WaveFTApply:

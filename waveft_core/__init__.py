@@ -23,7 +23,7 @@ except ImportError as e:  # the one dependency this package cannot install for y
 from .adapter import Adapter, Layer
 from .files.fileformat import FORMAT_VERSION
 from .files.storage import WaveFTFileError
-from .keys import DEFAULT_SCALING, DEFAULT_SEED, META_BASE_MODEL, META_FORMAT_VERSION, PEFT_CONFIG_NAME
+from .keys import DEFAULT_SCALING, DEFAULT_SEED, META_BASE_MODEL
 from .wavelets import SUPPORTED_WAVELETS, UnknownWaveletError
 
 __all__ = [
@@ -82,17 +82,16 @@ def load(
     adapter: the adapter's name in a folder holding several. overrides: wavelet_family, scaling,
     random_loc_seed, use_idwt, for adapters saved without them (PEFT's defaults otherwise). components: only
     these pipeline components ('unet', 'text_encoder', 'text_encoder_2', 'transformer') of a multi-part one."""
-    from .convert import peft_io, sources
+    from .convert import peft_io
     from .files import fileformat, kinds, kohya
 
     spelling = spelling or peft_io.PYTHON
     path = Path(path)
-    if path.is_file() and path.name != PEFT_CONFIG_NAME:
-        tensors, metadata = fileformat.read_tensors_and_metadata(path)
-        if kinds.file_kind(tensors, metadata) == kinds.KOHYA:
-            return kohya.load(tensors, metadata, path, base, spelling.base)
-        if not sources.is_spectra_file(tensors) or META_FORMAT_VERSION in metadata:
-            return fileformat.adapter_from_tensors(tensors, metadata, path)
+    kind = kinds.kind_of(path)
+    if kind == kinds.KOHYA:
+        return kohya.load(*fileformat.read_tensors_and_metadata(path), path, base, spelling.base)
+    if kind == kinds.NATIVE:
+        return fileformat.read(path)
     return load_peft(
         path, base, clip=clip, adapter=adapter, overrides=overrides, components=components, spelling=spelling
     )

@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .files.printable import PrintableStream, printable
+from .files.kinds import KOHYA, kind_of, stores_positions
+from .files.printable import PrintableStream, printable, short_list
 from .files.storage import refuse_overwrite
 from .keys import (
     DEFAULT_COEFFICIENTS,
@@ -17,24 +18,9 @@ from .keys import (
     META_BASE_MODEL,
     META_FORMAT_VERSION,
     META_IMPORT_NOTES,
-    PEFT_CONFIG_NAME,
     SPEC_PREFIX,
 )
 from .names.families import ENCODERS
-
-
-def _stores_positions(path: Path) -> bool:
-    """A native file; anything else (PEFT folder, diffusers file) needs a base model for its positions."""
-    from .convert.sources import is_spectra_file
-    from .files.fileformat import read_tensors_and_metadata
-    from .files.kinds import KOHYA, file_kind
-
-    if not path.is_file() or path.name == PEFT_CONFIG_NAME:
-        return False
-    tensors, metadata = read_tensors_and_metadata(path)
-    if file_kind(tensors, metadata) == KOHYA:  # positions, but no shapes: those come from --base
-        return False
-    return META_FORMAT_VERSION in metadata or not is_spectra_file(tensors)
 
 
 def _describe_without_base(path: Path, args) -> str:
@@ -43,12 +29,9 @@ def _describe_without_base(path: Path, args) -> str:
     from .convert.sources import describe, read_source
     from .files import kohya
     from .files.fileformat import read_tensors_and_metadata
-    from .files.kinds import KOHYA, file_kind
 
-    if path.is_file() and path.suffix == ".safetensors":
-        tensors, metadata = read_tensors_and_metadata(path)
-        if file_kind(tensors, metadata) == KOHYA:
-            return kohya.describe(kohya.read(tensors, metadata, path))
+    if path.suffix == ".safetensors" and kind_of(path) == KOHYA:
+        return kohya.describe(kohya.read(*read_tensors_and_metadata(path), path))
     return describe(read_source(path, args.adapter_name, CLI.adapter), _overrides(args))
 
 
@@ -80,7 +63,7 @@ def _load(args, path, base=None):
 
 def _cmd_info(args) -> int:
     path = Path(args.file)
-    if args.base is None and not _stores_positions(path):
+    if args.base is None and not stores_positions(path):
         print(_describe_without_base(path, args))
         print("(give --base <checkpoint or diffusers folder> to see each layer's shape and the native names)")
         return 0
@@ -104,7 +87,7 @@ def _cmd_convert(args) -> int:
 
     src, dst = Path(args.src), Path(args.dst)
     refuse_overwrite(dst, src, args.base, overwrite=args.overwrite)
-    if not _stores_positions(src):
+    if not stores_positions(src):
         if dst.suffix != ".safetensors":
             raise ValueError(f"{dst}: the native file needs a .safetensors name")
         ad = _load(args, src)
@@ -203,8 +186,7 @@ def _cmd_extract(args) -> int:
     if report["skipped"]:
         print(
             f"skipped {len(report['skipped'])}: "
-            + "; ".join(f"{n} ({why})" for n, why in report["skipped"][:3])
-            + (" ..." if len(report["skipped"]) > 3 else "")
+            + short_list((f"{n} ({why})" for n, why in report["skipped"]), 3, "; ", " ...")
         )
     return 0
 

@@ -12,6 +12,7 @@ import torch
 
 from ..adapter import Adapter, Layer
 from ..delta import compute_dtype, matrix_shape
+from ..files.printable import short_list
 from ..files.storage import atomic_write, checked_safetensors, open_safetensors, read_header
 from ..names.layouts import Location, checkpoint_layout, location_shape
 
@@ -59,9 +60,8 @@ def merge_into_checkpoint(
             continue
         by_key.setdefault(loc.key, []).append((layer, loc))
     if problems and strict:
-        listed = "; ".join(f"{n} {why}" for n, why in problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(f"{len(problems)} adapter layer(s) do not fit {src}: {listed}{more}")
+        listed = short_list((f"{n} {why}" for n, why in problems), 5, "; ", " (and {n} more)")
+        raise ValueError(f"{len(problems)} adapter layer(s) do not fit {src}: {listed}")
     if not by_key:
         raise ValueError(f"no adapter layer matches a weight of {src}; is it the right base model?")
 

@@ -18,6 +18,7 @@ import torch
 from ..adapter import Adapter, Layer
 from ..delta import index_dtype, matrix_shape
 from ..files.limits import check_delta_range
+from ..files.printable import short_list
 from ..files.storage import WaveFTFileError, atomic_writes
 from ..keys import (
     DEFAULT_SEED,
@@ -134,7 +135,7 @@ def import_source(
             )
             check_delta_range(layers[name], source.path, peft_name + "." + SUFFIX_SPECTRUM, "scaling")
         if missing:
-            listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            listed = short_list(missing, 5)
             where = f" in {encoder}" if encoder else ""
             raise WaveFTFileError(
                 source.path,

@@ -13,6 +13,7 @@ extension. No torch here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 from ..keys import (
@@ -20,10 +21,12 @@ from ..keys import (
     META_FORMAT_VERSION,
     META_NETWORK_MODULE,
     NETWORK_MODULE,
+    PEFT_CONFIG_NAME,
     SUFFIX_INDICES,
     SUFFIX_SPECTRUM,
     SUFFIX_STOCK_LAYOUT,
 )
+from .storage import peek_header
 
 NATIVE, KOHYA, SPECTRA, LORA, OTHER = "native", "kohya", "spectra", "lora", "other"
 _KOHYA_ENDINGS = tuple("." + s for s in KOHYA_ONLY_SUFFIXES)
@@ -72,3 +75,29 @@ def is_waveft(keys: Iterable[str], metadata: Mapping[str, str] | None = None) ->
         or metadata.get("ss_adapter_algorithm") == "waveft"
         or file_kind(keys, metadata) in (NATIVE, KOHYA, SPECTRA)
     )
+
+
+def kind_of(path) -> str:
+    """NATIVE, KOHYA or SPECTRA: which reader takes `path`, from its safetensors header only. What is not a file
+    (a PEFT folder, or a path that is missing) and a PEFT folder's adapter_config.json are SPECTRA: the PEFT reader
+    takes them and says what is missing. A file that is no WaveFT file, or whose header cannot be read, is NATIVE:
+    the native reader names what is wrong with it."""
+    if not os.path.isfile(path) or os.path.basename(path) == PEFT_CONFIG_NAME:
+        return SPECTRA
+    header = peek_header(path)
+    if header is None:
+        return NATIVE
+    kind = file_kind(header.tensors, header.metadata)
+    return NATIVE if kind in (LORA, OTHER) else kind
+
+
+def stores_positions(path) -> bool:
+    """Whether `path` holds everything an adapter is (a native file). PEFT folders and diffusers files store spectra
+    only, kohya-style files from other trainers no shapes: those come from the model they are applied to."""
+    return kind_of(path) == NATIVE
+
+
+def is_waveft_file(path) -> bool:
+    """Any WaveFT safetensors file (native, kohya-style, PEFT or diffusers), judged from its header only."""
+    header = peek_header(path)
+    return header is not None and is_waveft(header.tensors, header.metadata)

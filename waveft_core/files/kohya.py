@@ -57,6 +57,7 @@ from ..keys import (
 )
 from ..names.families import TE_PREFIX, UNET_PREFIX
 from .kinds import DESCRIPTIONS, KOHYA
+from .printable import short_list
 from .storage import WaveFTFileError
 
 FAMILY_CODES = {1: "db1"}  # their wavelet family codes
@@ -361,7 +362,7 @@ def to_adapter(
         layers[name_of(name)] = layer
         if seed is not None:
             recovered[name] = seed
-    listed = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    listed = short_list(missing, 5)
     if missing and (not skip_missing or not layers):
         raise WaveFTFileError(
             kfile.path,

@@ -38,3 +38,11 @@ class PrintableStream:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+def short_list(items, limit: int, separator: str = ", ", more: str = " and {n} more") -> str:
+    """The first `limit` items joined by `separator`, then `more` (its `{n}`: how many were left out) when some
+    were: the one rule for a long list of names in a message ("a, b, c and 4 more")."""
+    items = [str(item) for item in items]
+    left_out = len(items) - limit
+    return separator.join(items[:limit]) + (more.format(n=left_out) if left_out > 0 else "")

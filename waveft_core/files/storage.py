@@ -5,6 +5,7 @@ Only safetensors is ever parsed here: pickled checkpoints (.pt, .ckpt, .bin, ...
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
+
+from .printable import printable
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 MAX_HEADER = 100 * 1024 * 1024  # far above any real header; a larger length means a damaged file
@@ -28,6 +31,18 @@ class WaveFTFileError(ValueError):
         self.key = key
         where = self.path + (f", key '{key}'" if key else "")
         super().__init__(f"{where}: {problem}" + (f". {advice}" if advice else ""))
+
+
+@contextlib.contextmanager
+def reporting_file_errors(prefix: str = "WaveFT", safe: bool = False):
+    """A bad file as a host's node reports it: ValueError('<prefix>: <path>: problem. advice'), without the
+    reader's traceback (the message says it all). `safe` for a message that also reaches a console: what the
+    file's name or contents hold that could drive a terminal is escaped (printable)."""
+    try:
+        yield
+    except WaveFTFileError as e:
+        message = f"{prefix}: {e}"
+        raise ValueError(printable(message) if safe else message) from None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from ..files.fileformat import _check_mirrors, _parse_bool, _parse_float
+from ..files.printable import short_list
 from ..keys import META_SCALING, META_USE_IDWT, META_WAVELET, MIRROR_KEYS, SUFFIX_SPECTRUM
 from ..names.families import TE_PREFIX, UNET_PREFIX, split_component
 from ..names.matching import refuse_overlapping_targets
@@ -102,7 +103,7 @@ def text_encoder_only_message(source: str, total: int) -> str:
 
 
 def unclaimed_message(source: str, missing: list[str], total: int, base_model: str | None = None) -> str:
-    listed = ", ".join(missing[:SHOWN]) + (f" and {len(missing) - SHOWN} more" if len(missing) > SHOWN else "")
+    listed = short_list(missing, SHOWN)
     recorded = f" (it records the base model '{base_model}')" if base_model else ""
     return (
         f"WaveFT: {source}: the model has no weight for {len(missing)} of its {total} WaveFT layers ({listed}), "

@@ -14,6 +14,7 @@ from ..adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
 from ..convert.peft_io import peft_positions
 from ..delta import DeltaPlan, compute_dtype, index_dtype, make_plan, matrix_shape, weight_plus_delta
 from ..files.metadata import training_keys
+from ..files.printable import short_list
 from ..wavelets import check_wavelet
 
 
@@ -210,8 +211,7 @@ def layer_patterns(names, limit: int = 16) -> str:
     import re
 
     patterns = sorted({re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", n) for n in names})
-    more = f", and {len(patterns) - limit} more" if len(patterns) > limit else ""
-    return ", ".join(patterns[:limit]) + more
+    return short_list(patterns, limit, more=", and {n} more")
 
 
 # --- optimisation --------------------------------------------------------------------------------
