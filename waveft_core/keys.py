@@ -22,6 +22,7 @@ META_NETWORK_ARGS = "ss_network_args"
 META_TAG_FREQUENCY = "ss_tag_frequency"
 META_ARCHITECTURE = "modelspec.architecture"
 META_TITLE = "modelspec.title"
+META_DATE = "modelspec.date"
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
 # ---- per-layer tensor names: "<layer>.<suffix>"
@@ -57,6 +58,7 @@ DEFAULT_SCALING = 25.0
 DEFAULT_SEED = 777  # PEFT's random_loc_seed
 DEFAULT_USE_IDWT = True
 DEFAULT_COEFFICIENTS = 2592  # per layer: about a rank-1 LoRA's parameter count on SDXL
+DEFAULT_LEARNING_RATE = 1e-4  # with DEFAULT_SCALING
 PEFT_DEFAULTS = {
     "wavelet_family": DEFAULT_WAVELET,
     "scaling": DEFAULT_SCALING,
