@@ -7,8 +7,8 @@ accelerate owns the processes, devices, mixed precision and gradient synchronisa
 and noise scheduler, transformers the text encoders (SD1.x/2.x: one CLIP; SDXL: two, with the pooled embedding and
 size ids). Only the coefficients train. What a step sees is a function of (seed, step) alone, never of the number
 of processes: the global batch is drawn from the seed, each process takes its share, and every sample's noise and
-timestep come from a generator seeded by its place in the global batch (randomness.py). So N processes with batch b train what one
-process with batch N*b trains, and a resumed run retraces an uninterrupted one.
+timestep come from a generator seeded by its place in the global batch (randomness.py, the node's rule too). So N
+processes with batch b train what one process with batch N*b trains, and a resumed run retraces an uninterrupted one.
 
 The result is the node's native file (ComfyUI-native layer names, PEFT's positions for the seed, the same metadata),
 written by the main process only, atomically; checkpoints carry the optimizer state for --resume.
