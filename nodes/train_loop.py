@@ -225,6 +225,11 @@ class TrainRun:
     def step(self) -> int:
         return self.state.step
 
+    @property
+    def steps_total(self) -> int:
+        """The step the run ends at."""
+        return self.state.record.steps_total
+
     def adapter(self) -> Adapter:
         return self.state.adapter()
 
@@ -296,7 +301,7 @@ class TrainRun:
         inner = model_wrap.inner_model
         sampling = inner.model_sampling
         latents = [inner.process_latent_in(x.unsqueeze(0).to(device, torch.float32)) for x in self.latents]
-        total = self.state.record.steps_total
+        total = self.steps_total
         bar = host.Progress(total - self.start_step)
         autocast = dtype != torch.float32
         t0 = time.perf_counter()
