@@ -125,7 +125,7 @@ class Previewer:
         )
 
     def __call__(self, run):
-        total = run.s["steps_total"]
+        total = run.steps_total
         if run.step % self.every == 0 or run.step == total:
             started = time.perf_counter()
             self.images.append(self.sample(run.patcher))

@@ -4,6 +4,7 @@ a sampler whose 'sampling' is the optimisation loop runs inside the host's own l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from ..waveft_core.training import (
     is_target,
     lr_factor,
     make_optimizer,
+    randomness,
     saved_tensors_guard,
 )
 from . import host
@@ -203,25 +205,25 @@ def restore_tensors(swapped: list) -> None:
 
 
 class TrainRun:
-    """One WaveFTTrain execution: `run()` trains `state` (a waveft_core TrainingState) from its step to
-    settings['steps_total'] and returns the adapter; `save_checkpoint` writes the state with its optimizer."""
+    """One WaveFTTrain execution: `run()` trains `state` (a waveft_core TrainingState whose record holds the
+    run's settings) from its step to the record's steps_total and returns the adapter; `save_checkpoint` writes
+    the state with its optimizer."""
 
     after_step = None  # optional callable(run) -> progress preview or None, after each optimizer step (previews.py)
 
-    def __init__(self, model, latents, conditionings, state: TrainingState, dtype, save_every=0, save_prefix=""):
+    def __init__(self, model, latents, conditionings, state: TrainingState, save_prefix=""):
         self.model = model
         self.latents = latents
         self.conditionings = conditionings
         self.state = state
         self.trainables = state.trainables
-        self.s = state.settings
-        self.dtype = dtype
+        self.config = state.record.config
+        self.dtype = torch.bfloat16 if self.config.training_dtype == "bf16" else torch.float32
         self.start_step = state.step
-        self.save_every = save_every
         self.save_prefix = save_prefix
         self.losses: list[float] = []
         params = [t.spectrum for t in self.trainables.values()]
-        self.optimizer = make_optimizer(self.s["optimizer"], params, self.s["lr"])
+        self.optimizer = make_optimizer(self.config.optimizer, params, self.config.learning_rate)
         self.param_names = {t.spectrum: name for name, t in self.trainables.items()}
         if state.optimizer_tensors and not state.restore(self.optimizer, self.param_names):
             log.info("WaveFT Train: the saved optimizer state does not fit these layers; its moments start afresh")
@@ -229,6 +231,11 @@ class TrainRun:
     @property
     def step(self) -> int:
         return self.state.step
+
+    @property
+    def steps_total(self) -> int:
+        """The step the run ends at."""
+        return self.state.record.steps_total
 
     def adapter(self) -> Adapter:
         return self.state.adapter()
@@ -240,7 +247,6 @@ class TrainRun:
         return str(path)
 
     def run(self):
-        s = self.s
         dtype = self.dtype
         mp = host.training_clone(self.model)
         mp.set_model_compute_dtype(dtype)
@@ -261,7 +267,7 @@ class TrainRun:
                     ):
                         mp.add_weight_wrapper(f"{name}.{attr}", _unchanged)
             mp.model.requires_grad_(False)
-            if s["gradient_checkpointing"]:
+            if self.config.gradient_checkpointing:
                 patched = enable_checkpointing(mp.model.diffusion_model)
             swapped = normal_copies_of_plain_tensors(mp.model.diffusion_model)
             try:
@@ -281,7 +287,7 @@ class TrainRun:
                         torch.zeros_like(first),
                         LoopSampler(self._loop),
                         torch.tensor([1.0, 0.0]),
-                        seed=s["seed"],
+                        seed=self.config.seed,
                         disable_pbar=True,
                     )
             finally:
@@ -290,11 +296,11 @@ class TrainRun:
                 host.unload_patcher(mp)
                 for t in self.trainables.values():
                     t.spectrum.requires_grad_(False)
-        self.state.settings["finished_at"] = int(time.time())
+        self.state.record = dataclasses.replace(self.state.record, finished_at=int(time.time()))
         return self.adapter()
 
     def _loop(self, model_wrap, extra_args):
-        s = self.s
+        c = self.config
         device = mm.get_torch_device()
         dtype = self.dtype
         processed = list(model_wrap.conds["positive"])
@@ -302,7 +308,7 @@ class TrainRun:
         inner = model_wrap.inner_model
         sampling = inner.model_sampling
         latents = [inner.process_latent_in(x.unsqueeze(0).to(device, torch.float32)) for x in self.latents]
-        total = s["steps_total"]
+        total = self.steps_total
         bar = host.Progress(total - self.start_step)
         autocast = dtype != torch.float32
         t0 = time.perf_counter()
@@ -310,32 +316,33 @@ class TrainRun:
             t.spectrum.requires_grad_(True)
         while self.state.step < total:
             for group in self.optimizer.param_groups:
-                group["lr"] = s["lr"] * lr_factor(self.step, total, s["lr_schedule"], s["warmup_steps"])
+                group["lr"] = c.learning_rate * lr_factor(self.step, total, c.lr_schedule, c.warmup_steps)
             step_loss = 0.0
-            # Randomness is a function of (seed, step): a resumed run sees the same batches, noise and
-            # timesteps as an uninterrupted one.
-            gen = torch.Generator().manual_seed(int(s["seed"]) * 1_000_003 + self.step)
-            for _ in range(s["grad_accumulation_steps"]):
-                picks = torch.randint(0, len(latents), (s["batch_size"],), generator=gen).tolist()
+            images = c.batch_size * c.grad_accumulation_steps
+            # What a step draws is a function of (seed, step) and its place alone (randomness.py): a resumed run
+            # sees the same batches, noise and noise levels as an uninterrupted one.
+            seed, step = c.seed, self.step
+            for micro in range(c.grad_accumulation_steps):
+                picks = randomness.picks(seed, step, micro, c.batch_size, len(latents))
                 groups: dict = {}
-                for i in picks:  # images sharing conditioning and size run as one batch
+                for place, i in enumerate(picks):  # images sharing conditioning and size run as one batch
                     key = (id(self.conditionings[i]), tuple(latents[i].shape))
-                    groups.setdefault(key, []).append(i)
-                for members in groups.values():
+                    groups.setdefault(key, []).append((place, i))
+                for group in groups.values():
+                    members = [i for _, i in group]
                     x0 = torch.cat([latents[i] for i in members])
-                    noise = torch.randn(x0.shape, generator=gen).to(device)
-                    sigma = torch.tensor(
-                        [float(sampling.percent_to_sigma(float(torch.rand((), generator=gen)))) for _ in members],
-                        device=device,
-                    )
+                    noise = torch.cat([randomness.noise(seed, step, micro, p, latents[i].shape) for p, i in group])
+                    noise = noise.to(device)
+                    fractions = [randomness.fraction(seed, step, micro, p) for p, _ in group]
+                    sigma = torch.tensor([float(sampling.percent_to_sigma(f)) for f in fractions], device=device)
                     xt = sampling.noise_scaling(sigma.view(-1, *([1] * (x0.dim() - 1))), noise, x0)
                     model_wrap.conds["positive"] = per_image[members[0]]
                     # the guard: DiT blocks add into tensors autograd keeps (waveft_core/training/checkpointing.py)
                     with torch.autocast(device.type, dtype=dtype, enabled=autocast), saved_tensors_guard():
                         pred = model_wrap(xt, sigma, **extra_args)
                     loss = torch.nn.functional.mse_loss(pred.float(), x0.float())
-                    (loss * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])).backward()
-                    step_loss += float(loss.detach()) * len(members) / (s["batch_size"] * s["grad_accumulation_steps"])
+                    (loss * len(members) / images).backward()
+                    step_loss += float(loss.detach()) * len(members) / images
             if not math.isfinite(step_loss):
                 raise ValueError(
                     f"WaveFT Train: the loss became {step_loss} at step {self.step + 1}; lower the "
@@ -345,7 +352,8 @@ class TrainRun:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
             self.losses.append(step_loss)
-            if self.save_every and self.step % self.save_every == 0 and self.step < total:
+            every = c.save_every_n_steps
+            if every and self.step % every == 0 and self.step < total:
                 self.save_checkpoint(f"_{self.step:05d}")
             if self.step % 10 == 0 or self.step == total:
                 log.info(

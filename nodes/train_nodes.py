@@ -13,12 +13,16 @@ import torch
 
 from ..waveft_core import SUPPORTED_WAVELETS, Adapter
 from ..waveft_core.files import fileformat, metadata, reporting_file_errors
+from ..waveft_core.keys import META_BASE_MODEL, META_DATE, META_TAG_FREQUENCY
+from ..waveft_core.training import NODE_DEFAULTS as DEFAULTS
 from ..waveft_core.training import (
     OPTIMIZERS,
     SCHEDULES,
     TARGET_PRESETS,
     TrainableLayer,
+    TrainConfig,
     TrainingState,
+    TrainRecord,
     layer_patterns,
 )
 from . import catalog, host, loader, previews, train_loop
@@ -56,7 +60,7 @@ class WaveFTTrain:
                 "steps": (
                     "INT",
                     {
-                        "default": 500,
+                        "default": DEFAULTS.steps,
                         "min": 1,
                         "max": 100000,
                         "tooltip": "Optimizer steps (each one sees batch_size x grad_accumulation_steps images).",
@@ -65,31 +69,40 @@ class WaveFTTrain:
                 "learning_rate": (
                     "FLOAT",
                     {
-                        "default": 1e-4,
+                        "default": DEFAULTS.learning_rate,
                         "min": 1e-7,
                         "max": 1.0,
                         "step": 1e-6,
                         "tooltip": "Base learning rate (the paper uses 1e-4 with scaling 25).",
                     },
                 ),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per micro-batch."}),
+                "batch_size": (
+                    "INT",
+                    {"default": DEFAULTS.batch_size, "min": 1, "max": 64, "tooltip": "Images per micro-batch."},
+                ),
                 "grad_accumulation_steps": (
                     "INT",
-                    {"default": 4, "min": 1, "max": 256, "tooltip": "Micro-batches summed before each optimizer step."},
+                    {
+                        "default": DEFAULTS.grad_accumulation_steps,
+                        "min": 1,
+                        "max": 256,
+                        "tooltip": "Micro-batches summed before each optimizer step.",
+                    },
                 ),
                 "n_coefficients": (
                     "INT",
                     {
-                        "default": 2592,
+                        "default": DEFAULTS.n_coefficients,
                         "min": 1,
                         "max": 10**7,
-                        "tooltip": "Trainable wavelet coefficients per layer (2592 is about a rank-1 LoRA on SDXL).",
+                        "tooltip": f"Trainable wavelet coefficients per layer ({DEFAULTS.n_coefficients} is about a "
+                        "rank-1 LoRA on SDXL).",
                     },
                 ),
                 "scaling": (
                     "FLOAT",
                     {
-                        "default": 25.0,
+                        "default": DEFAULTS.scaling,
                         "min": 0.001,
                         "max": 10000.0,
                         "step": 0.5,
@@ -98,12 +111,15 @@ class WaveFTTrain:
                 ),
                 "wavelet": (
                     list(SUPPORTED_WAVELETS),
-                    {"default": "db1", "tooltip": "Wavelet family; db1 (Haar) is fastest and the paper's choice."},
+                    {
+                        "default": DEFAULTS.wavelet,
+                        "tooltip": "Wavelet family; db1 (Haar) is fastest and the paper's choice.",
+                    },
                 ),
                 "targets": (
                     list(TARGET_PRESETS),
                     {
-                        "default": "attention q/k/v/out",
+                        "default": DEFAULTS.targets,
                         "tooltip": "Which layers of the "
                         "diffusion model get coefficients, the same on every model family: every attention "
                         "projection (q, k, v, out; self and cross; image and text streams; fused qkv weights and "
@@ -114,30 +130,36 @@ class WaveFTTrain:
                 "seed": (
                     "INT",
                     {
-                        "default": 0,
+                        "default": DEFAULTS.seed,
                         "min": 0,
                         "max": 0xFFFFFFFF,
                         "tooltip": "Seeds the coefficient positions "
                         "(PEFT's rule, stored in the file), the noise, the timesteps and the batches.",
                     },
                 ),
-                "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "Optimizer of the coefficients."}),
+                "optimizer": (
+                    list(OPTIMIZERS),
+                    {"default": DEFAULTS.optimizer, "tooltip": "Optimizer of the coefficients."},
+                ),
                 "lr_schedule": (
                     list(SCHEDULES),
-                    {"default": "constant", "tooltip": "Learning-rate schedule after warmup."},
+                    {"default": DEFAULTS.lr_schedule, "tooltip": "Learning-rate schedule after warmup."},
                 ),
-                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Linear warmup steps."}),
+                "warmup_steps": (
+                    "INT",
+                    {"default": DEFAULTS.warmup_steps, "min": 0, "max": 100000, "tooltip": "Linear warmup steps."},
+                ),
                 "training_dtype": (
                     ["bf16", "fp32"],
                     {
-                        "default": "bf16",
+                        "default": DEFAULTS.training_dtype,
                         "tooltip": "Compute dtype of the model's forward and backward; the coefficients stay fp32.",
                     },
                 ),
                 "gradient_checkpointing": (
                     "BOOLEAN",
                     {
-                        "default": True,
+                        "default": DEFAULTS.gradient_checkpointing,
                         "tooltip": "Recompute each ResBlock's, "
                         "transformer's and DiT block's activations in the backward: much less memory "
                         "(at 512 px about half), each layer runs twice; the same result as off.",
@@ -146,7 +168,7 @@ class WaveFTTrain:
                 "save_every_n_steps": (
                     "INT",
                     {
-                        "default": 0,
+                        "default": DEFAULTS.save_every_n_steps,
                         "min": 0,
                         "max": 100000,
                         "tooltip": "Write a checkpoint (with optimizer state, for resuming) every N steps; 0 = never.",
@@ -211,16 +233,17 @@ class WaveFTTrain:
         images = train_loop.flatten_latents(latents)
         if not images:
             raise ValueError("WaveFT Train: no latents; connect VAE Encode or the dataset nodes")
-        if kw["steps"] < 1:
-            raise ValueError("WaveFT Train: steps must be at least 1")
+        try:
+            config = TrainConfig.from_inputs(kw)
+        except ValueError as e:
+            raise ValueError(f"WaveFT Train: {e}") from None
         conds = train_loop.expand_conditioning(positive, len(images))
-        dtype = torch.bfloat16 if kw["training_dtype"] == "bf16" else torch.float32
-        shapes = train_loop.target_weights(model, kw["targets"])
+        shapes = train_loop.target_weights(model, config.targets)
         if not shapes:
             found = [n.split(".", 1)[-1] for n in train_loop.target_weights(model, "all linear + conv")]
             raise ValueError(
                 f"WaveFT Train: no layer of this model ({host.model_family(model)}) matches targets "
-                f"'{kw['targets']}'. Its layers are: {layer_patterns(found) or 'none trainable'}. "
+                f"'{config.targets}'. Its layers are: {layer_patterns(found) or 'none trainable'}. "
                 "Choose 'all linear', or report the model so the targets learn its layer names"
             )
 
@@ -230,44 +253,35 @@ class WaveFTTrain:
             trainables = {
                 name: TrainableLayer(
                     shape,
-                    min(int(kw["n_coefficients"]), torch.Size(shape).numel()),
-                    kw["wavelet"],
-                    kw["scaling"],
-                    seed=kw["seed"],
+                    min(config.n_coefficients, torch.Size(shape).numel()),
+                    config.wavelet,
+                    config.scaling,
+                    seed=config.seed,
                 )
                 for name, shape in shapes.items()
             }
-            state = TrainingState(trainables, step=0, seed=kw["seed"])
+            state = TrainingState(trainables, step=0, seed=config.seed)
         start = state.step
         first = next(iter(state.trainables.values()))
-        state.settings = {
-            "steps": kw["steps"],
-            "steps_total": start + kw["steps"],
-            "lr": kw["learning_rate"],
-            "optimizer": kw["optimizer"],
-            "batch_size": kw["batch_size"],
-            "grad_accumulation_steps": kw["grad_accumulation_steps"],
-            "targets": kw["targets"],
-            "dataset_size": len(images),
-            "seed": kw["seed"],
-            "lr_schedule": kw["lr_schedule"],
-            "warmup_steps": kw["warmup_steps"],
-            "training_dtype": kw["training_dtype"],
-            "gradient_checkpointing": bool(kw["gradient_checkpointing"]),
-            "wavelet": first.wavelet,
-            "n_coefficients": first.spectrum.numel(),
-            "scaling": first.scaling,
-            "resumed_from_step": start,
-            "started_at": int(time.time()),
-            "resolution": host.image_size(model, images),
-            "base_checkpoint": host.checkpoint_name(model),
-        }
-        state.metadata["modelspec.date"] = datetime.date.today().isoformat()
+        # A resumed run draws from the seed input (randomness.py), as the run it continues did when given the same.
+        state.record = TrainRecord(
+            config,
+            steps_total=start + config.steps,
+            dataset_size=len(images),
+            resumed_from_step=start,
+            started_at=int(time.time()),
+            resolution=host.image_size(model, images),
+            base_checkpoint=host.checkpoint_name(model),
+            wavelet=first.wavelet,
+            n_coefficients=first.spectrum.numel(),
+            scaling=first.scaling,
+        )
+        state.metadata[META_DATE] = datetime.date.today().isoformat()
         if train_loop.base_model_version(model):
-            state.metadata["ss_base_model_version"] = train_loop.base_model_version(model)
+            state.metadata[META_BASE_MODEL] = train_loop.base_model_version(model)
         if captions:
-            state.metadata["ss_tag_frequency"] = metadata.tag_frequency(captions)
-        run = train_loop.TrainRun(model, images, conds, state, dtype, kw["save_every_n_steps"], kw["filename_prefix"])
+            state.metadata[META_TAG_FREQUENCY] = metadata.tag_frequency(captions)
+        run = train_loop.TrainRun(model, images, conds, state, kw["filename_prefix"])
         run.after_step = previewer
         try:
             adapter = run.run()

@@ -221,7 +221,7 @@ def test_training_state_round_trips_through_its_checkpoint(tmp_path):
     opt = make_optimizer("AdamW", [t.spectrum for t in layers.values()], 1e-2)
     names = {t.spectrum: n for n, t in layers.items()}
     steps(layers, opt, 3)
-    state = TrainingState(layers, step=3, seed=5, settings={"lr": 1e-2}, metadata={"modelspec.title": "t"})
+    state = TrainingState(layers, step=3, seed=5, metadata={"modelspec.title": "t"})
     state.capture(opt, names)
     path = state.save(tmp_path / "run_00003.safetensors")
     steps(layers, opt, 2)  # the straight run goes on

@@ -13,6 +13,7 @@ from waveft_core.convert import lora
 from waveft_core.convert.peft_io import peft_positions
 from waveft_core.files import metadata
 from waveft_core.names.families import FAMILIES, family_of, family_tag_of_comfy
+from waveft_core.training.config import TrainConfig, TrainRecord
 from waveft_core.training.trainable import TrainableLayer, TrainingState
 
 BIG = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
@@ -72,33 +73,40 @@ def test_trigger_words_go_where_lora_managers_look(tmp_path):
 
 
 def test_a_training_run_carries_kohyas_keys(tmp_path):
-    settings = {
-        "steps": 5,
-        "steps_total": 5,
-        "lr": 0.002,
-        "optimizer": "AdamW",
-        "batch_size": 2,
-        "grad_accumulation_steps": 1,
-        "targets": "attention q/k/v/out",
-        "dataset_size": 7,
-        "seed": 3,
-        "lr_schedule": "cosine",
-        "warmup_steps": 1,
-        "training_dtype": "bf16",
-        "gradient_checkpointing": True,
-        "wavelet": "db1",
-        "n_coefficients": 50,
-        "scaling": 25.0,
-        "started_at": 1700000000,
-        "finished_at": 1700000100,
-        "resolution": [512, 768],
-        "base_checkpoint": "v1-5.safetensors",
-    }
+    config = TrainConfig(
+        steps=5,
+        learning_rate=0.002,
+        optimizer="AdamW",
+        batch_size=2,
+        grad_accumulation_steps=1,
+        targets="attention q/k/v/out",
+        seed=3,
+        lr_schedule="cosine",
+        warmup_steps=1,
+        training_dtype="bf16",
+        gradient_checkpointing=True,
+        wavelet="db1",
+        n_coefficients=50,
+        scaling=25.0,
+    )
+    record = TrainRecord(
+        config,
+        steps_total=5,
+        dataset_size=7,
+        resumed_from_step=0,
+        started_at=1700000000,
+        finished_at=1700000100,
+        resolution=[512, 768],
+        base_checkpoint="v1-5.safetensors",
+        wavelet="db1",
+        n_coefficients=50,
+        scaling=25.0,
+    )
     state = TrainingState(
         {SMALL: TrainableLayer((32, 32), 50, "db1", 25.0, seed=3)},
         step=5,
         seed=3,
-        settings=settings,
+        record=record,
         metadata={"ss_base_model_version": "sd_1.5"},
     )
     path = state.save(tmp_path / "run.safetensors")

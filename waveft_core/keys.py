@@ -73,6 +73,7 @@ DEFAULT_SCALING = 25.0
 DEFAULT_SEED = 777  # PEFT's random_loc_seed
 DEFAULT_USE_IDWT = True
 DEFAULT_COEFFICIENTS = 2592  # per layer: about a rank-1 LoRA's parameter count on SDXL
+DEFAULT_LEARNING_RATE = 1e-4  # with DEFAULT_SCALING
 PEFT_DEFAULTS = {
     "wavelet_family": DEFAULT_WAVELET,
     "scaling": DEFAULT_SCALING,

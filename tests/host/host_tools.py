@@ -16,6 +16,35 @@ from conftest import COMFY
 import waveft_core as wft
 from waveft_core.convert.peft_io import peft_positions
 
+# Train WaveFT's inputs for the tiny models: fp32, no accumulation, no checkpoints; each test file overrides
+# what it is about (steps, learning rate, coefficients, checkpointing, its file names).
+TRAIN_INPUTS = dict(
+    steps=2,
+    learning_rate=2e-3,
+    batch_size=1,
+    grad_accumulation_steps=1,
+    n_coefficients=300,
+    scaling=25.0,
+    wavelet="db1",
+    targets="attention q/k/v/out",
+    seed=3,
+    optimizer="AdamW",
+    lr_schedule="constant",
+    warmup_steps=0,
+    training_dtype="fp32",
+    gradient_checkpointing=False,
+    save_every_n_steps=0,
+    filename_prefix="waveft",
+    resume_from="none",
+)
+
+
+def train_inputs(**overrides) -> dict:
+    """Train WaveFT's inputs as ComfyUI's executor hands them to the node (INPUT_IS_LIST: one list each)."""
+    unknown = [k for k in overrides if k not in TRAIN_INPUTS and not k.startswith("preview_")]  # a typo
+    assert not unknown, f"not inputs of Train WaveFT: {sorted(unknown)}"
+    return {k: [v] for k, v in {**TRAIN_INPUTS, **overrides}.items()}
+
 
 def _free_port():
     with socket.socket() as s:

@@ -13,7 +13,7 @@ Tests of a feature the running host lacks are deselected, not skipped (see conft
 
 import pytest
 import torch
-from host_tools import FLUX, patcher_for
+from host_tools import FLUX, patcher_for, train_inputs
 from reference import reference_delta, rel_err
 
 import waveft_core as wft
@@ -96,29 +96,17 @@ def patched(pack, sd15, tmp_path_factory):
 
     cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of sks cat"))
     latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))}
-    settings = dict(
+    settings = train_inputs(
         steps=2,
         learning_rate=1e-2,
-        batch_size=1,
-        grad_accumulation_steps=1,
         n_coefficients=300,
-        scaling=25.0,
         wavelet="db2",
-        targets="attention q/k/v/out",
         seed=1,
-        optimizer="AdamW",
-        lr_schedule="constant",
-        warmup_steps=0,
-        training_dtype="fp32",
         gradient_checkpointing=False,
-        save_every_n_steps=0,
         filename_prefix="contract",
-        resume_from="none",
     )
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        trained = pack.nodes.train_nodes.WaveFTTrain().train(
-            [model], [latent], [cond], **{k: [v] for k, v in settings.items()}
-        )[0]
+        trained = pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **settings)[0]
     out["trained"] = (trained, "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight")
     return out
 

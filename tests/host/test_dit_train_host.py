@@ -6,29 +6,12 @@ trained weights bit for bit, and each target preset selects what it says on ever
 import pytest
 import torch
 from dit_models import FAMILIES, build, conditioning, latent
-from host_tools import patched_weights
+from host_tools import patched_weights, train_inputs
 
 import waveft_core as wft
 
-SETTINGS = dict(
-    steps=2,
-    learning_rate=5e-3,
-    batch_size=1,
-    grad_accumulation_steps=1,
-    n_coefficients=200,
-    scaling=25.0,
-    wavelet="db1",
-    targets="attention q/k/v/out",
-    seed=3,
-    optimizer="AdamW",
-    lr_schedule="constant",
-    warmup_steps=0,
-    training_dtype="fp32",
-    gradient_checkpointing=True,
-    save_every_n_steps=0,
-    filename_prefix="dit",
-    resume_from="none",
-)
+# host_tools.TRAIN_INPUTS with these
+SETTINGS = dict(steps=2, learning_rate=5e-3, n_coefficients=200, gradient_checkpointing=True, filename_prefix="dit")
 
 # Selected layers per preset (attention q/k/v/out, + feed-forward, all linear) on the tiny models. Attention:
 # every projection of self and cross attention, image and text streams (a fused qkv weight is one layer), and
@@ -65,7 +48,7 @@ def _params(with_rope_mark=True):
 
 def train(pack, model, fam, **over):
     """The node's first four outputs (model, waveft, loss_map, steps); newer versions add more after them."""
-    kw = {k: [v] for k, v in {**SETTINGS, **over}.items()}
+    kw = train_inputs(**{**SETTINGS, **over})
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent(fam)], [conditioning(fam)], **kw)
 

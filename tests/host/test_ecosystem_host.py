@@ -12,7 +12,7 @@ from pathlib import Path
 import manager_readers as readers
 import pytest
 import torch
-from host_tools import patched_weights, tiny_lora
+from host_tools import patched_weights, tiny_lora, train_inputs
 from test_loader_host import CLIP_LAYERS, UNET_LAYERS, make_adapter, state_key
 from test_train_host import SETTINGS
 
@@ -38,7 +38,7 @@ def test_a_trained_file_shows_what_lora_managers_read(pack, checkpoint_state, lo
     kw = {"steps": 4, "filename_prefix": "eco"}
     with torch.inference_mode():
         _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train(
-            [model], [latents], [cond], captions=["a cat, sitting"], **{k: [v] for k, v in {**SETTINGS, **kw}.items()}
+            [model], [latents], [cond], captions=["a cat, sitting"], **train_inputs(**{**SETTINGS, **kw})
         )
     picture = torch.rand(1, 512, 384, 3, generator=torch.Generator().manual_seed(0))
     out = save(

@@ -4,26 +4,10 @@ in order; the run's coefficients and losses are exactly those of a run without p
 
 import pytest
 import torch
+from host_tools import train_inputs
 
-SETTINGS = dict(
-    steps=5,
-    learning_rate=2e-3,
-    batch_size=1,
-    grad_accumulation_steps=1,
-    n_coefficients=300,
-    scaling=25.0,
-    wavelet="db1",
-    targets="attention q/k/v/out",
-    seed=3,
-    optimizer="AdamW",
-    lr_schedule="constant",
-    warmup_steps=0,
-    training_dtype="fp32",
-    gradient_checkpointing=False,
-    save_every_n_steps=0,
-    filename_prefix="p",
-    resume_from="none",
-)
+# host_tools.TRAIN_INPUTS with these
+SETTINGS = dict(steps=5, learning_rate=2e-3, n_coefficients=300, gradient_checkpointing=False, filename_prefix="p")
 PREVIEW = dict(preview_every_n_steps=2, preview_width=64, preview_height=64, preview_steps=2, preview_cfg=4.0)
 
 
@@ -38,7 +22,7 @@ def data(sd15):
 
 
 def train(pack, model, latent, cond, **over):
-    kw = {k: [v] for k, v in {**SETTINGS, **over}.items()}
+    kw = train_inputs(**{**SETTINGS, **over})
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **kw)
 

@@ -1,31 +1,18 @@
 """Train WaveFT inside a real ComfyUI (in-process, tiny SD1.5): the loss falls, save -> load gives the
 trained model, resume continues exactly, Cancel keeps a partial file, the base model is untouched."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
+from host_tools import train_inputs
 
 import waveft_core as wft
 
+# host_tools.TRAIN_INPUTS with these
 SETTINGS = dict(
-    steps=30,
-    learning_rate=2e-3,
-    batch_size=1,
-    grad_accumulation_steps=1,
-    n_coefficients=400,
-    scaling=25.0,
-    wavelet="db1",
-    targets="attention q/k/v/out",
-    seed=3,
-    optimizer="AdamW",
-    lr_schedule="constant",
-    warmup_steps=0,
-    training_dtype="fp32",
-    gradient_checkpointing=True,
-    save_every_n_steps=0,
-    filename_prefix="t",
-    resume_from="none",
+    steps=30, learning_rate=2e-3, n_coefficients=400, seed=3, gradient_checkpointing=True, filename_prefix="t"
 )
 
 
@@ -38,7 +25,7 @@ def data(sd15):
 
 
 def train(pack, model, latent, cond, **over):
-    kw = {k: [v] for k, v in {**SETTINGS, **over}.items()}
+    kw = train_inputs(**{**SETTINGS, **over})
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         return pack.nodes.train_nodes.WaveFTTrain().train([model], [latent], [cond], **kw)[:4]  # previews: own tests
 
@@ -179,7 +166,7 @@ def test_clear_errors(pack, sd15, data, waveft_dir):
     model, clip, _ = sd15
     latent, cond = data
     t = pack.nodes.train_nodes.WaveFTTrain()
-    kw = {k: [v] for k, v in SETTINGS.items()}
+    kw = train_inputs(**SETTINGS)
     with pytest.raises(ValueError, match="no latents"):
         t.train([model], [{"samples": torch.zeros(0, 4, 8, 8)}], [cond], **kw)
     two = {"samples": torch.randn(2, 4, 8, 8)}
@@ -197,12 +184,45 @@ def test_clear_errors(pack, sd15, data, waveft_dir):
         t.train([model], [latent], [cond], **{**kw, "resume_from": ["other.safetensors"]})
 
 
+def test_the_nodes_inputs_keep_their_defaults_and_they_are_the_configs(pack):
+    """Train WaveFT's inputs (what saved workflows hold) are as they were; the node takes them from the one
+    typed config (waveft_core/training/config.py)."""
+    from waveft_core.training.config import NODE_DEFAULTS
+
+    required = pack.nodes.train_nodes.WaveFTTrain.INPUT_TYPES()["required"]
+    defaults = {name: spec[1]["default"] for name, spec in required.items() if "default" in spec[1]}
+    assert defaults == {
+        "steps": 500,
+        "learning_rate": 1e-4,
+        "batch_size": 1,
+        "grad_accumulation_steps": 4,
+        "n_coefficients": 2592,
+        "scaling": 25.0,
+        "wavelet": "db1",
+        "targets": "attention q/k/v/out",
+        "seed": 0,
+        "optimizer": "AdamW",
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+        "training_dtype": "bf16",
+        "gradient_checkpointing": True,
+        "save_every_n_steps": 0,
+        "filename_prefix": "waveft_trained",
+        "resume_from": "none",
+    }
+    settings = {f.name for f in dataclasses.fields(NODE_DEFAULTS)}
+    assert settings == set(defaults) - {"filename_prefix", "resume_from"}  # every setting an input
+    assert all(getattr(NODE_DEFAULTS, name) == defaults[name] for name in settings)
+    assert required["training_dtype"][0] == ["bf16", "fp32"]
+    assert "2592 is about a rank-1 LoRA" in required["n_coefficients"][1]["tooltip"]
+
+
 def test_train_takes_dataset_lists_and_per_image_captions(pack, sd15, waveft_dir):
     """Dataset nodes hand over lists: several latents (even of different sizes) with one caption each."""
     model, clip, _ = sd15
     lats = [{"samples": torch.randn(1, 4, 8, 8)}, {"samples": torch.randn(1, 4, 8, 12)}]
     conds = [clip.encode_from_tokens_scheduled(clip.tokenize(t)) for t in ("a cat", "a dog")]
-    kw = {k: [v] for k, v in {**SETTINGS, "steps": 3, "batch_size": 2}.items()}
+    kw = train_inputs(**{**SETTINGS, "steps": 3, "batch_size": 2})
     _, adapter, loss_map, steps, _ = pack.nodes.train_nodes.WaveFTTrain().train([model], lats, conds, **kw)
     assert steps == 3 and all(v == v for v in loss_map["loss"])
     assert json.loads(adapter.metadata["waveft.training"])["dataset_size"] == 2
@@ -211,7 +231,7 @@ def test_train_takes_dataset_lists_and_per_image_captions(pack, sd15, waveft_dir
 def test_captions_become_tag_frequencies(pack, sd15, data, waveft_dir):
     model, _, _ = sd15
     latent, cond = data
-    kw = {k: [v] for k, v in {**SETTINGS, "steps": 1}.items()}
+    kw = train_inputs(**{**SETTINGS, "steps": 1})
     with torch.inference_mode():
         _, adapter, *_ = pack.nodes.train_nodes.WaveFTTrain().train(
             [model], [latent], [cond], captions=["sks cat, sitting", "sks cat, on grass"], **kw

@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..keys import (
     HASH_KEYS,
@@ -27,10 +27,14 @@ from ..keys import (
     META_DATASETS,
     META_LEGACY_HASH,
     META_MODEL_HASH,
+    META_NETWORK_ARGS,
     META_SPEC_HASH,
     META_TAG_FREQUENCY,
     META_TRIGGER_PHRASE,
 )
+
+if TYPE_CHECKING:  # the training package imports this module
+    from ..training.config import TrainRecord
 
 DEFAULT_DATASET_DIR = "img"  # the folder name kohya's examples use; managers read the counts, not the name
 
@@ -104,55 +108,53 @@ def _as_int(value) -> int | None:
         return None
 
 
-def training_keys(settings: Mapping, steps_done: int) -> dict:
-    """kohya's `ss_*` keys for a run whose settings (the `waveft.training` record) are `settings`."""
-    s = dict(settings)
+def training_keys(record: TrainRecord, steps_done: int) -> dict:
+    """kohya's `ss_*` keys for a run as its file records it (training/config.py)."""
+    c = record.config
     md: dict[str, str] = {"ss_steps": str(int(steps_done))}
     simple = (
-        ("steps_total", "ss_max_train_steps"),
-        ("lr", "ss_learning_rate"),
-        ("lr", "ss_unet_lr"),
-        ("optimizer", "ss_optimizer"),
-        ("lr_schedule", "ss_lr_scheduler"),
-        ("warmup_steps", "ss_lr_warmup_steps"),
-        ("grad_accumulation_steps", "ss_gradient_accumulation_steps"),
-        ("gradient_checkpointing", "ss_gradient_checkpointing"),
-        ("seed", "ss_seed"),
-        ("dataset_size", "ss_num_train_images"),
-        ("batch_size", "ss_batch_size_per_device"),
-        ("started_at", "ss_training_started_at"),
-        ("finished_at", "ss_training_finished_at"),
-        ("base_checkpoint", "ss_sd_model_name"),
+        (record.steps_total, "ss_max_train_steps"),
+        (c.learning_rate, "ss_learning_rate"),
+        (c.learning_rate, "ss_unet_lr"),
+        (c.optimizer, "ss_optimizer"),
+        (c.lr_schedule, "ss_lr_scheduler"),
+        (c.warmup_steps, "ss_lr_warmup_steps"),
+        (c.grad_accumulation_steps, "ss_gradient_accumulation_steps"),
+        (c.gradient_checkpointing, "ss_gradient_checkpointing"),
+        (c.seed, "ss_seed"),
+        (record.dataset_size, "ss_num_train_images"),
+        (record.batch_size, "ss_batch_size_per_device"),
+        (record.started_at, "ss_training_started_at"),
+        (record.finished_at, "ss_training_finished_at"),
+        (record.base_checkpoint, "ss_sd_model_name"),
     )
-    for source, key in simple:
-        if s.get(source) not in (None, ""):
-            md[key] = str(s[source])
-    if "training_dtype" in s:
-        md["ss_mixed_precision"] = "bf16" if s["training_dtype"] == "bf16" else "no"
-    resolution = s.get("resolution")
+    for value, key in simple:
+        if value not in (None, ""):
+            md[key] = str(value)
+    md["ss_mixed_precision"] = "bf16" if c.training_dtype == "bf16" else "no"
+    resolution = record.resolution
     if isinstance(resolution, (list, tuple)) and len(resolution) == 2:
         width, height = (int(v) for v in resolution)
         md["ss_resolution"] = f"({width}, {height})"
         md["modelspec.resolution"] = f"{width}x{height}"
-    md["ss_network_args"] = json.dumps(
-        {k: s[k] for k in ("wavelet", "n_coefficients", "scaling", "targets") if k in s}, sort_keys=True
-    )
-    if s.get("dataset_size"):
+    network_args = {"wavelet": record.wavelet, "n_coefficients": record.n_coefficients, "scaling": record.scaling}
+    md[META_NETWORK_ARGS] = json.dumps({**network_args, "targets": c.targets}, sort_keys=True)
+    if record.dataset_size:
         dataset = {
             "is_dreambooth": True,
-            "num_train_images": int(s["dataset_size"]),
+            "num_train_images": int(record.dataset_size),
             "num_reg_images": 0,
             "subsets": [
                 {
                     "image_dir": DEFAULT_DATASET_DIR,
-                    "img_count": int(s["dataset_size"]),
+                    "img_count": int(record.dataset_size),
                     "num_repeats": 1,
                     "is_reg": False,
                 }
             ],
         }
-        if s.get("batch_size"):
-            dataset["batch_size_per_device"] = int(s["batch_size"])
+        if record.batch_size:
+            dataset["batch_size_per_device"] = int(record.batch_size)
         if "ss_resolution" in md:
             dataset["resolution"] = [width, height]
         md["ss_datasets"] = json.dumps([dataset])

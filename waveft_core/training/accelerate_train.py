@@ -7,8 +7,8 @@ accelerate owns the processes, devices, mixed precision and gradient synchronisa
 and noise scheduler, transformers the text encoders (SD1.x/2.x: one CLIP; SDXL: two, with the pooled embedding and
 size ids). Only the coefficients train. What a step sees is a function of (seed, step) alone, never of the number
 of processes: the global batch is drawn from the seed, each process takes its share, and every sample's noise and
-timestep come from a generator seeded by its place in the global batch. So N processes with batch b train what one
-process with batch N*b trains, and a resumed run retraces an uninterrupted one.
+timestep come from a generator seeded by its place in the global batch (randomness.py, the node's rule too). So N
+processes with batch b train what one process with batch N*b trains, and a resumed run retraces an uninterrupted one.
 
 The result is the node's native file (ComfyUI-native layer names, PEFT's positions for the seed, the same metadata),
 written by the main process only, atomically; checkpoints carry the optimizer state for --resume.
@@ -21,18 +21,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..files.metadata import tag_frequency
 from ..files.storage import refuse_overwrite
+from ..keys import META_BASE_MODEL, META_DATE, META_TAG_FREQUENCY
 from ..names.families import UNET_PREFIX, diffusers_unet_to_ldm, family_tag_of_comfy
 from ..wavelets import SUPPORTED_WAVELETS
+from . import randomness
+from .config import CLI_DEFAULTS, TrainConfig, TrainRecord
 from .trainable import (
     OPTIMIZERS,
     SCHEDULES,
@@ -45,21 +47,10 @@ from .trainable import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# The paper's DreamBooth recipe (Bilican et al., SDXL): attention projections, 2592 coefficients, scaling 25, db1.
-RECIPE = dict(
-    targets="attention q/k/v/out",
-    n_coefficients=2592,
-    scaling=25.0,
-    wavelet="db1",
-    learning_rate=1e-4,
-    batch_size=1,
-    grad_accumulation_steps=1,
-    optimizer="AdamW",
-    lr_schedule="constant",
-    warmup_steps=0,
-    mixed_precision="bf16",
-    gradient_checkpointing=True,
-)
+# The options' defaults: the paper's DreamBooth recipe (Bilican et al., SDXL: attention projections, 2592
+# coefficients, scaling 25, db1), the node's settings but for grad accumulation (config.py).
+RECIPE = CLI_DEFAULTS
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # accelerate's names; TrainConfig.training_dtype: fp32, fp16, bf16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output", required=True, help="the adapter file to write (.safetensors)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps (the total, when resuming)")
-    p.add_argument("--seed", type=int, default=0, help="seeds positions, batches, noise and timesteps")
+    p.add_argument("--seed", type=int, default=RECIPE.seed, help="seeds positions, batches, noise and timesteps")
     p.add_argument("--caption", default="", help="caption of images without a .txt file")
     p.add_argument(
         "--resolution",
@@ -83,25 +74,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="square training size in pixels (default: the UNet's sample "
         "size x the VAE's factor, 512 for SD1.5, 1024 for SDXL)",
     )
-    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="images per process per micro-batch")
-    p.add_argument("--grad-accumulation-steps", type=int, default=RECIPE["grad_accumulation_steps"])
-    p.add_argument("--learning-rate", type=float, default=RECIPE["learning_rate"])
-    p.add_argument("--lr-schedule", choices=SCHEDULES, default=RECIPE["lr_schedule"])
-    p.add_argument("--warmup-steps", type=int, default=RECIPE["warmup_steps"])
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=RECIPE["optimizer"])
+    p.add_argument("--batch-size", type=int, default=RECIPE.batch_size, help="images per process per micro-batch")
+    p.add_argument("--grad-accumulation-steps", type=int, default=RECIPE.grad_accumulation_steps)
+    p.add_argument("--learning-rate", type=float, default=RECIPE.learning_rate)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default=RECIPE.lr_schedule)
+    p.add_argument("--warmup-steps", type=int, default=RECIPE.warmup_steps)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=RECIPE.optimizer)
     p.add_argument(
         "--targets",
         choices=[t for t in TARGET_PRESETS if "conv" not in t],
-        default=RECIPE["targets"],
+        default=RECIPE.targets,
         help="which Linear layers of the UNet train (convolutions: the ComfyUI node)",
     )
-    p.add_argument("--coefficients", type=int, default=RECIPE["n_coefficients"], help="coefficients per layer")
-    p.add_argument("--scaling", type=float, default=RECIPE["scaling"])
-    p.add_argument("--wavelet", choices=list(SUPPORTED_WAVELETS), default=RECIPE["wavelet"])
+    p.add_argument(
+        "--coefficients",
+        dest="n_coefficients",
+        type=int,
+        default=RECIPE.n_coefficients,
+        help="coefficients per layer",
+    )
+    p.add_argument("--scaling", type=float, default=RECIPE.scaling)
+    p.add_argument("--wavelet", choices=list(SUPPORTED_WAVELETS), default=RECIPE.wavelet)
     p.add_argument(
         "--mixed-precision",
-        choices=("no", "fp16", "bf16"),
-        default=RECIPE["mixed_precision"],
+        choices=MIXED_PRECISIONS,
+        default=RECIPE.mixed_precision,
         help="compute precision (accelerate's); the coefficients stay fp32",
     )
     p.add_argument(
@@ -112,8 +109,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--save-every",
+        dest="save_every_n_steps",
         type=int,
-        default=0,
+        default=RECIPE.save_every_n_steps,
         help="write a checkpoint with optimizer state every N "
         "steps, next to the output (<name>_<step>.safetensors); 0 = never",
     )
@@ -282,18 +280,6 @@ def target_shapes(unet: torch.nn.Module, targets: str) -> dict[str, tuple]:
     return out
 
 
-# --- randomness as a function of (seed, step) --------------------------------------------------------------------
-
-
-def generator(*keys: int) -> torch.Generator:
-    digest = hashlib.sha256(",".join(str(int(k)) for k in keys).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def global_batch(seed: int, step: int, micro: int, size: int, n_examples: int) -> list[int]:
-    return torch.randint(0, n_examples, (size,), generator=generator(seed, step, micro, 1)).tolist()
-
-
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -307,13 +293,14 @@ def run(args) -> Path:
     refuse_overwrite(output, args.base, args.data, args.resume, overwrite=args.overwrite, label="--output")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accumulation_steps < 1:
         raise ValueError("--steps, --batch-size and --grad-accumulation-steps must be at least 1")
+    config = config_from_args(args)  # --steps is the total here; config.steps the steps this run makes
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=_processes_without_accelerator())
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_processes_without_accelerator())
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     pipe = load_pipeline(args.base)
     examples = find_examples(args.data, args.caption)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.training_dtype, torch.float32)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = args.resolution or pipe.unet.config.sample_size * factor
 
@@ -331,62 +318,55 @@ def run(args) -> Path:
             pooled.append(pool)
     pipe.vae.to("cpu")
 
-    shapes = target_shapes(pipe.unet, args.targets)
+    shapes = target_shapes(pipe.unet, config.targets)
     if args.resume:
         state = TrainingState.load(args.resume)
         state.check_fits(shapes, f"--resume {args.resume}")
     else:
         state = TrainingState(
             {
-                n: TrainableLayer(s, min(args.coefficients, math.prod(s)), args.wavelet, args.scaling, seed=args.seed)
+                n: TrainableLayer(
+                    s, min(config.n_coefficients, math.prod(s)), config.wavelet, config.scaling, seed=config.seed
+                )
                 for n, s in shapes.items()
             },
             step=0,
-            seed=args.seed,
+            seed=config.seed,
         )
     if state.step >= args.steps:
         raise ValueError(f"--resume {args.resume} is at step {state.step}; --steps {args.steps} leaves nothing to do")
+    # a resumed run goes on with its checkpoint's seed, so that it retraces the run it continues
+    config = replace(config, steps=args.steps - state.step, seed=state.seed)
     attach(pipe.unet, state.trainables)
     for t in state.trainables.values():
         t.spectrum.requires_grad_(True)
-    if args.gradient_checkpointing:
+    if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     params = [t.spectrum for t in state.trainables.values()]
-    optimizer = make_optimizer(args.optimizer, params, args.learning_rate)
+    optimizer = make_optimizer(config.optimizer, params, config.learning_rate)
     param_names = {t.spectrum: n for n, t in state.trainables.items()}
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     if state.optimizer_tensors and not state.restore(optimizer.optimizer, param_names):
         accelerator.print("note: the checkpoint's optimizer state does not fit; its moments start afresh")
 
     first = next(iter(state.trainables.values()))
-    started = int(time.time())
-    state.settings = {
-        "steps": args.steps - state.step,
-        "steps_total": args.steps,
-        "lr": args.learning_rate,
-        "optimizer": args.optimizer,
-        "batch_size": args.batch_size * world,
-        "grad_accumulation_steps": args.grad_accumulation_steps,
-        "targets": args.targets,
-        "dataset_size": len(examples),
-        "seed": state.seed,
-        "lr_schedule": args.lr_schedule,
-        "warmup_steps": args.warmup_steps,
-        "training_dtype": args.mixed_precision if args.mixed_precision != "no" else "fp32",
-        "gradient_checkpointing": bool(args.gradient_checkpointing),
-        "wavelet": first.wavelet,
-        "n_coefficients": first.spectrum.numel(),
-        "scaling": first.scaling,
-        "resumed_from_step": state.step,
-        "started_at": started,
-        "resolution": [resolution, resolution],
-        "base_checkpoint": Path(args.base).name,
-        "processes": world,
-        "trainer": "accelerate",
-    }
-    state.metadata.setdefault("ss_base_model_version", pipe.family)
-    state.metadata["modelspec.date"] = datetime.date.today().isoformat()
-    state.metadata["ss_tag_frequency"] = tag_frequency([ex.caption for ex in examples])
+    state.record = TrainRecord(
+        config,
+        steps_total=args.steps,
+        dataset_size=len(examples),
+        resumed_from_step=state.step,
+        started_at=int(time.time()),
+        resolution=[resolution, resolution],
+        base_checkpoint=Path(args.base).name,
+        wavelet=first.wavelet,
+        n_coefficients=first.spectrum.numel(),
+        scaling=first.scaling,
+        processes=world,
+        trainer="accelerate",
+    )
+    state.metadata.setdefault(META_BASE_MODEL, pipe.family)
+    state.metadata[META_DATE] = datetime.date.today().isoformat()
+    state.metadata[META_TAG_FREQUENCY] = tag_frequency([ex.caption for ex in examples])
 
     sched = pipe.scheduler
     alphas = sched.alphas_cumprod.to(device)
@@ -398,29 +378,17 @@ def run(args) -> Path:
     unet.train()
     while state.step < args.steps:
         for g in optimizer.param_groups:
-            g["lr"] = args.learning_rate * lr_factor(state.step, args.steps, args.lr_schedule, args.warmup_steps)
+            g["lr"] = config.learning_rate * lr_factor(state.step, args.steps, config.lr_schedule, config.warmup_steps)
         step_loss = 0.0
-        for micro in range(args.grad_accumulation_steps):
-            picks = global_batch(state.seed, state.step, micro, args.batch_size * world, len(examples))
-            mine = range(rank * args.batch_size, (rank + 1) * args.batch_size)  # places in the global batch
+        accumulation = config.grad_accumulation_steps
+        for micro in range(accumulation):
+            seed, step = config.seed, state.step
+            picks = randomness.picks(seed, step, micro, config.batch_size * world, len(examples))
+            mine = range(rank * config.batch_size, (rank + 1) * config.batch_size)  # places in the global batch
             x0 = torch.stack([latents[picks[i]] for i in mine])
-            noise = torch.stack(
-                [torch.randn(latents[0].shape, generator=generator(state.seed, state.step, micro, 2, i)) for i in mine]
-            ).to(device)
-            t = torch.tensor(
-                [
-                    int(
-                        torch.randint(
-                            0,
-                            sched.config.num_train_timesteps,
-                            (1,),
-                            generator=generator(state.seed, state.step, micro, 3, i),
-                        )
-                    )
-                    for i in mine
-                ],
-                device=device,
-            )
+            noise = torch.stack([randomness.noise(seed, step, micro, i, latents[0].shape) for i in mine]).to(device)
+            n_timesteps = sched.config.num_train_timesteps
+            t = torch.tensor([randomness.timestep(seed, step, micro, i, n_timesteps) for i in mine], device=device)
             a = alphas[t].view(-1, 1, 1, 1)
             noisy = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(weight_dtype)
             target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
@@ -431,10 +399,10 @@ def run(args) -> Path:
                     "time_ids": time_ids.expand(len(mine), -1),
                 }
             cond = torch.stack([states[picks[i]] for i in mine])
-            sync = micro == args.grad_accumulation_steps - 1
+            sync = micro == accumulation - 1
             with accelerator.autocast(), accelerator.no_sync(unet) if not sync else contextlib.nullcontext():
                 pred = unet(noisy, t, encoder_hidden_states=cond, **extra).sample
-                loss = torch.nn.functional.mse_loss(pred.float(), target.float()) / args.grad_accumulation_steps
+                loss = torch.nn.functional.mse_loss(pred.float(), target.float()) / accumulation
                 accelerator.backward(loss)
             step_loss += float(loss.detach())
         optimizer.step()
@@ -442,13 +410,20 @@ def run(args) -> Path:
         state.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
-        if args.save_every and state.step % args.save_every == 0 and state.step < args.steps:
+        every = config.save_every_n_steps
+        if every and state.step % every == 0 and state.step < args.steps:
             _save(accelerator, state, optimizer, param_names, checkpoint_path(output, state.step))
     bar.close()
-    state.settings["finished_at"] = int(time.time())
+    state.record = replace(state.record, finished_at=int(time.time()))
     state.optimizer_tensors = {}
     _save(accelerator, state, None, param_names, output)
     return output
+
+
+def config_from_args(args) -> TrainConfig:
+    """The run's settings from the parsed options (accelerate's mixed precision "no" is fp32)."""
+    dtype = "fp32" if args.mixed_precision == "no" else args.mixed_precision
+    return TrainConfig.from_inputs({**vars(args), "training_dtype": dtype})
 
 
 def _processes_without_accelerator() -> bool:

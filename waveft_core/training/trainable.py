@@ -6,16 +6,30 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..adapter import DEFAULT_SCALING, DEFAULT_SEED, Adapter, Layer
+from ..adapter import Adapter, Layer
 from ..convert.peft_io import peft_positions
 from ..delta import DeltaPlan, compute_dtype, index_dtype, make_plan, matrix_shape, weight_plus_delta
 from ..files.metadata import training_keys
 from ..files.printable import short_list
+from ..keys import (
+    DEFAULT_COEFFICIENTS,
+    DEFAULT_SCALING,
+    DEFAULT_SEED,
+    DEFAULT_USE_IDWT,
+    DEFAULT_WAVELET,
+    META_SEED,
+    META_TRAINING,
+    OPTIMIZER_STATE_PREFIX,
+)
 from ..wavelets import check_wavelet
+
+if TYPE_CHECKING:  # config.py imports this module's presets, optimizers and schedules
+    from .config import TrainRecord
 
 
 class TrainableLayer(nn.Module):
@@ -26,11 +40,11 @@ class TrainableLayer(nn.Module):
     def __init__(
         self,
         shape,
-        n_coefficients: int = 2592,
-        wavelet: str = "db1",
+        n_coefficients: int = DEFAULT_COEFFICIENTS,
+        wavelet: str = DEFAULT_WAVELET,
         scaling: float = DEFAULT_SCALING,
         seed: int = DEFAULT_SEED,
-        use_idwt: bool = True,
+        use_idwt: bool = DEFAULT_USE_IDWT,
         spectrum: torch.Tensor | None = None,
         indices: torch.Tensor | None = None,
     ):
@@ -101,14 +115,15 @@ def adapter_from_trainables(trainables: dict[str, TrainableLayer], metadata: dic
     md = dict(metadata or {})
     seeds = {t.seed for t in trainables.values()}
     if len(seeds) == 1:
-        md.setdefault("waveft.seed", str(seeds.pop()))
+        md.setdefault(META_SEED, str(seeds.pop()))
     return Adapter(layers={name: t.to_layer() for name, t in trainables.items()}, metadata=md)
 
 
 # --- what to train -------------------------------------------------------------------------------
 
+ATTENTION_TARGETS = "attention q/k/v/out"  # the paper's
 TARGET_PRESETS = {
-    "attention q/k/v/out": "attention",
+    ATTENTION_TARGETS: "attention",
     "attention + feed-forward": "attention+ff",
     "all linear": "linear",
     "all linear + conv": "linear+conv",
@@ -249,9 +264,6 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
 
 
-OPTIM_PREFIX = "waveft_train."  # FORMAT.md extension 2: optimizer state in training checkpoints
-
-
 @dataclass
 class TrainingState:
     """A training run as its checkpoint file holds it: the trainable layers, the steps done, the seed (the
@@ -264,17 +276,18 @@ class TrainingState:
     trainables: dict[str, TrainableLayer]
     step: int = 0
     seed: int = DEFAULT_SEED
-    settings: dict = field(default_factory=dict)
+    record: TrainRecord | None = None  # None: a file opened to continue, before its run starts
     metadata: dict = field(default_factory=dict)
     optimizer_tensors: dict = field(default_factory=dict)
 
     def adapter(self) -> Adapter:
         """The layers as they are now, with the run's settings and steps done in `waveft.training`."""
         md = dict(self.metadata)
-        if self.settings:  # kohya's names for them, which LoRA managers show
-            md.update(training_keys(self.settings, self.step))
-        md["waveft.training"] = json.dumps({**self.settings, "steps_done": self.step}, sort_keys=True)
-        md["waveft.seed"] = str(self.seed)
+        settings = self.record.as_dict() if self.record is not None else {}
+        if self.record is not None:  # kohya's names for them, which LoRA managers show
+            md.update(training_keys(self.record, self.step))
+        md[META_TRAINING] = json.dumps({**settings, "steps_done": self.step}, sort_keys=True)
+        md[META_SEED] = str(self.seed)
         return adapter_from_trainables(self.trainables, md)
 
     def capture(self, optimizer, param_names: dict) -> None:
@@ -287,7 +300,7 @@ class TrainingState:
                     if isinstance(value, torch.Tensor)
                     else torch.tensor([float(value)])
                 )
-                out[f"{OPTIM_PREFIX}{name}.{key}"] = t
+                out[f"{OPTIMIZER_STATE_PREFIX}{name}.{key}"] = t
         self.optimizer_tensors = out
 
     def restore(self, optimizer, param_names: dict) -> bool:
@@ -296,7 +309,7 @@ class TrainingState:
         staged = {}
         for param, name in param_names.items():
             state = {}
-            head = f"{OPTIM_PREFIX}{name}."
+            head = f"{OPTIMIZER_STATE_PREFIX}{name}."
             for key, value in self.optimizer_tensors.items():
                 if not key.startswith(head) or "." in key[len(head) :]:
                     continue
@@ -329,11 +342,11 @@ class TrainingState:
         tensors, metadata = read_tensors_and_metadata(path)
         adapter = adapter_from_tensors(tensors, metadata, path)
         try:
-            training = json.loads(metadata.get("waveft.training", "{}"))
+            training = json.loads(metadata.get(META_TRAINING, "{}"))
         except ValueError:
             training = {}
         try:
-            seed = int(metadata.get("waveft.seed", DEFAULT_SEED))
+            seed = int(metadata.get(META_SEED, DEFAULT_SEED))
         except ValueError:
             seed = DEFAULT_SEED
         step = int(training.get("steps_done", 0)) if isinstance(training, dict) else 0
@@ -343,7 +356,7 @@ class TrainingState:
             step,
             seed,
             metadata=dict(metadata),
-            optimizer_tensors={k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)},
+            optimizer_tensors={k: v for k, v in tensors.items() if k.startswith(OPTIMIZER_STATE_PREFIX)},
         )
 
     def check_fits(self, shapes: dict, label: str) -> None:
