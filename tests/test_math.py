@@ -169,6 +169,30 @@ def test_plans_are_cached_and_strength_scales_linearly():
     assert layer.plan() is layer.plan()
 
 
+def test_loaded_and_trainable_layers_build_their_plan_once_and_keep_one_per_device_and_dtype(monkeypatch):
+    """One plan cache (delta.PlanCache) for both kinds of layer: the CPU plan is built once, each (device,
+    dtype) asked for is kept, and every plan it hands out gives the same ΔW."""
+    from waveft_core import delta
+    from waveft_core.training.trainable import TrainableLayer
+
+    built = []
+    real = delta.make_plan
+    monkeypatch.setattr(delta, "make_plan", lambda *a: built.append(a) or real(*a))
+    layer = random_layer((24, 20), 50, "db2")
+    trainable = TrainableLayer(
+        (24, 20), 50, wavelet="db2", scaling=layer.scaling, indices=layer.indices, spectrum=layer.spectrum
+    )
+    for owner in (layer, trainable):
+        assert owner.plan("cpu", torch.float32) is owner.plan(torch.device("cpu"), torch.float32)
+        assert owner.plan("cpu", torch.float64) is not owner.plan("cpu", torch.float32)
+        assert owner.plan("cpu", torch.float64).kernels.dtype == torch.float64
+    assert layer.plan() is layer.plan("cpu", torch.float32)
+    assert len(built) == 2  # one per layer, whatever was asked for
+    with torch.no_grad():
+        trained = trainable(torch.zeros(24, 20, dtype=torch.float64))
+    assert torch.equal(layer.delta(torch.float64), trained)
+
+
 def test_unknown_wavelet_is_refused():
     with pytest.raises(wft.UnknownWaveletError, match="bior"):
         random_layer((4, 4), 3, "bior1.3")

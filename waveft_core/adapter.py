@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .delta import DeltaPlan, add_into, compute_dtype, dense_delta, make_plan, matrix_shape
+from .delta import DeltaPlan, PlanCache, add_into, compute_dtype, dense_delta, matrix_shape
 from .keys import (
     DEFAULT_SCALING,
     DEFAULT_SEED,  # noqa: F401 (re-exported: the package and older importers read it here)
@@ -39,7 +39,7 @@ class Layer:
     scaling: float = DEFAULT_SCALING
     wavelet: str = DEFAULT_WAVELET
     use_idwt: bool = DEFAULT_USE_IDWT
-    _plans: dict = field(default_factory=dict, init=False, repr=False)
+    _plans: PlanCache | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -55,17 +55,9 @@ class Layer:
 
     def plan(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> DeltaPlan:
         """Positions of every patch, built once on the CPU and kept per device (a few dozen KiB)."""
-        device = torch.device(device if device is not None else "cpu")
-        key = (device, dtype)
-        plan = self._plans.get(key)
-        if plan is None:
-            cpu_key = (torch.device("cpu"), torch.float64)
-            base = self._plans.get(cpu_key)
-            if base is None:
-                base = make_plan(self.indices, self.shape, self.wavelet if self.use_idwt else None)
-                self._plans[cpu_key] = base
-            plan = self._plans[key] = base.to(device, dtype)
-        return plan
+        if self._plans is None:
+            self._plans = PlanCache(self.indices, self.shape, self.wavelet if self.use_idwt else None)
+        return self._plans.get(device, dtype)
 
     def delta(self, dtype: torch.dtype = torch.float32, device=None, strength: float = 1.0) -> torch.Tensor:
         """Dense strength * ΔW in the weight's shape. Differentiable with respect to `spectrum`."""

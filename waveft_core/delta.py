@@ -128,6 +128,26 @@ def band_kernels(wavelet: str, dtype: torch.dtype = torch.float64, device=None) 
     return kernels.to(device=device, dtype=dtype)
 
 
+class PlanCache:
+    """A layer's DeltaPlan, built once on the CPU (float64 kernels) when first asked for and kept per (device,
+    dtype) it is used in: a few dozen KiB each. The one cache of plans, for loaded and for trainable layers."""
+
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None):
+        self._indices, self._shape, self._wavelet = indices, shape, wavelet
+        self._plans: dict[tuple[torch.device, torch.dtype], DeltaPlan] = {}
+
+    def get(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> DeltaPlan:
+        key = (torch.device(device if device is not None else "cpu"), dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            cpu_key = (torch.device("cpu"), torch.float64)
+            base = self._plans.get(cpu_key)
+            if base is None:
+                base = self._plans[cpu_key] = make_plan(self._indices, self._shape, self._wavelet)
+            plan = self._plans[key] = base.to(*key)
+        return plan
+
+
 def make_plan(indices: torch.Tensor, shape: tuple[int, ...], wavelet: str | None) -> DeltaPlan:
     """Plan for flat positions `indices` on the unpadded m x n grid. `wavelet=None` means use_idwt=false."""
     m, n = matrix_shape(shape)

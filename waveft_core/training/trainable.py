@@ -13,7 +13,7 @@ from torch import nn
 
 from ..adapter import Adapter, Layer
 from ..convert.peft_io import peft_positions
-from ..delta import DeltaPlan, compute_dtype, index_dtype, make_plan, matrix_shape, weight_plus_delta
+from ..delta import DeltaPlan, PlanCache, compute_dtype, index_dtype, matrix_shape, weight_plus_delta
 from ..files.metadata import training_keys
 from ..files.printable import short_list
 from ..keys import (
@@ -68,15 +68,12 @@ class TrainableLayer(nn.Module):
         self.spectrum = nn.Parameter(init)
         # Positions are fixed data, not trained: a plain attribute keeps them out of parameters and buffers.
         self.indices = indices.to(index_dtype(m * n)).cpu()
-        self._plan_cpu = make_plan(self.indices, self.shape, self.wavelet if self.use_idwt else None)
-        self._plans: dict = {}
+        self._plans = PlanCache(self.indices, self.shape, self.wavelet if self.use_idwt else None)
+        self._plans.get("cpu", torch.float64)  # built now, so a layer that cannot be planned fails where it is made
         self.strength = 1.0
 
     def plan(self, device, dtype) -> DeltaPlan:
-        key = (torch.device(device), dtype)
-        if key not in self._plans:
-            self._plans[key] = self._plan_cpu.to(key[0], dtype)
-        return self._plans[key]
+        return self._plans.get(device, dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         compute = compute_dtype(weight.dtype)
