@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..waveft_core import Adapter
+from ..waveft_core import Adapter, keys
 from ..waveft_core.convert import peft_io, sources
 from ..waveft_core.files import fileformat, kinds, kohya, printable, reporting_file_errors
 from ..waveft_core.hosts import AdapterCache, cache
@@ -112,7 +112,7 @@ def apply_adapter(
         label,
         len(model_patches),
         len(clip_patches),
-        adapter.metadata.get("waveft.import_notes", ""),
+        adapter.metadata.get(keys.META_IMPORT_NOTES, ""),
         len(clip_patches) if clip is None else 0,
     )
     if plan.skipped:

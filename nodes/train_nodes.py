@@ -13,7 +13,7 @@ import torch
 
 from ..waveft_core import SUPPORTED_WAVELETS, Adapter
 from ..waveft_core.files import fileformat, metadata, reporting_file_errors
-from ..waveft_core.keys import META_BASE_MODEL, META_DATE, META_TAG_FREQUENCY
+from ..waveft_core.keys import META_BASE_MODEL, META_DATE, META_DESCRIPTION, META_TAG_FREQUENCY, META_TITLE
 from ..waveft_core.training import NODE_DEFAULTS as DEFAULTS
 from ..waveft_core.training import (
     OPTIMIZERS,
@@ -396,8 +396,8 @@ class WaveFTSave:
     ):
         md = dict(waveft.metadata)
         for key, value in (
-            ("modelspec.title", title),
-            ("modelspec.description", description),
+            (META_TITLE, title),
+            (META_DESCRIPTION, description),
             ("modelspec.author", author),
             ("modelspec.license", license),
         ):
@@ -408,7 +408,7 @@ class WaveFTSave:
             md["modelspec.thumbnail"] = metadata.data_uri(host.thumbnail_png(thumbnail))
         path = host.new_adapter_path(filename_prefix, kind=save_to)
         stem = os.path.splitext(os.path.basename(path))[0]
-        md.setdefault("modelspec.title", stem)
+        md.setdefault(META_TITLE, stem)
         md["ss_output_name"] = stem
         fileformat.write(Adapter(layers=waveft.layers, metadata=md), path)
         log.info("WaveFT: saved %s", path)

@@ -157,7 +157,7 @@ def training_keys(record: TrainRecord, steps_done: int) -> dict:
             dataset["batch_size_per_device"] = int(record.batch_size)
         if "ss_resolution" in md:
             dataset["resolution"] = [width, height]
-        md["ss_datasets"] = json.dumps([dataset])
+        md[META_DATASETS] = json.dumps([dataset])
         md["ss_num_reg_images"] = "0"
     return md
 
