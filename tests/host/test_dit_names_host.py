@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dit_models import BY_NAME as DIT
 from host_tools import FLUX, SD3, patched_weights, patcher_for
 from safetensors.torch import load_file, save_file
 
@@ -68,17 +69,7 @@ ZIMAGE = dict(
     multiple_of=2,
     pad_tokens_multiple=32,
 )
-QWEN = dict(
-    image_model="qwen_image",
-    patch_size=2,
-    in_channels=64,
-    out_channels=16,
-    num_layers=1,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    joint_attention_dim=48,
-    axes_dims_rope=(8, 12, 12),
-)
+QWEN = dict(DIT["qwen_image"].unet_config, num_layers=1)
 HIDREAM = dict(
     image_model="hidream",
     patch_size=2,
@@ -97,61 +88,10 @@ HIDREAM = dict(
     llama_layers=[0, 0, 0, 0],
 )
 FLUX2 = dict(
-    image_model="flux2",
-    in_channels=64,
-    out_channels=64,
-    vec_in_dim=None,
-    context_in_dim=48,
-    hidden_size=64,
-    mlp_ratio=3.0,
-    num_heads=2,
-    depth=1,
-    depth_single_blocks=1,
-    axes_dim=[8, 8, 8, 8],
-    theta=2000,
-    patch_size=1,
-    qkv_bias=False,
-    ops_bias=False,
-    global_modulation=True,
-    mlp_silu_act=True,
-    guidance_embed=True,
-    txt_ids_dims=[3],
-    default_ref_method="index",
-    ref_index_scale=10.0,
+    DIT["flux2"].unet_config, in_channels=64, out_channels=64, depth=1, depth_single_blocks=1, guidance_embed=True
 )
-CHROMA = dict(
-    {k: v for k, v in FLUX.items() if k != "guidance_embed"},
-    image_model="chroma",
-    in_channels=64,
-    out_channels=64,
-    patch_size=1,
-    in_dim=64,
-    out_dim=64,
-    hidden_dim=32,
-    n_layers=1,
-)
-HUNYUAN_VIDEO = dict(
-    image_model="hunyuan_video",
-    in_channels=16,
-    out_channels=16,
-    vec_in_dim=32,
-    context_in_dim=48,
-    hidden_size=64,
-    mlp_ratio=4.0,
-    num_heads=2,
-    depth=1,
-    depth_single_blocks=1,
-    axes_dim=[8, 12, 12],
-    theta=256,
-    patch_size=[1, 2, 2],
-    qkv_bias=True,
-    guidance_embed=True,
-    byt5=False,
-    meanflow=False,
-    use_cond_type_embedding=False,
-    vision_in_dim=None,
-    meanflow_sum=False,
-)
+CHROMA = dict(DIT["chroma"].unet_config, vec_in_dim=32, depth=1, depth_single_blocks=1, patch_size=1, n_layers=1)
+HUNYUAN_VIDEO = dict(DIT["hunyuan_video"].unet_config, depth=1, depth_single_blocks=1)
 # ComfyUI's HunyuanVideo modules are spelled as Flux's; the original checkpoint (what diffusers' converter reads)
 # spells them as these, applied in order (`mlp.0` -> `mlp.fc1` before `time_in.in_layer` -> `time_in.mlp.0`)
 HUNYUAN_ORIGINAL = [
@@ -177,15 +117,7 @@ HUNYUAN_ORIGINAL = [
     ("guidance_in.in_layer.", "guidance_in.mlp.0."),
     ("guidance_in.out_layer.", "guidance_in.mlp.2."),
 ]
-LTXV = dict(
-    image_model="ltxv",
-    in_channels=16,
-    cross_attention_dim=64,
-    attention_head_dim=32,
-    num_attention_heads=2,
-    caption_channels=24,
-    num_layers=1,
-)
+LTXV = dict(DIT["ltxv"].unet_config, in_channels=16, caption_channels=24, num_layers=1)
 
 # ComfyUI renames the q/k norms' `scale` of BFL's checkpoints to `weight` on load; diffusers' converter reads `scale`
 FLUX_NORMS = [("_norm.weight", "_norm.scale")]
